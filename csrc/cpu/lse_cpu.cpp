@@ -1,0 +1,204 @@
+// CPU implementation of lse_fwd / lse_bwd (schema and math in csrc/ops.cpp).
+//
+// Work is split into row blocks run in parallel with at::parallel_for; each row block meets the
+// keys one key block at a time. A (rows x cols) tile of logits is produced by BLAS (at::mm),
+// then scaled, masked and exponentiated in place with ATen's vectorised ops, so the extra
+// memory is one tile per thread plus O((M + N) d): the M x N matrix never exists.
+// Inputs in float16/bfloat16 are widened to float32 once (O((M + N) d)); float64 stays float64.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../op_checks.h"
+
+namespace infonce_kernels {
+namespace {
+
+// A 64 x 1024 float32 tile is 256 KiB: it stays in L2 between the GEMM and the exp pass.
+constexpr int64_t kRows = 64;
+constexpr int64_t kKeys = 1024;
+
+struct Span {
+  int64_t begin;
+  int64_t size;
+};
+
+inline Span block(int64_t index, int64_t block_size, int64_t total) {
+  const int64_t begin = index * block_size;
+  return {begin, std::min(block_size, total - begin)};
+}
+
+inline int64_t num_blocks(int64_t total, int64_t block_size) {
+  return (total + block_size - 1) / block_size;
+}
+
+inline at::ScalarType accumulate_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// tile(i, j) = value where the exclusion list of entity (rows.begin + i) holds (cols.begin + j).
+// Used with query rows down the tile (the row's own exclusions).
+template <typename T>
+void mask_by_row_lists(T* tile, Span rows, Span cols, const int64_t* exclude, int64_t E, T value) {
+  for (int64_t i = 0; i < rows.size; ++i) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t j = exclude[(rows.begin + i) * E + e] - cols.begin;  // -1 entries fall below 0
+      if (j >= 0 && j < cols.size) tile[i * cols.size + j] = value;
+    }
+  }
+}
+
+// tile(i, j) = value where the exclusion list of entity (cols.begin + j) holds (rows.begin + i).
+// Used when the excluding rows run across the tile: transposed tiles, and P_ji in the
+// symmetric backward.
+template <typename T>
+void mask_by_col_lists(T* tile, Span rows, Span cols, const int64_t* exclude, int64_t E, T value) {
+  for (int64_t j = 0; j < cols.size; ++j) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t i = exclude[(cols.begin + j) * E + e] - rows.begin;
+      if (i >= 0 && i < rows.size) tile[i * cols.size + j] = value;
+    }
+  }
+}
+
+// Sum of dscale partials in block order: the result does not depend on the thread count.
+at::Tensor ordered_sum(const std::vector<double>& partials, const at::Tensor& like) {
+  double total = 0.0;
+  for (double p : partials) total += p;
+  return at::scalar_tensor(total, like.options());
+}
+
+at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& scale,
+                       const at::Tensor& exclude_in, bool symmetric) {
+  check_lse_inputs(q_in, k_in, scale, exclude_in, symmetric);
+  TORCH_CHECK(q_in.device().is_cpu(), "lse_fwd (cpu): q must be a CPU tensor");
+  const at::Tensor q = q_in.to(accumulate_type(q_in)).contiguous();
+  const at::Tensor k = symmetric ? q : k_in.to(accumulate_type(k_in)).contiguous();
+  const at::Tensor exclude = exclude_in.contiguous();
+  const int64_t M = q.size(0), N = k.size(0), E = exclude.size(1);
+  const double s = scale.item<double>();
+  at::Tensor out = at::empty({M}, q.options());
+
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_fwd_cpu", [&] {
+    const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+    const int64_t* ex = exclude.data_ptr<int64_t>();
+    at::parallel_for(0, num_blocks(M, kRows), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const Span rows = block(b, kRows, M);
+        const at::Tensor qb = q.narrow(0, rows.begin, rows.size);
+        // Online log-sum-exp: running max m and running sum l of exp(L - m).
+        at::Tensor m = at::full({rows.size}, neg_inf, q.options());
+        at::Tensor l = at::zeros({rows.size}, q.options());
+        for (int64_t c = 0; c < num_blocks(N, kKeys); ++c) {
+          const Span cols = block(c, kKeys, N);
+          at::Tensor t = at::mm(qb, k.narrow(0, cols.begin, cols.size).t()).mul_(s);
+          mask_by_row_lists(t.data_ptr<scalar_t>(), rows, cols, ex, E, neg_inf);
+          const at::Tensor m_new = at::maximum(m, std::get<0>(t.max(1)));
+          // A row with every key of every tile so far excluded keeps m = -inf; shifting by 0
+          // instead keeps exp(-inf - (-inf)) = NaN out of the sums.
+          const at::Tensor shift = m_new.masked_fill(m_new == neg_inf, 0);
+          l.mul_((m - shift).exp_()).add_(t.sub_(shift.unsqueeze(1)).exp_().sum(1));
+          m = m_new;
+        }
+        out.narrow(0, rows.begin, rows.size).copy_(m + l.log());
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& scale, const at::Tensor& exclude_in, bool symmetric,
+    const at::Tensor& lse_in) {
+  check_lse_inputs(q_in, k_in, scale, exclude_in, symmetric);
+  check_lse_grad_inputs(grad_in, q_in, lse_in);
+  TORCH_CHECK(q_in.device().is_cpu(), "lse_bwd (cpu): q must be a CPU tensor");
+  const at::Tensor q = q_in.to(accumulate_type(q_in)).contiguous();
+  const at::Tensor k = symmetric ? q : k_in.to(accumulate_type(k_in)).contiguous();
+  const at::Tensor exclude = exclude_in.contiguous();
+  const at::Tensor g = grad_in.contiguous();
+  const at::Tensor r = lse_in.contiguous();
+  const int64_t M = q.size(0), N = k.size(0), E = exclude.size(1);
+  const double s = scale.item<double>();
+  const int64_t row_blocks = num_blocks(M, kRows), key_blocks = num_blocks(N, kKeys);
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dk = symmetric ? at::empty({0}, q_in.options()) : at::empty_like(k);
+  std::vector<double> dscale_parts(row_blocks, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_bwd_cpu", [&] {
+    const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+    const int64_t* ex = exclude.data_ptr<int64_t>();
+
+    // Rows of dq (or of dz when symmetric) and the dscale partials, one row block at a time.
+    at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const Span rows = block(b, kRows, M);
+        const at::Tensor qb = q.narrow(0, rows.begin, rows.size);
+        const at::Tensor r_rows = r.narrow(0, rows.begin, rows.size).unsqueeze(1);
+        const at::Tensor g_rows = g.narrow(0, rows.begin, rows.size).unsqueeze(1);
+        at::Tensor acc = at::zeros({rows.size, q.size(1)}, q.options());
+        double dscale = 0.0;
+        for (int64_t c = 0; c < key_blocks; ++c) {
+          const Span cols = block(c, kKeys, N);
+          const at::Tensor kb = k.narrow(0, cols.begin, cols.size);
+          const at::Tensor dot = at::mm(qb, kb.t());
+          // W_ij = g_i exp(s <q_i, k_j> - r_i), 0 on excluded pairs.
+          at::Tensor w = dot.mul(s).sub_(r_rows);
+          mask_by_row_lists(w.data_ptr<scalar_t>(), rows, cols, ex, E, neg_inf);
+          w.exp_().mul_(g_rows);
+          dscale += w.mul(dot).sum().item<double>();
+          if (symmetric) {
+            // (W^T)_ij = W_ji = g_j exp(s <z_i, z_j> - r_j): the same logits, the key rows' r
+            // and g, and the key rows' exclusion lists. dz = s (W + W^T) z in one pass.
+            const at::Tensor r_cols = r.narrow(0, cols.begin, cols.size).unsqueeze(0);
+            const at::Tensor g_cols = g.narrow(0, cols.begin, cols.size).unsqueeze(0);
+            at::Tensor wt = dot.mul(s).sub_(r_cols);
+            mask_by_col_lists(wt.data_ptr<scalar_t>(), rows, cols, ex, E, neg_inf);
+            w.add_(wt.exp_().mul_(g_cols));
+          }
+          acc.addmm_(w, kb);
+        }
+        dq.narrow(0, rows.begin, rows.size).copy_(acc.mul_(s));
+        dscale_parts[b] = dscale;
+      }
+    });
+
+    if (symmetric) return;
+    // dk_j = s sum_i W_ij q_i, one key block at a time on transposed tiles (keys down, rows
+    // across): each key block owns its rows of dk, so no atomics and no per-thread copies.
+    at::parallel_for(0, key_blocks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Span keys = block(c, kKeys, N);
+        const at::Tensor kb = k.narrow(0, keys.begin, keys.size);
+        at::Tensor acc = at::zeros({keys.size, k.size(1)}, k.options());
+        for (int64_t b = 0; b < row_blocks; ++b) {
+          const Span rows = block(b, kRows, M);
+          const at::Tensor qb = q.narrow(0, rows.begin, rows.size);
+          at::Tensor wt = at::mm(kb, qb.t()).mul_(s).sub_(r.narrow(0, rows.begin, rows.size).unsqueeze(0));
+          mask_by_col_lists(wt.data_ptr<scalar_t>(), keys, rows, ex, E, neg_inf);
+          wt.exp_().mul_(g.narrow(0, rows.begin, rows.size).unsqueeze(0));
+          acc.addmm_(wt, qb);
+        }
+        dk.narrow(0, keys.begin, keys.size).copy_(acc.mul_(s));
+      }
+    });
+  });
+
+  return {dq.to(q_in.scalar_type()), symmetric ? dk : dk.to(k_in.scalar_type()),
+          ordered_sum(dscale_parts, scale)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(infonce_kernels, CPU, m) {
+  m.impl("lse_fwd", &lse_fwd_cpu);
+  m.impl("lse_bwd", &lse_bwd_cpu);
+}
+
+}  // namespace infonce_kernels

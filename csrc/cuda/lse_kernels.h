@@ -1,0 +1,42 @@
+// infonce_kernels — CUDA kernels for the masked, scaled row log-sum-exp (DESIGN.md §1).
+//
+// Plain C++ launcher API: raw device pointers, sizes and a cudaStream_t. No torch headers, so
+// that this header and lse_kernels.cu compile with plain nvcc (scripts/check_cuda_compile).
+// The torch binding (lse_cuda.cpp) validates arguments, allocates outputs/workspace, sets the
+// device guard and passes the current stream.
+//
+// Conventions (see /work/notes/contract.md):
+//   q (M,d), k (N,d) row-major contiguous, dtype T in {fp16, bf16, fp32, fp64}.
+//   scale: pointer to ONE device scalar, float (double when T = fp64); read by the kernels.
+//   exclude: (M,E) int64 row-major, E in {0,1,2}, -1 = none (may be nullptr when E == 0).
+//   lse / grad: (M,) float (double when T = fp64).
+//   dq (M,d), dk (N,d) in T; dscale: one device scalar, float (double when T = fp64).
+//   symmetric: k is q (only q is read); dq receives the whole gradient s*(W+W^T)q and dk is unused.
+// Every function enqueues work on `stream` and returns cudaGetLastError() (launch errors only).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace infonce_cuda {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+// Largest supported feature dimension (grid.y = ceil(d / 128) for the fp16/bf16 backward and
+// ceil(d / 64) (fp32) / ceil(d / 32) (fp64) must stay <= 65535). Any d >= 1 up to this works.
+constexpr int64_t kMaxFeatureDim = int64_t(32) * 65535;
+
+cudaError_t lse_forward(DType dtype, const void* q, const void* k, const void* scale,
+                        const int64_t* exclude, int64_t M, int64_t N, int64_t d, int64_t E,
+                        void* lse, cudaStream_t stream);
+
+// Bytes of device scratch memory lse_backward needs (>= 1; 256-byte aligned pointer expected).
+size_t lse_backward_workspace_bytes(DType dtype, int64_t M, int64_t N, int64_t d, bool symmetric);
+
+cudaError_t lse_backward(DType dtype, const void* grad, const void* q, const void* k,
+                         const void* scale, const int64_t* exclude, int64_t M, int64_t N,
+                         int64_t d, int64_t E, bool symmetric, const void* lse, void* dq, void* dk,
+                         void* dscale, void* workspace, cudaStream_t stream);
+
+}  // namespace infonce_cuda

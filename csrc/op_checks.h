@@ -1,0 +1,44 @@
+// Argument checks shared by the CPU and CUDA implementations of lse_fwd / lse_bwd.
+// Every message names the argument, so a caller that bypasses the Python front end
+// (which validates first, with ValueError/TypeError) still never reaches a kernel with bad input.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace infonce_kernels {
+
+inline void check_lse_inputs(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale, const at::Tensor& exclude,
+    bool symmetric) {
+  TORCH_CHECK(q.dim() == 2, "lse: q must be 2-D (M, d), got ", q.dim(), "-D");
+  TORCH_CHECK(k.dim() == 2, "lse: k must be 2-D (N, d), got ", k.dim(), "-D");
+  TORCH_CHECK(q.size(0) > 0 && k.size(0) > 0, "lse: q and k need at least one row");
+  TORCH_CHECK(q.size(1) == k.size(1), "lse: q and k must have the same feature size, got ",
+              q.size(1), " and ", k.size(1));
+  TORCH_CHECK(q.size(1) > 0, "lse: the feature size d must be positive");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "lse: q and k must have the same dtype");
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "lse: q must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(q.device() == k.device(), "lse: q and k must be on the same device");
+  TORCH_CHECK(scale.numel() == 1 && scale.dim() == 0, "lse: scale must be a 0-d tensor");
+  TORCH_CHECK(scale.scalar_type() == (st == at::kDouble ? at::kDouble : at::kFloat),
+              "lse: scale must be float64 for float64 inputs and float32 otherwise");
+  TORCH_CHECK(scale.device() == q.device(), "lse: scale must be on the device of q");
+  TORCH_CHECK(exclude.scalar_type() == at::kLong, "lse: exclude must be int64");
+  TORCH_CHECK(exclude.dim() == 2 && exclude.size(0) == q.size(0) && exclude.size(1) <= 2,
+              "lse: exclude must have shape (M, E) with E <= 2");
+  TORCH_CHECK(exclude.device() == q.device(), "lse: exclude must be on the device of q");
+  TORCH_CHECK(!symmetric || q.is_same(k), "lse: symmetric=True requires k to be q");
+}
+
+inline void check_lse_grad_inputs(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& lse) {
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == q.size(0) && lse.scalar_type() == acc,
+              "lse_bwd: lse must be the (M,) output of lse_fwd");
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == q.size(0) && grad.scalar_type() == acc,
+              "lse_bwd: grad must have shape (M,) and the dtype of lse");
+  TORCH_CHECK(grad.device() == q.device() && lse.device() == q.device(),
+              "lse_bwd: grad and lse must be on the device of q");
+}
+
+}  // namespace infonce_kernels

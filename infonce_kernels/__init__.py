@@ -1,0 +1,23 @@
+"""infonce_kernels: fused InfoNCE-family contrastive losses.
+
+Every loss is a thin composition over one primitive, the masked, scaled row log-sum-exp
+:func:`lse`, computed tile by tile so the N x N similarity matrix is never materialised.
+"""
+
+from .losses import ClipLoss, InfoNCELoss, NTXentLoss, clip_loss, info_nce, nt_xent
+from .ops import BACKENDS, available_backends, lse, resolve_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "lse",
+    "nt_xent",
+    "info_nce",
+    "clip_loss",
+    "NTXentLoss",
+    "InfoNCELoss",
+    "ClipLoss",
+    "BACKENDS",
+    "available_backends",
+    "resolve_backend",
+]

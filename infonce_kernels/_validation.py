@@ -1,0 +1,133 @@
+"""Argument checks for the public API.
+
+Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape,
+device or value) naming the argument, before any kernel runs. Checks that read tensor values
+(NaN/inf, scale > 0, exclusion indices) share one device synchronisation and are skipped while
+``torch.compile`` traces, where data-dependent Python branches are not allowed.
+"""
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_features(name: str, x, *, min_rows: int = 1) -> None:
+    """x must be a 2-D floating tensor (rows, d) with at least ``min_rows`` rows and d >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(x.shape)}")
+    if x.shape[0] < min_rows:
+        what = "an empty batch" if x.shape[0] == 0 else f"{x.shape[0]} row(s)"
+        raise ValueError(f"{name} needs at least {min_rows} row(s), got {what}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has feature size 0")
+
+
+def check_same_kind(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, same_rows=False) -> None:
+    """a and b must share dtype, device and feature size (and row count with ``same_rows``)."""
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same feature size, got {a.shape[1]} and {b.shape[1]}"
+        )
+    if same_rows and a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same number of rows (pairs), got {a.shape[0]} and {b.shape[0]}"
+        )
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def positive_scalar(name: str, value, *, device, dtype) -> torch.Tensor:
+    """A float or a one-element tensor as a 0-d tensor (differentiable when it is one).
+
+    A Python number is checked here; a tensor's value is checked by :func:`check_values`.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+        return value.reshape(()).to(device=device, dtype=dtype)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return torch.tensor(float(value), device=device, dtype=dtype)
+
+
+def exclude_tensor(exclude, rows: int, keys: int, device) -> torch.Tensor:
+    """(rows, E) int64 contiguous exclusion indices; None gives E = 0."""
+    if exclude is None:
+        return torch.empty(rows, 0, dtype=torch.int64, device=device)
+    if not isinstance(exclude, torch.Tensor):
+        raise TypeError(f"exclude must be an integer tensor or None, got {type(exclude).__name__}")
+    if exclude.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        raise TypeError(f"exclude must be an integer tensor, got {exclude.dtype}")
+    if exclude.dim() == 1:
+        exclude = exclude[:, None]
+    if exclude.dim() != 2 or exclude.shape[0] != rows or exclude.shape[1] > 2:
+        raise ValueError(
+            f"exclude must have shape ({rows}, E) with E <= 2 (one row per query), got {tuple(exclude.shape)}"
+        )
+    if exclude.device != device:
+        raise ValueError(f"exclude is on {exclude.device} but q is on {device}")
+    exclude = exclude.to(torch.int64).contiguous()
+    if keys <= exclude.shape[1] and not tracing():
+        # Only with N <= E can a row lose every key; N is tiny then, so look at the values.
+        for i, row in enumerate(exclude.tolist()):
+            if len({j for j in row if 0 <= j < keys}) == keys:
+                raise ValueError(f"exclude removes every key from row {i}: its log-sum-exp is undefined")
+    return exclude
+
+
+def check_values(tensors: dict, *, positive: dict = (), exclude=None, keys: int = 0) -> None:
+    """Value checks with one host synchronisation: no NaN/inf in ``tensors``, ``positive``
+    entries finite and > 0, and ``exclude`` entries in [-1, keys)."""
+    if tracing():
+        return
+    names, flags = [], []
+    with torch.no_grad():
+        for name, t in tensors.items():
+            names.append(f"{name} contains NaN or inf")
+            flags.append(torch.isfinite(t).all())
+        for name, t in dict(positive).items():
+            if isinstance(t, torch.Tensor):
+                names.append(f"{name} must be positive and finite")
+                flags.append((torch.isfinite(t) & (t > 0)).all())
+        if exclude is not None and exclude.numel():
+            names.append(f"exclude indices must lie in [-1, {keys})")
+            flags.append(((exclude >= -1) & (exclude < keys)).all())
+        if not flags:
+            return
+        ok = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    for name, good in zip(names, ok):
+        if not good:
+            raise ValueError(name)

@@ -1,0 +1,254 @@
+"""The fused row log-sum-exp op, its backends and its autograd.
+
+    lse(q, k, s)_i = log sum_{j not excluded for i} exp(s <q_i, k_j>)
+
+``infonce_kernels::lse`` is a ``torch.library`` custom op with a fake (meta) implementation and
+registered autograd, so it runs under ``torch.compile(fullgraph=True)`` and passes
+``torch.library.opcheck``. Its ``backend`` argument picks the implementation; every backend
+provides the same two functions (the contract):
+
+    forward(q, k, scale, exclude, symmetric) -> lse                    (M,)
+    backward(grad, q, k, scale, exclude, symmetric, lse) -> (dq, dk, dscale)
+
+with contiguous q (M, d), k (N, d) of one dtype, ``scale`` a 0-d tensor (float64 for float64
+inputs, else float32), ``exclude`` an (M, E) int64 tensor (E <= 2, -1 = none), ``lse`` and
+``grad`` float32 (float64 for float64 inputs). When ``symmetric`` k is q and dq is the whole
+gradient on z (dk is empty).
+
+Backends:
+
+============  ===========  =====================================================================
+name          device       implementation
+============  ===========  =====================================================================
+reference     any          plain PyTorch, materialises the M x N logits (oracle, baseline)
+cpu           CPU          C++ (csrc/cpu): BLAS tiles, online LSE, at::parallel_for
+triton        CUDA         Triton kernels (infonce_kernels/triton); CPU under TRITON_INTERPRET=1
+cuda          CUDA         CUDA C++ tensor-core kernels (csrc/cuda), when built with CUDA
+============  ===========  =====================================================================
+"""
+
+import os
+import warnings
+
+import torch
+
+from . import _validation as v
+from . import reference
+
+__all__ = ["lse", "BACKENDS", "available_backends", "resolve_backend"]
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the op's output: float64 for float64 inputs, float32 for every other."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _load_extension():
+    """None when infonce_kernels._C (the C++ ops) loads, else why not."""
+    try:
+        from . import _C  # noqa: F401  (importing it registers the ops)
+    except ImportError as exc:
+        return f"the C++ extension infonce_kernels._C is not built ({exc}); run `pip install --no-build-isolation -e .`"
+    return None
+
+
+_EXTENSION_ERROR = _load_extension()
+
+if _EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("infonce_kernels::lse_fwd")
+    def _(q, k, scale, exclude, symmetric):
+        return q.new_empty(q.shape[0], dtype=_lse_dtype(q.dtype))
+
+    @torch.library.register_fake("infonce_kernels::lse_bwd")
+    def _(grad, q, k, scale, exclude, symmetric, lse):
+        dk = q.new_empty(0) if symmetric else torch.empty_like(k)
+        return torch.empty_like(q), dk, torch.empty_like(scale)
+
+
+class _CppBackend:
+    """The C++ ops ``infonce_kernels::lse_fwd``/``lse_bwd``; the tensors' device picks the kernel."""
+
+    @staticmethod
+    def forward(q, k, scale, exclude, symmetric):
+        return torch.ops.infonce_kernels.lse_fwd(q, k, scale, exclude, symmetric)
+
+    @staticmethod
+    def backward(grad, q, k, scale, exclude, symmetric, lse):
+        return torch.ops.infonce_kernels.lse_bwd(grad, q, k, scale, exclude, symmetric, lse)
+
+
+def _triton_module():
+    from . import triton as triton_backend
+
+    return triton_backend
+
+
+def unavailable_reason(name: str, device: torch.device):
+    """None when backend ``name`` can run on ``device``, else a sentence saying why not."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, these are on {device}"
+        return _EXTENSION_ERROR
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, these are on {device}"
+        if _EXTENSION_ERROR is not None:
+            return _EXTENSION_ERROR
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("infonce_kernels::lse_fwd", "CUDA"):
+            return "infonce_kernels._C was built without its CUDA kernels (CPU-only torch or no nvcc at build time)"
+        return None
+    if name == "triton":
+        ok, reason = _triton_module().available(device)
+        return None if ok else reason
+    raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+
+
+def available_backends(device="cpu"):
+    """Names of the backends that can run on ``device``."""
+    device = torch.device(device)
+    return [name for name in BACKENDS if unavailable_reason(name, device) is None]
+
+
+_warned_fallback = set()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to run: an explicit name, else $INFONCE_BACKEND, else the fastest for ``device``.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` (saying why) for a backend that
+    cannot run here.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("INFONCE_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        preferred = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+        for name in preferred:
+            if unavailable_reason(name, device) is None:
+                return name
+        if device.type not in _warned_fallback:
+            _warned_fallback.add(device.type)
+            reasons = "; ".join(f"{n}: {unavailable_reason(n, device)}" for n in preferred)
+            warnings.warn(f"infonce_kernels: no fused backend for {device.type} tensors ({reasons}); "
+                          "using the materialising reference backend", RuntimeWarning, stacklevel=3)
+        return "reference"
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    return backend
+
+
+def _implementation(name: str):
+    if name == "reference":
+        return reference
+    if name in ("cpu", "cuda"):
+        return _CppBackend
+    if name == "triton":
+        return _triton_module()
+    raise ValueError(f"unknown backend {name!r}")
+
+
+@torch.library.custom_op("infonce_kernels::lse", mutates_args=())
+def _lse_op(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, exclude: torch.Tensor, symmetric: bool, backend: str
+) -> torch.Tensor:
+    if symmetric:
+        k = q
+    return _implementation(backend).forward(q, k, scale, exclude, symmetric)
+
+
+@_lse_op.register_fake
+def _(q, k, scale, exclude, symmetric, backend):
+    return q.new_empty(q.shape[0], dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("infonce_kernels::lse_backward", mutates_args=())
+def _lse_backward_op(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    exclude: torch.Tensor,
+    symmetric: bool,
+    backend: str,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if symmetric:
+        k = q
+    return _implementation(backend).backward(grad, q, k, scale, exclude, symmetric, lse)
+
+
+@_lse_backward_op.register_fake
+def _(grad, q, k, scale, exclude, symmetric, backend, lse):
+    dk = q.new_empty(0) if symmetric else torch.empty_like(k)
+    return torch.empty_like(q), dk, torch.empty_like(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, scale, exclude, symmetric, backend = inputs
+    ctx.symmetric, ctx.backend = symmetric, backend
+    ctx.save_for_backward(q, q if symmetric else k, scale, exclude, output)
+
+
+def _backward(ctx, grad):
+    q, k, scale, exclude, lse = ctx.saved_tensors
+    dq, dk, dscale = _lse_backward_op(grad.contiguous(), q, k, scale, exclude, ctx.symmetric, ctx.backend, lse)
+    needs = ctx.needs_input_grad
+    return (
+        dq if needs[0] or ctx.symmetric else None,
+        None if ctx.symmetric or not needs[1] else dk,
+        dscale if needs[2] else None,
+        None,
+        None,
+        None,
+    )
+
+
+_lse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lse(q, k, scale, *, exclude=None, symmetric=False, backend="auto"):
+    """Masked, scaled row log-sum-exp, never materialising the M x N similarity matrix.
+
+    Args:
+        q: (M, d) queries, float16 / bfloat16 / float32 / float64.
+        k: (N, d) keys, same dtype and device as ``q``. With ``symmetric=True`` pass ``q`` itself.
+        scale: s > 0, the inverse temperature (1/tau) or CLIP's exponentiated logit scale:
+            a float, or a one-element tensor, which receives a gradient when it requires one.
+        exclude: optional (M, E) integer tensor, E <= 2: row i skips keys ``exclude[i, e]``
+            (-1 = none); e.g. its own index when k is q, its positive for decoupled losses.
+        symmetric: declares ``k is q`` (M == N); the backward then needs one pass.
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (see :mod:`infonce_kernels.ops`).
+            "auto" reads $INFONCE_BACKEND, else picks the fastest backend for the device.
+
+    Returns:
+        (M,) float32 tensor (float64 for float64 inputs), in nats:
+        ``r_i = log sum_{j not excluded} exp(s * <q_i, k_j>)``. Differentiable in q, k and scale.
+    """
+    v.check_features("q", q)
+    if symmetric:
+        if k is not None and k is not q:
+            raise ValueError("symmetric=True requires k to be q (the same tensor object), or k=None")
+        k = q
+    v.check_features("k", k)
+    v.check_same_kind("q", q, "k", k)
+    scale_t = v.positive_scalar("scale", scale, device=q.device, dtype=_lse_dtype(q.dtype))
+    ex = v.exclude_tensor(exclude, q.shape[0], k.shape[0], q.device)
+    tensors = {"q": q} if symmetric else {"q": q, "k": k}
+    v.check_values(tensors, positive={"scale": scale_t}, exclude=ex, keys=k.shape[0])
+    return fused_lse(q, k, scale_t, ex, symmetric, backend)
+
+
+def fused_lse(q, k, scale, exclude, symmetric, backend):
+    """:func:`lse` on arguments already checked by the caller: ``scale`` a 0-d tensor of the
+    lse dtype, ``exclude`` an (M, E) int64 tensor. The losses call this after their own checks."""
+    name = resolve_backend(backend, q.device)
+    q = q.contiguous()
+    k = q if symmetric else k.contiguous()
+    return _lse_op(q, k, scale, exclude, bool(symmetric), name)

@@ -1,0 +1,217 @@
+"""The fused op itself: gradcheck, parity of the cpu backend with a float64 reference, opcheck,
+registration, exclusions and numerics."""
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS, assert_within, random_exclude, reference_lse
+
+import infonce_kernels
+from infonce_kernels import lse
+
+
+def _inputs(m, n, d, dtype, symmetric):
+    q = torch.randn(m, d, dtype=dtype)
+    k = q if symmetric else torch.randn(n, d, dtype=dtype)
+    return q, k
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("width", [0, 1, 2])
+def test_gradcheck(backend, symmetric, width):
+    m, n, d = (6, 6, 4) if symmetric else (7, 5, 3)
+    q, k = _inputs(m, n, d, torch.float64, symmetric)
+    q.requires_grad_()
+    if not symmetric:
+        k.requires_grad_()
+    scale = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    exclude = random_exclude(m, n, width) if width else None
+    if symmetric and width:
+        exclude[:, 0] = torch.arange(m)  # self, as NT-Xent does
+
+    def f(q, k, scale):
+        return lse(q, q if symmetric else k, scale, exclude=exclude, symmetric=symmetric, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (q, k, scale))
+
+
+def _reference_grads(q, k, scale, exclude, g, symmetric):
+    qq = q.double().clone().requires_grad_()
+    kk = qq if symmetric else k.double().clone().requires_grad_()
+    ss = torch.tensor(float(scale), dtype=torch.float64, requires_grad=True)
+    logits = ss * (qq @ kk.T)
+    if exclude is not None:
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        for e in range(exclude.shape[1]):
+            rows = torch.nonzero(exclude[:, e] >= 0).flatten()
+            mask[rows, exclude[rows, e]] = True
+        logits = logits.masked_fill(mask, float("-inf"))
+    r = torch.logsumexp(logits, 1)
+    (r * g.double()).sum().backward()
+    return r.detach(), qq.grad, (None if symmetric else kk.grad), ss.grad
+
+
+SIZES = [1, 2, 3, 17, 129, 1000]
+
+
+@pytest.mark.parametrize("m", SIZES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("d", [1, 3, 64, 130])
+def test_cpu_matches_float64_reference(m, n, d):
+    """cpu backend in float32 vs float64 math, values and all three gradients."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("C++ extension not built")
+    width = (m + n + d) % 3
+    q, k = _inputs(m, n, d, torch.float32, False)
+    exclude = random_exclude(m, n, width) if width else None
+    g = torch.randn(m)
+    scale = 0.7
+    _check_against_reference(q, k, scale, exclude, g, symmetric=False)
+
+
+def _check_against_reference(q, k, scale, exclude, g, symmetric, rtol=1e-5):
+    qq = q.clone().requires_grad_()
+    kk = qq if symmetric else k.clone().requires_grad_()
+    ss = torch.tensor(scale, requires_grad=True)
+    out = lse(qq, kk, ss, exclude=exclude, symmetric=symmetric, backend="cpu")
+    (out * g).sum().backward()
+    base = lse(q, k, scale, exclude=exclude, symmetric=symmetric, backend="reference")
+    r64, dq64, dk64, ds64 = _reference_grads(q, k, scale, exclude, g, symmetric)
+    assert out.dtype == torch.float32 and out.shape == (q.shape[0],)
+    assert_within(out, r64, base, rtol, "lse")
+    # The float32 PyTorch baseline for the gradients: the reference backend's backward.
+    qb = q.clone().requires_grad_()
+    kb = qb if symmetric else k.clone().requires_grad_()
+    sb = torch.tensor(scale, requires_grad=True)
+    (lse(qb, kb, sb, exclude=exclude, symmetric=symmetric, backend="reference") * g).sum().backward()
+    assert_within(qq.grad, dq64, qb.grad, rtol, "dq")
+    if not symmetric:
+        assert_within(kk.grad, dk64, kb.grad, rtol, "dk")
+    assert_within(ss.grad, ds64, sb.grad, rtol, "dscale")
+
+
+@pytest.mark.parametrize(
+    "m,n,d,width",
+    [(200, 2100, 16, 2), (65, 1025, 7, 1), (1, 3000, 5, 2), (130, 1, 9, 0)],
+)
+def test_cpu_several_key_blocks(m, n, d, width):
+    """Shapes that cross the cpu backend's 64-row and 1024-key tile edges."""
+    q, k = _inputs(m, n, d, torch.float32, False)
+    exclude = random_exclude(m, n, width) if width else None
+    _check_against_reference(q, k, 1.3, exclude, torch.randn(m), symmetric=False)
+
+
+@pytest.mark.parametrize("n,d", [(3, 3), (17, 64), (129, 130), (1500, 32)])
+def test_cpu_symmetric(n, d):
+    z = torch.randn(n, d)
+    exclude = torch.stack([torch.arange(n), (torch.arange(n) + n // 2) % n], 1)
+    _check_against_reference(z, z, 2.0, exclude, torch.randn(n), symmetric=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_float32(backend, dtype):
+    q, k = torch.randn(70, 48).to(dtype), torch.randn(1100, 48).to(dtype)
+    qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+    out = lse(qq, kk, 0.5, backend=backend)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert qq.grad.dtype == dtype and kk.grad.dtype == dtype
+    r64, dq64, dk64, _ = _reference_grads(q, k, 0.5, None, torch.ones(70), False)
+    # Inputs are exact in float64; only accumulation and the final cast add error.
+    torch.testing.assert_close(out.double(), r64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qq.grad.double(), dq64, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(kk.grad.double(), dk64, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_all_but_one_key_excluded(backend):
+    """Rows left with a single key: the lse is exactly that key's logit, never NaN."""
+    q, k = torch.randn(5, 4), torch.randn(3, 4)
+    exclude = torch.tensor([[0, 1]] * 5)
+    out = lse(q, k, 1.0, exclude=exclude, backend=backend)
+    torch.testing.assert_close(out, q @ k[2], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="C++ extension not built")
+def test_cpu_fully_excluded_key_block():
+    """Keys 1024 and 1025 form the cpu backend's last key block; row 0 excludes both, so that
+    tile is all -inf for it and must leave its running sum untouched."""
+    q, k = torch.randn(3, 4), torch.randn(1026, 4)
+    exclude = torch.tensor([[1024, 1025], [1025, -1], [-1, -1]])
+    out = lse(q, k, 40.0, exclude=exclude, backend="cpu")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), reference_lse(q, k, 40.0, exclude), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_scale_is_finite(backend):
+    """s = 100 on unit vectors: logits up to 100 must not overflow exp."""
+    q = torch.nn.functional.normalize(torch.randn(40, 16), dim=1).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(50, 16), dim=1).requires_grad_()
+    out = lse(q, k, 100.0, backend=backend)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    torch.testing.assert_close(out.double(), reference_lse(q.detach(), k.detach(), 100.0), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_opcheck(backend, symmetric):
+    q = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    k = q if symmetric else torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    exclude = torch.arange(9)[:, None] if symmetric else random_exclude(9, 7, 2)
+    scale = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.infonce_kernels.lse.default, (q, k, scale, exclude, symmetric, backend))
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="C++ extension not built")
+def test_opcheck_cpp_ops():
+    q, k = torch.randn(9, 5), torch.randn(11, 5)
+    scale, exclude = torch.tensor(1.5), random_exclude(9, 11, 2)
+    out = torch.ops.infonce_kernels.lse_fwd(q, k, scale, exclude, False)
+    torch.library.opcheck(torch.ops.infonce_kernels.lse_fwd.default, (q, k, scale, exclude, False))
+    torch.library.opcheck(torch.ops.infonce_kernels.lse_bwd.default, (torch.randn(9), q, k, scale, exclude, False, out))
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="C++ extension not built")
+def test_cpp_ops_check_their_arguments():
+    """Direct callers of the C++ op get an error naming the argument, not a crash."""
+    q, k = torch.randn(4, 3), torch.randn(5, 2)
+    with pytest.raises(RuntimeError, match="feature size"):
+        torch.ops.infonce_kernels.lse_fwd(q, k, torch.tensor(1.0), torch.empty(4, 0, dtype=torch.long), False)
+    with pytest.raises(RuntimeError, match="exclude"):
+        torch.ops.infonce_kernels.lse_fwd(q, q, torch.tensor(1.0), torch.zeros(4, 3, dtype=torch.long), False)
+
+
+def test_backend_selection(monkeypatch):
+    assert infonce_kernels.resolve_backend("auto", torch.device("cpu")) in CPU_BACKENDS
+    monkeypatch.setenv("INFONCE_BACKEND", "reference")
+    assert infonce_kernels.resolve_backend("auto", torch.device("cpu")) == "reference"
+    assert infonce_kernels.resolve_backend("cpu", torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("INFONCE_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cuda backend runs on CUDA tensors"):
+        lse(torch.randn(3, 2), torch.randn(3, 2), 1.0)
+    with pytest.raises(RuntimeError, match="not available"):
+        lse(torch.randn(3, 2), torch.randn(3, 2), 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be"):
+        lse(torch.randn(3, 2), torch.randn(3, 2), 1.0, backend="fast")
+
+
+def test_result_independent_of_thread_count():
+    """dscale partials are summed in block order: the same bits with 1 or 2 threads."""
+    q, k = torch.randn(300, 16), torch.randn(1500, 16)
+    scale = torch.tensor(1.1, requires_grad=True)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+            s = scale.detach().clone().requires_grad_()
+            lse(qq, kk, s, backend="cpu").sum().backward()
+            results.append((qq.grad, kk.grad, s.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
