@@ -31,6 +31,24 @@ inline void check_lse_inputs(
   TORCH_CHECK(!symmetric || q.is_same(k), "lse: symmetric=True requires k to be q");
 }
 
+// The label rule's three tensors: all empty (rule off), or (M,), (N,), (M,) int64 on q's device.
+inline bool check_lse_labels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& row_labels,
+                             const at::Tensor& key_labels, const at::Tensor& positive) {
+  const bool off = row_labels.numel() == 0 && key_labels.numel() == 0 && positive.numel() == 0;
+  if (off) return false;
+  TORCH_CHECK(row_labels.dim() == 1 && row_labels.size(0) == q.size(0),
+              "lse: row_labels must have shape (M,) = (", q.size(0), ",)");
+  TORCH_CHECK(key_labels.dim() == 1 && key_labels.size(0) == k.size(0),
+              "lse: key_labels must have shape (N,) = (", k.size(0), ",)");
+  TORCH_CHECK(positive.dim() == 1 && positive.size(0) == q.size(0),
+              "lse: positive must have shape (M,) = (", q.size(0), ",)");
+  for (const at::Tensor* t : {&row_labels, &key_labels, &positive}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong, "lse: row_labels, key_labels and positive must be int64");
+    TORCH_CHECK(t->device() == q.device(), "lse: row_labels, key_labels and positive must be on the device of q");
+  }
+  return true;
+}
+
 inline void check_lse_grad_inputs(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& lse) {
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == q.size(0) && lse.scalar_type() == acc,

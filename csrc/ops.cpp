@@ -1,13 +1,17 @@
 // Schema of the fused log-sum-exp op, defined once for every backend.
 //
-//   lse_fwd(q, k, scale, exclude, symmetric) -> lse
+//   lse_fwd(q, k, scale, exclude, row_labels, key_labels, positive, symmetric) -> lse
 //     q (M, d), k (N, d): float16 / bfloat16 / float32 / float64, same dtype and device.
 //     scale: 0-d tensor (float32, float64 for float64 inputs), s > 0.
 //     exclude: (M, E) int64, E <= 2; row i never sees key exclude[i, e] (-1 = none).
+//     row_labels (M,), key_labels (N,), positive (M,): int64, all three empty to switch the
+//       label rule off. With them, row i also skips every key j with key_labels[j] ==
+//       row_labels[i], except its designated positive j == positive[i] (-1 = none).
 //     symmetric: k is q (M == N); enables the one-pass symmetric backward.
 //     lse (M,): r_i = log sum_{j not excluded} exp(s <q_i, k_j>), float32 (float64 for float64).
 //
-//   lse_bwd(grad, q, k, scale, exclude, symmetric, lse) -> (dq, dk, dscale)
+//   lse_bwd(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse)
+//     -> (dq, dk, dscale)
 //     With W_ij = g_i exp(s <q_i, k_j> - r_i) on non-excluded pairs:
 //       dq = s W k,  dk = s W^T q,  dscale = sum_ij W_ij <q_i, k_j>.
 //     symmetric: dq = s (W + W^T) z is the whole gradient on z = q = k, dk is empty.
@@ -16,10 +20,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(infonce_kernels, m) {
-  m.def("lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor exclude, bool symmetric) -> Tensor");
   m.def(
-      "lse_bwd(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, bool symmetric, "
-      "Tensor lse) -> (Tensor, Tensor, Tensor)");
+      "lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, "
+      "Tensor key_labels, Tensor positive, bool symmetric) -> Tensor");
+  m.def(
+      "lse_bwd(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, "
+      "Tensor key_labels, Tensor positive, bool symmetric, Tensor lse) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef INFONCE_PYTHON_MODULE

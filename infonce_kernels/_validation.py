@@ -108,9 +108,58 @@ def exclude_tensor(exclude, rows: int, keys: int, device) -> torch.Tensor:
     return exclude
 
 
-def check_values(tensors: dict, *, positive: dict = (), exclude=None, keys: int = 0) -> None:
+def _int_vector(name: str, x, length: int, what: str, device) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if x.dim() != 1 or x.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},), one entry per {what}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the features are on {device}")
+    return x.to(torch.int64).contiguous()
+
+
+def label_tensors(row_labels, key_labels, positive, rows: int, keys: int, device):
+    """None (no label rule) or the int64 (row_labels (M,), key_labels (N,), positive (M,))."""
+    if row_labels is None and key_labels is None:
+        if positive is not None:
+            raise ValueError("positive only applies with row_labels and key_labels (the label rule)")
+        return None
+    if row_labels is None or key_labels is None:
+        raise ValueError("row_labels and key_labels go together: pass both (or neither)")
+    row_labels = _int_vector("row_labels", row_labels, rows, "query row", device)
+    key_labels = _int_vector("key_labels", key_labels, keys, "key", device)
+    if positive is None:
+        positive = torch.full((rows,), -1, dtype=torch.int64, device=device)
+    else:
+        positive = _int_vector("positive", positive, rows, "query row", device)
+    return row_labels, key_labels, positive
+
+
+def _keys_left(exclude, labels, keys: int) -> torch.Tensor:
+    """(M,) number of keys each row keeps under its exclusion list and the label rule."""
+    row_labels, key_labels, positive = labels
+    rows = row_labels.shape[0]
+    ids = torch.unique(torch.cat([row_labels, key_labels]), return_inverse=True)[1]
+    row_ids, key_ids = ids[:rows], ids[rows:]
+    same = torch.bincount(key_ids, minlength=rows + keys)[row_ids]
+    kept_positive = (positive >= 0) & (positive < keys) & (key_ids[positive.clamp(0, keys - 1)] == row_ids)
+    removed = same - kept_positive.long()
+    for e in range(exclude.shape[1]):  # list entries the label rule did not already remove, once each
+        j = exclude[:, e]
+        new = (j >= 0) & (j < keys)
+        for f in range(e):
+            new &= j != exclude[:, f]
+        by_label = (key_ids[j.clamp(0, keys - 1)] == row_ids) & (j != positive)
+        removed += (new & ~by_label).long()
+    return keys - removed
+
+
+def check_values(tensors: dict, *, positive: dict = (), exclude=None, keys: int = 0, labels=None) -> None:
     """Value checks with one host synchronisation: no NaN/inf in ``tensors``, ``positive``
-    entries finite and > 0, and ``exclude`` entries in [-1, keys)."""
+    entries finite and > 0, ``exclude`` and label-rule positives in [-1, keys), and, with the
+    label rule, no row left without keys."""
     if tracing():
         return
     names, flags = [], []
@@ -125,6 +174,12 @@ def check_values(tensors: dict, *, positive: dict = (), exclude=None, keys: int 
         if exclude is not None and exclude.numel():
             names.append(f"exclude indices must lie in [-1, {keys})")
             flags.append(((exclude >= -1) & (exclude < keys)).all())
+        if labels is not None:
+            names.append(f"positive indices must lie in [-1, {keys})")
+            flags.append(((labels[2] >= -1) & (labels[2] < keys)).all())
+            names.append("exclude and the label rule remove every key from some row (a row whose "
+                          "label every key shares, with no designated positive among them)")
+            flags.append((_keys_left(exclude, labels, keys) > 0).all())
         if not flags:
             return
         ok = torch.stack([f.to(flags[0].device) for f in flags]).tolist()

@@ -7,13 +7,16 @@ registered autograd, so it runs under ``torch.compile(fullgraph=True)`` and pass
 ``torch.library.opcheck``. Its ``backend`` argument picks the implementation; every backend
 provides the same two functions (the contract):
 
-    forward(q, k, scale, exclude, symmetric) -> lse                    (M,)
-    backward(grad, q, k, scale, exclude, symmetric, lse) -> (dq, dk, dscale)
+    forward(q, k, scale, exclude, row_labels, key_labels, positive, symmetric) -> lse     (M,)
+    backward(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse)
+        -> (dq, dk, dscale)
 
 with contiguous q (M, d), k (N, d) of one dtype, ``scale`` a 0-d tensor (float64 for float64
 inputs, else float32), ``exclude`` an (M, E) int64 tensor (E <= 2, -1 = none), ``lse`` and
-``grad`` float32 (float64 for float64 inputs). When ``symmetric`` k is q and dq is the whole
-gradient on z (dk is empty).
+``grad`` float32 (float64 for float64 inputs). The label rule: ``row_labels`` (M,),
+``key_labels`` (N,) and ``positive`` (M,) int64 make row i also skip every key j with
+``key_labels[j] == row_labels[i]`` other than ``positive[i]`` (-1 = none); all three are empty
+when the rule is off. When ``symmetric`` k is q and dq is the whole gradient on z (dk is empty).
 
 Backends:
 
@@ -59,11 +62,11 @@ _EXTENSION_ERROR = _load_extension()
 if _EXTENSION_ERROR is None:
 
     @torch.library.register_fake("infonce_kernels::lse_fwd")
-    def _(q, k, scale, exclude, symmetric):
+    def _(q, k, scale, exclude, row_labels, key_labels, positive, symmetric):
         return q.new_empty(q.shape[0], dtype=_lse_dtype(q.dtype))
 
     @torch.library.register_fake("infonce_kernels::lse_bwd")
-    def _(grad, q, k, scale, exclude, symmetric, lse):
+    def _(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse):
         dk = q.new_empty(0) if symmetric else torch.empty_like(k)
         return torch.empty_like(q), dk, torch.empty_like(scale)
 
@@ -71,13 +74,8 @@ if _EXTENSION_ERROR is None:
 class _CppBackend:
     """The C++ ops ``infonce_kernels::lse_fwd``/``lse_bwd``; the tensors' device picks the kernel."""
 
-    @staticmethod
-    def forward(q, k, scale, exclude, symmetric):
-        return torch.ops.infonce_kernels.lse_fwd(q, k, scale, exclude, symmetric)
-
-    @staticmethod
-    def backward(grad, q, k, scale, exclude, symmetric, lse):
-        return torch.ops.infonce_kernels.lse_bwd(grad, q, k, scale, exclude, symmetric, lse)
+    forward = staticmethod(lambda *args: torch.ops.infonce_kernels.lse_fwd(*args))
+    backward = staticmethod(lambda *args: torch.ops.infonce_kernels.lse_bwd(*args))
 
 
 def _triton_module():
@@ -156,15 +154,23 @@ def _implementation(name: str):
 
 @torch.library.custom_op("infonce_kernels::lse", mutates_args=())
 def _lse_op(
-    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, exclude: torch.Tensor, symmetric: bool, backend: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    exclude: torch.Tensor,
+    row_labels: torch.Tensor,
+    key_labels: torch.Tensor,
+    positive: torch.Tensor,
+    symmetric: bool,
+    backend: str,
 ) -> torch.Tensor:
     if symmetric:
         k = q
-    return _implementation(backend).forward(q, k, scale, exclude, symmetric)
+    return _implementation(backend).forward(q, k, scale, exclude, row_labels, key_labels, positive, symmetric)
 
 
 @_lse_op.register_fake
-def _(q, k, scale, exclude, symmetric, backend):
+def _(q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend):
     return q.new_empty(q.shape[0], dtype=_lse_dtype(q.dtype))
 
 
@@ -175,45 +181,49 @@ def _lse_backward_op(
     k: torch.Tensor,
     scale: torch.Tensor,
     exclude: torch.Tensor,
+    row_labels: torch.Tensor,
+    key_labels: torch.Tensor,
+    positive: torch.Tensor,
     symmetric: bool,
     backend: str,
     lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if symmetric:
         k = q
-    return _implementation(backend).backward(grad, q, k, scale, exclude, symmetric, lse)
+    labels = (row_labels, key_labels, positive)
+    return _implementation(backend).backward(grad, q, k, scale, exclude, *labels, symmetric, lse)
 
 
 @_lse_backward_op.register_fake
-def _(grad, q, k, scale, exclude, symmetric, backend, lse):
+def _(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend, lse):
     dk = q.new_empty(0) if symmetric else torch.empty_like(k)
     return torch.empty_like(q), dk, torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, scale, exclude, symmetric, backend = inputs
+    q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend = inputs
     ctx.symmetric, ctx.backend = symmetric, backend
-    ctx.save_for_backward(q, q if symmetric else k, scale, exclude, output)
+    ctx.save_for_backward(q, q if symmetric else k, scale, exclude, row_labels, key_labels, positive, output)
 
 
 def _backward(ctx, grad):
-    q, k, scale, exclude, lse = ctx.saved_tensors
-    dq, dk, dscale = _lse_backward_op(grad.contiguous(), q, k, scale, exclude, ctx.symmetric, ctx.backend, lse)
+    q, k, scale, exclude, row_labels, key_labels, positive, lse = ctx.saved_tensors
+    dq, dk, dscale = _lse_backward_op(
+        grad.contiguous(), q, k, scale, exclude, row_labels, key_labels, positive, ctx.symmetric, ctx.backend, lse
+    )
     needs = ctx.needs_input_grad
     return (
         dq if needs[0] or ctx.symmetric else None,
         None if ctx.symmetric or not needs[1] else dk,
         dscale if needs[2] else None,
-        None,
-        None,
-        None,
-    )
+    ) + (None,) * 6
 
 
 _lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def lse(q, k, scale, *, exclude=None, symmetric=False, backend="auto"):
+def lse(q, k, scale, *, exclude=None, symmetric=False, row_labels=None, key_labels=None, positive=None,
+        backend="auto"):
     """Masked, scaled row log-sum-exp, never materialising the M x N similarity matrix.
 
     Args:
@@ -224,6 +234,11 @@ def lse(q, k, scale, *, exclude=None, symmetric=False, backend="auto"):
         exclude: optional (M, E) integer tensor, E <= 2: row i skips keys ``exclude[i, e]``
             (-1 = none); e.g. its own index when k is q, its positive for decoupled losses.
         symmetric: declares ``k is q`` (M == N); the backward then needs one pass.
+        row_labels, key_labels: optional (M,) and (N,) integer labels (key_labels defaults to
+            row_labels when ``symmetric``): row i then also skips every key with its label,
+            e.g. false negatives of the same class in a supervised batch...
+        positive: ...except its designated positive ``positive[i]`` (optional (M,) integer
+            tensor, -1 = none; requires labels), which stays in the denominator.
         backend: "auto", "reference", "cpu", "triton" or "cuda" (see :mod:`infonce_kernels.ops`).
             "auto" reads $INFONCE_BACKEND, else picks the fastest backend for the device.
 
@@ -240,15 +255,21 @@ def lse(q, k, scale, *, exclude=None, symmetric=False, backend="auto"):
     v.check_same_kind("q", q, "k", k)
     scale_t = v.positive_scalar("scale", scale, device=q.device, dtype=_lse_dtype(q.dtype))
     ex = v.exclude_tensor(exclude, q.shape[0], k.shape[0], q.device)
+    if symmetric and key_labels is None:
+        key_labels = row_labels
+    labels = v.label_tensors(row_labels, key_labels, positive, q.shape[0], k.shape[0], q.device)
     tensors = {"q": q} if symmetric else {"q": q, "k": k}
-    v.check_values(tensors, positive={"scale": scale_t}, exclude=ex, keys=k.shape[0])
-    return fused_lse(q, k, scale_t, ex, symmetric, backend)
+    v.check_values(tensors, positive={"scale": scale_t}, exclude=ex, keys=k.shape[0], labels=labels)
+    return fused_lse(q, k, scale_t, ex, symmetric, backend, labels)
 
 
-def fused_lse(q, k, scale, exclude, symmetric, backend):
+def fused_lse(q, k, scale, exclude, symmetric, backend, labels=None):
     """:func:`lse` on arguments already checked by the caller: ``scale`` a 0-d tensor of the
-    lse dtype, ``exclude`` an (M, E) int64 tensor. The losses call this after their own checks."""
+    lse dtype, ``exclude`` an (M, E) int64 tensor, ``labels`` None or the (row_labels,
+    key_labels, positive) int64 tensors. The losses call this after their own checks."""
     name = resolve_backend(backend, q.device)
     q = q.contiguous()
     k = q if symmetric else k.contiguous()
-    return _lse_op(q, k, scale, exclude, bool(symmetric), name)
+    if labels is None:
+        labels = (exclude.new_empty(0),) * 3
+    return _lse_op(q, k, scale, exclude, *labels, bool(symmetric), name)

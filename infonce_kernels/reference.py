@@ -14,32 +14,39 @@ def _accumulate(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _excluded(exclude: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """(M, N) bool, True where row i excludes key j. -1 entries go to a spare column."""
+def excluded(exclude, row_labels, key_labels, positive, num_keys: int) -> torch.Tensor:
+    """(M, N) bool, True where row i leaves key j out (its list, or the label rule)."""
     rows = exclude.shape[0]
     mask = torch.zeros(rows, num_keys + 1, dtype=torch.bool, device=exclude.device)
-    index = torch.where(exclude < 0, torch.full_like(exclude, num_keys), exclude)
+    index = torch.where(exclude < 0, torch.full_like(exclude, num_keys), exclude)  # -1: spare column
     mask.scatter_(1, index, True)
-    return mask[:, :num_keys]
+    mask = mask[:, :num_keys]
+    if row_labels.numel():
+        same = row_labels[:, None] == key_labels[None, :]
+        same &= positive[:, None] != torch.arange(num_keys, device=same.device)[None, :]
+        mask = mask | same
+    return mask
 
 
-def logits(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+def logits(q, k, scale, exclude, row_labels, key_labels, positive) -> torch.Tensor:
     """(M, N) masked logits ``s * q k^T`` in the accumulation dtype, -inf on excluded pairs."""
     dots = _accumulate(q) @ _accumulate(k).T
-    return (dots * scale.to(dots.dtype)).masked_fill(_excluded(exclude, k.shape[0]), float("-inf"))
+    mask = excluded(exclude, row_labels, key_labels, positive, k.shape[0])
+    return (dots * scale.to(dots.dtype)).masked_fill(mask, float("-inf"))
 
 
-def forward(q, k, scale, exclude, symmetric):
+def forward(q, k, scale, exclude, row_labels, key_labels, positive, symmetric):
     """(M,) row log-sum-exp, float32 (float64 for float64 inputs)."""
-    return torch.logsumexp(logits(q, k, scale, exclude), dim=1)
+    return torch.logsumexp(logits(q, k, scale, exclude, row_labels, key_labels, positive), dim=1)
 
 
-def backward(grad, q, k, scale, exclude, symmetric, lse):
+def backward(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse):
     """(dq, dk, dscale) of ``sum_i grad_i lse_i``; dk is empty when ``symmetric`` (dq is dz)."""
     qa, ka = _accumulate(q), _accumulate(k)
     s = scale.to(qa.dtype)
     dots = qa @ ka.T
-    w = torch.exp((dots * s).masked_fill(_excluded(exclude, k.shape[0]), float("-inf")) - lse[:, None])
+    mask = excluded(exclude, row_labels, key_labels, positive, k.shape[0])
+    w = torch.exp((dots * s).masked_fill(mask, float("-inf")) - lse[:, None])
     w = w * grad[:, None]
     dscale = (w * dots).sum().to(scale.dtype)
     if symmetric:

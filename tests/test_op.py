@@ -162,26 +162,40 @@ def test_opcheck(backend, symmetric):
     k = q if symmetric else torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     exclude = torch.arange(9)[:, None] if symmetric else random_exclude(9, 7, 2)
     scale = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.infonce_kernels.lse.default, (q, k, scale, exclude, symmetric, backend))
+    no_labels = (torch.empty(0, dtype=torch.long),) * 3
+    torch.library.opcheck(torch.ops.infonce_kernels.lse.default, (q, k, scale, exclude, *no_labels, symmetric, backend))
+    labels = torch.randint(0, 3, (9,))
+    key_labels = labels if symmetric else torch.randint(0, 3, (7,))
+    positive = torch.randint(-1, 7, (9,))
+    torch.library.opcheck(torch.ops.infonce_kernels.lse.default,
+                          (q, k, scale, exclude, labels, key_labels, positive, symmetric, backend))
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="C++ extension not built")
 def test_opcheck_cpp_ops():
     q, k = torch.randn(9, 5), torch.randn(11, 5)
     scale, exclude = torch.tensor(1.5), random_exclude(9, 11, 2)
-    out = torch.ops.infonce_kernels.lse_fwd(q, k, scale, exclude, False)
-    torch.library.opcheck(torch.ops.infonce_kernels.lse_fwd.default, (q, k, scale, exclude, False))
-    torch.library.opcheck(torch.ops.infonce_kernels.lse_bwd.default, (torch.randn(9), q, k, scale, exclude, False, out))
+    for labels in [(torch.empty(0, dtype=torch.long),) * 3,
+                   (torch.randint(0, 3, (9,)), torch.randint(0, 3, (11,)), torch.randint(-1, 11, (9,)))]:
+        args = (q, k, scale, exclude, *labels, False)
+        out = torch.ops.infonce_kernels.lse_fwd(*args)
+        torch.library.opcheck(torch.ops.infonce_kernels.lse_fwd.default, args)
+        torch.library.opcheck(torch.ops.infonce_kernels.lse_bwd.default, (torch.randn(9), *args, out))
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="C++ extension not built")
 def test_cpp_ops_check_their_arguments():
     """Direct callers of the C++ op get an error naming the argument, not a crash."""
     q, k = torch.randn(4, 3), torch.randn(5, 2)
+    none = torch.empty(0, dtype=torch.long)
+    fwd = torch.ops.infonce_kernels.lse_fwd
     with pytest.raises(RuntimeError, match="feature size"):
-        torch.ops.infonce_kernels.lse_fwd(q, k, torch.tensor(1.0), torch.empty(4, 0, dtype=torch.long), False)
+        fwd(q, k, torch.tensor(1.0), torch.empty(4, 0, dtype=torch.long), none, none, none, False)
     with pytest.raises(RuntimeError, match="exclude"):
-        torch.ops.infonce_kernels.lse_fwd(q, q, torch.tensor(1.0), torch.zeros(4, 3, dtype=torch.long), False)
+        fwd(q, q, torch.tensor(1.0), torch.zeros(4, 3, dtype=torch.long), none, none, none, False)
+    with pytest.raises(RuntimeError, match="key_labels must have shape"):
+        fwd(q, q, torch.tensor(1.0), torch.zeros(4, 1, dtype=torch.long), torch.zeros(4, dtype=torch.long),
+            torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), False)
 
 
 def test_backend_selection(monkeypatch):
@@ -215,3 +229,86 @@ def test_result_independent_of_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def _label_reference(q, k, scale, exclude, row_labels, key_labels, positive):
+    """float64 logits with the lists and the label rule written out pair by pair."""
+    logits = scale * (q.double() @ k.double().T)
+    for i in range(q.shape[0]):
+        for j in range(k.shape[0]):
+            listed = exclude is not None and j in exclude[i].tolist()
+            by_label = bool(row_labels[i] == key_labels[j]) and int(positive[i]) != j
+            if listed or by_label:
+                logits[i, j] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_label_rule_matches_pairwise_definition(backend, symmetric):
+    m, n, d = (40, 40, 6) if symmetric else (37, 70, 6)
+    q, k = _inputs(m, n, d, torch.float64, symmetric)
+    row_labels = torch.randint(0, 4, (m,))
+    key_labels = row_labels if symmetric else torch.randint(0, 4, (n,))
+    # each row's positive: a key of its own class (so that the rule keeps it), or none
+    positive = torch.tensor([int(torch.nonzero(key_labels == row_labels[i])[0]) if i % 3 else -1 for i in range(m)])
+    exclude = torch.arange(m)[:, None] if symmetric else random_exclude(m, n, 1)
+    logits = _label_reference(q, k, 1.4, exclude, row_labels, key_labels, positive)
+    keep = torch.isfinite(logits).any(1)
+    assert keep.all(), "test setup: every row keeps a key"
+    qq = q.clone().requires_grad_()
+    kk = qq if symmetric else k.clone().requires_grad_()
+    out = lse(qq, kk, 1.4, exclude=exclude, symmetric=symmetric, row_labels=row_labels,
+              key_labels=None if symmetric else key_labels, positive=positive, backend=backend)
+    torch.testing.assert_close(out, torch.logsumexp(logits, 1), rtol=1e-10, atol=1e-10)
+    g = torch.randn(m, dtype=torch.float64)
+    (out * g).sum().backward()
+    q2 = q.clone().requires_grad_()
+    k2 = q2 if symmetric else k.clone().requires_grad_()
+    ref_logits = torch.where(torch.isfinite(logits), 1.4 * (q2 @ k2.T), float("-inf"))
+    (torch.logsumexp(ref_logits, 1) * g).sum().backward()
+    torch.testing.assert_close(qq.grad, q2.grad, rtol=1e-9, atol=1e-10)
+    if not symmetric:
+        torch.testing.assert_close(kk.grad, k2.grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_label_rule_gradcheck(backend, symmetric):
+    m, n = (8, 8) if symmetric else (7, 9)
+    q, k = _inputs(m, n, 3, torch.float64, symmetric)
+    q.requires_grad_()
+    if not symmetric:
+        k.requires_grad_()
+    labels = torch.arange(m) % 3
+    key_labels = labels if symmetric else torch.arange(n) % 4
+    positive = torch.tensor([int(torch.nonzero(key_labels == labels[i])[-1]) for i in range(m)])
+    exclude = torch.arange(m)[:, None] if symmetric else None
+    scale = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, scale):
+        return lse(q, q if symmetric else k, scale, exclude=exclude, symmetric=symmetric, row_labels=labels,
+                   key_labels=key_labels, positive=positive, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (q, k, scale))
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="C++ extension not built")
+def test_cpu_label_rule_across_tiles():
+    """The label rule on shapes that span several 64-row and 1024-key tiles, float32."""
+    q, k = torch.randn(150, 24), torch.randn(2200, 24)
+    row_labels, key_labels = torch.randint(0, 7, (150,)), torch.randint(0, 7, (2200,))
+    positive = torch.randint(-1, 2200, (150,))
+    exclude = random_exclude(150, 2200, 2)
+    labels = dict(row_labels=row_labels, key_labels=key_labels, positive=positive)
+    qq, kk, ss = q.clone().requires_grad_(), k.clone().requires_grad_(), torch.tensor(0.9, requires_grad=True)
+    out = lse(qq, kk, ss, exclude=exclude, backend="cpu", **labels)
+    g = torch.randn(150)
+    (out * g).sum().backward()
+    qr, kr, sr = q.clone().requires_grad_(), k.clone().requires_grad_(), torch.tensor(0.9, requires_grad=True)
+    ref = lse(qr, kr, sr, exclude=exclude, backend="reference", **labels)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qq.grad, qr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kk.grad, kr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ss.grad, sr.grad, rtol=1e-4, atol=1e-4)

@@ -41,29 +41,51 @@ inline at::ScalarType accumulate_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// tile(i, j) = value where the exclusion list of entity (rows.begin + i) holds (cols.begin + j).
-// Used with query rows down the tile (the row's own exclusions).
+// The (row, key) pairs left out of a row's log-sum-exp: the explicit per-row lists, and, when
+// row_labels is set, every key sharing the row's label except the row's designated positive.
+struct Exclusions {
+  const int64_t* lists;  // (M, E), -1 = none
+  int64_t E;
+  const int64_t* row_labels;  // (M,), nullptr when the label rule is off
+  const int64_t* key_labels;  // (N,)
+  const int64_t* positive;    // (M,), -1 = none
+
+  bool by_label(int64_t row, int64_t key) const {
+    return row_labels[row] == key_labels[key] && positive[row] != key;
+  }
+};
+
+// Sets tile(i, j) = value on every excluded pair of a (rows x cols) row-major tile.
+// Plain tiles hold query rows down and keys across: tile(i, j) is pair (rows.begin + i, cols.begin + j).
+// Transposed tiles hold keys down and query rows across: tile(i, j) is pair (cols.begin + j, rows.begin + i);
+// they serve dk and, in the symmetric backward, W^T_ij = W_ji (row j's exclusions).
 template <typename T>
-void mask_by_row_lists(T* tile, Span rows, Span cols, const int64_t* exclude, int64_t E, T value) {
+void mask_tile(T* tile, Span rows, Span cols, const Exclusions& ex, bool transposed, T value) {
+  const Span qrows = transposed ? cols : rows;  // the rows whose lists apply
+  const Span keys = transposed ? rows : cols;
+  for (int64_t r = 0; r < qrows.size; ++r) {
+    for (int64_t e = 0; e < ex.E; ++e) {
+      const int64_t key = ex.lists[(qrows.begin + r) * ex.E + e] - keys.begin;  // -1 falls below 0
+      if (key < 0 || key >= keys.size) continue;
+      tile[transposed ? key * cols.size + r : r * cols.size + key] = value;
+    }
+  }
+  if (ex.row_labels == nullptr) return;
   for (int64_t i = 0; i < rows.size; ++i) {
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t j = exclude[(rows.begin + i) * E + e] - cols.begin;  // -1 entries fall below 0
-      if (j >= 0 && j < cols.size) tile[i * cols.size + j] = value;
+    for (int64_t j = 0; j < cols.size; ++j) {
+      const bool out = transposed ? ex.by_label(cols.begin + j, rows.begin + i)
+                                  : ex.by_label(rows.begin + i, cols.begin + j);
+      if (out) tile[i * cols.size + j] = value;
     }
   }
 }
 
-// tile(i, j) = value where the exclusion list of entity (cols.begin + j) holds (rows.begin + i).
-// Used when the excluding rows run across the tile: transposed tiles, and P_ji in the
-// symmetric backward.
-template <typename T>
-void mask_by_col_lists(T* tile, Span rows, Span cols, const int64_t* exclude, int64_t E, T value) {
-  for (int64_t j = 0; j < cols.size; ++j) {
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t i = exclude[(cols.begin + j) * E + e] - rows.begin;
-      if (i >= 0 && i < rows.size) tile[i * cols.size + j] = value;
-    }
-  }
+Exclusions make_exclusions(const at::Tensor& exclude, const at::Tensor& row_labels,
+                           const at::Tensor& key_labels, const at::Tensor& positive, bool labelled) {
+  return {exclude.data_ptr<int64_t>(), exclude.size(1),
+          labelled ? row_labels.data_ptr<int64_t>() : nullptr,
+          labelled ? key_labels.data_ptr<int64_t>() : nullptr,
+          labelled ? positive.data_ptr<int64_t>() : nullptr};
 }
 
 // Sum of dscale partials in block order: the result does not depend on the thread count.
@@ -74,19 +96,22 @@ at::Tensor ordered_sum(const std::vector<double>& partials, const at::Tensor& li
 }
 
 at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& scale,
-                       const at::Tensor& exclude_in, bool symmetric) {
+                       const at::Tensor& exclude_in, const at::Tensor& row_labels_in,
+                       const at::Tensor& key_labels_in, const at::Tensor& positive_in, bool symmetric) {
   check_lse_inputs(q_in, k_in, scale, exclude_in, symmetric);
+  const bool labelled = check_lse_labels(q_in, k_in, row_labels_in, key_labels_in, positive_in);
   TORCH_CHECK(q_in.device().is_cpu(), "lse_fwd (cpu): q must be a CPU tensor");
   const at::Tensor q = q_in.to(accumulate_type(q_in)).contiguous();
   const at::Tensor k = symmetric ? q : k_in.to(accumulate_type(k_in)).contiguous();
-  const at::Tensor exclude = exclude_in.contiguous();
-  const int64_t M = q.size(0), N = k.size(0), E = exclude.size(1);
+  const at::Tensor exclude = exclude_in.contiguous(), row_labels = row_labels_in.contiguous(),
+                   key_labels = key_labels_in.contiguous(), positive = positive_in.contiguous();
+  const Exclusions ex = make_exclusions(exclude, row_labels, key_labels, positive, labelled);
+  const int64_t M = q.size(0), N = k.size(0);
   const double s = scale.item<double>();
   at::Tensor out = at::empty({M}, q.options());
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_fwd_cpu", [&] {
     const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
-    const int64_t* ex = exclude.data_ptr<int64_t>();
     at::parallel_for(0, num_blocks(M, kRows), 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const Span rows = block(b, kRows, M);
@@ -97,7 +122,7 @@ at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at:
         for (int64_t c = 0; c < num_blocks(N, kKeys); ++c) {
           const Span cols = block(c, kKeys, N);
           at::Tensor t = at::mm(qb, k.narrow(0, cols.begin, cols.size).t()).mul_(s);
-          mask_by_row_lists(t.data_ptr<scalar_t>(), rows, cols, ex, E, neg_inf);
+          mask_tile(t.data_ptr<scalar_t>(), rows, cols, ex, false, neg_inf);
           const at::Tensor m_new = at::maximum(m, std::get<0>(t.max(1)));
           // A row with every key of every tile so far excluded keeps m = -inf; shifting by 0
           // instead keeps exp(-inf - (-inf)) = NaN out of the sums.
@@ -114,17 +139,21 @@ at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
     const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& scale, const at::Tensor& exclude_in, bool symmetric,
+    const at::Tensor& scale, const at::Tensor& exclude_in, const at::Tensor& row_labels_in,
+    const at::Tensor& key_labels_in, const at::Tensor& positive_in, bool symmetric,
     const at::Tensor& lse_in) {
   check_lse_inputs(q_in, k_in, scale, exclude_in, symmetric);
+  const bool labelled = check_lse_labels(q_in, k_in, row_labels_in, key_labels_in, positive_in);
   check_lse_grad_inputs(grad_in, q_in, lse_in);
   TORCH_CHECK(q_in.device().is_cpu(), "lse_bwd (cpu): q must be a CPU tensor");
   const at::Tensor q = q_in.to(accumulate_type(q_in)).contiguous();
   const at::Tensor k = symmetric ? q : k_in.to(accumulate_type(k_in)).contiguous();
-  const at::Tensor exclude = exclude_in.contiguous();
+  const at::Tensor exclude = exclude_in.contiguous(), row_labels = row_labels_in.contiguous(),
+                   key_labels = key_labels_in.contiguous(), positive = positive_in.contiguous();
+  const Exclusions ex = make_exclusions(exclude, row_labels, key_labels, positive, labelled);
   const at::Tensor g = grad_in.contiguous();
   const at::Tensor r = lse_in.contiguous();
-  const int64_t M = q.size(0), N = k.size(0), E = exclude.size(1);
+  const int64_t M = q.size(0), N = k.size(0);
   const double s = scale.item<double>();
   const int64_t row_blocks = num_blocks(M, kRows), key_blocks = num_blocks(N, kKeys);
   at::Tensor dq = at::empty_like(q);
@@ -133,7 +162,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_bwd_cpu", [&] {
     const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
-    const int64_t* ex = exclude.data_ptr<int64_t>();
 
     // Rows of dq (or of dz when symmetric) and the dscale partials, one row block at a time.
     at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -150,16 +178,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
           const at::Tensor dot = at::mm(qb, kb.t());
           // W_ij = g_i exp(s <q_i, k_j> - r_i), 0 on excluded pairs.
           at::Tensor w = dot.mul(s).sub_(r_rows);
-          mask_by_row_lists(w.data_ptr<scalar_t>(), rows, cols, ex, E, neg_inf);
+          mask_tile(w.data_ptr<scalar_t>(), rows, cols, ex, false, neg_inf);
           w.exp_().mul_(g_rows);
           dscale += w.mul(dot).sum().item<double>();
           if (symmetric) {
             // (W^T)_ij = W_ji = g_j exp(s <z_i, z_j> - r_j): the same logits, the key rows' r
-            // and g, and the key rows' exclusion lists. dz = s (W + W^T) z in one pass.
+            // and g, and the key rows' exclusions (a transposed mask). dz = s (W + W^T) z in one pass.
             const at::Tensor r_cols = r.narrow(0, cols.begin, cols.size).unsqueeze(0);
             const at::Tensor g_cols = g.narrow(0, cols.begin, cols.size).unsqueeze(0);
             at::Tensor wt = dot.mul(s).sub_(r_cols);
-            mask_by_col_lists(wt.data_ptr<scalar_t>(), rows, cols, ex, E, neg_inf);
+            mask_tile(wt.data_ptr<scalar_t>(), rows, cols, ex, true, neg_inf);
             w.add_(wt.exp_().mul_(g_cols));
           }
           acc.addmm_(w, kb);
@@ -181,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
           const Span rows = block(b, kRows, M);
           const at::Tensor qb = q.narrow(0, rows.begin, rows.size);
           at::Tensor wt = at::mm(kb, qb.t()).mul_(s).sub_(r.narrow(0, rows.begin, rows.size).unsqueeze(0));
-          mask_by_col_lists(wt.data_ptr<scalar_t>(), keys, rows, ex, E, neg_inf);
+          mask_tile(wt.data_ptr<scalar_t>(), keys, rows, ex, true, neg_inf);
           wt.exp_().mul_(g.narrow(0, rows.begin, rows.size).unsqueeze(0));
           acc.addmm_(wt, qb);
         }
