@@ -30,6 +30,9 @@ TILE = _config.INTERPRET_BLOCK          # 16: row and key tile under the interpr
 DCHUNK = _config.INTERPRET_BLOCK_D      # 32: largest d chunk under the interpreter
 
 
+NO_LABELS = (torch.empty(0, dtype=torch.int64),) * 3  # the label rule off
+
+
 # ----------------------------------------------------------------------------- helpers
 def make_exclude(M: int, N: int, E: int, symmetric: bool, gen: torch.Generator) -> torch.Tensor:
     """(M, E) int64: self index (symmetric) / a random key, then a random key or -1.
@@ -45,8 +48,12 @@ def make_exclude(M: int, N: int, E: int, symmetric: bool, gen: torch.Generator) 
     return ex
 
 
-def reference_lse(q, k, scale, exclude):
-    """fp64, materialised: logsumexp_j of s <q_i, k_j> over non-excluded j."""
+def reference_lse(q, k, scale, exclude, labels=None):
+    """fp64, materialised: logsumexp_j of s <q_i, k_j> over non-excluded j.
+
+    labels = (row_labels, key_labels, positive): row i also drops every key of
+    its label except its positive.
+    """
     L = scale.double() * (q.double() @ k.double().T)
     M, N = L.shape
     mask = torch.zeros(M, N, dtype=torch.bool)
@@ -54,12 +61,18 @@ def reference_lse(q, k, scale, exclude):
         col = exclude[:, e]
         rows = torch.arange(M)[col >= 0]
         mask[rows, col[col >= 0]] = True
+    if labels is not None:
+        rl, kl, pos = labels
+        mask |= (rl[:, None] == kl[None, :]) & (torch.arange(N)[None, :] != pos[:, None])
     return torch.logsumexp(L.masked_fill(mask, float("-inf")), dim=1)
 
 
-def triton_lse(q, k, scale, exclude, symmetric):
+def triton_lse(q, k, scale, exclude, symmetric, labels=None):
+    kw = {}
+    if labels is not None:
+        kw = dict(row_labels=labels[0], key_labels=labels[1], positive=labels[2])
     return infonce_kernels.lse(q, q if symmetric else k, scale, exclude=exclude, symmetric=symmetric,
-                               backend="triton")
+                               backend="triton", **kw)
 
 
 def assert_close(actual, expected, rtol, atol, what):
@@ -79,14 +92,26 @@ def inputs(M, N, d, dtype, symmetric, E, seed, scale=1.7):
     return q, k, s, ex, g
 
 
-def check_values_and_grads(M, N, d, dtype, symmetric, E, seed=0, scale=1.7):
+def make_labels(M, N, classes, symmetric, gen):
+    """Labels with `classes` classes and a positive per row (some -1); every row keeps a key."""
+    rl = torch.randint(0, classes, (M,), generator=gen)
+    kl = rl.clone() if symmetric else torch.randint(0, classes, (N,), generator=gen)
+    kl[-1] = classes          # a key no row shares: no row loses every key
+    pos = torch.randint(-1, N, (M,), generator=gen)
+    return rl, kl, pos
+
+
+def check_values_and_grads(M, N, d, dtype, symmetric, E, seed=0, scale=1.7, classes=0):
     q, k, s, ex, g = inputs(M, N, d, dtype, symmetric, E, seed, scale)
+    labels = make_labels(M, N, classes, symmetric, torch.Generator().manual_seed(seed + 1)) if classes else None
+    if labels is not None and symmetric:
+        ex = torch.cat([torch.arange(M)[:, None], ex[:, 1:]], 1) if E else torch.arange(M)[:, None]
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
 
     q1 = q.clone().requires_grad_()
     k1 = q1 if symmetric else k.clone().requires_grad_()
     s1 = s.clone().requires_grad_()
-    out = triton_lse(q1, k1, s1, ex, symmetric)
+    out = triton_lse(q1, k1, s1, ex, symmetric, labels)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert out.shape == (M,)
     grads = torch.autograd.grad(out, [q1, s1] if symmetric else [q1, k1, s1], g.to(out.dtype))
@@ -94,7 +119,7 @@ def check_values_and_grads(M, N, d, dtype, symmetric, E, seed=0, scale=1.7):
     q2 = q.double().requires_grad_()
     k2 = q2 if symmetric else k.double().requires_grad_()
     s2 = s.double().requires_grad_()
-    ref = reference_lse(q2, k2, s2, ex)
+    ref = reference_lse(q2, k2, s2, ex, labels)
     rgrads = torch.autograd.grad(ref, [q2, s2] if symmetric else [q2, k2, s2], g)
 
     assert_close(out, ref, what="lse", **tol)
@@ -130,9 +155,9 @@ def test_backend_functions_contract(symmetric):
     """forward/backward called directly, exactly as the dispatcher calls them."""
     M, N, d = 9, 9 if symmetric else 11, 6
     q, k, s, ex, g = inputs(M, N, d, torch.float32, symmetric, 1, seed=1)
-    r = tbackend.forward(q, k, s, ex, symmetric)
+    r = tbackend.forward(q, k, s, ex, *NO_LABELS, symmetric)
     assert r.shape == (M,) and r.dtype == torch.float32
-    dq, dk, ds = tbackend.backward(g.float(), q, k, s, ex, symmetric, r)
+    dq, dk, ds = tbackend.backward(g.float(), q, k, s, ex, *NO_LABELS, symmetric, r)
     assert dq.shape == (M, d) and dq.dtype == q.dtype
     assert ds.shape == () and ds.dtype == s.dtype
     if symmetric:
@@ -167,6 +192,14 @@ def test_general_exclusions(M, N, d, E, dtype):
 @pytest.mark.parametrize("N,d,E", [(TILE + 1, 7, 1), (2 * TILE + 3, DCHUNK + 9, 2), (113, 10, 1)])
 def test_symmetric(N, d, E, dtype):
     check_values_and_grads(N, N, d, dtype, symmetric=True, E=E)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("symmetric,M,N,E", [(False, TILE + 3, 2 * TILE + 1, 1), (True, 2 * TILE + 1, 2 * TILE + 1, 1)],
+                         ids=["general", "symmetric"])
+def test_label_rule(symmetric, M, N, E, dtype):
+    """row_labels/key_labels/positive: same-label keys skipped except the positive (whole tiles too)."""
+    check_values_and_grads(M, N, 6, dtype, symmetric=symmetric, E=E, classes=3)
 
 
 def test_large_d_chunks():
@@ -211,12 +244,12 @@ def test_fully_excluded_first_tile(monkeypatch):
 def test_zero_and_tiny_upstream_gradient():
     """g = 0 everywhere, and g ~ 1e-30: the g/max|g| range trick must keep both exact."""
     q, k, s, ex, _ = inputs(10, 12, 6, torch.float64, False, 1, seed=5)
-    r = tbackend.forward(q, k, s, ex, False)
-    dq, dk, ds = tbackend.backward(torch.zeros(10, dtype=torch.float64), q, k, s, ex, False, r)
+    r = tbackend.forward(q, k, s, ex, *NO_LABELS, False)
+    dq, dk, ds = tbackend.backward(torch.zeros(10, dtype=torch.float64), q, k, s, ex, *NO_LABELS, False, r)
     assert not dq.any() and not dk.any() and ds.item() == 0.0
     g = torch.full((10,), 1e-30, dtype=torch.float64)
-    dq, dk, ds = tbackend.backward(g, q, k, s, ex, False, r)
-    dq1, dk1, ds1 = tbackend.backward(g * 1e30, q, k, s, ex, False, r)
+    dq, dk, ds = tbackend.backward(g, q, k, s, ex, *NO_LABELS, False, r)
+    dq1, dk1, ds1 = tbackend.backward(g * 1e30, q, k, s, ex, *NO_LABELS, False, r)
     assert_close(dq * 1e30, dq1, rtol=1e-12, atol=0, what="dq")
     assert_close(dk * 1e30, dk1, rtol=1e-12, atol=0, what="dk")
 
@@ -225,8 +258,8 @@ def test_deterministic():
     q, k, s, ex, g = inputs(TILE * 2 + 5, TILE * 3 + 1, 9, torch.float32, False, 2, seed=6)
     outs = []
     for _ in range(2):
-        r = tbackend.forward(q, k, s, ex, False)
-        outs.append((r, *tbackend.backward(g.float(), q, k, s, ex, False, r)))
+        r = tbackend.forward(q, k, s, ex, *NO_LABELS, False)
+        outs.append((r, *tbackend.backward(g.float(), q, k, s, ex, *NO_LABELS, False, r)))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 

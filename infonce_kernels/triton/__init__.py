@@ -1,0 +1,149 @@
+"""Triton backend of ``infonce_kernels::lse``.
+
+Public functions (called by the dispatcher in ``infonce_kernels.ops`` with
+contiguous, validated arguments on one device):
+
+    forward(q, k, scale, exclude, row_labels, key_labels, positive, symmetric) -> lse
+    backward(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse)
+        -> (dq, dk, dscale)
+    available(device) -> (bool, reason)
+
+Shapes: q (M, d), k (N, d) (``k is q`` when symmetric), scale () fp32/fp64,
+exclude (M, E) int64 with E in {0, 1, 2} and -1 = none, lse/grad (M,).
+
+Importing this package never imports Triton; the kernel modules are loaded on
+first use. Triton reads ``TRITON_INTERPRET`` when a kernel is *decorated*
+(``triton.jit`` returns an ``InterpretedFunction`` when
+``triton.knobs.runtime.interpret`` is true, and that knob reads the
+environment variable each time), so the variable must be set before the
+first call into this backend -- setting it in the environment of the
+process (as CI does) is the supported way. With it, kernels run on CPU
+tensors through Triton's numpy interpreter (slow; fp32/fp64 only are exact
+enough -- the interpreter emulates bf16 arithmetic inexactly).
+
+Layout:
+    _config.py    tile sizes per GPU generation, autotune switch (no triton import)
+    _common.py    tile loads, exclusion loads, the chunked-d score tile
+    _forward.py   forward kernel: row-block online LSE
+    _backward.py  dq / dk kernels (general) and the symmetric dz kernel, dscale
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+__all__ = ["forward", "backward", "available"]
+
+_kernels_mode = None  # interpret mode the kernel modules were decorated in (None: not loaded yet)
+
+
+def _interpret() -> bool:
+    from ._config import interpret_mode  # noqa: PLC0415
+    return interpret_mode()
+
+
+def available(device) -> Tuple[bool, str]:
+    """Whether this backend can run on ``device``, and why not.
+
+    * CUDA device: Triton installed, torch built with CUDA and the device of
+      compute capability >= 7.5 (bf16 needs >= 8.0, checked by the kernels'
+      compiler, not here).
+    * CPU device: only under the Triton interpreter (TRITON_INTERPRET=1 set
+      before the process started / before the first kernel call).
+    """
+    dev = torch.device(device)
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError:
+        return False, "triton is not installed"
+    except Exception as e:  # broken install
+        return False, f"triton failed to import: {type(e).__name__}: {e}"
+    interp = _interpret()
+    if _kernels_mode is not None and _kernels_mode != interp:
+        return False, (f"TRITON_INTERPRET changed after the Triton kernels were built "
+                       f"(built {'with' if _kernels_mode else 'without'} the interpreter); "
+                       f"set it before the process starts")
+    if dev.type == "cpu":
+        if interp:
+            return True, "triton interpreter (TRITON_INTERPRET=1)"
+        return False, ("triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
+                       "in the environment before starting Python")
+    if dev.type == "cuda":
+        if interp:
+            return True, "triton interpreter (TRITON_INTERPRET=1) on CUDA tensors"
+        if not torch.cuda.is_available():
+            return False, "torch has no usable CUDA device"
+        if torch.version.hip is None:
+            idx = dev.index if dev.index is not None else torch.cuda.current_device()
+            cap = torch.cuda.get_device_capability(idx)
+            if cap < (7, 5):
+                return False, f"compute capability {cap[0]}.{cap[1]} < 7.5 is not supported by triton"
+        return True, "triton on " + torch.cuda.get_device_name(dev)
+    return False, f"triton backend does not support device type {dev.type!r}"
+
+
+def _load():
+    """Import (and thereby decorate) the kernel modules; remember the interpret mode."""
+    global _kernels_mode
+    from . import _backward, _forward  # noqa: PLC0415
+    if _kernels_mode is None:
+        _kernels_mode = _interpret()
+    return _forward, _backward
+
+
+def _device_guard(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    import contextlib  # noqa: PLC0415
+    return contextlib.nullcontext()
+
+
+def _check(q, k, scale, exclude):
+    ok, why = available(q.device)
+    if not ok:
+        raise RuntimeError(f"infonce_kernels triton backend unavailable: {why}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"triton backend: unsupported dtype {q.dtype}")
+    if k.dtype != q.dtype or q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError("triton backend: q (M, d) and k (N, d) must share dtype and d")
+
+
+def _labels(row_labels, key_labels, positive):
+    """None when the label rule is off (all three empty), else the three int64 tensors."""
+    if row_labels.numel() == 0:
+        return None
+    return tuple(t.contiguous() for t in (row_labels, key_labels, positive))
+
+
+def forward(q, k, scale, exclude, row_labels, key_labels, positive, symmetric) -> torch.Tensor:
+    """Row LSE r (M,) of ``scale * q @ k.T`` with per-row excluded keys.
+
+    q (M, d), k (N, d) same dtype (``k is q`` when symmetric; the forward is
+    the same in both cases), scale () fp32 (fp64 for fp64), exclude (M, E)
+    int64, E <= 2, -1 = none. Label rule (when the label tensors are non-empty):
+    row i also skips key j if ``key_labels[j] == row_labels[i]`` and
+    ``j != positive[i]``. Returns fp32 (fp64 for fp64 inputs).
+    """
+    _check(q, k, scale, exclude)
+    fwd, _ = _load()
+    q, k, exclude = q.contiguous(), k.contiguous(), exclude.contiguous()
+    with _device_guard(q):
+        return fwd.lse_forward(q, k, scale, exclude, _labels(row_labels, key_labels, positive))
+
+
+def backward(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse):
+    """(dq, dk, dscale) for upstream gradient ``grad`` (M,) of the row LSE.
+
+    dq (M, d) in q.dtype; dk (N, d) in k.dtype, or ``q.new_empty(0)`` when
+    symmetric (dq then holds the whole gradient on z = q = k); dscale () in
+    scale.dtype.
+    """
+    _check(q, k, scale, exclude)
+    _, bwd = _load()
+    q, exclude, lse = q.contiguous(), exclude.contiguous(), lse.contiguous()
+    k = q if symmetric else k.contiguous()
+    grad = grad.to(lse.dtype).contiguous()
+    labels = _labels(row_labels, key_labels, positive)
+    with _device_guard(q):
+        return bwd.lse_backward(grad, q, k, scale, exclude, bool(symmetric), lse, labels)

@@ -1,0 +1,305 @@
+"""Backward kernels: dq, dk and dscale without any N x N buffer.
+
+Given the forward's row LSE r (M,) and the upstream gradient g (M,):
+
+    P_ij = exp(s <q_i,k_j> - r_i)   for (i, j) not excluded, else 0
+    W_ij = g_i P_ij
+    dq_i = s * g_i * sum_j P_ij k_j        (g_i factors out of the row sum)
+    dk_j = s * sum_i W_ij q_i
+    ds   = sum_ij W_ij <q_i, k_j>
+
+General case (k is a separate tensor): two kernels that each recompute the
+score tile  <q_i, k_j>  from q and k:
+
+* ``_dq_kernel``  grid (row blocks, d-out chunks): walks all key blocks,
+  accumulates dq and (in d-chunk 0) the per-program dscale partial;
+* ``_dk_kernel``  grid (key blocks, d-out chunks): walks all row blocks,
+  accumulates dk.
+
+Symmetric case (k is q = z, M = N):  dz = s (W + W^T) z with
+
+    (W + W^T)_ij = g_i P_ij + g_j P_ji,   P_ji = exp(s <z_i,z_j> - r_j) [masked by row j's exclusions]
+
+so ``_dz_sym_kernel`` (grid: row blocks, d-out chunks) produces its rows of
+dz with one pass over the key blocks, two exp2 per pair, no atomics.
+
+dscale: each program of d-chunk 0 writes one partial sum to ``partials``
+(one slot per row block); the host sums that fixed-length vector with
+``torch.sum`` in fp64: a fixed order, hence bitwise reproducible.
+
+Range: for fp16 inputs the weight tile is cast to fp16 before the second
+``tl.dot``; with a mean reduction g_i ~ 1/M and W_ij = g_i P_ij would
+underflow. The kernels therefore use g / gmax (gmax = max |g|, computed on
+device, never synced) and multiply the result by gmax in the epilogue.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+from ._common import LOG2E, acc_dtype, input_precision, load_exclusions, load_labels, load_tile, load_tile_t, scores
+
+
+@triton.jit
+def _load_g_scale(gmax_ptr, ACC_DTYPE: tl.constexpr):
+    """max |g| as a safe divisor: 1 when it is 0 or not finite (then g passes unchanged)."""
+    gm = tl.load(gmax_ptr).to(ACC_DTYPE)
+    ok = (gm > 0) & (gm < float("inf"))
+    return tl.where(ok, gm, 1.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def _dq_kernel(
+    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr, dq_ptr, part_ptr,
+    M, N, D,
+    E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ex0, ex1 = load_exclusions(ex_ptr, rows, M, E)
+    rlab = load_labels(rlab_ptr, rows, M, HAS_LABELS)
+    pos = load_labels(pos_ptr, rows, M, HAS_LABELS)
+    s = tl.load(scale_ptr).to(ACC_DTYPE)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)            # (BLOCK_M,)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)                # (BLOCK_M,)
+    do0 = pid_d * BLOCK_DO
+
+    if SINGLE_D:
+        q_tile = load_tile(q_ptr, rows, M, 0, D, BLOCK_M, BLOCK_D)
+    else:
+        q_tile = 0
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC_DTYPE)   # sum_j P_ij k_j   (this d-out chunk)
+    pl = tl.zeros((BLOCK_M,), ACC_DTYPE)             # sum_j P_ij <q_i, k_j>
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if SINGLE_D:
+            # Loaded as (BLOCK_D, BLOCK_N) exactly like the forward so that the score tile is
+            # bit-identical to the forward's (row sums of P then equal 1 to rounding).
+            k_tile_t = load_tile_t(k_ptr, cols, N, 0, D, BLOCK_N, BLOCK_D)
+            k_tile = tl.trans(k_tile_t)                                     # (BLOCK_N, BLOCK_D)
+        else:
+            k_tile_t = 0
+        dots = scores(q_ptr, k_ptr, rows, cols, M, N, D, q_tile, k_tile_t,
+                      ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
+        keep = row_ok[:, None] & (cols[None, :] < N) & (cols[None, :] != ex0[:, None]) & (cols[None, :] != ex1[:, None])
+        if HAS_LABELS:
+            klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
+            keep = keep & ((rlab[:, None] != klab[None, :]) | (cols[None, :] == pos[:, None]))
+        p = tl.exp2(tl.where(keep, (dots * s - lse[:, None]) * LOG2E, float("-inf")))   # P_ij; 0 if excluded
+        pl += tl.sum(p * dots, axis=1)
+        if not SINGLE_D:
+            k_tile = load_tile(k_ptr, cols, N, do0, D, BLOCK_N, BLOCK_DO)  # (BLOCK_N, BLOCK_DO)
+        acc = tl.dot(p.to(k_tile.dtype), k_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    # dq_i = s g_i sum_j P_ij k_j
+    dq = acc * (s * g)[:, None]
+    offs_d = do0 + tl.arange(0, BLOCK_DO)
+    ptrs = dq_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(ptrs, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    if pid_d == 0:
+        tl.store(part_ptr + pid_m, tl.sum(g * pl, axis=0))
+
+
+@triton.jit
+def _dk_kernel(
+    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr, gmax_ptr, dk_ptr,
+    M, N, D,
+    E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+):
+    # One program = BLOCK_N keys x one d-out chunk; walks all row blocks.
+    # Tiles are held transposed: (keys, rows).
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
+    s = tl.load(scale_ptr).to(ACC_DTYPE)
+    gs = _load_g_scale(gmax_ptr, ACC_DTYPE)
+    do0 = pid_d * BLOCK_DO
+
+    if SINGLE_D:
+        k_tile = load_tile(k_ptr, cols, N, 0, D, BLOCK_N, BLOCK_D)        # (BLOCK_N, BLOCK_D)
+    else:
+        k_tile = 0
+
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC_DTYPE)   # sum_i (g_i/gs) P_ij q_i
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        ex0, ex1 = load_exclusions(ex_ptr, rows, M, E)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE) / gs
+        if SINGLE_D:
+            q_tile_t = load_tile_t(q_ptr, rows, M, 0, D, BLOCK_M, BLOCK_D)   # (BLOCK_D, BLOCK_M)
+        else:
+            q_tile_t = 0
+        # <k_j, q_i>  (BLOCK_N, BLOCK_M)
+        dots = scores(k_ptr, q_ptr, cols, rows, N, M, D, k_tile, q_tile_t,
+                      ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_D)
+        keep = col_ok[:, None] & row_ok[None, :] & (cols[:, None] != ex0[None, :]) & (cols[:, None] != ex1[None, :])
+        if HAS_LABELS:
+            rlab = load_labels(rlab_ptr, rows, M, HAS_LABELS)
+            pos = load_labels(pos_ptr, rows, M, HAS_LABELS)
+            keep = keep & ((klab[:, None] != rlab[None, :]) | (cols[:, None] == pos[None, :]))
+        w = tl.exp2(tl.where(keep, (dots * s - lse[None, :]) * LOG2E, float("-inf"))) * g[None, :]  # W^T/gs
+        if SINGLE_D:
+            q_tile = tl.trans(q_tile_t)
+        else:
+            q_tile = load_tile(q_ptr, rows, M, do0, D, BLOCK_M, BLOCK_DO)        # (BLOCK_M, BLOCK_DO)
+        acc = tl.dot(w.to(q_tile.dtype), q_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    dk = acc * (s * gs)
+    offs_d = do0 + tl.arange(0, BLOCK_DO)
+    ptrs = dk_ptr + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(ptrs, dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dz_sym_kernel(
+    z_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr, gmax_ptr, dz_ptr, part_ptr,
+    N, D,
+    E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+):
+    # dz_i = s * sum_j (g_i P_ij + g_j P_ji) z_j ; rows i of this program, all j.
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    exr0, exr1 = load_exclusions(ex_ptr, rows, N, E)
+    rlab_r = load_labels(rlab_ptr, rows, N, HAS_LABELS)    # row label of i (its own rule)
+    klab_r = load_labels(klab_ptr, rows, N, HAS_LABELS)    # key label of i (as a key of row j)
+    pos_r = load_labels(pos_ptr, rows, N, HAS_LABELS)
+    s = tl.load(scale_ptr).to(ACC_DTYPE)
+    gs = _load_g_scale(gmax_ptr, ACC_DTYPE)
+    lse_r = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)
+    g_r = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE) / gs
+    do0 = pid_d * BLOCK_DO
+
+    if SINGLE_D:
+        z_rows = load_tile(z_ptr, rows, N, 0, D, BLOCK_M, BLOCK_D)
+    else:
+        z_rows = 0
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC_DTYPE)
+    pl = tl.zeros((BLOCK_M,), ACC_DTYPE)             # sum_j P_ij <z_i, z_j>  (for dscale)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        exc0, exc1 = load_exclusions(ex_ptr, cols, N, E)
+        lse_c = tl.load(lse_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
+        g_c = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE) / gs
+        if SINGLE_D:
+            z_cols_t = load_tile_t(z_ptr, cols, N, 0, D, BLOCK_N, BLOCK_D)  # as in the forward
+            z_cols = tl.trans(z_cols_t)
+        else:
+            z_cols_t = 0
+        dots = scores(z_ptr, z_ptr, rows, cols, N, N, D, z_rows, z_cols_t,
+                      ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
+        both = row_ok[:, None] & col_ok[None, :]
+        keep_ij = both & (cols[None, :] != exr0[:, None]) & (cols[None, :] != exr1[:, None])   # row i's exclusions
+        keep_ji = both & (rows[:, None] != exc0[None, :]) & (rows[:, None] != exc1[None, :])   # row j's exclusions
+        if HAS_LABELS:
+            rlab_c = load_labels(rlab_ptr, cols, N, HAS_LABELS)
+            klab_c = load_labels(klab_ptr, cols, N, HAS_LABELS)
+            pos_c = load_labels(pos_ptr, cols, N, HAS_LABELS)
+            keep_ij = keep_ij & ((rlab_r[:, None] != klab_c[None, :]) | (cols[None, :] == pos_r[:, None]))
+            keep_ji = keep_ji & ((rlab_c[None, :] != klab_r[:, None]) | (rows[:, None] == pos_c[None, :]))
+        x = dots * s                                                # L_ij (nats)
+        p_ij = tl.exp2(tl.where(keep_ij, (x - lse_r[:, None]) * LOG2E, float("-inf")))
+        p_ji = tl.exp2(tl.where(keep_ji, (x - lse_c[None, :]) * LOG2E, float("-inf")))
+        pl += tl.sum(p_ij * dots, axis=1)
+        w = g_r[:, None] * p_ij + g_c[None, :] * p_ji              # (W + W^T)_ij / gs
+        if not SINGLE_D:
+            z_cols = load_tile(z_ptr, cols, N, do0, D, BLOCK_N, BLOCK_DO)
+        acc = tl.dot(w.to(z_cols.dtype), z_cols, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    dz = acc * (s * gs)
+    offs_d = do0 + tl.arange(0, BLOCK_DO)
+    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    if pid_d == 0:
+        # sum_i g_i sum_j P_ij <z_i, z_j> (times gs on the host side of the sum)
+        tl.store(part_ptr + pid_m, tl.sum(g_r * pl, axis=0) * gs)
+
+
+_autotuned: dict = {}
+
+
+def _maybe_autotuned(kernel, name: str):
+    if name not in _autotuned:
+        base = _config.TileConfig(64, 64, 16, 16, True, 4, 2)
+        cfgs = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
+                              num_warps=c.num_warps, num_stages=c.num_stages)
+                for c in _config.autotune_configs(base)]
+        _autotuned[name] = triton.autotune(cfgs, key=["D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"] + (
+            ["N"] if name == "sym" else ["M", "N"]))(kernel)
+    return _autotuned[name]
+
+
+def lse_backward(grad, q, k, scale, exclude, symmetric, lse, labels=None):
+    """Gradients of ``lse`` (see module docstring).
+
+    Args:
+        grad: (M,) fp32 (fp64 for fp64 inputs), upstream gradient g.
+        q, k, scale, exclude: as for :func:`lse_forward` (``k is q`` when symmetric).
+        symmetric: return the whole gradient on z in dq, and an empty dk.
+        lse: (M,) the forward's output r.
+        labels: None or (row_labels, key_labels, positive), see :func:`lse_forward`.
+
+    Returns:
+        (dq (M, d) q.dtype, dk (N, d) k.dtype or empty (0,), dscale () scale.dtype)
+    """
+    M, D = q.shape
+    N = k.shape[0]
+    E = exclude.shape[1] if exclude.dim() == 2 else 0
+    cfg = _config.backward_config(q.device, q.dtype, M, N, D)
+    tune = _config.autotune_enabled()
+    ex = exclude if E > 0 else q                       # dummy pointer, never read
+    lab = tuple(labels) if labels is not None else (q, q, q)
+    common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype))
+    acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grad = grad.contiguous()
+    gmax = grad.abs().amax()             # device scalar; no host sync
+    n_dchunks = triton.cdiv(D, cfg.BLOCK_DO)
+    d_meta = dict(BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
+    min_bm = 64 if tune else cfg.BLOCK_M
+    partials = torch.zeros(triton.cdiv(M, min_bm), device=q.device, dtype=acc_t)
+
+    dq = torch.empty_like(q)
+    if symmetric:
+        if tune:
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
+            _maybe_autotuned(_dz_sym_kernel, "sym")[grid](
+                q, scale, ex, *lab, lse, grad, gmax, dq, partials, N, D, **common, **d_meta)
+        else:
+            _dz_sym_kernel[(triton.cdiv(N, cfg.BLOCK_M), n_dchunks)](
+                q, scale, ex, *lab, lse, grad, gmax, dq, partials, N, D, **common, **cfg.meta())
+        dk = q.new_empty(0)
+    else:
+        dk = torch.empty_like(k)
+        if tune:
+            grid_q = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
+            grid_k = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_dchunks)  # noqa: E731
+            _maybe_autotuned(_dq_kernel, "dq")[grid_q](
+                q, k, scale, ex, *lab, lse, grad, dq, partials, M, N, D, **common, **d_meta)
+            _maybe_autotuned(_dk_kernel, "dk")[grid_k](
+                q, k, scale, ex, *lab, lse, grad, gmax, dk, M, N, D, **common, **d_meta)
+        else:
+            _dq_kernel[(triton.cdiv(M, cfg.BLOCK_M), n_dchunks)](
+                q, k, scale, ex, *lab, lse, grad, dq, partials, M, N, D, **common, **cfg.meta())
+            kcfg = _config.dk_config(cfg)
+            _dk_kernel[(triton.cdiv(N, kcfg.BLOCK_N), n_dchunks)](
+                q, k, scale, ex, *lab, lse, grad, gmax, dk, M, N, D, **common, **kcfg.meta())
+    dscale = partials.to(torch.float64).sum().to(scale.dtype)
+    return dq, dk, dscale

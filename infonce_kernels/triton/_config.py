@@ -1,0 +1,158 @@
+"""Tile sizes for the Triton kernels, chosen per GPU generation.
+
+No ``import triton`` here: this module is pure Python so that it can be
+imported (and unit-tested) on machines without Triton.
+
+Vocabulary (shapes of one program's work):
+
+* ``BLOCK_M``  rows of ``q`` handled by one program            (BLOCK_M, d)
+* ``BLOCK_N``  keys consumed per inner-loop iteration           (BLOCK_N, d)
+* ``BLOCK_D``  chunk of the feature dimension for ``q k^T``;    when
+  ``SINGLE_D`` the whole (padded) d fits in one chunk and the operand tiles
+  are loaded once and reused for both dots of the backward.
+* ``BLOCK_DO`` chunk of the *output* feature dimension of the backward
+  (``dq``/``dk``/``dz`` accumulators are (BLOCK_M, BLOCK_DO) fp32 registers);
+  the backward grid gets a second axis of ``cdiv(d, BLOCK_DO)`` programs, each
+  recomputing the score tile (only when d > BLOCK_DO, i.e. d > 128 for 16-bit).
+
+Defaults are chosen by ``torch.cuda.get_device_capability`` (sm80: A100,
+sm90: H100/H200; other capabilities get the sm80 settings) and by the
+input dtype (fp32 tiles take twice the shared memory of 16-bit ones, fp64
+four times). Under ``TRITON_INTERPRET=1`` tiles are small (16) so that tests
+exercise the masking and multi-block paths on tiny inputs.
+
+Autotuning is off by default (it costs seconds per new shape); set
+``INFONCE_TRITON_AUTOTUNE=1`` to let ``triton.autotune`` pick among
+:func:`autotune_configs` per (M, N, d, dtype).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+#: Tiles used under the interpreter (documented so tests can probe tile +- 1).
+INTERPRET_BLOCK = 16
+#: Largest d chunk under the interpreter.
+INTERPRET_BLOCK_D = 32
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_D: int
+    BLOCK_DO: int
+    SINGLE_D: bool
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        """Keyword arguments for a kernel launch (constexprs + launch options)."""
+        return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D,
+                    BLOCK_DO=self.BLOCK_DO, SINGLE_D=self.SINGLE_D,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def autotune_enabled() -> bool:
+    """``INFONCE_TRITON_AUTOTUNE=1`` (read at every call; never under the interpreter)."""
+    return os.environ.get("INFONCE_TRITON_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on") \
+        and not interpret_mode()
+
+
+def interpret_mode() -> bool:
+    """Whether Triton currently runs kernels in the interpreter (``TRITON_INTERPRET``)."""
+    try:
+        from triton import knobs  # noqa: PLC0415  (triton >= 3.4)
+        return bool(knobs.runtime.interpret)
+    except Exception:  # pragma: no cover - old triton or no triton
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+def _max_block_d(dtype: torch.dtype) -> int:
+    # Shared memory per stage grows with the element size: keep the operand
+    # tiles of one stage near 16-32 KiB.
+    return {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64, torch.float64: 32}[dtype]
+
+
+def _split_d(d: int, max_bd: int) -> tuple[int, int, bool]:
+    """(BLOCK_D, BLOCK_DO, SINGLE_D) for feature dimension d."""
+    bd = max(16, next_pow2(d))
+    if bd <= max_bd:
+        return bd, bd, True
+    return max_bd, max_bd, False
+
+
+def forward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: int) -> TileConfig:
+    """Tiles of the forward (row-block LSE) kernel."""
+    if interpret_mode():
+        bd, bdo, single = _split_d(d, INTERPRET_BLOCK_D)
+        return TileConfig(INTERPRET_BLOCK, INTERPRET_BLOCK, bd, bdo, single, 4, 1)
+    cap = _capability(device)
+    bd, bdo, single = _split_d(d, _max_block_d(dtype))
+    wide = dtype in (torch.float16, torch.bfloat16)
+    # (ptxas -v, triton 3.9, d=128, E=2: these tiles compile without spills)
+    if cap >= (9, 0):
+        cfg = TileConfig(128, 128 if (wide and single) else 64, bd, bdo, single, 8, 3) if wide \
+            else TileConfig(64, 64, bd, bdo, single, 8, 2)
+    else:  # sm80 / sm86 / sm89 and anything else
+        cfg = TileConfig(128, 64, bd, bdo, single, 8 if wide else 4, 3 if wide else 2)
+    if dtype == torch.float64:
+        cfg = replace(cfg, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+    return cfg
+
+
+def backward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: int) -> TileConfig:
+    """Tiles of the three backward kernels (dq rows, dk keys, symmetric dz rows).
+
+    The backward keeps a (BLOCK_M, BLOCK_DO) fp32 accumulator and does two
+    dots per tile, so its tiles are smaller than the forward's.
+    """
+    if interpret_mode():
+        bd, bdo, single = _split_d(d, INTERPRET_BLOCK_D)
+        return TileConfig(INTERPRET_BLOCK, INTERPRET_BLOCK, bd, bdo, single, 4, 1)
+    bd, bdo, single = _split_d(d, _max_block_d(dtype))
+    # BLOCK_D must equal the forward's: the backward's score tiles then accumulate over d in
+    # the same order as the forward's, so P rows sum to 1 against the stored LSE.
+    # 64 x 64 tiles, 8 warps: no spills on sm90 for d=128 (ptxas -v); small spills on sm80.
+    cfg = TileConfig(64, 64, bd, bdo, single, 8, 2)
+    if dtype == torch.float64:
+        cfg = replace(cfg, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    return cfg
+
+
+def dk_config(cfg: TileConfig) -> TileConfig:
+    """Tiles of the dk kernel: its own block is BLOCK_N keys, its loop runs over BLOCK_M rows.
+
+    A narrower own block (32 keys x 64 rows) avoids the register spills that
+    64 x 64 shows for the transposed tile on sm90 (16-bit, d=128).
+    """
+    if interpret_mode() or cfg.BLOCK_N <= 32:
+        return cfg
+    return replace(cfg, BLOCK_N=32)
+
+
+def autotune_configs(base: TileConfig) -> list[TileConfig]:
+    """Candidate tiles around ``base`` for ``INFONCE_TRITON_AUTOTUNE=1``.
+
+    BLOCK_D/BLOCK_DO/SINGLE_D are fixed by d and dtype; only the block shape,
+    warps and stages vary.
+    """
+    out = []
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    out.append(replace(base, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+    return out

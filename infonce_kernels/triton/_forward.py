@@ -1,0 +1,128 @@
+"""Forward kernel: masked, scaled row log-sum-exp, one program per row block.
+
+    L_ij = s * <q_i, k_j>                       (never stored)
+    r_i  = log sum_{j not excluded} exp(L_ij)
+
+Each program owns BLOCK_M rows and walks all keys in BLOCK_N blocks, keeping
+an online (running max m, running sum l) LSE in fp32 (fp64 for fp64
+inputs):
+
+    x_ij  = L_ij                                (-inf where excluded / out of range)
+    m'    = max(m, max_j x_ij)
+    l'    = l * 2^((m - m') log2 e) + sum_j 2^((x_ij - m') log2 e)
+    r_i   = m + ln 2 * log2 l
+
+Differences are taken in nats *before* scaling by log2(e): with |L| ~ 100
+(tau = 0.01) folding log2(e) into s would add roundings at the magnitude of
+L, i.e. relative errors ~1e-5 on every probability in fp32.
+
+A tile in which every key of a row is excluded leaves m = -inf; the update
+then uses 0 in place of m' so that no exp2(-inf - -inf) = NaN appears.
+
+Shapes: q (M, d), k (N, d), scale () , exclude (M, E) int64, lse (M,).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+from ._common import (LN2, LOG2E, acc_dtype, input_precision, load_exclusions, load_labels, load_tile, load_tile_t,
+                      scores)
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr,
+    M, N, D,
+    E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ex0, ex1 = load_exclusions(ex_ptr, rows, M, E)
+    rlab = load_labels(rlab_ptr, rows, M, HAS_LABELS)
+    pos = load_labels(pos_ptr, rows, M, HAS_LABELS)
+    s = tl.load(scale_ptr).to(ACC_DTYPE)
+
+    if SINGLE_D:
+        q_tile = load_tile(q_ptr, rows, M, 0, D, BLOCK_M, BLOCK_D)   # (BLOCK_M, BLOCK_D), reused for all keys
+    else:
+        q_tile = 0
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if SINGLE_D:
+            k_tile_t = load_tile_t(k_ptr, cols, N, 0, D, BLOCK_N, BLOCK_D)  # (BLOCK_D, BLOCK_N)
+        else:
+            k_tile_t = 0
+        dots = scores(q_ptr, k_ptr, rows, cols, M, N, D, q_tile, k_tile_t,
+                      ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
+        # (i, j) kept iff j < N and j is none of row i's excluded indices
+        keep = (cols[None, :] < N) & (cols[None, :] != ex0[:, None]) & (cols[None, :] != ex1[:, None])
+        if HAS_LABELS:   # label rule: skip same-label keys except the row's positive
+            klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
+            keep = keep & ((rlab[:, None] != klab[None, :]) | (cols[None, :] == pos[:, None]))
+        x = tl.where(keep, dots * s, float("-inf"))                      # L_ij (nats)
+        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC_DTYPE)
+        # subtract in nats first (near-exact), then scale to base 2 for exp2
+        l_i = l_i * tl.exp2((m_i - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe[:, None]) * LOG2E), axis=1)
+        m_i = m_new
+
+    lse = m_i + tl.log2(l_i) * LN2
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+_autotuned = None
+
+
+def _autotuned_kernel():
+    global _autotuned
+    if _autotuned is None:
+        base = _config.TileConfig(64, 64, 16, 16, True, 4, 2)
+        cfgs = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
+                              num_warps=c.num_warps, num_stages=c.num_stages)
+                for c in _config.autotune_configs(base)]
+        _autotuned = triton.autotune(cfgs, key=["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"])(_lse_fwd_kernel)
+    return _autotuned
+
+
+def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, exclude: torch.Tensor,
+                labels=None) -> torch.Tensor:
+    """Row LSE of ``scale * q @ k.T`` with exclusions.
+
+    Args:
+        q: (M, d) contiguous, fp16/bf16/fp32/fp64.
+        k: (N, d) contiguous, same dtype (may be ``q`` itself).
+        scale: () fp32 (fp64 for fp64 inputs), read on device.
+        exclude: (M, E) int64, E in {0, 1, 2}, -1 = none.
+        labels: None, or (row_labels (M,), key_labels (N,), positive (M,)) int64: row i also
+            skips every key j with key_labels[j] == row_labels[i] and j != positive[i].
+
+    Returns:
+        lse: (M,) fp32 (fp64 for fp64 inputs).
+    """
+    M, D = q.shape
+    N = k.shape[0]
+    E = exclude.shape[1] if exclude.dim() == 2 else 0
+    out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty(M, device=q.device, dtype=out_dtype)
+    cfg = _config.forward_config(q.device, q.dtype, M, N, D)
+    ex = exclude if E > 0 else q                       # dummy pointer, never read
+    rl, kl, pos = labels if labels is not None else (q, q, q)
+    common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype))
+    if _config.autotune_enabled():
+        kern = _autotuned_kernel()
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+        kern[grid](q, k, scale, ex, rl, kl, pos, lse, M, N, D, **common,
+                   BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
+    else:
+        grid = (triton.cdiv(M, cfg.BLOCK_M),)
+        _lse_fwd_kernel[grid](q, k, scale, ex, rl, kl, pos, lse, M, N, D, **common, **cfg.meta())
+    return lse
