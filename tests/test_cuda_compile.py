@@ -15,14 +15,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "check_cuda_compile"
 
-# Every kernel the launchers instantiate, as printed (demangled) in the resource summary.
+# Every kernel the launchers instantiate, as printed (demangled) in the resource summary. The last
+# template argument of the main kernels is the label rule (LBL): both variants are launched.
+_LBL = ("false", "true")
 KERNELS = [
-    "lse_fwd_mma_kernel<F16Tag>",
-    "lse_fwd_mma_kernel<BF16Tag>",
-    *[f"lse_bwd_mma_kernel<{tag}, {mode}>" for tag in ("F16Tag", "BF16Tag") for mode in (0, 1, 2)],
-    "lse_fwd_simt_kernel<float, 4>",
-    "lse_fwd_simt_kernel<double, 2>",
-    *[f"lse_bwd_simt_kernel<{t}, {mode}>" for t in ("float, 4", "double, 2") for mode in (0, 1, 2)],
+    *[f"lse_fwd_mma_kernel<{tag}, {lbl}>" for tag in ("F16Tag", "BF16Tag") for lbl in _LBL],
+    *[f"lse_bwd_mma_kernel<{tag}, {mode}, {lbl}>"
+      for tag in ("F16Tag", "BF16Tag") for mode in (0, 1, 2) for lbl in _LBL],
+    *[f"lse_fwd_simt_kernel<{t}, {lbl}>" for t in ("float, 4", "double, 2") for lbl in _LBL],
+    *[f"lse_bwd_simt_kernel<{t}, {mode}, {lbl}>"
+      for t in ("float, 4", "double, 2") for mode in (0, 1, 2) for lbl in _LBL],
     "absmax_kernel",
     "sum_partials_kernel<float>",
     "sum_partials_kernel<double>",

@@ -1,9 +1,10 @@
 """GPU tests of the hand-written CUDA backend (csrc/cuda), backend="cuda".
 
 Skipped unless a CUDA device is available AND infonce_kernels was built with its CUDA kernels.
-Oracle: an fp64 computation that materialises L = s q k^T. Accuracy rule: the kernel's error is at
-most 2x the error of the same computation done by PyTorch in the input precision, plus a small
-tolerance (the kernels accumulate in fp32, so they are usually far better than that).
+Oracle: an fp64 computation that materialises L = s q k^T and the (M, N) exclusion mask pairwise
+(lists + label rule). Accuracy rule: the kernel's error is at most 2x the error of the same
+computation done by PyTorch in the input precision, plus a small tolerance (the kernels accumulate
+in fp32, so they are usually far better than that).
 """
 import math
 
@@ -38,40 +39,53 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _mask(exclude, M, N, device):
-    """(M, N) bool: True where (i, j) is excluded."""
+def _mask(exclude, M, N, device, labels=None):
+    """(M, N) bool: True where (i, j) is excluded: j in row i's list, or (labels given)
+    row_labels[i] == key_labels[j] and j != positive[i]."""
     m = torch.zeros(M, N, dtype=torch.bool, device=device)
     if exclude is not None and exclude.numel():
         rows = torch.arange(M, device=device).unsqueeze(1).expand_as(exclude)
         ok = exclude >= 0
         m[rows[ok], exclude[ok]] = True
+    if labels is not None:
+        row_labels, key_labels, positive = (t.to(device) for t in labels)
+        same = row_labels[:, None] == key_labels[None, :]
+        not_pos = positive[:, None] != torch.arange(N, device=device)[None, :]
+        m |= same & not_pos
     return m
 
 
-def _lse_materialised(q, k, scale, exclude, symmetric, dtype):
+def _lse_materialised(q, k, scale, exclude, symmetric, dtype, labels=None):
     """lse and its autograd through a materialised L, computed in `dtype` (fp64 = oracle)."""
     q = q.detach().to(dtype).requires_grad_(True)
     k = q if symmetric else k.detach().to(dtype).requires_grad_(True)
     s = scale.detach().to(dtype).requires_grad_(True)
     L = s * (q @ k.T)
-    L = L.masked_fill(_mask(exclude, q.shape[0], k.shape[0], q.device), float("-inf"))
+    L = L.masked_fill(_mask(exclude, q.shape[0], k.shape[0], q.device, labels), float("-inf"))
     return torch.logsumexp(L, dim=1), q, k, s
 
 
-def _grads(q, k, scale, exclude, symmetric, g, dtype):
-    r, qq, kk, ss = _lse_materialised(q, k, scale, exclude, symmetric, dtype)
+def _grads(q, k, scale, exclude, symmetric, g, dtype, labels=None):
+    r, qq, kk, ss = _lse_materialised(q, k, scale, exclude, symmetric, dtype, labels)
     (r * g.to(r.dtype)).sum().backward()
     return r.detach(), qq.grad, (None if symmetric else kk.grad), ss.grad
 
 
-def _run_cuda(q, k, scale, exclude, symmetric, g):
+def _run_cuda(q, k, scale, exclude, symmetric, g, labels=None):
     q = q.detach().clone().requires_grad_(True)
     k = q if symmetric else k.detach().clone().requires_grad_(True)
     s = scale.detach().clone().requires_grad_(True)
     ex = exclude if exclude is not None and exclude.numel() else None
-    r = infonce_kernels.lse(q, k, s, exclude=ex, symmetric=symmetric, backend="cuda")
+    lab = {}
+    if labels is not None:
+        lab = dict(zip(("row_labels", "key_labels", "positive"), labels))
+    r = infonce_kernels.lse(q, k, s, exclude=ex, symmetric=symmetric, backend="cuda", **lab)
     (r * g.to(r.dtype)).sum().backward()
     return r.detach(), q.grad, (None if symmetric else k.grad), s.grad
+
+
+def _no_labels():
+    return (torch.empty(0, dtype=torch.int64, device=DEV),) * 3
 
 
 def _err(x, ref):
@@ -113,6 +127,37 @@ def _inputs(M, N, d, dtype, E, symmetric, seed, scale=10.0, normalize=True):
     acc = _acc(dtype)
     return (q.to(DEV, dtype), k.to(DEV, dtype), torch.tensor(scale, dtype=acc, device=DEV),
             exclude.to(DEV), g.to(DEV, acc))
+
+
+def _labels(M, N, exclude, symmetric, seed, classes=3):
+    """(row_labels, key_labels, positive) on DEV with many same-label pairs, positives that are
+    same-label keys, -1, a different-label key (a no-op) or a listed key (still excluded). Rows
+    the rule would leave with no key get a fresh label of their own (the op requires >= 1 key).
+    symmetric: key_labels IS row_labels (the dispatcher passes the same tensor)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    row_labels = torch.randint(0, classes, (M,), generator=gen)
+    key_labels = row_labels if symmetric else torch.randint(0, classes, (N,), generator=gen)
+    positive = torch.full((M,), -1, dtype=torch.int64)
+    for i in range(M):
+        same = (key_labels == row_labels[i]).nonzero().flatten()
+        if symmetric:
+            same = same[same != i]
+        kind = int(torch.randint(0, 4, (1,), generator=gen))
+        if kind <= 1 and same.numel():  # a same-label key: the usual designated positive
+            positive[i] = same[int(torch.randint(0, same.numel(), (1,), generator=gen))]
+        elif kind == 2:  # any key (different label: no effect)
+            positive[i] = int(torch.randint(0, N, (1,), generator=gen))
+    ex = exclude.cpu() if exclude is not None else None
+    fresh = 1000
+    for _ in range(M + 1):  # fresh labels only remove exclusions: this terminates
+        full = _mask(ex, M, N, "cpu", (row_labels, key_labels, positive)).all(dim=1)
+        if not full.any():
+            break
+        i = int(full.nonzero()[0])
+        row_labels[i] = fresh  # symmetric: also key i's label
+        fresh += 1
+    rl = row_labels.to(DEV)
+    return rl, (rl if symmetric else key_labels.to(DEV)), positive.to(DEV)
 
 
 SHAPES = [  # (M, N, d)
@@ -175,62 +220,203 @@ def test_op_conventions(dtype):
     M, N, d = 20, 30, 24
     q, k, s, ex, g = _inputs(M, N, d, dtype, 1, False, seed=5)
     ops = torch.ops.infonce_kernels
-    r = ops.lse_fwd(q, k, s, ex, False)
-    assert r.dtype == _acc(dtype) and r.shape == (M,) and r.device == q.device
-    dq, dk, ds = ops.lse_bwd(g, q, k, s, ex, False, r)
-    assert dq.dtype == dtype and dq.shape == q.shape
-    assert dk.dtype == dtype and dk.shape == k.shape
-    assert ds.dim() == 0 and ds.dtype == s.dtype
+    for lab in (_no_labels(), _labels(M, N, None, False, seed=5)):
+        r = ops.lse_fwd(q, k, s, ex, *lab, False)
+        assert r.dtype == _acc(dtype) and r.shape == (M,) and r.device == q.device
+        dq, dk, ds = ops.lse_bwd(g, q, k, s, ex, *lab, False, r)
+        assert dq.dtype == dtype and dq.shape == q.shape
+        assert dk.dtype == dtype and dk.shape == k.shape
+        assert ds.dim() == 0 and ds.dtype == s.dtype
     z = q
     exs = torch.arange(M, device=DEV).unsqueeze(1)
-    rz = ops.lse_fwd(z, z, s, exs, True)
-    dz, dk2, ds2 = ops.lse_bwd(g, z, z, s, exs, True, rz)
-    assert dz.shape == z.shape and dz.dtype == dtype
-    assert dk2.numel() == 0
-    assert ds2.dim() == 0 and ds2.dtype == s.dtype
+    for lab in (_no_labels(), _labels(M, M, exs, True, seed=6)):
+        rz = ops.lse_fwd(z, z, s, exs, *lab, True)
+        dz, dk2, ds2 = ops.lse_bwd(g, z, z, s, exs, *lab, True, rz)
+        assert dz.shape == z.shape and dz.dtype == dtype
+        assert dk2.numel() == 0
+        assert ds2.dim() == 0 and ds2.dtype == s.dtype
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_deterministic(symmetric):
+@pytest.mark.parametrize("labelled", [False, True])
+def test_deterministic(symmetric, labelled):
     M, d = 300, 64
     q, k, s, ex, g = _inputs(M, M, d, torch.bfloat16, 1, symmetric, seed=11)
     if symmetric:
         k = q
+    lab = _labels(M, M, ex, symmetric, seed=12) if labelled else _no_labels()
     ops = torch.ops.infonce_kernels
-    r = ops.lse_fwd(q, k, s, ex, symmetric)
-    a = ops.lse_bwd(g, q, k, s, ex, symmetric, r)
-    b = ops.lse_bwd(g, q, k, s, ex, symmetric, r)
+    r = ops.lse_fwd(q, k, s, ex, *lab, symmetric)
+    a = ops.lse_bwd(g, q, k, s, ex, *lab, symmetric, r)
+    b = ops.lse_bwd(g, q, k, s, ex, *lab, symmetric, r)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
 
 def test_bad_inputs_name_the_argument():
+    # Shared checks (csrc/op_checks.h) plus the CUDA binding's own (contiguity, device kind).
     ops = torch.ops.infonce_kernels
     q = torch.randn(4, 8, device=DEV)
     s = torch.tensor(1.0, device=DEV)
     ex = torch.empty(4, 0, dtype=torch.int64, device=DEV)
-    with pytest.raises(RuntimeError, match="k must have q's dtype"):
-        ops.lse_fwd(q, q.half(), s, ex, False)
+    nl = _no_labels()
+    with pytest.raises(RuntimeError, match="q and k must have the same dtype"):
+        ops.lse_fwd(q, q.half(), s, ex, *nl, False)
     with pytest.raises(RuntimeError, match="exclude must be int64"):
-        ops.lse_fwd(q, q, s, ex.int(), False)
+        ops.lse_fwd(q, q, s, ex.int(), *nl, False)
     with pytest.raises(RuntimeError, match="scale must be"):
-        ops.lse_fwd(q, q, s.double(), ex, False)
-    with pytest.raises(RuntimeError, match="k must have q's feature dimension"):
-        ops.lse_fwd(q, torch.randn(4, 9, device=DEV), s, ex, False)
+        ops.lse_fwd(q, q, s.double(), ex, *nl, False)
+    with pytest.raises(RuntimeError, match="same feature size"):
+        ops.lse_fwd(q, torch.randn(4, 9, device=DEV), s, ex, *nl, False)
     with pytest.raises(RuntimeError, match="q must be contiguous"):
-        ops.lse_fwd(torch.randn(8, 4, device=DEV).T, q, s, ex, False)
+        ops.lse_fwd(torch.randn(8, 4, device=DEV).T, q, s, ex, *nl, False)
+    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
+        ops.lse_fwd(q.cpu(), q, s, ex, *nl, False)  # CUDA args elsewhere: dispatches to CUDA
+    lab = torch.zeros(4, dtype=torch.int64, device=DEV)
+    pos = torch.full((4,), -1, dtype=torch.int64, device=DEV)
+    with pytest.raises(RuntimeError, match="row_labels must have shape"):
+        ops.lse_fwd(q, q, s, ex, lab[:3], lab, pos, False)
+    with pytest.raises(RuntimeError, match="key_labels must have shape"):
+        ops.lse_fwd(q, q, s, ex, lab, lab[:3], pos, False)
+    with pytest.raises(RuntimeError, match="positive must have shape"):
+        ops.lse_fwd(q, q, s, ex, lab, lab, pos[:3], False)
+    with pytest.raises(RuntimeError, match="must be int64"):
+        ops.lse_fwd(q, q, s, ex, lab.int(), lab, pos, False)
+    with pytest.raises(RuntimeError, match="on the device of q"):
+        ops.lse_fwd(q, q, s, ex, lab, lab.cpu(), pos, False)
+    with pytest.raises(RuntimeError, match="key_labels must be contiguous"):
+        ops.lse_fwd(q, q, s, ex, lab, torch.zeros(8, dtype=torch.int64, device=DEV)[::2], pos, False)
 
 
 def test_current_stream_and_other_device():
     q, k, s, ex, g = _inputs(50, 70, 32, torch.float16, 1, False, seed=7)
-    ref = torch.ops.infonce_kernels.lse_fwd(q, k, s, ex, False)
+    nl = _no_labels()
+    ref = torch.ops.infonce_kernels.lse_fwd(q, k, s, ex, *nl, False)
     st = torch.cuda.Stream()
     with torch.cuda.stream(st):
-        r = torch.ops.infonce_kernels.lse_fwd(q, k, s, ex, False)
+        r = torch.ops.infonce_kernels.lse_fwd(q, k, s, ex, *nl, False)
     st.synchronize()
     assert torch.equal(r, ref)
     if torch.cuda.device_count() > 1:
         dev = torch.device("cuda", 1)
-        r1 = torch.ops.infonce_kernels.lse_fwd(q.to(dev), k.to(dev), s.to(dev), ex.to(dev), False)
+        r1 = torch.ops.infonce_kernels.lse_fwd(q.to(dev), k.to(dev), s.to(dev), ex.to(dev),
+                                               *(t.to(dev) for t in nl), False)
         assert r1.device == dev
         assert torch.equal(r1.cpu(), ref.cpu())
+
+
+# ------------------------------------------------------------------------------------------------
+# The label rule: (i, j) also excluded when row_labels[i] == key_labels[j] and j != positive[i].
+# Every kernel has a labelled instantiation (LBL = true): forward mma / simt, backward kRow (dq),
+# kCol (dk: the excluding row is the column-side index) and kSym (W^T uses row j's rule).
+# ------------------------------------------------------------------------------------------------
+LABEL_SHAPES = [  # (M, N, d): 1-row / 1-key tiles, tile edges, several key tiles, d > 128
+    (1, 1, 4),
+    (7, 13, 3),
+    (64, 64, 64),
+    (65, 130, 32),
+    (100, 257, 130),
+    (200, 300, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LABEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("E", [0, 2])
+def test_labels_general(dtype, shape, E):
+    M, N, d = shape
+    seed = M * 31 + N * 3 + d + E
+    q, k, s, ex, g = _inputs(M, N, d, dtype, E, False, seed=seed)
+    lab = _labels(M, N, ex, False, seed=seed + 1)
+    ref = _grads(q, k, s, ex, False, g, torch.float64, lab)
+    same = _grads(q, k, s, ex, False, g, dtype, lab)
+    got = _run_cuda(q, k, s, ex, False, g, lab)
+    for name, a, b, c in zip(("lse", "dq", "dk", "dscale"), got, ref, same):
+        _check(name, a, b, c, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 8), (64, 32), (130, 130), (257, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("E", [1, 2])
+def test_labels_symmetric(dtype, shape, E):
+    M, d = shape
+    seed = M * 13 + d + E
+    z, _, s, ex, g = _inputs(M, M, d, dtype, E, True, seed=seed, scale=2.0)
+    lab = _labels(M, M, ex, True, seed=seed + 1)
+    ref = _grads(z, z, s, ex, True, g, torch.float64, lab)
+    same = _grads(z, z, s, ex, True, g, dtype, lab)
+    got = _run_cuda(z, z, s, ex, True, g, lab)
+    for name, a, b, c in zip(("lse", "dz", None, "dscale"), got, ref, same):
+        if name is not None:
+            _check(name, a, b, c, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_labels_symmetric_distinct_key_labels_match_cpu(dtype):
+    # The op reads key_labels as given even when symmetric (the W^T term uses row_labels[j],
+    # key_labels[i], positive[j]), like the CPU backend: compare the two on the same inputs.
+    M, d = 70, 24
+    z, _, s, ex, g = _inputs(M, M, d, dtype, 1, True, seed=21, scale=2.0)
+    gen = torch.Generator(device="cpu").manual_seed(22)
+    rl = torch.randint(0, 4, (M,), generator=gen)
+    kl = torch.randint(4, 6, (M,), generator=gen)
+    kl[::3] = rl[::3]
+    pos = torch.randint(-1, M, (M,), generator=gen)
+    lab = (rl.to(DEV), kl.to(DEV), pos.to(DEV))
+    assert not _mask(ex, M, M, DEV, lab).all(dim=1).any()
+    ops = torch.ops.infonce_kernels
+    zc = z.cpu()
+    r = ops.lse_fwd(z, z, s, ex, *lab, True)
+    r_cpu = ops.lse_fwd(zc, zc, s.cpu(), ex.cpu(), *(t.cpu() for t in lab), True)
+    dz, _, ds = ops.lse_bwd(g, z, z, s, ex, *lab, True, r)
+    dz_cpu, _, ds_cpu = ops.lse_bwd(g.cpu(), zc, zc, s.cpu(), ex.cpu(), *(t.cpu() for t in lab),
+                                    True, r_cpu)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 3e-2)
+    torch.testing.assert_close(r.cpu(), r_cpu, rtol=tol, atol=tol)
+    torch.testing.assert_close(dz.cpu().double(), dz_cpu.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(ds.cpu().double(), ds_cpu.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_labels_all_distinct_equal_no_labels(dtype, symmetric):
+    # With every label distinct (and no self-pairs sharing a label unless symmetric, where the
+    # self-index is listed anyway) the rule excludes nothing: the labelled kernels must give
+    # exactly the label-free results (same arithmetic, only the mask differs).
+    M, N, d = 90, 90 if symmetric else 150, 40
+    q, k, s, ex, g = _inputs(M, N, d, dtype, 1, symmetric, seed=31)
+    if symmetric:
+        k = q
+        rl = torch.arange(M, device=DEV)
+        lab = (rl, rl, torch.full((M,), -1, dtype=torch.int64, device=DEV))
+    else:
+        lab = (torch.arange(M, device=DEV), torch.arange(N, device=DEV) + M,
+               torch.randint(-1, N, (M,), device=DEV))
+    ops = torch.ops.infonce_kernels
+    r0 = ops.lse_fwd(q, k, s, ex, *_no_labels(), symmetric)
+    r1 = ops.lse_fwd(q, k, s, ex, *lab, symmetric)
+    assert torch.equal(r0, r1)
+    b0 = ops.lse_bwd(g, q, k, s, ex, *_no_labels(), symmetric, r0)
+    b1 = ops.lse_bwd(g, q, k, s, ex, *lab, symmetric, r0)
+    for x, y in zip(b0, b1):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_labels_all_excluded_tile_no_nan(dtype):
+    # N = 66: keys 64, 65 (the second key tile) share every row's label and no row names them as
+    # its positive -> that tile is fully excluded by the rule alone; keys 0..63 have other labels.
+    M, N, d = 5, 66, 16
+    q, k, s, ex, g = _inputs(M, N, d, dtype, 0, False, seed=4)
+    kl = torch.arange(N, device=DEV) + 10
+    kl[64:] = 7
+    lab = (torch.full((M,), 7, dtype=torch.int64, device=DEV), kl,
+           torch.tensor([0, 1, -1, 63, 2], device=DEV))
+    got = _run_cuda(q, k, s, ex, False, g, lab)
+    for a in got:
+        assert torch.isfinite(a).all()
+    ref = _grads(q, k, s, ex, False, g, torch.float64, lab)
+    same = _grads(q, k, s, ex, False, g, dtype, lab)
+    for name, a, b, c in zip(("lse", "dq", "dk", "dscale"), got, ref, same):
+        _check(name, a, b, c, dtype)

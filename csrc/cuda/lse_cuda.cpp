@@ -1,9 +1,14 @@
 // infonce_kernels — CUDA implementation of the ops defined in csrc/ops.cpp:
-//   lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor exclude, bool symmetric) -> Tensor
-//   lse_bwd(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, bool symmetric,
-//           Tensor lse) -> (Tensor, Tensor, Tensor)
+//   lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels,
+//           Tensor key_labels, Tensor positive, bool symmetric) -> Tensor
+//   lse_bwd(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels,
+//           Tensor key_labels, Tensor positive, bool symmetric, Tensor lse)
+//       -> (Tensor, Tensor, Tensor)
 // Thin binding: validate (every message names the argument), allocate outputs and workspace,
 // set the device guard, launch the torch-free kernels (lse_kernels.cu) on the current stream.
+// Shapes, dtypes, devices and the label tensors are checked by csrc/op_checks.h (shared with the
+// CPU backend); this file adds only what the CUDA kernels need on top: CUDA tensors, contiguous
+// storage (the kernels index raw pointers) and the feature-size limit.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +17,7 @@
 
 #include <tuple>
 
+#include "../op_checks.h"
 #include "lse_kernels.h"
 
 namespace {
@@ -29,90 +35,85 @@ infonce_cuda::DType kernel_dtype(at::ScalarType t) {
 // dtype of scale, lse and grad: float64 for float64 inputs, else float32.
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& q, const char* op) {
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on the same device as q (",
-              q.device(), "), got ", t.device());
+void check_contiguous(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                  const at::Tensor& scale, const at::Tensor& exclude, bool symmetric) {
+// Shared checks (op_checks.h) + the CUDA-specific ones. Returns whether the label rule is on.
+bool check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& scale, const at::Tensor& exclude,
+                  const at::Tensor& row_labels, const at::Tensor& key_labels,
+                  const at::Tensor& positive, bool symmetric) {
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got device ", q.device());
-  check_same_device(k, "k", q, op);
-  check_same_device(scale, "scale", q, op);
-  check_same_device(exclude, "exclude", q, op);
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, op,
-              ": q must be float16, bfloat16, float32 or float64, got ", dt);
-  TORCH_CHECK(k.scalar_type() == dt, op, ": k must have q's dtype ", dt, ", got ",
-              k.scalar_type());
-  TORCH_CHECK(q.dim() == 2, op, ": q must be 2-D (M, d), got shape ", q.sizes());
-  TORCH_CHECK(k.dim() == 2, op, ": k must be 2-D (N, d), got shape ", k.sizes());
-  TORCH_CHECK(q.size(0) >= 1 && q.size(1) >= 1, op, ": q must have M >= 1 and d >= 1, got shape ",
-              q.sizes());
-  TORCH_CHECK(k.size(0) >= 1, op, ": k must have N >= 1 rows, got shape ", k.sizes());
-  TORCH_CHECK(k.size(1) == q.size(1), op, ": k must have q's feature dimension d = ", q.size(1),
-              ", got shape ", k.sizes());
+  infonce_kernels::check_lse_inputs(q, k, scale, exclude, symmetric);
+  const bool labelled = infonce_kernels::check_lse_labels(q, k, row_labels, key_labels, positive);
   TORCH_CHECK(q.size(1) <= infonce_cuda::kMaxFeatureDim, op, ": q's feature dimension d = ",
               q.size(1), " exceeds the cuda backend's limit ", infonce_cuda::kMaxFeatureDim);
-  TORCH_CHECK(q.is_contiguous(), op, ": q must be contiguous");
-  TORCH_CHECK(k.is_contiguous(), op, ": k must be contiguous");
-  if (symmetric) {
-    // k is q: the kernels read only q.
-    TORCH_CHECK(k.sizes() == q.sizes(), op, ": symmetric=True needs k to be q (same shape ",
-                q.sizes(), "), got k of shape ", k.sizes());
+  check_contiguous(q, "q", op);
+  check_contiguous(k, "k", op);
+  check_contiguous(exclude, "exclude", op);
+  if (labelled) {
+    check_contiguous(row_labels, "row_labels", op);
+    check_contiguous(key_labels, "key_labels", op);
+    check_contiguous(positive, "positive", op);
   }
-  TORCH_CHECK(scale.dim() == 0, op, ": scale must be a 0-d tensor, got shape ", scale.sizes());
-  TORCH_CHECK(scale.scalar_type() == acc_dtype(dt), op, ": scale must be ", acc_dtype(dt),
-              " for q of dtype ", dt, ", got ", scale.scalar_type());
-  TORCH_CHECK(exclude.dim() == 2 && exclude.size(0) == q.size(0) && exclude.size(1) <= 2, op,
-              ": exclude must have shape (M, E) with M = ", q.size(0), " and E <= 2, got ",
-              exclude.sizes());
-  TORCH_CHECK(exclude.scalar_type() == at::kLong, op, ": exclude must be int64, got ",
-              exclude.scalar_type());
-  TORCH_CHECK(exclude.is_contiguous(), op, ": exclude must be contiguous");
+  return labelled;
 }
 
 const int64_t* exclude_ptr(const at::Tensor& exclude) {
   return exclude.numel() > 0 ? exclude.data_ptr<int64_t>() : nullptr;
 }
 
+// The label rule's three device pointers, all nullptr when it is off.
+struct LabelPtrs {
+  const int64_t* row = nullptr;
+  const int64_t* key = nullptr;
+  const int64_t* pos = nullptr;
+};
+
+LabelPtrs label_ptrs(bool labelled, const at::Tensor& row_labels, const at::Tensor& key_labels,
+                     const at::Tensor& positive) {
+  if (!labelled) return {};
+  return {row_labels.data_ptr<int64_t>(), key_labels.data_ptr<int64_t>(),
+          positive.data_ptr<int64_t>()};
+}
+
 at::Tensor lse_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
-                        const at::Tensor& exclude, bool symmetric) {
+                        const at::Tensor& exclude, const at::Tensor& row_labels,
+                        const at::Tensor& key_labels, const at::Tensor& positive,
+                        bool symmetric) {
   constexpr const char* op = "infonce_kernels::lse_fwd (cuda)";
-  check_inputs(op, q, k, scale, exclude, symmetric);
+  const bool labelled =
+      check_inputs(op, q, k, scale, exclude, row_labels, key_labels, positive, symmetric);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor& kk = symmetric ? q : k;
   const int64_t M = q.size(0), N = kk.size(0), d = q.size(1), E = exclude.size(1);
+  const LabelPtrs lab = label_ptrs(labelled, row_labels, key_labels, positive);
   at::Tensor lse = at::empty({M}, q.options().dtype(acc_dtype(q.scalar_type())));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
   C10_CUDA_CHECK(infonce_cuda::lse_forward(kernel_dtype(q.scalar_type()), q.data_ptr(),
                                            kk.data_ptr(), scale.data_ptr(), exclude_ptr(exclude),
-                                           M, N, d, E, lse.data_ptr(), stream));
+                                           lab.row, lab.key, lab.pos, M, N, d, E, lse.data_ptr(),
+                                           stream));
   return lse;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
-    const at::Tensor& exclude, bool symmetric, const at::Tensor& lse) {
+    const at::Tensor& exclude, const at::Tensor& row_labels, const at::Tensor& key_labels,
+    const at::Tensor& positive, bool symmetric, const at::Tensor& lse) {
   constexpr const char* op = "infonce_kernels::lse_bwd (cuda)";
-  check_inputs(op, q, k, scale, exclude, symmetric);
-  check_same_device(grad, "grad", q, op);
-  check_same_device(lse, "lse", q, op);
-  const int64_t M = q.size(0);
-  const auto acc = acc_dtype(q.scalar_type());
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == M, op, ": grad must have shape (M,) = (", M,
-              ",), got ", grad.sizes());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == M, op, ": lse must have shape (M,) = (", M,
-              ",), got ", lse.sizes());
-  TORCH_CHECK(grad.scalar_type() == acc, op, ": grad must be ", acc, ", got ", grad.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == acc, op, ": lse must be ", acc, ", got ", lse.scalar_type());
-  TORCH_CHECK(grad.is_contiguous(), op, ": grad must be contiguous");
-  TORCH_CHECK(lse.is_contiguous(), op, ": lse must be contiguous");
+  const bool labelled =
+      check_inputs(op, q, k, scale, exclude, row_labels, key_labels, positive, symmetric);
+  infonce_kernels::check_lse_grad_inputs(grad, q, lse);
+  check_contiguous(grad, "grad", op);
+  check_contiguous(lse, "lse", op);
 
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor& kk = symmetric ? q : k;
-  const int64_t N = kk.size(0), d = q.size(1), E = exclude.size(1);
+  const int64_t M = q.size(0), N = kk.size(0), d = q.size(1), E = exclude.size(1);
   const auto dt = kernel_dtype(q.scalar_type());
+  const LabelPtrs lab = label_ptrs(labelled, row_labels, key_labels, positive);
 
   at::Tensor dq = at::empty_like(q);
   at::Tensor dk = symmetric ? q.new_empty({0}) : at::empty_like(k);
@@ -123,9 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cuda(
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
   C10_CUDA_CHECK(infonce_cuda::lse_backward(
-      dt, grad.data_ptr(), q.data_ptr(), kk.data_ptr(), scale.data_ptr(), exclude_ptr(exclude), M,
-      N, d, E, symmetric, lse.data_ptr(), dq.data_ptr(), symmetric ? nullptr : dk.data_ptr(),
-      dscale.data_ptr(), workspace.data_ptr(), stream));
+      dt, grad.data_ptr(), q.data_ptr(), kk.data_ptr(), scale.data_ptr(), exclude_ptr(exclude),
+      lab.row, lab.key, lab.pos, M, N, d, E, symmetric, lse.data_ptr(), dq.data_ptr(),
+      symmetric ? nullptr : dk.data_ptr(), dscale.data_ptr(), workspace.data_ptr(), stream));
   return std::make_tuple(dq, dk, dscale);
 }
 

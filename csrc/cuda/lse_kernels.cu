@@ -10,6 +10,20 @@
 //   symmetric (k is q = z):  dz_a = s * sum_b (W_ab + W_ba) z_b,
 //                            W_ab + W_ba = g_a P_ab + g_b P_ba  (needs only r_a, r_b)
 //
+// Exclusion of pair (query row i, key j) -- the same rule as csrc/cpu/lse_cpu.cpp `mask_tile` and
+// infonce_kernels/reference.py `excluded()`:
+//   j is in row i's list (exclude[i, 0..E)), OR
+//   the label rule is on and row_labels[i] == key_labels[j] and positive[i] != j.
+// The label rule is a template flag (LBL) of every main kernel: with LBL = false the kernels are
+// exactly the label-free code (no loads, no compares, no extra registers or shared memory).
+// With LBL = true each thread keeps its own rows' labels/positives in registers (loaded once; the
+// fp32/fp64 backward keeps them in shared memory instead, see lse_bwd_simt_kernel) and each CTA
+// stages the current column tile's labels in shared memory (loaded once per tile). The label test
+// is folded into the mask with a bitwise AND (no extra branches in the unrolled element loops).
+// Where the roles are transposed (kCol, and the W^T term of kSym) the excluding row is the
+// column-side (Y) index b and the key is the row-side (X) index a:
+//   excluded(b, a) = a in exclude[b] || (row_labels[b] == key_labels[a] && positive[b] != a).
+//
 // Every kernel works on a tile of rows ("X", the A operand) against a tile of columns ("Y"):
 //   mode kRow: X = q, Y = k.  Row info (r, g, exclusions) per X row.      -> dq (and dscale)
 //   mode kCol: X = k, Y = q.  Column info per Y row (a query).           -> dk
@@ -45,6 +59,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 enum Mode : int { kRow = 0, kCol = 1, kSym = 2 };
+
+// Label-rule test of one pair, given the query row's label, the key's label, and the key's local
+// index `lk` against the query row's positive as a local index `lp` of the same tile (-1 = none
+// or outside the tile, never equal to a local index).
+__device__ __forceinline__ bool label_excluded(int64_t row_label, int64_t key_label, int lk,
+                                               int lp) {
+  return row_label == key_label && lk != lp;
+}
 
 // Index `e` (absolute) relative to a tile [base, base + size): local index, or -1 when outside.
 // -1 ("no exclusion") is always outside since base >= 0.
@@ -183,16 +205,21 @@ __device__ __forceinline__ void mma_qk(float (&s)[8][4], const uint16_t* sX, con
 
 // Forward: one CTA per 64-row block of q, loop over all key blocks, online LSE in the log2
 // domain (x = S * s * log2(e)); r = ln(2) * (m + log2(l)).
-// Registers: 32 fp32 accumulators + row state; no spills expected (see the ptxas report).
-template <typename Tag>
+// Registers: 32 fp32 accumulators + row state; no spills (see the ptxas report): 88-115 per
+// thread, 126 with LBL, where ptxas (13.0) settles on a 128-register budget -- keep the label
+// state compact (the bit masks below) or add a min-blocks hint if a change makes it spill.
+template <typename Tag, bool LBL>
 __global__ void __launch_bounds__(kMmaThreads)
     lse_fwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
                        const float* __restrict__ scale_ptr, const int64_t* __restrict__ exclude,
-                       int64_t M, int64_t N, int64_t d, int E, bool vec,
-                       float* __restrict__ lse) {
+                       const int64_t* __restrict__ row_labels,
+                       const int64_t* __restrict__ key_labels,
+                       const int64_t* __restrict__ positive, int64_t M, int64_t N, int64_t d,
+                       int E, bool vec, float* __restrict__ lse) {
   extern __shared__ __align__(16) uint16_t smem16[];
   uint16_t* sX = smem16;
   uint16_t* sY = smem16 + kTileElems;
+  __shared__ int64_t sKL[LBL ? kBN : 1];  // key labels of the current key tile (LBL only)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
@@ -200,6 +227,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   const float scale2 = __ldg(scale_ptr) * kLog2e;
 
   int64_t row[2], ex[2][2];
+  int64_t rl[2] = {0, 0}, rp[2] = {-1, -1};  // row label, positive (LBL only)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     row[h] = row_base + warp * 16 + gq + 8 * h;
@@ -207,6 +235,10 @@ __global__ void __launch_bounds__(kMmaThreads)
     if (row[h] < M) {
       if (E > 0) ex[h][0] = exclude[row[h] * E];
       if (E > 1) ex[h][1] = exclude[row[h] * E + 1];
+      if (LBL) {
+        rl[h] = row_labels[row[h]];
+        rp[h] = positive[row[h]];
+      }
     }
   }
   float m[2] = {-INFINITY, -INFINITY};  // running max (log2 domain), same in the 4 lanes of a quad
@@ -224,15 +256,36 @@ __global__ void __launch_bounds__(kMmaThreads)
       for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
 
     for (int c = 0; c < nchunks; ++c) {
-      __syncthreads();  // everyone is done reading the previous tiles
+      __syncthreads();  // everyone is done reading the previous tiles (and sKL)
       if (!x_resident) load_tile16(sX, X, row_base, M, int64_t(c) * kDK, d, vec);
       load_tile16(sY, Y, col_base, N, int64_t(c) * kDK, d, vec);
+      if (LBL && c == 0 && threadIdx.x < kBN) {
+        const int64_t j = col_base + threadIdx.x;
+        sKL[threadIdx.x] = j < N ? key_labels[j] : 0;  // columns >= N are masked by cvalid
+      }
       __syncthreads();
       const int kvalid = static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
       mma_qk<Tag>(s, sX, sY, warp, lane, kvalid);
     }
 
     const int cvalid = static_cast<int>(N - col_base < kBN ? N - col_base : kBN);
+    // Label rule as one 16-bit mask per row (bit 2 nt + e = this lane's column nt*8 + 2tq + e):
+    // each key label is read from shared memory once and consumed at once for both rows. Testing
+    // sKL inside the loop below instead kept all 16 labels (32 registers) live across the two
+    // rows and ptxas (13.0, sm_80) spilled 24 B.
+    uint32_t lmask[2] = {0u, 0u};
+    if (LBL) {
+      const int xp0 = rel_index(rp[0], col_base, kBN), xp1 = rel_index(rp[1], col_base, kBN);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int lc = nt * 8 + 2 * tq + e;
+          const int64_t kl = sKL[lc];
+          lmask[0] |= uint32_t(label_excluded(rl[0], kl, lc, xp0)) << (2 * nt + e);
+          lmask[1] |= uint32_t(label_excluded(rl[1], kl, lc, xp1)) << (2 * nt + e);
+        }
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int x0 = rel_index(ex[h][0], col_base, kBN), x1 = rel_index(ex[h][1], col_base, kBN);
@@ -242,7 +295,8 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int lc = nt * 8 + 2 * tq + e;
-          const bool ok = lc < cvalid && lc != x0 && lc != x1;
+          bool ok = lc < cvalid && lc != x0 && lc != x1;
+          if (LBL) ok &= ((lmask[h] >> (2 * nt + e)) & 1u) == 0u;
           const float x = ok ? s[nt][2 * h + e] * scale2 : -INFINITY;
           s[nt][2 * h + e] = x;
           mx = fmaxf(mx, x);
@@ -286,14 +340,22 @@ __global__ void __launch_bounds__(kMmaThreads)
 // factor pulled out is g_a itself (kRow: W' = P in [0, 1]) or gmax = max_b |g_b| (kCol/kSym:
 // |W'| <= 2) -- a plain g_b P with g = 1/M would fall into fp16 subnormals for M > 16384.
 // dscale partial (kRow, kSym; blockIdx.y == 0 only): sum_ab g_a P_ab S_ab in fp32, exact W.
-// Registers: 64 (output acc) + 32 (S) fp32 + fragments: 178-197 per thread, no spills. The
+// Registers: 64 (output acc) + 32 (S) fp32 + fragments: 178-197 per thread (201-226 with LBL), no
+// spills. The
 // min-blocks hint 2 of __launch_bounds__ matters: with (128) alone ptxas (13.0) chose a 168-register
 // budget for kRow on sm_80 and spilled 52 B; with (128, 2) the budget is 255 and nothing spills.
-template <typename Tag, int MODE>
+// Labels (LBL): the row term reads row_labels / positive of the X rows (registers) and key_labels
+// of the Y columns (shared); the column term (kCol, kSym) reads key_labels of the X rows
+// (registers) and row_labels / positive of the Y columns (shared, positive made local to this
+// CTA's row block like the exclusion lists).
+template <typename Tag, int MODE, bool LBL>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     lse_bwd_mma_kernel(const float* __restrict__ grad, const uint16_t* __restrict__ X,
                        const uint16_t* __restrict__ Y, const float* __restrict__ scale_ptr,
-                       const int64_t* __restrict__ exclude, const float* __restrict__ lse,
+                       const int64_t* __restrict__ exclude,
+                       const int64_t* __restrict__ row_labels,
+                       const int64_t* __restrict__ key_labels,
+                       const int64_t* __restrict__ positive, const float* __restrict__ lse,
                        int64_t nX, int64_t nY, int64_t d, int E, bool vec,
                        const float* __restrict__ gmax_ptr, typename Tag::T* __restrict__ dX,
                        float* __restrict__ dscale_partial) {
@@ -306,6 +368,12 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   __shared__ float sCg[kBN];   // g_b
   __shared__ int sCx0[kBN], sCx1[kBN];  // row b's exclusions, relative to this CTA's row block
   __shared__ float sRed[kMmaThreads / 32];
+  // Label rule (LBL only; one-element dummies otherwise):
+  constexpr bool kRowLbl = LBL && MODE != kCol;  // row term: X row = query, Y column = key
+  constexpr bool kColLbl = LBL && MODE != kRow;  // column term: Y column = query, X row = key
+  __shared__ int64_t sKL[kRowLbl ? kBN : 1];     // key_labels of the Y columns
+  __shared__ int64_t sQL[kColLbl ? kBN : 1];     // row_labels of the Y columns
+  __shared__ int sQp[kColLbl ? kBN : 1];         // positive of the Y columns, local to the X block
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
@@ -322,6 +390,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 
   // This thread's two rows (local lr = warp*16 + gq + 8h).
   int64_t row[2], ex[2][2];
+  int64_t xrl[2] = {0, 0}, xrp[2] = {-1, -1};  // kRowLbl: row_labels / positive of the X row
+  int64_t xkl[2] = {0, 0};                     // kColLbl: key_labels of the X row
   bool rv[2];
   float rr2[2], rg[2];
 #pragma unroll
@@ -336,7 +406,12 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       rg[h] = grad[row[h]];
       if (E > 0) ex[h][0] = exclude[row[h] * E];
       if (E > 1) ex[h][1] = exclude[row[h] * E + 1];
+      if (kRowLbl) {
+        xrl[h] = row_labels[row[h]];
+        xrp[h] = positive[row[h]];
+      }
     }
+    if (kColLbl && rv[h]) xkl[h] = key_labels[row[h]];
   }
 
   float acc[16][4];
@@ -372,6 +447,15 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       sCx0[threadIdx.x] = x0;
       sCx1[threadIdx.x] = x1;
     }
+    if (LBL && threadIdx.x < kBN) {  // columns >= nY are masked by cvalid: any value will do
+      const int64_t j = col_base + threadIdx.x;
+      const bool jv = j < nY;
+      if (kRowLbl) sKL[threadIdx.x] = jv ? key_labels[j] : 0;
+      if (kColLbl) {
+        sQL[threadIdx.x] = jv ? row_labels[j] : 0;
+        sQp[threadIdx.x] = jv ? rel_index(positive[j], row_base, kBM) : -1;
+      }
+    }
 
     float s[8][4];
 #pragma unroll
@@ -393,6 +477,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     for (int h = 0; h < 2; ++h) {
       const int lr = warp * 16 + gq + 8 * h;
       const int x0 = rel_index(ex[h][0], col_base, kBN), x1 = rel_index(ex[h][1], col_base, kBN);
+      const int xp = kRowLbl ? rel_index(xrp[h], col_base, kBN) : -1;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -401,14 +486,16 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
           const float sv = s[nt][2 * h + e];
           const bool cok = rv[h] && lc < cvalid;
           float w = 0.f;
-          if (MODE != kCol) {
-            const bool ok = cok && lc != x0 && lc != x1;
+          if (MODE != kCol) {  // W_ab: row a = X row (query), key b = Y column
+            bool ok = cok && lc != x0 && lc != x1;
+            if (kRowLbl) ok &= !label_excluded(xrl[h], sKL[lc], lc, xp);
             const float p = ok ? exp2f(sv * scale2 - rr2[h]) : 0.f;
             dsc += rg[h] * p * sv;
             w = (MODE == kRow) ? p : rg[h] * p;
           }
-          if (MODE != kRow) {
-            const bool ok = cok && lr != sCx0[lc] && lr != sCx1[lc];
+          if (MODE != kRow) {  // W_ba: row b = Y column (query), key a = X row
+            bool ok = cok && lr != sCx0[lc] && lr != sCx1[lc];
+            if (kColLbl) ok &= !label_excluded(sQL[lc], xkl[h], lr, sQp[lc]);
             w += ok ? sCg[lc] * exp2f(sv * scale2 - sCr2[lc]) : 0.f;
           }
           s[nt][2 * h + e] = (MODE == kRow) ? w : w * inv_gmax;
@@ -509,28 +596,39 @@ __device__ __forceinline__ void simt_qk(T (&s)[TM][TM], T (*sX)[16 * TM + 1],
 }
 
 // Forward (natural-log domain). Row reductions over the 16 lanes tx of a half warp.
-template <typename T, int TM>
+template <typename T, int TM, bool LBL>
 __global__ void __launch_bounds__(kSimtThreads, 2)
     lse_fwd_simt_kernel(const T* __restrict__ X, const T* __restrict__ Y,
                         const T* __restrict__ scale_ptr, const int64_t* __restrict__ exclude,
-                        int64_t M, int64_t N, int64_t d, int E, T* __restrict__ lse) {
+                        const int64_t* __restrict__ row_labels,
+                        const int64_t* __restrict__ key_labels,
+                        const int64_t* __restrict__ positive, int64_t M, int64_t N, int64_t d,
+                        int E, T* __restrict__ lse) {
   constexpr int B = 16 * TM;
   __shared__ T sX[kKC][B + 1];
   __shared__ T sY[kKC][B + 1];
+  __shared__ int64_t sKL[LBL ? B : 1];  // key labels of the current key tile (LBL only)
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int64_t row_base = int64_t(blockIdx.x) * B;
   const T scale = scale_ptr[0];
   const T kNegInf = -static_cast<T>(INFINITY);
 
   int64_t row[TM], ex[TM][2];
+  int64_t rl[TM], rp[TM];  // row label, positive (LBL only)
   T m[TM], l[TM];
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     row[i] = row_base + ty * TM + i;
     ex[i][0] = ex[i][1] = -1;
+    rl[i] = 0;
+    rp[i] = -1;
     if (row[i] < M) {
       if (E > 0) ex[i][0] = exclude[row[i] * E];
       if (E > 1) ex[i][1] = exclude[row[i] * E + 1];
+      if (LBL) {
+        rl[i] = row_labels[row[i]];
+        rp[i] = positive[row[i]];
+      }
     }
     m[i] = kNegInf;
     l[i] = T(0);
@@ -543,9 +641,13 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
 #pragma unroll
       for (int j = 0; j < TM; ++j) s[i][j] = T(0);
     for (int64_t k0 = 0; k0 < d; k0 += kKC) {
-      __syncthreads();
+      __syncthreads();  // previous tiles (and sKL) fully consumed
       simt_load_t<T, TM>(sX, X, row_base, M, k0, d);
       simt_load_t<T, TM>(sY, Y, col_base, N, k0, d);
+      if (LBL && k0 == 0 && threadIdx.x < B) {
+        const int64_t j = col_base + threadIdx.x;
+        sKL[threadIdx.x] = j < N ? key_labels[j] : 0;  // columns >= N are masked by cvalid
+      }
       __syncthreads();
       simt_qk<T, TM>(s, sX, sY, tx, ty);
     }
@@ -553,11 +655,13 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
       const int x0 = rel_index(ex[i][0], col_base, B), x1 = rel_index(ex[i][1], col_base, B);
+      const int xp = LBL ? rel_index(rp[i], col_base, B) : -1;
       T mx = kNegInf;
 #pragma unroll
       for (int j = 0; j < TM; ++j) {
         const int lc = tx + 16 * j;
-        const bool ok = lc < cvalid && lc != x0 && lc != x1;
+        bool ok = lc < cvalid && lc != x0 && lc != x1;
+        if (LBL) ok &= !label_excluded(rl[i], sKL[lc], lc, xp);
         s[i][j] = ok ? s[i][j] * scale : kNegInf;
         mx = fmax(mx, s[i][j]);
       }
@@ -585,11 +689,15 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
 // Backward SIMT, same roles as the mma kernel; W (exact, in T) goes through shared memory.
 // __launch_bounds__(256, 2) caps registers at 128: without it ptxas spilled 4 B in <double, kRow>.
 // grid = (row blocks, ceil(d / (16 TM))) output feature chunks of 16 TM.
-template <typename T, int TM, int MODE>
+// Labels (LBL): as in lse_bwd_mma_kernel.
+template <typename T, int TM, int MODE, bool LBL>
 __global__ void __launch_bounds__(kSimtThreads, 2)
     lse_bwd_simt_kernel(const T* __restrict__ grad, const T* __restrict__ X,
                         const T* __restrict__ Y, const T* __restrict__ scale_ptr,
-                        const int64_t* __restrict__ exclude, const T* __restrict__ lse,
+                        const int64_t* __restrict__ exclude,
+                        const int64_t* __restrict__ row_labels,
+                        const int64_t* __restrict__ key_labels,
+                        const int64_t* __restrict__ positive, const T* __restrict__ lse,
                         int64_t nX, int64_t nY, int64_t d, int E, T* __restrict__ dX,
                         T* __restrict__ dscale_partial) {
   constexpr int B = 16 * TM;
@@ -601,6 +709,19 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
   __shared__ T sCr[B], sCg[B];
   __shared__ int sCx0[B], sCx1[B];
   __shared__ T sRed[kSimtThreads / 32];
+  // Label rule (LBL only; one-element dummies otherwise):
+  constexpr bool kRowLbl = LBL && MODE != kCol;  // row term: X row = query, Y column = key
+  constexpr bool kColLbl = LBL && MODE != kRow;  // column term: Y column = query, X row = key
+  __shared__ int64_t sKL[kRowLbl ? B : 1];       // key_labels of the Y columns
+  __shared__ int64_t sQL[kColLbl ? B : 1];       // row_labels of the Y columns
+  __shared__ int sQp[kColLbl ? B : 1];           // positive of the Y columns, local to the X block
+  // The X rows' own label state also lives in shared memory (written once, before the first
+  // __syncthreads of the column loop): kept in registers (3 x TM int64 per thread) it pushed the
+  // fp32 kRow / kSym instantiations past the 128-register cap of __launch_bounds__(256, 2) and
+  // ptxas spilled (8 B in kRow, up to 184 B in kSym). Reads are half-warp broadcasts.
+  __shared__ int64_t sXrl[kRowLbl ? B : 1];  // row_labels of the X rows (queries)
+  __shared__ int64_t sXrp[kRowLbl ? B : 1];  // positive of the X rows
+  __shared__ int64_t sXkl[kColLbl ? B : 1];  // key_labels of the X rows (keys)
 
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int64_t row_base = int64_t(blockIdx.x) * B;
@@ -623,6 +744,15 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
       if (E > 0) ex[i][0] = exclude[row[i] * E];
       if (E > 1) ex[i][1] = exclude[row[i] * E + 1];
     }
+  }
+  if (LBL && threadIdx.x < B) {  // rows >= nX are masked by rv: any value will do
+    const int64_t a = row_base + threadIdx.x;
+    const bool av = a < nX;
+    if (kRowLbl) {
+      sXrl[threadIdx.x] = av ? row_labels[a] : 0;
+      sXrp[threadIdx.x] = av ? positive[a] : -1;
+    }
+    if (kColLbl) sXkl[threadIdx.x] = av ? key_labels[a] : 0;
   }
   T acc[TM][TM];
 #pragma unroll
@@ -653,6 +783,15 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
       sCx0[threadIdx.x] = x0;
       sCx1[threadIdx.x] = x1;
     }
+    if (LBL && threadIdx.x < B) {  // columns >= nY are masked by cvalid: any value will do
+      const int64_t j = col_base + threadIdx.x;
+      const bool jv = j < nY;
+      if (kRowLbl) sKL[threadIdx.x] = jv ? key_labels[j] : 0;
+      if (kColLbl) {
+        sQL[threadIdx.x] = jv ? row_labels[j] : 0;
+        sQp[threadIdx.x] = jv ? rel_index(positive[j], row_base, B) : -1;
+      }
+    }
 
     T s[TM][TM];
 #pragma unroll
@@ -672,20 +811,24 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
     for (int i = 0; i < TM; ++i) {
       const int lr = ty * TM + i;
       const int x0 = rel_index(ex[i][0], col_base, B), x1 = rel_index(ex[i][1], col_base, B);
+      const int xp = kRowLbl ? rel_index(sXrp[lr], col_base, B) : -1;
+      const int64_t xrl = kRowLbl ? sXrl[lr] : 0, xkl = kColLbl ? sXkl[lr] : 0;
 #pragma unroll
       for (int j = 0; j < TM; ++j) {
         const int lc = tx + 16 * j;
         const T sv = s[i][j];
         const bool cok = rv[i] && lc < cvalid;
         T w = T(0);
-        if (MODE != kCol) {
-          const bool ok = cok && lc != x0 && lc != x1;
+        if (MODE != kCol) {  // W_ab: row a = X row (query), key b = Y column
+          bool ok = cok && lc != x0 && lc != x1;
+          if (kRowLbl) ok &= !label_excluded(xrl, sKL[lc], lc, xp);
           const T wr = ok ? rg[i] * math_exp(sv * scale - rr[i]) : T(0);
           dsc += wr * sv;
           w = wr;
         }
-        if (MODE != kRow) {
-          const bool ok = cok && lr != sCx0[lc] && lr != sCx1[lc];
+        if (MODE != kRow) {  // W_ba: row b = Y column (query), key a = X row
+          bool ok = cok && lr != sCx0[lc] && lr != sCx1[lc];
+          if (kColLbl) ok &= !label_excluded(sQL[lc], xkl, lr, sQp[lc]);
           w += ok ? sCg[lc] * math_exp(sv * scale - sCr[lc]) : T(0);
         }
         sW[lr][lc] = w;
@@ -774,26 +917,38 @@ constexpr size_t kWsHeader = 256;  // [0, 4): gmax (fp16/bf16 path); partials st
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-template <typename Tag>
+// The label rule's three pointers: all nullptr (off) or all set.
+struct Labels {
+  const int64_t* row;  // (M,) row_labels
+  const int64_t* key;  // (N,) key_labels
+  const int64_t* pos;  // (M,) positive
+  bool on() const { return row != nullptr; }
+};
+
+template <typename Tag, bool LBL>
 cudaError_t fwd_mma(const void* q, const void* k, const void* scale, const int64_t* exclude,
-                    int64_t M, int64_t N, int64_t d, int E, void* lse, cudaStream_t stream) {
+                    Labels lab, int64_t M, int64_t N, int64_t d, int E, void* lse,
+                    cudaStream_t stream) {
   const bool vec = d % 8 == 0 && aligned16(q) && aligned16(k);
-  const size_t smem = 2 * kTileElems * sizeof(uint16_t);  // 34,816 B: below the 48 KB default
-  lse_fwd_mma_kernel<Tag><<<dim3(static_cast<unsigned>(cdiv(M, kBM))), kMmaThreads, smem, stream>>>(
+  // 34,816 B dynamic (+ 512 B static sKL with labels): below the 48 KB default
+  const size_t smem = 2 * kTileElems * sizeof(uint16_t);
+  lse_fwd_mma_kernel<Tag, LBL><<<dim3(static_cast<unsigned>(cdiv(M, kBM))), kMmaThreads, smem,
+                                 stream>>>(
       static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
-      static_cast<const float*>(scale), exclude, M, N, d, E, vec, static_cast<float*>(lse));
+      static_cast<const float*>(scale), exclude, lab.row, lab.key, lab.pos, M, N, d, E, vec,
+      static_cast<float*>(lse));
   return cudaGetLastError();
 }
 
-template <typename Tag, int MODE>
+template <typename Tag, int MODE, bool LBL>
 cudaError_t bwd_mma_launch(const float* grad, const void* X, const void* Y, const float* scale,
-                           const int64_t* exclude, const float* lse, int64_t nX, int64_t nY,
-                           int64_t d, int E, const float* gmax, void* dX, float* partial,
-                           cudaStream_t stream) {
+                           const int64_t* exclude, Labels lab, const float* lse, int64_t nX,
+                           int64_t nY, int64_t d, int E, const float* gmax, void* dX,
+                           float* partial, cudaStream_t stream) {
   const bool vec = d % 8 == 0 && aligned16(X) && aligned16(Y);
   const bool need_v = d > kDK;
   const size_t smem = (need_v ? 3 : 2) * kTileElems * sizeof(uint16_t);  // 34,816 or 52,224 B
-  auto kern = lse_bwd_mma_kernel<Tag, MODE>;
+  auto kern = lse_bwd_mma_kernel<Tag, MODE, LBL>;
   if (smem > 48 * 1024) {
     cudaError_t err =
         cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -801,16 +956,19 @@ cudaError_t bwd_mma_launch(const float* grad, const void* X, const void* Y, cons
   }
   const dim3 grid(static_cast<unsigned>(cdiv(nX, kBM)), static_cast<unsigned>(cdiv(d, kDV)));
   kern<<<grid, kMmaThreads, smem, stream>>>(
-      grad, static_cast<const uint16_t*>(X), static_cast<const uint16_t*>(Y), scale, exclude, lse,
-      nX, nY, d, E, vec, gmax, static_cast<typename Tag::T*>(dX), partial);
+      grad, static_cast<const uint16_t*>(X), static_cast<const uint16_t*>(Y), scale, exclude,
+      lab.row, lab.key, lab.pos, lse, nX, nY, d, E, vec, gmax,
+      static_cast<typename Tag::T*>(dX), partial);
   return cudaGetLastError();
 }
 
-template <typename Tag>
+// The kernels take the pointers with their op meaning in every mode (row_labels / positive
+// index queries, key_labels index keys); kCol swaps only X and Y.
+template <typename Tag, bool LBL>
 cudaError_t bwd_mma(const void* grad_, const void* q, const void* k, const void* scale_,
-                    const int64_t* exclude, int64_t M, int64_t N, int64_t d, int E, bool symmetric,
-                    const void* lse_, void* dq, void* dk, void* dscale, void* workspace,
-                    cudaStream_t stream) {
+                    const int64_t* exclude, Labels lab, int64_t M, int64_t N, int64_t d, int E,
+                    bool symmetric, const void* lse_, void* dq, void* dk, void* dscale,
+                    void* workspace, cudaStream_t stream) {
   const float* grad = static_cast<const float*>(grad_);
   const float* scale = static_cast<const float*>(scale_);
   const float* lse = static_cast<const float*>(lse_);
@@ -820,17 +978,17 @@ cudaError_t bwd_mma(const void* grad_, const void* q, const void* k, const void*
   if (symmetric) {
     absmax_kernel<<<1, kRedThreads, 0, stream>>>(grad, M, gmax);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    err = bwd_mma_launch<Tag, kSym>(grad, q, q, scale, exclude, lse, M, M, d, E, gmax, dq, partial,
-                                    stream);
+    err = bwd_mma_launch<Tag, kSym, LBL>(grad, q, q, scale, exclude, lab, lse, M, M, d, E, gmax,
+                                         dq, partial, stream);
     if (err != cudaSuccess) return err;
   } else {
-    err = bwd_mma_launch<Tag, kRow>(grad, q, k, scale, exclude, lse, M, N, d, E, gmax, dq, partial,
-                                    stream);
+    err = bwd_mma_launch<Tag, kRow, LBL>(grad, q, k, scale, exclude, lab, lse, M, N, d, E, gmax,
+                                         dq, partial, stream);
     if (err != cudaSuccess) return err;
     absmax_kernel<<<1, kRedThreads, 0, stream>>>(grad, M, gmax);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    err = bwd_mma_launch<Tag, kCol>(grad, k, q, scale, exclude, lse, N, M, d, E, gmax, dk, nullptr,
-                                    stream);
+    err = bwd_mma_launch<Tag, kCol, LBL>(grad, k, q, scale, exclude, lab, lse, N, M, d, E, gmax,
+                                         dk, nullptr, stream);
     if (err != cudaSuccess) return err;
   }
   sum_partials_kernel<float><<<1, kRedThreads, 0, stream>>>(partial, cdiv(M, kBM),
@@ -838,30 +996,31 @@ cudaError_t bwd_mma(const void* grad_, const void* q, const void* k, const void*
   return cudaGetLastError();
 }
 
-template <typename T, int TM>
+template <typename T, int TM, bool LBL>
 cudaError_t fwd_simt(const void* q, const void* k, const void* scale, const int64_t* exclude,
-                     int64_t M, int64_t N, int64_t d, int E, void* lse, cudaStream_t stream) {
-  lse_fwd_simt_kernel<T, TM><<<dim3(static_cast<unsigned>(cdiv(M, 16 * TM))), kSimtThreads, 0,
-                               stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
-                                         static_cast<const T*>(scale), exclude, M, N, d, E,
-                                         static_cast<T*>(lse));
+                     Labels lab, int64_t M, int64_t N, int64_t d, int E, void* lse,
+                     cudaStream_t stream) {
+  lse_fwd_simt_kernel<T, TM, LBL><<<dim3(static_cast<unsigned>(cdiv(M, 16 * TM))), kSimtThreads,
+                                    0, stream>>>(
+      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(scale), exclude,
+      lab.row, lab.key, lab.pos, M, N, d, E, static_cast<T*>(lse));
   return cudaGetLastError();
 }
 
-template <typename T, int TM, int MODE>
+template <typename T, int TM, int MODE, bool LBL>
 cudaError_t bwd_simt_launch(const T* grad, const T* X, const T* Y, const T* scale,
-                            const int64_t* exclude, const T* lse, int64_t nX, int64_t nY,
-                            int64_t d, int E, T* dX, T* partial, cudaStream_t stream) {
+                            const int64_t* exclude, Labels lab, const T* lse, int64_t nX,
+                            int64_t nY, int64_t d, int E, T* dX, T* partial,
+                            cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(cdiv(nX, 16 * TM)), static_cast<unsigned>(cdiv(d, 16 * TM)));
-  lse_bwd_simt_kernel<T, TM, MODE><<<grid, kSimtThreads, 0, stream>>>(grad, X, Y, scale, exclude,
-                                                                      lse, nX, nY, d, E, dX,
-                                                                      partial);
+  lse_bwd_simt_kernel<T, TM, MODE, LBL><<<grid, kSimtThreads, 0, stream>>>(
+      grad, X, Y, scale, exclude, lab.row, lab.key, lab.pos, lse, nX, nY, d, E, dX, partial);
   return cudaGetLastError();
 }
 
-template <typename T, int TM>
+template <typename T, int TM, bool LBL>
 cudaError_t bwd_simt(const void* grad_, const void* q_, const void* k_, const void* scale_,
-                     const int64_t* exclude, int64_t M, int64_t N, int64_t d, int E,
+                     const int64_t* exclude, Labels lab, int64_t M, int64_t N, int64_t d, int E,
                      bool symmetric, const void* lse_, void* dq, void* dk, void* dscale,
                      void* workspace, cudaStream_t stream) {
   const T* grad = static_cast<const T*>(grad_);
@@ -872,15 +1031,15 @@ cudaError_t bwd_simt(const void* grad_, const void* q_, const void* k_, const vo
   T* partial = reinterpret_cast<T*>(static_cast<char*>(workspace) + kWsHeader);
   cudaError_t err;
   if (symmetric) {
-    err = bwd_simt_launch<T, TM, kSym>(grad, q, q, scale, exclude, lse, M, M, d, E,
-                                       static_cast<T*>(dq), partial, stream);
+    err = bwd_simt_launch<T, TM, kSym, LBL>(grad, q, q, scale, exclude, lab, lse, M, M, d, E,
+                                            static_cast<T*>(dq), partial, stream);
     if (err != cudaSuccess) return err;
   } else {
-    err = bwd_simt_launch<T, TM, kRow>(grad, q, k, scale, exclude, lse, M, N, d, E,
-                                       static_cast<T*>(dq), partial, stream);
+    err = bwd_simt_launch<T, TM, kRow, LBL>(grad, q, k, scale, exclude, lab, lse, M, N, d, E,
+                                            static_cast<T*>(dq), partial, stream);
     if (err != cudaSuccess) return err;
-    err = bwd_simt_launch<T, TM, kCol>(grad, k, q, scale, exclude, lse, N, M, d, E,
-                                       static_cast<T*>(dk), nullptr, stream);
+    err = bwd_simt_launch<T, TM, kCol, LBL>(grad, k, q, scale, exclude, lab, lse, N, M, d, E,
+                                            static_cast<T*>(dk), nullptr, stream);
     if (err != cudaSuccess) return err;
   }
   sum_partials_kernel<T><<<1, kRedThreads, 0, stream>>>(partial, cdiv(M, 16 * TM),
@@ -891,22 +1050,65 @@ cudaError_t bwd_simt(const void* grad_, const void* q_, const void* k_, const vo
 constexpr int kTmF32 = 4;  // 64 x 64 tiles, 42 KB static smem in the backward
 constexpr int kTmF64 = 2;  // 32 x 32 tiles (fp64 halves the smem budget), 26 KB
 
+// Forward / backward dispatch over (dtype, label rule on/off).
+template <bool LBL>
+cudaError_t forward_dispatch(DType dtype, const void* q, const void* k, const void* scale,
+                             const int64_t* exclude, Labels lab, int64_t M, int64_t N, int64_t d,
+                             int e, void* lse, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return fwd_mma<F16Tag, LBL>(q, k, scale, exclude, lab, M, N, d, e, lse, stream);
+    case DType::kBFloat16:
+      return fwd_mma<BF16Tag, LBL>(q, k, scale, exclude, lab, M, N, d, e, lse, stream);
+    case DType::kFloat32:
+      return fwd_simt<float, kTmF32, LBL>(q, k, scale, exclude, lab, M, N, d, e, lse, stream);
+    case DType::kFloat64:
+      return fwd_simt<double, kTmF64, LBL>(q, k, scale, exclude, lab, M, N, d, e, lse, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <bool LBL>
+cudaError_t backward_dispatch(DType dtype, const void* grad, const void* q, const void* k,
+                              const void* scale, const int64_t* exclude, Labels lab, int64_t M,
+                              int64_t N, int64_t d, int e, bool symmetric, const void* lse,
+                              void* dq, void* dk, void* dscale, void* workspace,
+                              cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return bwd_mma<F16Tag, LBL>(grad, q, k, scale, exclude, lab, M, N, d, e, symmetric, lse, dq,
+                                  dk, dscale, workspace, stream);
+    case DType::kBFloat16:
+      return bwd_mma<BF16Tag, LBL>(grad, q, k, scale, exclude, lab, M, N, d, e, symmetric, lse, dq,
+                                   dk, dscale, workspace, stream);
+    case DType::kFloat32:
+      return bwd_simt<float, kTmF32, LBL>(grad, q, k, scale, exclude, lab, M, N, d, e, symmetric,
+                                          lse, dq, dk, dscale, workspace, stream);
+    case DType::kFloat64:
+      return bwd_simt<double, kTmF64, LBL>(grad, q, k, scale, exclude, lab, M, N, d, e, symmetric,
+                                           lse, dq, dk, dscale, workspace, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// All three label pointers set (rule on) or all nullptr (off); anything else is a caller error.
+bool labels_consistent(const Labels& lab) {
+  const int set = (lab.row != nullptr) + (lab.key != nullptr) + (lab.pos != nullptr);
+  return set == 0 || set == 3;
+}
+
 }  // namespace
 
 cudaError_t lse_forward(DType dtype, const void* q, const void* k, const void* scale,
-                        const int64_t* exclude, int64_t M, int64_t N, int64_t d, int64_t E,
-                        void* lse, cudaStream_t stream) {
+                        const int64_t* exclude, const int64_t* row_labels,
+                        const int64_t* key_labels, const int64_t* positive, int64_t M, int64_t N,
+                        int64_t d, int64_t E, void* lse, cudaStream_t stream) {
   if (M < 1 || N < 1 || d < 1 || d > kMaxFeatureDim || E < 0 || E > 2) return cudaErrorInvalidValue;
+  const Labels lab{row_labels, key_labels, positive};
+  if (!labels_consistent(lab)) return cudaErrorInvalidValue;
   const int e = static_cast<int>(E);
-  switch (dtype) {
-    case DType::kFloat16: return fwd_mma<F16Tag>(q, k, scale, exclude, M, N, d, e, lse, stream);
-    case DType::kBFloat16: return fwd_mma<BF16Tag>(q, k, scale, exclude, M, N, d, e, lse, stream);
-    case DType::kFloat32:
-      return fwd_simt<float, kTmF32>(q, k, scale, exclude, M, N, d, e, lse, stream);
-    case DType::kFloat64:
-      return fwd_simt<double, kTmF64>(q, k, scale, exclude, M, N, d, e, lse, stream);
-  }
-  return cudaErrorInvalidValue;
+  return lab.on() ? forward_dispatch<true>(dtype, q, k, scale, exclude, lab, M, N, d, e, lse, stream)
+                  : forward_dispatch<false>(dtype, q, k, scale, exclude, lab, M, N, d, e, lse, stream);
 }
 
 size_t lse_backward_workspace_bytes(DType dtype, int64_t M, int64_t /*N*/, int64_t /*d*/,
@@ -921,27 +1123,19 @@ size_t lse_backward_workspace_bytes(DType dtype, int64_t M, int64_t /*N*/, int64
 }
 
 cudaError_t lse_backward(DType dtype, const void* grad, const void* q, const void* k,
-                         const void* scale, const int64_t* exclude, int64_t M, int64_t N,
+                         const void* scale, const int64_t* exclude, const int64_t* row_labels,
+                         const int64_t* key_labels, const int64_t* positive, int64_t M, int64_t N,
                          int64_t d, int64_t E, bool symmetric, const void* lse, void* dq, void* dk,
                          void* dscale, void* workspace, cudaStream_t stream) {
   if (M < 1 || N < 1 || d < 1 || d > kMaxFeatureDim || E < 0 || E > 2) return cudaErrorInvalidValue;
   if (symmetric && M != N) return cudaErrorInvalidValue;
+  const Labels lab{row_labels, key_labels, positive};
+  if (!labels_consistent(lab)) return cudaErrorInvalidValue;
   const int e = static_cast<int>(E);
-  switch (dtype) {
-    case DType::kFloat16:
-      return bwd_mma<F16Tag>(grad, q, k, scale, exclude, M, N, d, e, symmetric, lse, dq, dk, dscale,
-                             workspace, stream);
-    case DType::kBFloat16:
-      return bwd_mma<BF16Tag>(grad, q, k, scale, exclude, M, N, d, e, symmetric, lse, dq, dk,
-                              dscale, workspace, stream);
-    case DType::kFloat32:
-      return bwd_simt<float, kTmF32>(grad, q, k, scale, exclude, M, N, d, e, symmetric, lse, dq, dk,
-                                     dscale, workspace, stream);
-    case DType::kFloat64:
-      return bwd_simt<double, kTmF64>(grad, q, k, scale, exclude, M, N, d, e, symmetric, lse, dq,
-                                      dk, dscale, workspace, stream);
-  }
-  return cudaErrorInvalidValue;
+  return lab.on() ? backward_dispatch<true>(dtype, grad, q, k, scale, exclude, lab, M, N, d, e,
+                                            symmetric, lse, dq, dk, dscale, workspace, stream)
+                  : backward_dispatch<false>(dtype, grad, q, k, scale, exclude, lab, M, N, d, e,
+                                             symmetric, lse, dq, dk, dscale, workspace, stream);
 }
 
 }  // namespace infonce_cuda

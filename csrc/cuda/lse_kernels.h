@@ -9,6 +9,11 @@
 //   q (M,d), k (N,d) row-major contiguous, dtype T in {fp16, bf16, fp32, fp64}.
 //   scale: pointer to ONE device scalar, float (double when T = fp64); read by the kernels.
 //   exclude: (M,E) int64 row-major, E in {0,1,2}, -1 = none (may be nullptr when E == 0).
+//   row_labels (M,), key_labels (N,), positive (M,): int64, the label rule; all three nullptr
+//     when it is off (a mix of nullptr and non-null returns cudaErrorInvalidValue). With them,
+//     pair (i, j) is also excluded when row_labels[i] == key_labels[j] and positive[i] != j
+//     (positive -1 = none). symmetric: key_labels is expected to be row_labels, but the kernels
+//     read both as given (W^T_ij = W_ji uses row_labels[j], key_labels[i] and positive[j]).
 //   lse / grad: (M,) float (double when T = fp64).
 //   dq (M,d), dk (N,d) in T; dscale: one device scalar, float (double when T = fp64).
 //   symmetric: k is q (only q is read); dq receives the whole gradient s*(W+W^T)q and dk is unused.
@@ -28,14 +33,16 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3
 constexpr int64_t kMaxFeatureDim = int64_t(32) * 65535;
 
 cudaError_t lse_forward(DType dtype, const void* q, const void* k, const void* scale,
-                        const int64_t* exclude, int64_t M, int64_t N, int64_t d, int64_t E,
-                        void* lse, cudaStream_t stream);
+                        const int64_t* exclude, const int64_t* row_labels,
+                        const int64_t* key_labels, const int64_t* positive, int64_t M, int64_t N,
+                        int64_t d, int64_t E, void* lse, cudaStream_t stream);
 
 // Bytes of device scratch memory lse_backward needs (>= 1; 256-byte aligned pointer expected).
 size_t lse_backward_workspace_bytes(DType dtype, int64_t M, int64_t N, int64_t d, bool symmetric);
 
 cudaError_t lse_backward(DType dtype, const void* grad, const void* q, const void* k,
-                         const void* scale, const int64_t* exclude, int64_t M, int64_t N,
+                         const void* scale, const int64_t* exclude, const int64_t* row_labels,
+                         const int64_t* key_labels, const int64_t* positive, int64_t M, int64_t N,
                          int64_t d, int64_t E, bool symmetric, const void* lse, void* dq, void* dk,
                          void* dscale, void* workspace, cudaStream_t stream);
 
