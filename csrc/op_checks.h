@@ -59,4 +59,28 @@ inline void check_lse_grad_inputs(const at::Tensor& grad, const at::Tensor& q, c
               "lse_bwd: grad and lse must be on the device of q");
 }
 
+// The key side of lse_bwd_paired: per-key upstream gradient and log-sum-exp (N,), the keys' own
+// exclusion lists (N, E) in the numbering of the rows of q (offset by row_offset), and, with the
+// label rule, the keys' designated positives (N,).
+inline void check_key_side(const at::Tensor& k, const at::Tensor& key_grad, const at::Tensor& key_lse,
+                           const at::Tensor& key_exclude, const at::Tensor& key_positive, bool labelled,
+                           int64_t row_offset) {
+  const auto acc = k.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t N = k.size(0);
+  TORCH_CHECK(key_grad.dim() == 1 && key_grad.size(0) == N && key_grad.scalar_type() == acc,
+              "lse_bwd_paired: key_grad must have shape (N,) and the dtype of lse");
+  TORCH_CHECK(key_lse.dim() == 1 && key_lse.size(0) == N && key_lse.scalar_type() == acc,
+              "lse_bwd_paired: key_lse must have shape (N,) and the dtype of lse");
+  TORCH_CHECK(key_exclude.scalar_type() == at::kLong && key_exclude.dim() == 2 &&
+                  key_exclude.size(0) == N && key_exclude.size(1) <= 2,
+              "lse_bwd_paired: key_exclude must be int64 of shape (N, E) with E <= 2");
+  TORCH_CHECK(labelled ? (key_positive.dim() == 1 && key_positive.size(0) == N) : key_positive.numel() == 0,
+              "lse_bwd_paired: key_positive must have shape (N,) with the label rule and be empty without");
+  TORCH_CHECK(!labelled || key_positive.scalar_type() == at::kLong, "lse_bwd_paired: key_positive must be int64");
+  TORCH_CHECK(row_offset >= 0, "lse_bwd_paired: row_offset must be >= 0");
+  for (const at::Tensor* t : {&key_grad, &key_lse, &key_exclude, &key_positive}) {
+    TORCH_CHECK(t->device() == k.device(), "lse_bwd_paired: the key-side tensors must be on the device of k");
+  }
+}
+
 }  // namespace infonce_kernels

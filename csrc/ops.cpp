@@ -16,6 +16,16 @@
 //       dq = s W k,  dk = s W^T q,  dscale = sum_ij W_ij <q_i, k_j>.
 //     symmetric: dq = s (W + W^T) z is the whole gradient on z = q = k, dk is empty.
 //
+//   lse_bwd_paired(grad, q, k, scale, exclude, row_labels, key_labels, positive, lse,
+//                  key_grad, key_lse, key_exclude, key_positive, row_offset) -> (dq, dscale)
+//     The gradient on q when the keys are rows of a log-sum-exp too (DESIGN §1, §4):
+//       dq_i = s sum_j (W_ij + V_ji) k_j,  V_ji = h_j exp(s <q_i, k_j> - rho_j)
+//     with h = key_grad, rho = key_lse (N,), and V_ji = 0 where key j, as a row, excludes row i:
+//     i + row_offset in key_exclude[j] (N, E), or, with the label rule, key_labels[j] ==
+//     row_labels[i] and key_positive[j] != i + row_offset. dscale = sum_ij W_ij <q_i, k_j>.
+//     The symmetric backward is the case k = q; a rank's rows against all-gathered rows, and
+//     the two directions of CLIP, are the others.
+//
 // Implementations register per dispatch key: CPU in csrc/cpu, CUDA in csrc/cuda.
 #include <torch/library.h>
 
@@ -26,6 +36,10 @@ TORCH_LIBRARY(infonce_kernels, m) {
   m.def(
       "lse_bwd(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, "
       "Tensor key_labels, Tensor positive, bool symmetric, Tensor lse) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lse_bwd_paired(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, "
+      "Tensor key_labels, Tensor positive, Tensor lse, Tensor key_grad, Tensor key_lse, Tensor key_exclude, "
+      "Tensor key_positive, int row_offset) -> (Tensor, Tensor)");
 }
 
 #ifdef INFONCE_PYTHON_MODULE

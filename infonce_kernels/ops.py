@@ -70,12 +70,17 @@ if _EXTENSION_ERROR is None:
         dk = q.new_empty(0) if symmetric else torch.empty_like(k)
         return torch.empty_like(q), dk, torch.empty_like(scale)
 
+    @torch.library.register_fake("infonce_kernels::lse_bwd_paired")
+    def _(grad, q, k, scale, *rest):
+        return torch.empty_like(q), torch.empty_like(scale)
+
 
 class _CppBackend:
     """The C++ ops ``infonce_kernels::lse_fwd``/``lse_bwd``; the tensors' device picks the kernel."""
 
     forward = staticmethod(lambda *args: torch.ops.infonce_kernels.lse_fwd(*args))
     backward = staticmethod(lambda *args: torch.ops.infonce_kernels.lse_bwd(*args))
+    backward_paired = staticmethod(lambda *args: torch.ops.infonce_kernels.lse_bwd_paired(*args))
 
 
 def _triton_module():
@@ -220,6 +225,54 @@ def _backward(ctx, grad):
 
 
 _lse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("infonce_kernels::lse_backward_paired", mutates_args=())
+def _lse_backward_paired_op(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    exclude: torch.Tensor,
+    row_labels: torch.Tensor,
+    key_labels: torch.Tensor,
+    positive: torch.Tensor,
+    lse: torch.Tensor,
+    key_grad: torch.Tensor,
+    key_lse: torch.Tensor,
+    key_exclude: torch.Tensor,
+    key_positive: torch.Tensor,
+    row_offset: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (grad, q, k, scale, exclude, row_labels, key_labels, positive, lse, key_grad, key_lse, key_exclude,
+            key_positive, row_offset)
+    return _implementation(backend).backward_paired(*args)
+
+
+@_lse_backward_paired_op.register_fake
+def _(grad, q, k, scale, *rest):
+    return torch.empty_like(q), torch.empty_like(scale)
+
+
+def paired_backward(grad, q, k, scale, exclude, labels, lse, key_grad, key_lse, key_exclude, key_positive,
+                    row_offset, backend):
+    """Gradient on q when the keys are rows of a log-sum-exp too (no autograd; see ``lse_bwd_paired``
+    in csrc/ops.cpp): ``dq_i = s sum_j (W_ij + V_ji) k_j``, returns (dq, dscale of the row side).
+
+    q (M, d), k (N, d); ``grad``/``lse`` (M,) belong to the rows of q, ``key_grad``/``key_lse`` (N,)
+    to the keys as rows; ``exclude`` (M, E) numbers keys like k, ``key_exclude`` (N, E) numbers the
+    rows of q from ``row_offset``; ``labels`` None or (row_labels, key_labels, positive) with
+    ``key_positive`` (N,) the keys' positives (empty without labels). The distributed losses use it
+    for a rank's rows against the all-gathered rows.
+    """
+    name = resolve_backend(backend, q.device)
+    if labels is None:
+        labels = (exclude.new_empty(0),) * 3
+        key_positive = exclude.new_empty(0)
+    return _lse_backward_paired_op(grad.contiguous(), q.contiguous(), k.contiguous(), scale, exclude, *labels, lse,
+                                   key_grad.contiguous(), key_lse.contiguous(), key_exclude, key_positive,
+                                   int(row_offset), name)
 
 
 def lse(q, k, scale, *, exclude=None, symmetric=False, row_labels=None, key_labels=None, positive=None,

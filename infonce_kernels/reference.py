@@ -7,7 +7,7 @@ Same contract as every backend (see :mod:`infonce_kernels.ops`): contiguous inpu
 
 import torch
 
-__all__ = ["forward", "backward", "logits"]
+__all__ = ["forward", "backward", "backward_paired", "logits", "excluded"]
 
 
 def _accumulate(x: torch.Tensor) -> torch.Tensor:
@@ -52,3 +52,22 @@ def backward(grad, q, k, scale, exclude, row_labels, key_labels, positive, symme
     if symmetric:
         return (s * ((w + w.T) @ qa)).to(q.dtype), q.new_empty(0), dscale
     return (s * (w @ ka)).to(q.dtype), (s * (w.T @ qa)).to(k.dtype), dscale
+
+
+def backward_paired(grad, q, k, scale, exclude, row_labels, key_labels, positive, lse,
+                    key_grad, key_lse, key_exclude, key_positive, row_offset):
+    """(dq, dscale) when the keys are rows of a log-sum-exp too (see ``lse_bwd_paired``):
+    dq_i = s sum_j (W_ij + V_ji) k_j with V_ji = h_j exp(s <q_i, k_j> - rho_j) on the pairs that
+    key j, as a row, keeps (its keys are the rows of q, numbered from ``row_offset``)."""
+    qa, ka = _accumulate(q), _accumulate(k)
+    s = scale.to(qa.dtype)
+    dots = qa @ ka.T
+    rows = q.shape[0]
+    w = torch.exp((dots * s).masked_fill(excluded(exclude, row_labels, key_labels, positive, k.shape[0]),
+                                         float("-inf")) - lse[:, None]) * grad[:, None]
+    # Key j's exclusions renumbered to the rows of q; entries outside them exclude nothing.
+    local = key_exclude - row_offset
+    local = torch.where((key_exclude >= 0) & (local >= 0) & (local < rows), local, torch.full_like(local, -1))
+    key_mask = excluded(local, key_labels, row_labels, key_positive - row_offset, rows)  # (N, M)
+    v = torch.exp((dots * s).masked_fill(key_mask.T, float("-inf")) - key_lse[None, :]) * key_grad[None, :]
+    return (s * ((w + v) @ ka)).to(q.dtype), (w * dots).sum().to(scale.dtype)

@@ -312,3 +312,47 @@ def test_cpu_label_rule_across_tiles():
     torch.testing.assert_close(qq.grad, qr.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(kk.grad, kr.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ss.grad, sr.grad, rtol=1e-4, atol=1e-4)
+
+
+def _paired_case(labelled, offset):
+    """A rank's rows z[offset:offset+M] against all rows z, NT-Xent style exclusions, both sides."""
+    n, m, d = 90, 30, 5
+    z = torch.randn(n, d, dtype=torch.float64)
+    exclude = torch.stack([torch.arange(n), (torch.arange(n) + n // 2) % n], 1)
+    labels = torch.randint(0, 4, (n,))
+    positive = (torch.arange(n) + n // 2) % n
+    lab = (labels, labels, positive) if labelled else None
+    r = lse(z, z, 1.7, exclude=exclude, symmetric=True, backend="reference",
+            **(dict(row_labels=labels, positive=positive) if labelled else {}))
+    g = torch.randn(n, dtype=torch.float64)
+    rows = slice(offset, offset + m)
+    row_lab = (labels[rows], labels, positive[rows]) if labelled else None
+    args = (g[rows], z[rows], z, torch.tensor(1.7, dtype=torch.float64), exclude[rows], row_lab, r[rows],
+            g, r, exclude, positive if labelled else torch.empty(0, dtype=torch.long), offset)
+    return z, exclude, lab, r, g, rows, args
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("labelled", [False, True])
+@pytest.mark.parametrize("offset", [0, 60])
+def test_paired_backward_is_a_slice_of_the_symmetric_gradient(backend, labelled, offset):
+    """Rows z[offset:offset+M] against all of z with both sides' statistics give exactly those
+    rows of the symmetric gradient dz = s (W + W^T) z: what a rank computes under a gather."""
+    from infonce_kernels.ops import paired_backward
+
+    z, exclude, lab, r, g, rows, args = _paired_case(labelled, offset)
+    zz = z.clone().requires_grad_()
+    extra = dict(row_labels=lab[0], positive=lab[2]) if labelled else {}
+    (lse(zz, zz, 1.7, exclude=exclude, symmetric=True, backend="reference", **extra) * g).sum().backward()
+    dq, _ = paired_backward(*args, backend)
+    torch.testing.assert_close(dq, zz.grad[rows], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="C++ extension not built")
+def test_opcheck_paired():
+    _, _, _, _, _, _, args = _paired_case(True, 30)
+    args = list(args)
+    labels = args.pop(5)
+    cpp_args = (*args[:5], *labels, *args[5:])
+    torch.library.opcheck(torch.ops.infonce_kernels.lse_bwd_paired.default, cpp_args)
+    torch.library.opcheck(torch.ops.infonce_kernels.lse_backward_paired.default, (*cpp_args, "cpu"))

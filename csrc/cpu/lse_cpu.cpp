@@ -43,15 +43,18 @@ inline at::ScalarType accumulate_type(const at::Tensor& t) {
 
 // The (row, key) pairs left out of a row's log-sum-exp: the explicit per-row lists, and, when
 // row_labels is set, every key sharing the row's label except the row's designated positive.
+// Keys are numbered from key_offset (the paired backward's key side, whose "keys" are rows of q
+// numbered in a gathered batch); labels are looked up by local index.
 struct Exclusions {
-  const int64_t* lists;  // (M, E), -1 = none
+  const int64_t* lists;  // (rows, E), -1 = none
   int64_t E;
-  const int64_t* row_labels;  // (M,), nullptr when the label rule is off
-  const int64_t* key_labels;  // (N,)
-  const int64_t* positive;    // (M,), -1 = none
+  const int64_t* row_labels;  // (rows,), nullptr when the label rule is off
+  const int64_t* key_labels;  // (keys,)
+  const int64_t* positive;    // (rows,), -1 = none
+  int64_t key_offset;
 
   bool by_label(int64_t row, int64_t key) const {
-    return row_labels[row] == key_labels[key] && positive[row] != key;
+    return row_labels[row] == key_labels[key] && positive[row] != key + key_offset;
   }
 };
 
@@ -65,7 +68,7 @@ void mask_tile(T* tile, Span rows, Span cols, const Exclusions& ex, bool transpo
   const Span keys = transposed ? rows : cols;
   for (int64_t r = 0; r < qrows.size; ++r) {
     for (int64_t e = 0; e < ex.E; ++e) {
-      const int64_t key = ex.lists[(qrows.begin + r) * ex.E + e] - keys.begin;  // -1 falls below 0
+      const int64_t key = ex.lists[(qrows.begin + r) * ex.E + e] - ex.key_offset - keys.begin;
       if (key < 0 || key >= keys.size) continue;
       tile[transposed ? key * cols.size + r : r * cols.size + key] = value;
     }
@@ -81,11 +84,62 @@ void mask_tile(T* tile, Span rows, Span cols, const Exclusions& ex, bool transpo
 }
 
 Exclusions make_exclusions(const at::Tensor& exclude, const at::Tensor& row_labels,
-                           const at::Tensor& key_labels, const at::Tensor& positive, bool labelled) {
+                           const at::Tensor& key_labels, const at::Tensor& positive, bool labelled,
+                           int64_t key_offset = 0) {
   return {exclude.data_ptr<int64_t>(), exclude.size(1),
           labelled ? row_labels.data_ptr<int64_t>() : nullptr,
           labelled ? key_labels.data_ptr<int64_t>() : nullptr,
-          labelled ? positive.data_ptr<int64_t>() : nullptr};
+          labelled ? positive.data_ptr<int64_t>() : nullptr, key_offset};
+}
+
+// The key side of a paired backward: each key j is itself a row with upstream gradient h_j,
+// log-sum-exp rho_j and its own exclusions, whose keys are the rows of q.
+struct KeySide {
+  at::Tensor grad;  // (N,)
+  at::Tensor lse;   // (N,)
+  Exclusions ex;
+};
+
+// Rows of dq and the dscale partials, one row block at a time:
+//   dq_i = s sum_j (W_ij + V_ji) k_j,  W_ij = g_i exp(s <q_i, k_j> - r_i) (row i's exclusions),
+//   V_ji = h_j exp(s <q_i, k_j> - rho_j) (key j's exclusions; only with a key side),
+//   dscale = sum_ij W_ij <q_i, k_j>.
+// Without a key side this is the dq pass of the general backward; with the key side equal to
+// the row side (k is q) it is the one-pass symmetric backward dz = s (W + W^T) z.
+template <typename scalar_t>
+void dq_pass(const at::Tensor& q, const at::Tensor& k, double s, const at::Tensor& g,
+             const at::Tensor& r, const Exclusions& ex, const KeySide* key_side, at::Tensor& dq,
+             std::vector<double>& dscale_parts) {
+  const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+  const int64_t M = q.size(0), N = k.size(0);
+  at::parallel_for(0, num_blocks(M, kRows), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const Span rows = block(b, kRows, M);
+      const at::Tensor qb = q.narrow(0, rows.begin, rows.size);
+      const at::Tensor r_rows = r.narrow(0, rows.begin, rows.size).unsqueeze(1);
+      const at::Tensor g_rows = g.narrow(0, rows.begin, rows.size).unsqueeze(1);
+      at::Tensor acc = at::zeros({rows.size, q.size(1)}, q.options());
+      double dscale = 0.0;
+      for (int64_t c = 0; c < num_blocks(N, kKeys); ++c) {
+        const Span cols = block(c, kKeys, N);
+        const at::Tensor kb = k.narrow(0, cols.begin, cols.size);
+        const at::Tensor dot = at::mm(qb, kb.t());
+        at::Tensor w = dot.mul(s).sub_(r_rows);
+        mask_tile(w.data_ptr<scalar_t>(), rows, cols, ex, false, neg_inf);
+        w.exp_().mul_(g_rows);
+        dscale += w.mul(dot).sum().item<double>();
+        if (key_side != nullptr) {
+          // V_ji: the same logits, the keys' rho and h, the keys' exclusions (a transposed mask).
+          at::Tensor v = dot.mul(s).sub_(key_side->lse.narrow(0, cols.begin, cols.size).unsqueeze(0));
+          mask_tile(v.data_ptr<scalar_t>(), rows, cols, key_side->ex, true, neg_inf);
+          w.add_(v.exp_().mul_(key_side->grad.narrow(0, cols.begin, cols.size).unsqueeze(0)));
+        }
+        acc.addmm_(w, kb);
+      }
+      dq.narrow(0, rows.begin, rows.size).copy_(acc.mul_(s));
+      dscale_parts[b] = dscale;
+    }
+  });
 }
 
 // Sum of dscale partials in block order: the result does not depend on the thread count.
@@ -161,41 +215,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
   std::vector<double> dscale_parts(row_blocks, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_bwd_cpu", [&] {
-    const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
-
-    // Rows of dq (or of dz when symmetric) and the dscale partials, one row block at a time.
-    at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const Span rows = block(b, kRows, M);
-        const at::Tensor qb = q.narrow(0, rows.begin, rows.size);
-        const at::Tensor r_rows = r.narrow(0, rows.begin, rows.size).unsqueeze(1);
-        const at::Tensor g_rows = g.narrow(0, rows.begin, rows.size).unsqueeze(1);
-        at::Tensor acc = at::zeros({rows.size, q.size(1)}, q.options());
-        double dscale = 0.0;
-        for (int64_t c = 0; c < key_blocks; ++c) {
-          const Span cols = block(c, kKeys, N);
-          const at::Tensor kb = k.narrow(0, cols.begin, cols.size);
-          const at::Tensor dot = at::mm(qb, kb.t());
-          // W_ij = g_i exp(s <q_i, k_j> - r_i), 0 on excluded pairs.
-          at::Tensor w = dot.mul(s).sub_(r_rows);
-          mask_tile(w.data_ptr<scalar_t>(), rows, cols, ex, false, neg_inf);
-          w.exp_().mul_(g_rows);
-          dscale += w.mul(dot).sum().item<double>();
-          if (symmetric) {
-            // (W^T)_ij = W_ji = g_j exp(s <z_i, z_j> - r_j): the same logits, the key rows' r
-            // and g, and the key rows' exclusions (a transposed mask). dz = s (W + W^T) z in one pass.
-            const at::Tensor r_cols = r.narrow(0, cols.begin, cols.size).unsqueeze(0);
-            const at::Tensor g_cols = g.narrow(0, cols.begin, cols.size).unsqueeze(0);
-            at::Tensor wt = dot.mul(s).sub_(r_cols);
-            mask_tile(wt.data_ptr<scalar_t>(), rows, cols, ex, true, neg_inf);
-            w.add_(wt.exp_().mul_(g_cols));
-          }
-          acc.addmm_(w, kb);
-        }
-        dq.narrow(0, rows.begin, rows.size).copy_(acc.mul_(s));
-        dscale_parts[b] = dscale;
-      }
-    });
+    // Symmetric: the key side is the row side itself.
+    const KeySide self{g, r, ex};
+    dq_pass<scalar_t>(q, k, s, g, r, ex, symmetric ? &self : nullptr, dq, dscale_parts);
 
     if (symmetric) return;
     // dk_j = s sum_i W_ij q_i, one key block at a time on transposed tiles (keys down, rows
@@ -209,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
           const Span rows = block(b, kRows, M);
           const at::Tensor qb = q.narrow(0, rows.begin, rows.size);
           at::Tensor wt = at::mm(kb, qb.t()).mul_(s).sub_(r.narrow(0, rows.begin, rows.size).unsqueeze(0));
-          mask_tile(wt.data_ptr<scalar_t>(), keys, rows, ex, true, neg_inf);
+          mask_tile(wt.data_ptr<scalar_t>(), keys, rows, ex, true, -std::numeric_limits<scalar_t>::infinity());
           wt.exp_().mul_(g.narrow(0, rows.begin, rows.size).unsqueeze(0));
           acc.addmm_(wt, qb);
         }
@@ -222,11 +244,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
           ordered_sum(dscale_parts, scale)};
 }
 
+std::tuple<at::Tensor, at::Tensor> lse_bwd_paired_cpu(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& scale, const at::Tensor& exclude_in, const at::Tensor& row_labels_in,
+    const at::Tensor& key_labels_in, const at::Tensor& positive_in, const at::Tensor& lse_in,
+    const at::Tensor& key_grad_in, const at::Tensor& key_lse_in, const at::Tensor& key_exclude_in,
+    const at::Tensor& key_positive_in, int64_t row_offset) {
+  check_lse_inputs(q_in, k_in, scale, exclude_in, false);
+  const bool labelled = check_lse_labels(q_in, k_in, row_labels_in, key_labels_in, positive_in);
+  check_lse_grad_inputs(grad_in, q_in, lse_in);
+  check_key_side(k_in, key_grad_in, key_lse_in, key_exclude_in, key_positive_in, labelled, row_offset);
+  TORCH_CHECK(q_in.device().is_cpu(), "lse_bwd_paired (cpu): q must be a CPU tensor");
+  const at::Tensor q = q_in.to(accumulate_type(q_in)).contiguous();
+  const at::Tensor k = k_in.to(accumulate_type(k_in)).contiguous();
+  const at::Tensor exclude = exclude_in.contiguous(), row_labels = row_labels_in.contiguous(),
+                   key_labels = key_labels_in.contiguous(), positive = positive_in.contiguous(),
+                   key_exclude = key_exclude_in.contiguous(), key_positive = key_positive_in.contiguous();
+  const Exclusions ex = make_exclusions(exclude, row_labels, key_labels, positive, labelled);
+  // On the key side the roles swap: key j is the row, the rows of q (numbered from row_offset)
+  // are its keys, and the labels are looked up the other way round.
+  const KeySide keys{key_grad_in.contiguous(), key_lse_in.contiguous(),
+                     make_exclusions(key_exclude, key_labels, row_labels, key_positive, labelled, row_offset)};
+  at::Tensor dq = at::empty_like(q);
+  std::vector<double> dscale_parts(num_blocks(q.size(0), kRows), 0.0);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_bwd_paired_cpu", [&] {
+    dq_pass<scalar_t>(q, k, scale.item<double>(), grad_in.contiguous(), lse_in.contiguous(), ex, &keys, dq,
+                      dscale_parts);
+  });
+  return {dq.to(q_in.scalar_type()), ordered_sum(dscale_parts, scale)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infonce_kernels, CPU, m) {
   m.impl("lse_fwd", &lse_fwd_cpu);
   m.impl("lse_bwd", &lse_bwd_cpu);
+  m.impl("lse_bwd_paired", &lse_bwd_paired_cpu);
 }
 
 }  // namespace infonce_kernels
