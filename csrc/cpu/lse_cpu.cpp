@@ -41,6 +41,14 @@ inline at::ScalarType accumulate_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The kernels' working copy of an input: detached, widened to the accumulation type, contiguous.
+// Detaching matters: at::parallel_for's worker threads do not inherit the caller's "below
+// autograd" dispatch state, so tiles computed there from a tensor that requires grad would be
+// recorded by autograd and kept alive, O(M N) memory.
+inline at::Tensor working_copy(const at::Tensor& t) {
+  return t.detach().to(accumulate_type(t)).contiguous();
+}
+
 // The (row, key) pairs left out of a row's log-sum-exp: the explicit per-row lists, and, when
 // row_labels is set, every key sharing the row's label except the row's designated positive.
 // Keys are numbered from key_offset (the paired backward's key side, whose "keys" are rows of q
@@ -155,8 +163,8 @@ at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at:
   check_lse_inputs(q_in, k_in, scale, exclude_in, symmetric);
   const bool labelled = check_lse_labels(q_in, k_in, row_labels_in, key_labels_in, positive_in);
   TORCH_CHECK(q_in.device().is_cpu(), "lse_fwd (cpu): q must be a CPU tensor");
-  const at::Tensor q = q_in.to(accumulate_type(q_in)).contiguous();
-  const at::Tensor k = symmetric ? q : k_in.to(accumulate_type(k_in)).contiguous();
+  const at::Tensor q = working_copy(q_in);
+  const at::Tensor k = symmetric ? q : working_copy(k_in);
   const at::Tensor exclude = exclude_in.contiguous(), row_labels = row_labels_in.contiguous(),
                    key_labels = key_labels_in.contiguous(), positive = positive_in.contiguous();
   const Exclusions ex = make_exclusions(exclude, row_labels, key_labels, positive, labelled);
@@ -200,13 +208,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
   const bool labelled = check_lse_labels(q_in, k_in, row_labels_in, key_labels_in, positive_in);
   check_lse_grad_inputs(grad_in, q_in, lse_in);
   TORCH_CHECK(q_in.device().is_cpu(), "lse_bwd (cpu): q must be a CPU tensor");
-  const at::Tensor q = q_in.to(accumulate_type(q_in)).contiguous();
-  const at::Tensor k = symmetric ? q : k_in.to(accumulate_type(k_in)).contiguous();
+  const at::Tensor q = working_copy(q_in);
+  const at::Tensor k = symmetric ? q : working_copy(k_in);
   const at::Tensor exclude = exclude_in.contiguous(), row_labels = row_labels_in.contiguous(),
                    key_labels = key_labels_in.contiguous(), positive = positive_in.contiguous();
   const Exclusions ex = make_exclusions(exclude, row_labels, key_labels, positive, labelled);
-  const at::Tensor g = grad_in.contiguous();
-  const at::Tensor r = lse_in.contiguous();
+  const at::Tensor g = grad_in.detach().contiguous();
+  const at::Tensor r = lse_in.detach().contiguous();
   const int64_t M = q.size(0), N = k.size(0);
   const double s = scale.item<double>();
   const int64_t row_blocks = num_blocks(M, kRows), key_blocks = num_blocks(N, kKeys);
@@ -255,20 +263,20 @@ std::tuple<at::Tensor, at::Tensor> lse_bwd_paired_cpu(
   check_lse_grad_inputs(grad_in, q_in, lse_in);
   check_key_side(k_in, key_grad_in, key_lse_in, key_exclude_in, key_positive_in, labelled, row_offset);
   TORCH_CHECK(q_in.device().is_cpu(), "lse_bwd_paired (cpu): q must be a CPU tensor");
-  const at::Tensor q = q_in.to(accumulate_type(q_in)).contiguous();
-  const at::Tensor k = k_in.to(accumulate_type(k_in)).contiguous();
+  const at::Tensor q = working_copy(q_in);
+  const at::Tensor k = working_copy(k_in);
   const at::Tensor exclude = exclude_in.contiguous(), row_labels = row_labels_in.contiguous(),
                    key_labels = key_labels_in.contiguous(), positive = positive_in.contiguous(),
                    key_exclude = key_exclude_in.contiguous(), key_positive = key_positive_in.contiguous();
   const Exclusions ex = make_exclusions(exclude, row_labels, key_labels, positive, labelled);
   // On the key side the roles swap: key j is the row, the rows of q (numbered from row_offset)
   // are its keys, and the labels are looked up the other way round.
-  const KeySide keys{key_grad_in.contiguous(), key_lse_in.contiguous(),
+  const KeySide keys{key_grad_in.detach().contiguous(), key_lse_in.detach().contiguous(),
                      make_exclusions(key_exclude, key_labels, row_labels, key_positive, labelled, row_offset)};
   at::Tensor dq = at::empty_like(q);
   std::vector<double> dscale_parts(num_blocks(q.size(0), kRows), 0.0);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_bwd_paired_cpu", [&] {
-    dq_pass<scalar_t>(q, k, scale.item<double>(), grad_in.contiguous(), lse_in.contiguous(), ex, &keys, dq,
+    dq_pass<scalar_t>(q, k, scale.item<double>(), grad_in.detach().contiguous(), lse_in.detach().contiguous(), ex, &keys, dq,
                       dscale_parts);
   });
   return {dq.to(q_in.scalar_type()), ordered_sum(dscale_parts, scale)};
