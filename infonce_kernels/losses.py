@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as v
+from . import distributed
 from .ops import _lse_dtype, fused_lse
 
 __all__ = ["nt_xent", "info_nce", "clip_loss", "NTXentLoss", "InfoNCELoss", "ClipLoss"]
@@ -39,7 +40,8 @@ def _inverse_temperature(temperature, like: torch.Tensor) -> torch.Tensor:
     return tau.reciprocal()
 
 
-def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend="auto"):
+def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend="auto",
+            gather_distributed=False, group=None):
     """NT-Xent, the SimCLR loss, over 2B anchors.
 
     With z = cat[z1, z2] (rows normalised when ``normalize``) and pos(i) the other view of row i,
@@ -57,6 +59,9 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
         reduction: "mean" | "sum" over the 2B anchors, or "none" for the (2B,) per-anchor losses
             ordered [anchors of z1; anchors of z2].
         backend: see :func:`infonce_kernels.lse`.
+        gather_distributed: each rank's 2B rows are anchors against the rows of every rank of
+            ``group`` (default: the world); see :mod:`infonce_kernels.distributed` for the loss
+            convention under DistributedDataParallel and the O(N) gradient traffic.
 
     Returns:
         A 0-d tensor (or (2B,) for "none"), float32 (float64 for float64 inputs), in nats.
@@ -64,7 +69,7 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
     v.check_features("z1", z1)
     v.check_features("z2", z2)
     v.check_same_kind("z1", z1, "z2", z2, same_rows=True)
-    if z1.shape[0] < 2:
+    if z1.shape[0] < 2 and not gather_distributed:
         raise ValueError("nt_xent needs a batch of at least 2 pairs (z1 has 1 row): with one pair "
                          "every anchor's only other row is its positive and the loss is constant")
     v.check_reduction(reduction)
@@ -75,13 +80,17 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
         z = l2_normalize(z)
     n, b = z.shape[0], z1.shape[0]
     self_index = torch.arange(n, device=z.device)[:, None]
-    r = fused_lse(z, z, scale, self_index, True, backend)
     pos = _row_dot(z[:b], z[b:]) * scale
+    if gather_distributed:
+        where = distributed.rank_rows(n, z.device, group)
+        r = distributed.gathered_lse(z, scale, self_index + where.offset, where, backend=backend)
+        return distributed.scale_loss(r - torch.cat([pos, pos]), reduction, where)
+    r = fused_lse(z, z, scale, self_index, True, backend)
     return v.reduce(r - torch.cat([pos, pos]), reduction)
 
 
 def info_nce(query, positive_key, negative_keys=None, *, temperature=0.1, normalize=True,
-             reduction="mean", backend="auto"):
+             reduction="mean", backend="auto", gather_distributed=False, group=None):
     """InfoNCE with in-batch negatives, or with a shared bank of negatives.
 
     In-batch (``negative_keys=None``): key j != i is a negative for query i,
@@ -100,11 +109,17 @@ def info_nce(query, positive_key, negative_keys=None, *, temperature=0.1, normal
         normalize: L2-normalise query, keys and bank rows first.
         reduction: "mean" | "sum" over the M queries, or "none" for (M,).
         backend: see :func:`infonce_kernels.lse`.
+        gather_distributed: in-batch only: each rank's queries meet the keys of every rank of
+            ``group``; the keys are gathered with a gather whose backward reduce-scatters their
+            gradients (the general, asymmetric case of :mod:`infonce_kernels.distributed`).
 
     Returns:
         A 0-d tensor (or (M,)), float32 (float64 for float64 inputs), in nats.
     """
     v.check_features("query", query)
+    if gather_distributed and negative_keys is not None:
+        raise ValueError("gather_distributed=True applies to in-batch negatives; with negative_keys each rank "
+                         "already holds the whole bank")
     v.check_features("positive_key", positive_key)
     v.check_same_kind("query", query, "positive_key", positive_key, same_rows=True)
     tensors = {"query": query, "positive_key": positive_key}
@@ -119,6 +134,11 @@ def info_nce(query, positive_key, negative_keys=None, *, temperature=0.1, normal
         query, positive_key = l2_normalize(query), l2_normalize(positive_key)
     pos = _row_dot(query, positive_key) * scale
     no_exclusion = torch.empty(query.shape[0], 0, dtype=torch.int64, device=query.device)
+    if negative_keys is None and gather_distributed:
+        where = distributed.rank_rows(query.shape[0], query.device, group)
+        keys = distributed.gather_rows_with_grad(positive_key, where)
+        return distributed.scale_loss(fused_lse(query, keys, scale, no_exclusion, False, backend) - pos,
+                                      reduction, where)
     if negative_keys is None:
         loss = fused_lse(query, positive_key, scale, no_exclusion, False, backend) - pos
     else:
@@ -131,7 +151,7 @@ def info_nce(query, positive_key, negative_keys=None, *, temperature=0.1, normal
 
 
 def clip_loss(image_features, text_features, logit_scale, *, normalize=True, reduction="mean",
-              backend="auto"):
+              backend="auto", gather_distributed=False, group=None):
     """The symmetric CLIP loss: the mean of the image->text and text->image cross-entropies.
 
         d_i = s <img_i, txt_i>
@@ -145,6 +165,10 @@ def clip_loss(image_features, text_features, logit_scale, *, normalize=True, red
         reduction: "mean" | "sum", or "none" for the (B,) per-pair losses
             ``(loss_img_i + loss_txt_i) / 2``.
         backend: see :func:`infonce_kernels.lse`.
+        gather_distributed: each rank's images meet the texts of every rank of ``group`` and
+            its texts every rank's images, with the O(N)-traffic backward of
+            :mod:`infonce_kernels.distributed` (the open_clip ``local_loss=False,
+            gather_with_grad=True`` semantics, computed without gathering gradients).
 
     Returns:
         A 0-d tensor (or (B,)), float32 (float64 for float64 inputs), in nats.
@@ -162,6 +186,10 @@ def clip_loss(image_features, text_features, logit_scale, *, normalize=True, red
         img, txt = l2_normalize(img), l2_normalize(txt)
     no_exclusion = torch.empty(img.shape[0], 0, dtype=torch.int64, device=img.device)
     diag = _row_dot(img, txt) * scale
+    if gather_distributed:
+        where = distributed.rank_rows(img.shape[0], img.device, group)
+        r, t = distributed.gathered_lse_pair(img, txt, scale, where, backend=backend)
+        return distributed.scale_loss(0.5 * (r + t) - diag, reduction, where)
     per_image = fused_lse(img, txt, scale, no_exclusion, False, backend) - diag
     per_text = fused_lse(txt, img, scale, no_exclusion, False, backend) - diag
     return v.reduce(0.5 * (per_image + per_text), reduction)
@@ -170,14 +198,16 @@ def clip_loss(image_features, text_features, logit_scale, *, normalize=True, red
 class NTXentLoss(torch.nn.Module):
     """Module form of :func:`nt_xent`: ``loss = NTXentLoss(temperature=0.5)(z1, z2)``."""
 
-    def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", backend="auto"):
+    def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", backend="auto",
+                 gather_distributed=False, group=None):
         super().__init__()
         v.check_reduction(reduction)
         self.temperature, self.normalize, self.reduction, self.backend = temperature, normalize, reduction, backend
+        self.gather_distributed, self.group = gather_distributed, group
 
     def forward(self, z1, z2):
         return nt_xent(z1, z2, self.temperature, normalize=self.normalize, reduction=self.reduction,
-                       backend=self.backend)
+                       backend=self.backend, gather_distributed=self.gather_distributed, group=self.group)
 
     def extra_repr(self):
         return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}"
@@ -186,14 +216,17 @@ class NTXentLoss(torch.nn.Module):
 class InfoNCELoss(torch.nn.Module):
     """Module form of :func:`info_nce`: ``InfoNCELoss(temperature=0.1)(query, positive_key, negative_keys=None)``."""
 
-    def __init__(self, temperature=0.1, *, normalize=True, reduction="mean", backend="auto"):
+    def __init__(self, temperature=0.1, *, normalize=True, reduction="mean", backend="auto",
+                 gather_distributed=False, group=None):
         super().__init__()
         v.check_reduction(reduction)
         self.temperature, self.normalize, self.reduction, self.backend = temperature, normalize, reduction, backend
+        self.gather_distributed, self.group = gather_distributed, group
 
     def forward(self, query, positive_key, negative_keys=None):
         return info_nce(query, positive_key, negative_keys, temperature=self.temperature,
-                        normalize=self.normalize, reduction=self.reduction, backend=self.backend)
+                        normalize=self.normalize, reduction=self.reduction, backend=self.backend,
+                        gather_distributed=self.gather_distributed, group=self.group)
 
     def extra_repr(self):
         return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}"
@@ -202,14 +235,17 @@ class InfoNCELoss(torch.nn.Module):
 class ClipLoss(torch.nn.Module):
     """Module form of :func:`clip_loss`: ``ClipLoss()(image_features, text_features, logit_scale)``."""
 
-    def __init__(self, *, normalize=True, reduction="mean", backend="auto"):
+    def __init__(self, *, normalize=True, reduction="mean", backend="auto", gather_distributed=False,
+                 group=None):
         super().__init__()
         v.check_reduction(reduction)
         self.normalize, self.reduction, self.backend = normalize, reduction, backend
+        self.gather_distributed, self.group = gather_distributed, group
 
     def forward(self, image_features, text_features, logit_scale):
         return clip_loss(image_features, text_features, logit_scale, normalize=self.normalize,
-                         reduction=self.reduction, backend=self.backend)
+                         reduction=self.reduction, backend=self.backend,
+                         gather_distributed=self.gather_distributed, group=self.group)
 
     def extra_repr(self):
         return f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}"

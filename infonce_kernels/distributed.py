@@ -1,0 +1,180 @@
+"""Contrastive losses over a batch spread across processes (torch.distributed, DESIGN §4).
+
+Each rank keeps its own rows as queries against the rows of every rank, all-gathered; memory per
+rank is O(global N · d) and nothing O(local N × global N) exists.
+
+Gradient traffic. The plain scheme all-gathers the keys with a gather whose backward
+reduce-scatters their gradients: N×d floats in each direction. When the keys are rows of the
+same loss (NT-Xent/SupCon/DCL: z against all z; CLIP: images against all texts and texts
+against all images), the gradient of a rank's row a only needs every row's log-sum-exp r_j and
+upstream gradient g_j:
+
+    dz_a = s · Σ_j (g_a P_aj + g_j P_ja) z_j,   P_ja = exp(s <z_j, z_a> − r_j)
+
+so these losses all-gather r in the forward and g in the backward (O(N) floats) and each rank
+computes the complete gradient of its own rows (``lse_bwd_paired``); no N×d tensor goes back.
+
+Loss convention. With ``gather_distributed=True`` a loss returns, on each rank,
+``world_size / N_global · Σ_{local rows} loss_i`` for ``reduction="mean"`` (``world_size · Σ``
+for "sum"; the per-row losses for "none"). Averaged over the ranks this is the loss of the whole
+batch, and its gradients, after DistributedDataParallel averages them over the ranks, equal the
+single-process gradients of the whole batch, for every parameter (the temperature too).
+
+Gathering without gradients (``all_gather`` on detached tensors, as many SimCLR codebases do) is
+wrong: each rank then back-propagates only through its own rows' terms, and the terms in which
+its rows serve as another rank's negatives are lost, so the gradient is roughly 1/world of
+the true one for the negatives' part (and DDP's averaging shrinks it further).
+"""
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+
+__all__ = [
+    "RankRows", "rank_rows", "gather_rows", "gather_rows_with_grad", "gathered_lse", "gathered_lse_pair", "scale_loss",
+]
+
+
+class RankRows:
+    """Where this rank's rows sit in the concatenation of every rank's rows.
+
+    Attributes: ``group``, ``world`` (ranks), ``rank``, ``sizes`` (rows per rank), ``offset``
+    (index of this rank's first row), ``total`` (rows in all).
+    """
+
+    def __init__(self, group, sizes, rank):
+        self.group, self.sizes, self.rank = group, sizes, rank
+        self.world = len(sizes)
+        self.offset = sum(sizes[:rank])
+        self.total = sum(sizes)
+
+
+def rank_rows(rows: int, device, group=None) -> RankRows:
+    """Exchange row counts (one int per rank) and place this rank's ``rows`` in the gathered batch."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("gather_distributed=True needs torch.distributed to be initialised "
+                           "(torch.distributed.init_process_group, e.g. under torchrun)")
+    world = dist.get_world_size(group)
+    count = torch.tensor([rows], dtype=torch.int64, device=device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    return RankRows(group, [int(c) for c in counts], dist.get_rank(group))
+
+
+def gather_rows(x: torch.Tensor, where: RankRows) -> torch.Tensor:
+    """Concatenation over ranks of each rank's ``x`` (rows may differ per rank). No autograd."""
+    largest = max(where.sizes)
+    padded = x.new_zeros((largest,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(where.world)]
+    dist.all_gather(parts, padded.contiguous(), group=where.group)
+    return torch.cat([p[:n] for p, n in zip(parts, where.sizes)])
+
+
+def gather_rows_with_grad(x: torch.Tensor, where: RankRows) -> torch.Tensor:
+    """:func:`gather_rows` whose backward sends each rank the sum of every rank's gradient on its
+    rows (torch.distributed.nn's all-gather: the plain N×d-traffic scheme, for asymmetric losses)."""
+    from torch.distributed.nn.functional import all_gather
+
+    largest = max(where.sizes)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, largest - x.shape[0]))
+    parts = all_gather(padded, group=where.group if where.group is not None else dist.group.WORLD)
+    return torch.cat([p[:n] for p, n in zip(parts, where.sizes)])
+
+
+def _no_labels(x):
+    return (x.new_empty(0, dtype=torch.int64),) * 3
+
+
+class _GatheredSymmetricLSE(torch.autograd.Function):
+    """r_a = lse_j(s <z_a, Z_j>) for this rank's rows z against all ranks' rows Z, with the
+    one-sided O(N) backward of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, z, scale, exclude, labels, positive, where, backend):
+        all_z = gather_rows(z, where)
+        all_exclude = gather_rows(exclude, where)
+        if labels is not None:
+            all_labels, all_positive = gather_rows(labels, where), gather_rows(positive, where)
+            row_side = (labels, all_labels, positive)
+        else:
+            all_positive = exclude.new_empty(0)
+            row_side = _no_labels(exclude)
+        r = torch.ops.infonce_kernels.lse(z, all_z, scale, exclude, *row_side, False, backend)
+        all_r = gather_rows(r, where)
+        ctx.save_for_backward(z, all_z, scale, exclude, all_exclude, all_positive, r, all_r, *row_side)
+        ctx.where, ctx.backend, ctx.labelled = where, backend, labels is not None
+        return r
+
+    @staticmethod
+    def backward(ctx, g):
+        z, all_z, scale, exclude, all_exclude, all_positive, r, all_r, *row_side = ctx.saved_tensors
+        g = g.contiguous()
+        all_g = gather_rows(g, ctx.where)
+        labels = tuple(row_side) if ctx.labelled else None
+        dz, dscale = ops.paired_backward(g, z, all_z, scale, exclude, labels, r, all_g, all_r, all_exclude,
+                                         all_positive, ctx.where.offset, ctx.backend)
+        return dz, dscale, None, None, None, None, None
+
+
+def gathered_lse(z, scale, exclude, where: RankRows, *, labels=None, positive=None, backend="auto"):
+    """(local N,) row log-sum-exp of this rank's rows ``z`` against every rank's rows.
+
+    Args:
+        z: (n, d) this rank's rows. scale: 0-d tensor (the lse dtype), may require grad.
+        exclude: (n, E) int64 keys to skip, numbered in the gathered batch (``where.offset + i``
+            is row i's own index). labels, positive: optional (n,) int64 for the label rule,
+            ``positive`` numbered in the gathered batch.
+        where: from :func:`rank_rows`.
+    """
+    name = ops.resolve_backend(backend, z.device)
+    return _GatheredSymmetricLSE.apply(z.contiguous(), scale, exclude.contiguous(), labels, positive, where, name)
+
+
+class _GatheredPairLSE(torch.autograd.Function):
+    """CLIP's two directions over ranks: r = lse(a, all b), t = lse(b, all a), each side's
+    gradient computed locally from the other side's gathered (lse, grad)."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, where, backend):
+        all_a, all_b = gather_rows(a, where), gather_rows(b, where)
+        none = _no_labels(a)
+        no_exclude = a.new_empty(a.shape[0], 0, dtype=torch.int64)
+        r = torch.ops.infonce_kernels.lse(a, all_b, scale, no_exclude, *none, False, backend)
+        t = torch.ops.infonce_kernels.lse(b, all_a, scale, no_exclude, *none, False, backend)
+        all_r, all_t = gather_rows(r, where), gather_rows(t, where)
+        ctx.save_for_backward(a, b, all_a, all_b, scale, r, t, all_r, all_t)
+        ctx.where, ctx.backend = where, backend
+        return r, t
+
+    @staticmethod
+    def backward(ctx, g_r, g_t):
+        a, b, all_a, all_b, scale, r, t, all_r, all_t = ctx.saved_tensors
+        g_r, g_t = g_r.contiguous(), g_t.contiguous()
+        all_g_r, all_g_t = gather_rows(g_r, ctx.where), gather_rows(g_t, ctx.where)
+        key_exclude = a.new_empty(ctx.where.total, 0, dtype=torch.int64)
+        no_exclude = a.new_empty(a.shape[0], 0, dtype=torch.int64)
+        empty = a.new_empty(0, dtype=torch.int64)
+        offset = ctx.where.offset
+        # a's rows against all b; every b row (as a row against all a) is the key side.
+        da, ds_a = ops.paired_backward(g_r, a, all_b, scale, no_exclude, None, r, all_g_t, all_t, key_exclude,
+                                       empty, offset, ctx.backend)
+        db, ds_b = ops.paired_backward(g_t, b, all_a, scale, no_exclude, None, t, all_g_r, all_r, key_exclude,
+                                       empty, offset, ctx.backend)
+        return da, db, ds_a + ds_b, None, None
+
+
+def gathered_lse_pair(a, b, scale, where: RankRows, *, backend="auto"):
+    """(r, t): lse(a_i, all b) and lse(b_i, all a) for this rank's paired rows a, b (n, d)."""
+    name = ops.resolve_backend(backend, a.device)
+    return _GatheredPairLSE.apply(a.contiguous(), b.contiguous(), scale, where, name)
+
+
+def scale_loss(per_row: torch.Tensor, reduction: str, where: RankRows) -> torch.Tensor:
+    """This rank's share of the batch loss under the convention of the module docstring."""
+    if reduction == "mean":
+        return per_row.sum() * (where.world / where.total)
+    if reduction == "sum":
+        return per_row.sum() * where.world
+    return per_row

@@ -1,0 +1,73 @@
+"""Worker for tests/test_distributed.py: one process of a gloo group (spawned, not forked).
+
+Every rank holds the same model and the same global batch, takes its own slice of rows, and
+checks that (a) the mean over ranks of its distributed loss equals the single-process loss of
+the whole batch and (b) its parameter gradients, averaged over ranks as DistributedDataParallel
+does, equal the single-process gradients.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+import infonce_kernels as ik
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _nt_xent(model, tau, x1, x2, **kw):
+    return ik.nt_xent(model(x1), model(x2), tau, **kw)
+
+
+def _info_nce(model, tau, x1, x2, **kw):
+    return ik.info_nce(model(x1), model(x2), temperature=tau, **kw)
+
+
+def _clip(model, tau, x1, x2, **kw):
+    return ik.clip_loss(model(x1), model(x2), 1.0 / tau, **kw)
+
+
+LOSSES = {"nt_xent": _nt_xent, "info_nce": _info_nce, "clip": _clip}
+
+
+def _gradients(params):
+    return [p.grad.detach().clone() for p in params]
+
+
+def run(rank, world, init_file, dtype_name, sizes, backend, losses):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        dtype = getattr(torch, dtype_name)
+        torch.manual_seed(0)
+        total = sum(sizes)
+        x1, x2 = torch.randn(total, 7, dtype=dtype), torch.randn(total, 7, dtype=dtype)
+        model = torch.nn.Linear(7, 5).to(dtype)
+        log_tau = torch.nn.Parameter(torch.tensor(math.log(0.3), dtype=dtype))
+        params = [*model.parameters(), log_tau]
+        lo = sum(sizes[:rank])
+        rows = slice(lo, lo + sizes[rank])
+        tol = TOLERANCE[dtype]
+        for name in losses:
+            fn = LOSSES[name]
+            for p in params:
+                p.grad = None
+            loss = fn(model, log_tau.exp(), x1[rows], x2[rows], gather_distributed=True, backend=backend)
+            loss.backward()
+            grads = _gradients(params)
+            for g in grads:  # what DistributedDataParallel does
+                dist.all_reduce(g)
+                g /= world
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            mean_loss /= world
+            for p in params:
+                p.grad = None
+            full = fn(model, log_tau.exp(), x1, x2, backend=backend)
+            full.backward()
+            torch.testing.assert_close(mean_loss, full.detach(), rtol=tol, atol=tol, msg=f"{name} loss")
+            for i, (g, p) in enumerate(zip(grads, params)):
+                torch.testing.assert_close(g, p.grad, rtol=tol, atol=tol, msg=f"{name} gradient {i}")
+    finally:
+        dist.destroy_process_group()
