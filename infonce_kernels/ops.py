@@ -270,9 +270,10 @@ def paired_backward(grad, q, k, scale, exclude, labels, lse, key_grad, key_lse, 
     if labels is None:
         labels = (exclude.new_empty(0),) * 3
         key_positive = exclude.new_empty(0)
-    return _lse_backward_paired_op(grad.contiguous(), q.contiguous(), k.contiguous(), scale, exclude, *labels, lse,
-                                   key_grad.contiguous(), key_lse.contiguous(), key_exclude, key_positive,
-                                   int(row_offset), name)
+    labels = tuple(t.contiguous() for t in labels)
+    return _lse_backward_paired_op(grad.contiguous(), q.contiguous(), k.contiguous(), scale, exclude.contiguous(),
+                                   *labels, lse.contiguous(), key_grad.contiguous(), key_lse.contiguous(),
+                                   key_exclude.contiguous(), key_positive.contiguous(), int(row_offset), name)
 
 
 def lse(q, k, scale, *, exclude=None, symmetric=False, row_labels=None, key_labels=None, positive=None,

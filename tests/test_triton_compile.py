@@ -51,17 +51,21 @@ for case in eval(sys.argv[1]):
     fc = _config.forward_config(cpu, dt, 1, 1, d)
     bc = _config.backward_config(cpu, dt, 1, 1, d)
     common = dict(E=E, HAS_LABELS=has_labels, ACC_DTYPE=acc_dtype(dt), INPUT_PRECISION=input_precision(dt))
-    def consts(cfg):
-        m = cfg.meta(); m.pop("num_warps"); m.pop("num_stages"); return {**common, **m}
+    def consts(cfg, **extra):
+        m = cfg.meta(); m.pop("num_warps"); m.pop("num_stages"); return {**common, **m, **extra}
     base = dict(scale_ptr=a, ex_ptr="*i64", rlab_ptr="*i64", klab_ptr="*i64", pos_ptr="*i64", lse_ptr=a)
+    key_side = dict(kex_ptr="*i64", krlab_ptr="*i64", kklab_ptr="*i64", kpos_ptr="*i64", klse_ptr=a, kg_ptr=a)
     jobs = [
-        (_forward._lse_fwd_kernel, dict(base, q_ptr=s, k_ptr=s), fc),
-        (_backward._dq_kernel, dict(base, q_ptr=s, k_ptr=s, g_ptr=a, dq_ptr=s, part_ptr=a), bc),
-        (_backward._dk_kernel, dict(base, q_ptr=s, k_ptr=s, g_ptr=a, gmax_ptr=a, dk_ptr=s), _config.dk_config(bc)),
-        (_backward._dz_sym_kernel, dict(base, z_ptr=s, g_ptr=a, gmax_ptr=a, dz_ptr=s, part_ptr=a), bc),
+        (_forward._lse_fwd_kernel, dict(base, q_ptr=s, k_ptr=s), fc, {}),
+        (_backward._dq_kernel, dict(base, q_ptr=s, k_ptr=s, g_ptr=a, dq_ptr=s, part_ptr=a), bc, {}),
+        (_backward._dk_kernel, dict(base, q_ptr=s, k_ptr=s, g_ptr=a, gmax_ptr=a, dk_ptr=s),
+         _config.dk_config(bc), {}),
+        # paired / symmetric dq kernel; the key side's exclusion width differs from the rows' (KE = 2 - E)
+        (_backward._dq_paired_kernel, dict(base, **key_side, q_ptr=s, k_ptr=s, g_ptr=a, gmax_ptr=a, dq_ptr=s,
+                                           part_ptr=a), bc, dict(KE=2 - E)),
     ]
-    for fn, ptrs, cfg in jobs:
-        k = build(fn, ptrs, consts(cfg), cap, cfg)
+    for fn, ptrs, cfg, extra in jobs:
+        k = build(fn, ptrs, consts(cfg, **extra), cap, cfg)
         assert k.asm.get("cubin"), fn.__name__
         print(f"sm{cap} {SHORT[dt]} d={d} E={E} labels={has_labels} {fn.__name__}: ok, smem={k.metadata.shared}", flush=True)
 """

@@ -289,3 +289,132 @@ def test_env_is_read_at_decoration():
 
     assert isinstance(_forward._lse_fwd_kernel, InterpretedFunction)
     assert os.environ.get("TRITON_INTERPRET") not in (None, "", "0")
+
+
+# ----------------------------------------------------------------------------- paired backward
+def paired_case(M, N, d, dtype, E, KE, offset, classes=0, seed=0, gathered=True):
+    """Arguments of ``ops.paired_backward``: rows q against keys k that are rows of an LSE too.
+
+    gathered: q = z[offset:offset+M] is a slice of the rows k = z (N >= offset + M), row side
+    exclusions are the self index (then a partner), key side ones the keys' self index (then
+    a random row), both in the numbering of z; else q and k are independent and the key side's
+    lists hold random indices in [-1, offset + M + 2) (some outside the rows of q).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    z = torch.randn(N, d, generator=gen, dtype=torch.float64)
+    if gathered:
+        assert offset + M <= N
+        q, k = z[offset:offset + M].clone(), z
+    else:
+        q, k = torch.randn(M, d, generator=gen, dtype=torch.float64), z
+    rows = torch.arange(M) + offset
+    ex = torch.full((M, E), -1, dtype=torch.int64)
+    kex = torch.full((N, KE), -1, dtype=torch.int64)
+    if gathered:
+        if E >= 1:
+            ex[:, 0] = rows
+        if E >= 2:
+            ex[:, 1] = (rows + N // 2) % N
+        if KE >= 1:
+            kex[:, 0] = torch.arange(N)
+        if KE >= 2:
+            kex[:, 1] = torch.randint(-1, N, (N,), generator=gen)
+    else:
+        ex = make_exclude(M, N, E, False, gen)
+        kex = torch.randint(-1, offset + M + 2, (N, KE), generator=gen)
+    labels, key_positive = None, torch.empty(0, dtype=torch.int64)
+    if classes:
+        lab = torch.randint(0, classes, (N,), generator=gen)
+        lab[-1] = classes                  # a key no row shares
+        rl = lab[offset:offset + M].clone() if gathered else torch.randint(0, classes, (M,), generator=gen)
+        pos = torch.randint(-1, N, (M,), generator=gen)
+        key_positive = torch.randint(-1, offset + M + 2, (N,), generator=gen)
+        labels = (rl, lab, pos)
+    s = torch.tensor(1.3, dtype=acc)
+    L = 1.3 * (q @ k.T)
+    lse = torch.logsumexp(L, 1) + 0.1 * torch.randn(M, generator=gen, dtype=torch.float64)
+    key_lse = torch.logsumexp(L.T, 1) + 0.1 * torch.randn(N, generator=gen, dtype=torch.float64)
+    g = torch.randn(M, generator=gen, dtype=torch.float64)
+    h = torch.randn(N, generator=gen, dtype=torch.float64)
+    return (g.to(acc), q.to(dtype), k.to(dtype), s, ex, labels, lse.to(acc), h.to(acc), key_lse.to(acc),
+            kex, key_positive, offset)
+
+
+def check_paired(args, dtype):
+    from infonce_kernels.ops import paired_backward
+
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    dq, ds = paired_backward(*args, backend="triton")
+    rdq, rds = paired_backward(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+                                 for a in args], backend="reference")
+    assert dq.dtype == dtype and dq.shape == args[1].shape
+    assert ds.dtype == args[3].dtype and ds.shape == ()
+    assert torch.isfinite(dq).all()
+    assert_close(dq, rdq, what="dq", **tol)
+    assert_close(ds, rds, what="dscale", **tol)
+
+
+PAIRED_CASES = [
+    # (M, N, d, E, KE, offset, classes, gathered)
+    (TILE + 1, 3 * TILE + 2, 5, 0, 0, 0, 0, False),            # no exclusions, M != N
+    (TILE - 1, 2 * TILE + 3, 7, 2, 1, TILE + 2, 0, True),      # a slice of k's rows, self index both sides
+    (TILE + 3, 2 * TILE + 5, DCHUNK + 3, 1, 2, 7, 0, True),    # chunked d, E != KE
+    (9, TILE + 4, 6, 1, 2, 5, 0, False),                       # key lists partly outside q's rows
+    (TILE + 2, 3 * TILE, 6, 1, 1, TILE - 3, 3, True),          # label rule, offset > 0
+    (7, TILE + 5, 4, 0, 1, 0, 2, False),                       # label rule, offset 0, independent q
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("M,N,d,E,KE,offset,classes,gathered", PAIRED_CASES, ids=lambda v: str(v))
+def test_paired_backward_matches_reference(M, N, d, E, KE, offset, classes, gathered, dtype):
+    check_paired(paired_case(M, N, d, dtype, E, KE, offset, classes, seed=M + N, gathered=gathered), dtype)
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["plain", "labels"])
+def test_paired_backward_symmetric_special_case(labelled):
+    """k = q (as separate tensors), key side = row side, offset 0 gives the symmetric dz and dscale;
+    and rows z[a:b] against all of z give exactly rows a:b of dz (a rank under a gather)."""
+    from infonce_kernels.ops import paired_backward
+
+    n, d = 2 * TILE + 3, 6
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    s = torch.tensor(1.7, dtype=torch.float64)
+    ex = torch.stack([torch.arange(n), (torch.arange(n) + n // 2) % n], 1)
+    labs = NO_LABELS
+    if labelled:
+        lab = torch.randint(0, 4, (n,), generator=gen)
+        labs = (lab, lab, (torch.arange(n) + n // 2) % n)
+    r = tbackend.forward(z, z, s, ex, *labs, True)
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    dz, _, ds = tbackend.backward(g, z, z, s, ex, *labs, True, r)
+    kpos = labs[2] if labelled else torch.empty(0, dtype=torch.int64)
+    labels = labs if labelled else None
+    dq, dsp = paired_backward(g, z.clone(), z, s, ex, labels, r, g, r, ex, kpos, 0, backend="triton")
+    assert_close(dq, dz, rtol=1e-12, atol=1e-12, what="dq (full)")
+    assert_close(dsp, ds, rtol=1e-12, atol=1e-12, what="dscale (full)")
+    a, b = TILE - 2, 2 * TILE + 1
+    part = (labs[0][a:b], labs[1], labs[2][a:b]) if labelled else None
+    dq, _ = paired_backward(g[a:b], z[a:b], z, s, ex[a:b], part, r[a:b], g, r, ex, kpos, a, backend="triton")
+    assert_close(dq, dz[a:b], rtol=1e-12, atol=1e-12, what="dq (slice)")
+
+
+def test_paired_backward_direct_call_and_tiny_grads():
+    """backward_paired called as the dispatcher calls it; g and h scaled by 1e-30 scale dq exactly."""
+    g, q, k, s, ex, _, lse, h, klse, kex, kpos, off = paired_case(6, 11, 5, torch.float64, 1, 1, 2, seed=3)
+    dq, ds = tbackend.backward_paired(g, q, k, s, ex, *NO_LABELS, lse, h, klse, kex, kpos, off)
+    dq2, ds2 = tbackend.backward_paired(g * 1e-30, q, k, s, ex, *NO_LABELS, lse, h * 1e-30, klse, kex, kpos,
+                                        off)
+    assert_close(dq2 * 1e30, dq, rtol=1e-12, atol=0, what="dq")
+    assert_close(ds2 * 1e30, ds, rtol=1e-12, atol=0, what="dscale")
+    z0 = torch.zeros_like(g)
+    h0 = torch.zeros_like(h)
+    dq0, ds0 = tbackend.backward_paired(z0, q, k, s, ex, *NO_LABELS, lse, h0, klse, kex, kpos, off)
+    assert not dq0.any() and ds0.item() == 0.0
+    # only the key side: dscale is the row side's alone
+    dqh, dsh = tbackend.backward_paired(z0, q, k, s, ex, *NO_LABELS, lse, h, klse, kex, kpos, off)
+    assert dsh.item() == 0.0 and dqh.abs().sum() > 0
+    with pytest.raises(ValueError, match="key_exclude"):
+        tbackend.backward_paired(g, q, k, s, ex, *NO_LABELS, lse, h, klse, kex[:5], kpos, off)

@@ -6,6 +6,8 @@ contiguous, validated arguments on one device):
     forward(q, k, scale, exclude, row_labels, key_labels, positive, symmetric) -> lse
     backward(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse)
         -> (dq, dk, dscale)
+    backward_paired(grad, q, k, scale, exclude, row_labels, key_labels, positive, lse,
+                    key_grad, key_lse, key_exclude, key_positive, row_offset) -> (dq, dscale)
     available(device) -> (bool, reason)
 
 Shapes: q (M, d), k (N, d) (``k is q`` when symmetric), scale () fp32/fp64,
@@ -25,7 +27,8 @@ Layout:
     _config.py    tile sizes per GPU generation, autotune switch (no triton import)
     _common.py    tile loads, exclusion loads, the chunked-d score tile
     _forward.py   forward kernel: row-block online LSE
-    _backward.py  dq / dk kernels (general) and the symmetric dz kernel, dscale
+    _backward.py  dq / dk kernels (general), the paired dq kernel (paired and
+                  symmetric backward), dscale
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["forward", "backward", "available"]
+__all__ = ["forward", "backward", "backward_paired", "available"]
 
 _kernels_mode = None  # interpret mode the kernel modules were decorated in (None: not loaded yet)
 
@@ -147,3 +150,40 @@ def backward(grad, q, k, scale, exclude, row_labels, key_labels, positive, symme
     labels = _labels(row_labels, key_labels, positive)
     with _device_guard(q):
         return bwd.lse_backward(grad, q, k, scale, exclude, bool(symmetric), lse, labels)
+
+
+def backward_paired(grad, q, k, scale, exclude, row_labels, key_labels, positive, lse,
+                    key_grad, key_lse, key_exclude, key_positive, row_offset):
+    """(dq, dscale) when the keys are rows of a log-sum-exp too (``lse_bwd_paired`` in csrc/ops.cpp):
+
+        dq_i = s sum_j (W_ij + V_ji) k_j,   dscale = sum_ij W_ij <q_i, k_j>  (row side only)
+
+    W_ij = g_i exp(s <q_i,k_j> - r_i) on the pairs row i keeps (``exclude`` (M, E) in k's
+    numbering, and the label rule); V_ji = h_j exp(s <q_i,k_j> - rho_j) with h = ``key_grad``,
+    rho = ``key_lse`` (N,), zero where key j, as a row, excludes row i: ``i + row_offset`` in
+    ``key_exclude[j]`` (N, E'), or key_labels[j] == row_labels[i] and key_positive[j] !=
+    i + row_offset. The symmetric backward is the case k = q, key side = row side, row_offset 0.
+    dq in q.dtype, dscale () in scale.dtype.
+    """
+    _check(q, k, scale, exclude)
+    N = k.shape[0]
+    labels = _labels(row_labels, key_labels, positive)
+    if key_grad.shape != (N,) or key_lse.shape != (N,):
+        raise ValueError("triton backend: key_grad and key_lse must have shape (N,)")
+    if key_exclude.dtype != torch.int64 or key_exclude.dim() != 2 or key_exclude.shape[0] != N \
+            or key_exclude.shape[1] > 2:
+        raise ValueError("triton backend: key_exclude must be int64 of shape (N, E) with E <= 2")
+    if labels is not None and (key_positive.shape != (N,) or key_positive.dtype != torch.int64):
+        raise ValueError("triton backend: key_positive must be int64 of shape (N,) with the label rule")
+    if int(row_offset) < 0:
+        raise ValueError("triton backend: row_offset must be >= 0")
+    _, bwd = _load()
+    q, k, exclude, lse = q.contiguous(), k.contiguous(), exclude.contiguous(), lse.contiguous()
+    grad = grad.to(lse.dtype).contiguous()
+    key_grad = key_grad.to(lse.dtype).contiguous()
+    key_lse = key_lse.to(lse.dtype).contiguous()
+    key_exclude = key_exclude.contiguous()
+    key_positive = key_positive.contiguous() if labels is not None else None
+    with _device_guard(q):
+        return bwd.lse_backward_paired(grad, q, k, scale, exclude, labels, lse, key_grad, key_lse,
+                                       key_exclude, key_positive, int(row_offset))

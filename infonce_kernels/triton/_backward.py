@@ -1,4 +1,4 @@
-"""Backward kernels: dq, dk and dscale without any N x N buffer.
+"""Backward kernels: dq, dk and dscale without any N x N buffer (general, symmetric, paired).
 
 Given the forward's row LSE r (M,) and the upstream gradient g (M,):
 
@@ -16,12 +16,21 @@ score tile  <q_i, k_j>  from q and k:
 * ``_dk_kernel``  grid (key blocks, d-out chunks): walks all row blocks,
   accumulates dk.
 
-Symmetric case (k is q = z, M = N):  dz = s (W + W^T) z with
+Symmetric and paired cases: one kernel, ``_dq_paired_kernel`` (grid: row blocks,
+d-out chunks), for the gradient on q when the keys are rows of a log-sum-exp
+too (``lse_bwd_paired``):
 
-    (W + W^T)_ij = g_i P_ij + g_j P_ji,   P_ji = exp(s <z_i,z_j> - r_j) [masked by row j's exclusions]
+    dq_i = s sum_j (W_ij + V_ji) k_j,   V_ji = h_j Q_ji,  Q_ji = exp(s <q_i,k_j> - rho_j)
 
-so ``_dz_sym_kernel`` (grid: row blocks, d-out chunks) produces its rows of
-dz with one pass over the key blocks, two exp2 per pair, no atomics.
+with h (N,) the keys' upstream gradient, rho (N,) their LSE, and Q_ji = 0
+where key j, as a row, excludes row i (its own list ``key_exclude`` (N, E')
+numbering the rows of q from ``row_offset``, or the label rule seen from
+key j: key_labels[j] == row_labels[i] and key_positive[j] != i + row_offset).
+Each program produces its rows of dq with one pass over the key blocks, two
+exp2 per pair, no atomics. The symmetric backward (k is q = z, M = N) is the
+launch with the key side = the row side and row_offset = 0:
+
+    dz = s (W + W^T) z,   (W + W^T)_ij = g_i P_ij + g_j P_ji
 
 dscale: each program of d-chunk 0 writes one partial sum to ``partials``
 (one slot per row block); the host sums that fixed-length vector with
@@ -30,7 +39,8 @@ dscale: each program of d-chunk 0 writes one partial sum to ``partials``
 Range: for fp16 inputs the weight tile is cast to fp16 before the second
 ``tl.dot``; with a mean reduction g_i ~ 1/M and W_ij = g_i P_ij would
 underflow. The kernels therefore use g / gmax (gmax = max |g|, computed on
-device, never synced) and multiply the result by gmax in the epilogue.
+device, never synced; max(|g|, |h|) in the paired kernel) and multiply the
+result by gmax in the epilogue.
 """
 from __future__ import annotations
 
@@ -164,76 +174,95 @@ def _dk_kernel(
 
 
 @triton.jit
-def _dz_sym_kernel(
-    z_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr, gmax_ptr, dz_ptr, part_ptr,
-    N, D,
-    E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def _dq_paired_kernel(
+    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr,
+    kex_ptr, krlab_ptr, kklab_ptr, kpos_ptr, klse_ptr, kg_ptr, gmax_ptr, dq_ptr, part_ptr,
+    M, N, D, row_offset,
+    E: tl.constexpr, KE: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
 ):
-    # dz_i = s * sum_j (g_i P_ij + g_j P_ji) z_j ; rows i of this program, all j.
+    # dq_i = s * sum_j (g_i P_ij + h_j Q_ji) k_j ; rows i of this program, all keys j.
+    #   row side:  P_ij = exp(s<q_i,k_j> - r_i)   unless row i excludes key j
+    #              (ex_ptr (M, E) in key numbering; label rule: rlab[i] == klab[j] and j != pos[i])
+    #   key side:  Q_ji = exp(s<q_i,k_j> - rho_j) unless key j, as a row, excludes row i
+    #              (kex_ptr (N, KE) numbering the rows of q from row_offset; label rule:
+    #               krlab[j] == kklab[i] and kpos[j] != i + row_offset, where krlab (N,) are the
+    #               keys' labels as rows and kklab (M,) the rows' labels as keys of the key side:
+    #               key_labels / row_labels when paired, row_labels / key_labels when symmetric)
+    # Symmetric backward: k = q, key side = row side, row_offset = 0 -> dz = s (W + W^T) z.
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    exr0, exr1 = load_exclusions(ex_ptr, rows, N, E)
-    rlab_r = load_labels(rlab_ptr, rows, N, HAS_LABELS)    # row label of i (its own rule)
-    klab_r = load_labels(klab_ptr, rows, N, HAS_LABELS)    # key label of i (as a key of row j)
-    pos_r = load_labels(pos_ptr, rows, N, HAS_LABELS)
+    row_ok = rows < M
+    rows_g = rows.to(tl.int64) + row_offset                # row i as numbered by the key side
+    exr0, exr1 = load_exclusions(ex_ptr, rows, M, E)
+    rlab_r = load_labels(rlab_ptr, rows, M, HAS_LABELS)
+    pos_r = load_labels(pos_ptr, rows, M, HAS_LABELS)
+    kklab_r = load_labels(kklab_ptr, rows, M, HAS_LABELS)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
-    gs = _load_g_scale(gmax_ptr, ACC_DTYPE)
+    gs = _load_g_scale(gmax_ptr, ACC_DTYPE)                 # max(|g|, |h|)
     lse_r = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)
     g_r = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE) / gs
     do0 = pid_d * BLOCK_DO
 
     if SINGLE_D:
-        z_rows = load_tile(z_ptr, rows, N, 0, D, BLOCK_M, BLOCK_D)
+        q_rows = load_tile(q_ptr, rows, M, 0, D, BLOCK_M, BLOCK_D)
     else:
-        z_rows = 0
+        q_rows = 0
 
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC_DTYPE)
-    pl = tl.zeros((BLOCK_M,), ACC_DTYPE)             # sum_j P_ij <z_i, z_j>  (for dscale)
+    pl = tl.zeros((BLOCK_M,), ACC_DTYPE)             # sum_j P_ij <q_i, k_j>  (for dscale)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        exc0, exc1 = load_exclusions(ex_ptr, cols, N, E)
-        lse_c = tl.load(lse_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
-        g_c = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE) / gs
+        exc0, exc1 = load_exclusions(kex_ptr, cols, N, KE)
+        lse_c = tl.load(klse_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
+        h_c = tl.load(kg_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE) / gs
         if SINGLE_D:
-            z_cols_t = load_tile_t(z_ptr, cols, N, 0, D, BLOCK_N, BLOCK_D)  # as in the forward
-            z_cols = tl.trans(z_cols_t)
+            k_cols_t = load_tile_t(k_ptr, cols, N, 0, D, BLOCK_N, BLOCK_D)  # as in the forward
+            k_cols = tl.trans(k_cols_t)
         else:
-            z_cols_t = 0
-        dots = scores(z_ptr, z_ptr, rows, cols, N, N, D, z_rows, z_cols_t,
+            k_cols_t = 0
+        dots = scores(q_ptr, k_ptr, rows, cols, M, N, D, q_rows, k_cols_t,
                       ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         both = row_ok[:, None] & col_ok[None, :]
-        keep_ij = both & (cols[None, :] != exr0[:, None]) & (cols[None, :] != exr1[:, None])   # row i's exclusions
-        keep_ji = both & (rows[:, None] != exc0[None, :]) & (rows[:, None] != exc1[None, :])   # row j's exclusions
+        # row i's list (key numbering) and key j's list (rows numbered from row_offset)
+        keep_ij = both & (cols[None, :] != exr0[:, None]) & (cols[None, :] != exr1[:, None])
+        keep_ji = both & (rows_g[:, None] != exc0[None, :]) & (rows_g[:, None] != exc1[None, :])
         if HAS_LABELS:
-            rlab_c = load_labels(rlab_ptr, cols, N, HAS_LABELS)
             klab_c = load_labels(klab_ptr, cols, N, HAS_LABELS)
-            pos_c = load_labels(pos_ptr, cols, N, HAS_LABELS)
+            krlab_c = load_labels(krlab_ptr, cols, N, HAS_LABELS)
+            kpos_c = load_labels(kpos_ptr, cols, N, HAS_LABELS)
             keep_ij = keep_ij & ((rlab_r[:, None] != klab_c[None, :]) | (cols[None, :] == pos_r[:, None]))
-            keep_ji = keep_ji & ((rlab_c[None, :] != klab_r[:, None]) | (rows[:, None] == pos_c[None, :]))
+            keep_ji = keep_ji & ((krlab_c[None, :] != kklab_r[:, None])
+                                 | (rows_g[:, None] == kpos_c[None, :]))
         x = dots * s                                                # L_ij (nats)
         p_ij = tl.exp2(tl.where(keep_ij, (x - lse_r[:, None]) * LOG2E, float("-inf")))
-        p_ji = tl.exp2(tl.where(keep_ji, (x - lse_c[None, :]) * LOG2E, float("-inf")))
+        q_ji = tl.exp2(tl.where(keep_ji, (x - lse_c[None, :]) * LOG2E, float("-inf")))
         pl += tl.sum(p_ij * dots, axis=1)
-        w = g_r[:, None] * p_ij + g_c[None, :] * p_ji              # (W + W^T)_ij / gs
+        w = g_r[:, None] * p_ij + h_c[None, :] * q_ji              # (W_ij + V_ji) / gs
         if not SINGLE_D:
-            z_cols = load_tile(z_ptr, cols, N, do0, D, BLOCK_N, BLOCK_DO)
-        acc = tl.dot(w.to(z_cols.dtype), z_cols, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            k_cols = load_tile(k_ptr, cols, N, do0, D, BLOCK_N, BLOCK_DO)
+        acc = tl.dot(w.to(k_cols.dtype), k_cols, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
-    dz = acc * (s * gs)
+    dq = acc * (s * gs)
     offs_d = do0 + tl.arange(0, BLOCK_DO)
-    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    ptrs = dq_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(ptrs, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     if pid_d == 0:
-        # sum_i g_i sum_j P_ij <z_i, z_j> (times gs on the host side of the sum)
+        # sum_i g_i sum_j P_ij <q_i, k_j>  (g_r holds g_i / gs)
         tl.store(part_ptr + pid_m, tl.sum(g_r * pl, axis=0) * gs)
 
 
 _autotuned: dict = {}
+
+_TUNE_KEYS = {
+    "dq": ["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
+    "dk": ["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
+    "paired": ["M", "N", "D", "E", "KE", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
+}
 
 
 def _maybe_autotuned(kernel, name: str):
@@ -242,9 +271,58 @@ def _maybe_autotuned(kernel, name: str):
         cfgs = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
                               num_warps=c.num_warps, num_stages=c.num_stages)
                 for c in _config.autotune_configs(base)]
-        _autotuned[name] = triton.autotune(cfgs, key=["D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"] + (
-            ["N"] if name == "sym" else ["M", "N"]))(kernel)
+        # A config with BLOCK_M = 128 writes half the dscale partials of one with 64: zero them
+        # after the benchmark runs so that the final launch leaves no stale slot behind.
+        reset = ["part_ptr"] if "part_ptr" in kernel.arg_names else None
+        _autotuned[name] = triton.autotune(cfgs, key=_TUNE_KEYS[name], reset_to_zero=reset)(kernel)
     return _autotuned[name]
+
+
+def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dq_paired(grad, q, k, scale, exclude, labels, lse, key_grad, key_lse, key_exclude, key_labels,
+               row_offset):
+    """Launch :func:`_dq_paired_kernel`: -> (dq (M, d) q.dtype, dscale () scale.dtype).
+
+    ``labels``: None or the row side's (row_labels (M,), key_labels (N,), positive (M,));
+    ``key_labels``: then the key side's (labels of the keys as rows (N,), of the rows as
+    keys (M,), key positives (N,)).
+
+    One program per (row block, d-out chunk), one pass over the key blocks, no atomics;
+    dscale is the fp64 sum of one partial per row block (fixed order: reproducible).
+    """
+    M, D = q.shape
+    N = k.shape[0]
+    E = exclude.shape[1] if exclude.dim() == 2 else 0
+    KE = key_exclude.shape[1] if key_exclude.dim() == 2 else 0
+    cfg = _config.backward_config(q.device, q.dtype, M, N, D)
+    tune = _config.autotune_enabled()
+    ex = exclude if E > 0 else q                       # dummy pointers, never read
+    kex = key_exclude if KE > 0 else q
+    if labels is not None:
+        rlab, klab, pos = labels
+        krlab, kklab, kpos = key_labels
+    else:
+        rlab = klab = pos = krlab = kklab = kpos = q
+    # One range divisor for both sides: the weights are (g_i P_ij + h_j Q_ji) / gmax.
+    gmax = grad.abs().amax() if key_grad is grad else torch.maximum(grad.abs().amax(), key_grad.abs().amax())
+    n_dchunks = triton.cdiv(D, cfg.BLOCK_DO)
+    partials = torch.zeros(triton.cdiv(M, 64 if tune else cfg.BLOCK_M), device=q.device,
+                           dtype=_acc_torch_dtype(q.dtype))
+    dq = torch.empty_like(q)
+    args = (q, k, scale, ex, rlab, klab, pos, lse, grad, kex, krlab, kklab, kpos, key_lse, key_grad, gmax,
+            dq, partials, M, N, D, int(row_offset))
+    common = dict(E=E, KE=KE, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype),
+                  INPUT_PRECISION=input_precision(q.dtype))
+    if tune:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
+        _maybe_autotuned(_dq_paired_kernel, "paired")[grid](
+            *args, **common, BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
+    else:
+        _dq_paired_kernel[(triton.cdiv(M, cfg.BLOCK_M), n_dchunks)](*args, **common, **cfg.meta())
+    return dq, partials.to(torch.float64).sum().to(scale.dtype)
 
 
 def lse_backward(grad, q, k, scale, exclude, symmetric, lse, labels=None):
@@ -260,6 +338,15 @@ def lse_backward(grad, q, k, scale, exclude, symmetric, lse, labels=None):
     Returns:
         (dq (M, d) q.dtype, dk (N, d) k.dtype or empty (0,), dscale () scale.dtype)
     """
+    grad = grad.contiguous()
+    if symmetric:
+        # The paired kernel with the key side = the row side: k = q, h = g, rho = r, the
+        # keys' exclusions = the rows' own, W^T_ij = W_ji under row j's label rule
+        # (row_labels[j] == key_labels[i], i != positive[j]), row_offset = 0.
+        key_side = None if labels is None else (labels[0], labels[1], labels[2])
+        dz, dscale = _dq_paired(grad, q, q, scale, exclude, labels, lse, grad, lse, exclude, key_side, 0)
+        return dz, q.new_empty(0), dscale
+
     M, D = q.shape
     N = k.shape[0]
     E = exclude.shape[1] if exclude.dim() == 2 else 0
@@ -268,38 +355,48 @@ def lse_backward(grad, q, k, scale, exclude, symmetric, lse, labels=None):
     ex = exclude if E > 0 else q                       # dummy pointer, never read
     lab = tuple(labels) if labels is not None else (q, q, q)
     common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype))
-    acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
-    grad = grad.contiguous()
     gmax = grad.abs().amax()             # device scalar; no host sync
     n_dchunks = triton.cdiv(D, cfg.BLOCK_DO)
     d_meta = dict(BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
-    min_bm = 64 if tune else cfg.BLOCK_M
-    partials = torch.zeros(triton.cdiv(M, min_bm), device=q.device, dtype=acc_t)
-
+    partials = torch.zeros(triton.cdiv(M, 64 if tune else cfg.BLOCK_M), device=q.device,
+                           dtype=_acc_torch_dtype(q.dtype))
     dq = torch.empty_like(q)
-    if symmetric:
-        if tune:
-            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
-            _maybe_autotuned(_dz_sym_kernel, "sym")[grid](
-                q, scale, ex, *lab, lse, grad, gmax, dq, partials, N, D, **common, **d_meta)
-        else:
-            _dz_sym_kernel[(triton.cdiv(N, cfg.BLOCK_M), n_dchunks)](
-                q, scale, ex, *lab, lse, grad, gmax, dq, partials, N, D, **common, **cfg.meta())
-        dk = q.new_empty(0)
+    dk = torch.empty_like(k)
+    if tune:
+        grid_q = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
+        grid_k = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_dchunks)  # noqa: E731
+        _maybe_autotuned(_dq_kernel, "dq")[grid_q](
+            q, k, scale, ex, *lab, lse, grad, dq, partials, M, N, D, **common, **d_meta)
+        _maybe_autotuned(_dk_kernel, "dk")[grid_k](
+            q, k, scale, ex, *lab, lse, grad, gmax, dk, M, N, D, **common, **d_meta)
     else:
-        dk = torch.empty_like(k)
-        if tune:
-            grid_q = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
-            grid_k = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_dchunks)  # noqa: E731
-            _maybe_autotuned(_dq_kernel, "dq")[grid_q](
-                q, k, scale, ex, *lab, lse, grad, dq, partials, M, N, D, **common, **d_meta)
-            _maybe_autotuned(_dk_kernel, "dk")[grid_k](
-                q, k, scale, ex, *lab, lse, grad, gmax, dk, M, N, D, **common, **d_meta)
-        else:
-            _dq_kernel[(triton.cdiv(M, cfg.BLOCK_M), n_dchunks)](
-                q, k, scale, ex, *lab, lse, grad, dq, partials, M, N, D, **common, **cfg.meta())
-            kcfg = _config.dk_config(cfg)
-            _dk_kernel[(triton.cdiv(N, kcfg.BLOCK_N), n_dchunks)](
-                q, k, scale, ex, *lab, lse, grad, gmax, dk, M, N, D, **common, **kcfg.meta())
+        _dq_kernel[(triton.cdiv(M, cfg.BLOCK_M), n_dchunks)](
+            q, k, scale, ex, *lab, lse, grad, dq, partials, M, N, D, **common, **cfg.meta())
+        kcfg = _config.dk_config(cfg)
+        _dk_kernel[(triton.cdiv(N, kcfg.BLOCK_N), n_dchunks)](
+            q, k, scale, ex, *lab, lse, grad, gmax, dk, M, N, D, **common, **kcfg.meta())
     dscale = partials.to(torch.float64).sum().to(scale.dtype)
     return dq, dk, dscale
+
+
+def lse_backward_paired(grad, q, k, scale, exclude, labels, lse, key_grad, key_lse, key_exclude, key_positive,
+                        row_offset):
+    """(dq, dscale) when the keys are rows of a log-sum-exp too (``lse_bwd_paired``):
+
+        dq_i = s sum_j (W_ij + V_ji) k_j
+        W_ij = g_i exp(s<q_i,k_j> - r_i),  V_ji = h_j exp(s<q_i,k_j> - rho_j)
+        dscale = sum_ij W_ij <q_i, k_j>          (the row side only)
+
+    Args:
+        grad, lse: (M,) g and r of the rows of q (fp32, fp64 for fp64 inputs).
+        q (M, d), k (N, d), scale, exclude (M, E): as for :func:`lse_backward` (k a separate tensor).
+        labels: None or (row_labels (M,), key_labels (N,), positive (M,)).
+        key_grad, key_lse: (N,) h and rho of the keys as rows.
+        key_exclude: (N, E') int64, E' <= 2, -1 = none: the rows key j leaves out, numbered
+            from ``row_offset`` (row i of q is ``i + row_offset``; entries outside exclude nothing).
+        key_positive: (N,) int64 positives of the keys as rows (same numbering); None without labels.
+        row_offset: int >= 0.
+    """
+    key_side = None if labels is None else (labels[1], labels[0], key_positive)
+    return _dq_paired(grad.contiguous(), q, k, scale, exclude, labels, lse, key_grad.contiguous(), key_lse,
+                      key_exclude, key_side, row_offset)
