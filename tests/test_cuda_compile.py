@@ -17,6 +17,7 @@ SCRIPT = ROOT / "scripts" / "check_cuda_compile"
 
 # Every kernel the launchers instantiate, as printed (demangled) in the resource summary. The last
 # template argument of the main kernels is the label rule (LBL): both variants are launched.
+# Backward MODE 2 (two-sided) serves both the symmetric lse_bwd and lse_bwd_paired.
 _LBL = ("false", "true")
 KERNELS = [
     *[f"lse_fwd_mma_kernel<{tag}, {lbl}>" for tag in ("F16Tag", "BF16Tag") for lbl in _LBL],

@@ -420,3 +420,260 @@ def test_labels_all_excluded_tile_no_nan(dtype):
     same = _grads(q, k, s, ex, False, g, dtype, lab)
     for name, a, b, c in zip(("lse", "dq", "dk", "dscale"), got, ref, same):
         _check(name, a, b, c, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# lse_bwd_paired: dq_i = s sum_j (W_ij + V_ji) k_j, V_ji = h_j exp(s <q_i, k_j> - rho_j) on the
+# pairs key j (as a row, its keys the rows of q numbered from row_offset) keeps. The CUDA op runs
+# the symmetric backward's two-sided kernels (mode kSym) with the key side's pointers.
+# Oracles: infonce_kernels.reference.backward_paired in fp64 (and the CPU op in fp64); the
+# "same precision" baseline is the textbook formula below evaluated in the input dtype.
+# ------------------------------------------------------------------------------------------------
+from infonce_kernels import reference as _reference  # noqa: E402
+
+
+def _key_mask(key_exclude, key_labels, row_labels, key_positive, row_offset, M, N, device,
+              labelled):
+    """(N, M) bool: True where key j, as a row, leaves row i out: i + row_offset in
+    key_exclude[j], or (labelled) key_labels[j] == row_labels[i] and key_positive[j] != i + off."""
+    local = key_exclude - row_offset
+    local = torch.where((key_exclude >= 0) & (local >= 0) & (local < M), local,
+                        torch.full_like(local, -1))
+    labels = (key_labels, row_labels, key_positive - row_offset) if labelled else None
+    return _mask(local, N, M, device, labels)
+
+
+def _paired_textbook(p, dtype):
+    """(dq, dscale) materialised, every operation in `dtype` (fp64 = a second oracle)."""
+    q, k = p["q"].to(dtype), p["k"].to(dtype)
+    s = p["scale"].to(dtype)
+    M, N = q.shape[0], k.shape[0]
+    lab = (p["row_labels"], p["key_labels"], p["positive"]) if p["labelled"] else None
+    wmask = _mask(p["exclude"], M, N, q.device, lab)
+    vmask = _key_mask(p["key_exclude"], p["key_labels"], p["row_labels"], p["key_positive"],
+                      p["row_offset"], M, N, q.device, p["labelled"])
+    dots = q @ k.T
+    w = torch.exp((dots * s).masked_fill(wmask, float("-inf")) - p["lse"].to(dtype)[:, None])
+    w = w * p["grad"].to(dtype)[:, None]
+    v = torch.exp((dots * s).masked_fill(vmask.T, float("-inf")) - p["key_lse"].to(dtype)[None, :])
+    v = v * p["key_grad"].to(dtype)[None, :]
+    return s * ((w + v) @ k), (w * dots).sum()
+
+
+_PAIRED_ORDER = ("grad", "q", "k", "scale", "exclude", "row_labels", "key_labels", "positive",
+                 "lse", "key_grad", "key_lse", "key_exclude", "key_positive", "row_offset")
+
+
+def _paired_args(p, device=None, dtype=None):
+    """The op's positional arguments; `device` moves every tensor, `dtype` casts q/k and the
+    accumulation-typed tensors (scale, grad, lse, key_grad, key_lse) to dtype / its acc type."""
+    args = []
+    for name in _PAIRED_ORDER:
+        x = p[name]
+        if isinstance(x, torch.Tensor):
+            if dtype is not None and name in ("q", "k"):
+                x = x.to(dtype)
+            elif dtype is not None and x.is_floating_point():
+                x = x.to(_acc(dtype))
+            if device is not None:
+                x = x.to(device)
+        args.append(x)
+    return args
+
+
+def _paired_inputs(M, N, d, dtype, E, E_key, row_offset, labelled, seed, scale=5.0, classes=3):
+    """Inputs of lse_bwd_paired on DEV. q's rows sit at [row_offset, row_offset + M) of a gathered
+    batch of row_offset + M + 3 rows: key_exclude / key_positive hold indices below, inside and
+    above that range and -1. lse is the rows' exact log-sum-exp (no row fully excluded); key_lse
+    is the keys' unmasked log-sum-exp over q plus a random (0, 1) (the other ranks' rows)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(M, d, generator=gen, dtype=torch.float64), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(N, d, generator=gen, dtype=torch.float64), dim=1)
+    total = row_offset + M + 3
+    exclude = torch.randint(-1, N, (M, E), generator=gen)
+    if N <= E:
+        exclude.fill_(-1)
+    key_exclude = torch.randint(-1, total, (N, E_key), generator=gen)
+    if E_key and M > 1:  # make sure many entries hit local rows
+        key_exclude[::2, 0] = torch.randint(0, M, (key_exclude[::2, 0].numel(),), generator=gen) + row_offset
+    empty = torch.empty(0, dtype=torch.int64)
+    row_labels, key_labels, positive, key_positive = empty, empty, empty, empty
+    if labelled:
+        row_labels = torch.randint(0, classes, (M,), generator=gen)
+        key_labels = torch.randint(0, classes, (N,), generator=gen)
+        positive = torch.randint(-1, N, (M,), generator=gen)
+        for i in range(0, M, 2):  # half the rows: a same-label key as the positive
+            same = (key_labels == row_labels[i]).nonzero().flatten()
+            if same.numel():
+                positive[i] = same[int(torch.randint(0, same.numel(), (1,), generator=gen))]
+        key_positive = torch.randint(-1, total, (N,), generator=gen)
+        for j in range(0, N, 2):
+            same = (row_labels == key_labels[j]).nonzero().flatten()
+            if same.numel():
+                key_positive[j] = same[int(torch.randint(0, same.numel(), (1,), generator=gen))] + row_offset
+        fresh = 1000
+        for _ in range(M + 1):  # no row of q may lose every key
+            full = _mask(exclude, M, N, "cpu", (row_labels, key_labels, positive)).all(dim=1)
+            if not full.any():
+                break
+            row_labels[int(full.nonzero()[0])] = fresh
+            fresh += 1
+    s = torch.tensor(scale, dtype=torch.float64)
+    # The rows' lse from the inputs as the kernels see them (rounded to dtype), in fp64.
+    qr, kr = q.to(dtype).double(), k.to(dtype).double()
+    lab = (row_labels, key_labels, positive) if labelled else None
+    L = (s * (qr @ kr.T)).masked_fill(_mask(exclude, M, N, "cpu", lab), float("-inf"))
+    lse = torch.logsumexp(L, dim=1)
+    assert torch.isfinite(lse).all()
+    key_lse = torch.logsumexp(s * (kr @ qr.T), dim=1) + torch.rand(N, generator=gen, dtype=torch.float64)
+    g = torch.rand(M, generator=gen, dtype=torch.float64) + 0.1
+    g[::3] *= -1.0
+    # Row i gets sum_j V_ji ~ (N / M) |h| from the keys and ~ |g_i| from its own row: scale h by
+    # M / N (when > 1) so a key-side mistake stays visible in bf16 / fp16 when M >> N.
+    h = (torch.rand(N, generator=gen, dtype=torch.float64) + 0.1) * max(1.0, M / N)
+    h[1::4] *= -1.0
+    acc = _acc(dtype)
+    return {
+        "grad": g.to(DEV, acc), "q": q.to(DEV, dtype), "k": k.to(DEV, dtype),
+        "scale": s.to(DEV, acc), "exclude": exclude.to(DEV), "row_labels": row_labels.to(DEV),
+        "key_labels": key_labels.to(DEV), "positive": positive.to(DEV), "lse": lse.to(DEV, acc),
+        "key_grad": h.to(DEV, acc), "key_lse": key_lse.to(DEV, acc),
+        "key_exclude": key_exclude.to(DEV), "key_positive": key_positive.to(DEV),
+        "row_offset": row_offset, "labelled": labelled,
+    }
+
+
+def _check_paired(p, dtype):
+    got = torch.ops.infonce_kernels.lse_bwd_paired(*_paired_args(p))
+    ref = _reference.backward_paired(*_paired_args(p, dtype=torch.float64))
+    # The textbook masks agree with the reference's (fp64, same formula): guards the oracle.
+    tb = _paired_textbook(p, torch.float64)
+    torch.testing.assert_close(tb[0], ref[0], rtol=1e-10, atol=1e-10)
+    same = _paired_textbook(p, dtype)
+    assert got[0].dtype == dtype and got[0].shape == p["q"].shape
+    assert got[1].dim() == 0 and got[1].dtype == p["scale"].dtype
+    for name, a, b, c in zip(("dq", "dscale"), got, ref, same):
+        _check(name, a, b, c, dtype)
+    return got
+
+
+PAIRED_SHAPES = [  # (M, N, d): tiny, tile edges, several row / key tiles, d > 128, M > N
+    (1, 1, 4),
+    (7, 13, 3),
+    (64, 64, 64),
+    (65, 130, 32),
+    (100, 257, 130),
+    (200, 70, 256),
+]
+PAIRED_SIDES = [  # (E, E_key, row_offset, labelled)
+    (0, 0, 0, False),
+    (2, 1, 0, True),
+    (1, 2, 37, False),
+    (2, 2, 100, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", PAIRED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("sides", PAIRED_SIDES, ids=lambda c: "E{}-Ek{}-off{}-{}".format(
+    c[0], c[1], c[2], "lbl" if c[3] else "nolbl"))
+def test_paired_vs_reference(dtype, shape, sides):
+    M, N, d = shape
+    E, E_key, off, labelled = sides
+    p = _paired_inputs(M, N, d, dtype, E, E_key, off, labelled, seed=M * 7 + N * 3 + d + off + E_key)
+    _check_paired(p, dtype)
+
+
+@pytest.mark.parametrize("shape", [(7, 13, 3), (65, 130, 32), (100, 257, 130)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("sides", PAIRED_SIDES, ids=lambda c: "E{}-Ek{}-off{}-{}".format(
+    c[0], c[1], c[2], "lbl" if c[3] else "nolbl"))
+def test_paired_fp64_matches_cpu_op(shape, sides):
+    M, N, d = shape
+    E, E_key, off, labelled = sides
+    p = _paired_inputs(M, N, d, torch.float64, E, E_key, off, labelled, seed=M + N + d + off)
+    ops = torch.ops.infonce_kernels
+    dq, ds = ops.lse_bwd_paired(*_paired_args(p))
+    dq_cpu, ds_cpu = ops.lse_bwd_paired(*_paired_args(p, device="cpu"))
+    tol = 1e-10 * (1.0 + dq_cpu.abs().max().item())
+    torch.testing.assert_close(dq.cpu(), dq_cpu, rtol=1e-10, atol=tol)
+    torch.testing.assert_close(ds.cpu(), ds_cpu, rtol=1e-10, atol=1e-10 * (1.0 + ds_cpu.abs().item()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("labelled", [False, True])
+def test_paired_symmetric_case_equals_lse_bwd(dtype, labelled):
+    # k = q, key side = row side, row_offset 0: the paired op is the symmetric backward, run by
+    # the same kernel with the same pointers -> bit-identical results.
+    M, d = 130, 40
+    z, _, s, ex, g = _inputs(M, M, d, dtype, 2, True, seed=41, scale=2.0)
+    lab = _labels(M, M, ex, True, seed=42) if labelled else _no_labels()
+    ops = torch.ops.infonce_kernels
+    r = ops.lse_fwd(z, z, s, ex, *lab, True)
+    dz, _, ds = ops.lse_bwd(g, z, z, s, ex, *lab, True, r)
+    dq, ds2 = ops.lse_bwd_paired(g, z, z, s, ex, *lab, r, g, r, ex, lab[2], 0)
+    assert torch.equal(dq, dz)
+    assert torch.equal(ds2, ds)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paired_one_side_gradient(dtype):
+    # g = 0 (only the key side contributes: the fp16/bf16 normalisation max|.| must cover h),
+    # then h = 0 (only the row side), then both 0 (dq = 0, no NaN).
+    M, N, d = 70, 90, 48
+    p = _paired_inputs(M, N, d, dtype, 1, 2, 11, True, seed=51)
+    base_g, base_h = p["grad"], p["key_grad"]
+    p["grad"] = torch.zeros_like(base_g)
+    p["key_grad"] = base_h * 50.0
+    dq, ds = _check_paired(p, dtype)
+    assert dq.abs().max().item() > 0 and ds.item() == 0.0
+    p["grad"], p["key_grad"] = base_g, torch.zeros_like(base_h)
+    _check_paired(p, dtype)
+    p["grad"] = torch.zeros_like(base_g)
+    dq, ds = torch.ops.infonce_kernels.lse_bwd_paired(*_paired_args(p))
+    assert torch.equal(dq, torch.zeros_like(dq)) and ds.item() == 0.0
+
+
+def test_paired_deterministic_and_current_stream():
+    p = _paired_inputs(300, 200, 64, torch.bfloat16, 1, 2, 5, True, seed=61)
+    ops = torch.ops.infonce_kernels
+    a = ops.lse_bwd_paired(*_paired_args(p))
+    b = ops.lse_bwd_paired(*_paired_args(p))
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        c = ops.lse_bwd_paired(*_paired_args(p))
+    st.synchronize()
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_paired_bad_inputs_name_the_argument():
+    p = _paired_inputs(6, 9, 8, torch.float32, 1, 1, 2, True, seed=71)
+    ops = torch.ops.infonce_kernels
+
+    def call(**over):
+        q = dict(p, **over)
+        return ops.lse_bwd_paired(*(q[n] for n in _PAIRED_ORDER))
+
+    call()  # valid
+    with pytest.raises(RuntimeError, match="key_grad must have shape"):
+        call(key_grad=p["key_grad"][:5])
+    with pytest.raises(RuntimeError, match="key_lse must have shape"):
+        call(key_lse=p["key_lse"].double())
+    with pytest.raises(RuntimeError, match="key_exclude must be int64"):
+        call(key_exclude=p["key_exclude"].int())
+    with pytest.raises(RuntimeError, match="key_positive must have shape"):
+        call(key_positive=p["key_positive"][:3])
+    with pytest.raises(RuntimeError, match="row_offset must be >= 0"):
+        call(row_offset=-1)
+    with pytest.raises(RuntimeError, match="key_exclude must be contiguous"):
+        call(key_exclude=torch.zeros(9, 2, dtype=torch.int64, device=DEV)[:, :1])
+    with pytest.raises(RuntimeError, match="key_grad must be contiguous"):
+        call(key_grad=torch.zeros(18, device=DEV)[::2])
+    with pytest.raises(RuntimeError, match="key-side tensors must be on the device of k"):
+        call(key_lse=p["key_lse"].cpu())
+    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
+        call(q=p["q"].cpu())
+    with pytest.raises(RuntimeError, match="lse must be the"):
+        call(lse=p["lse"][:2])

@@ -4,6 +4,10 @@
 //   lse_bwd(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels,
 //           Tensor key_labels, Tensor positive, bool symmetric, Tensor lse)
 //       -> (Tensor, Tensor, Tensor)
+//   lse_bwd_paired(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude,
+//                  Tensor row_labels, Tensor key_labels, Tensor positive, Tensor lse,
+//                  Tensor key_grad, Tensor key_lse, Tensor key_exclude, Tensor key_positive,
+//                  int row_offset) -> (Tensor, Tensor)
 // Thin binding: validate (every message names the argument), allocate outputs and workspace,
 // set the device guard, launch the torch-free kernels (lse_kernels.cu) on the current stream.
 // Shapes, dtypes, devices and the label tensors are checked by csrc/op_checks.h (shared with the
@@ -130,9 +134,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cuda(
   return std::make_tuple(dq, dk, dscale);
 }
 
+// The symmetric backward's two-sided kernels with the key side's own g / r / exclusions / positive
+// and row_offset (lse_kernels.h, lse_backward_paired).
+std::tuple<at::Tensor, at::Tensor> lse_bwd_paired_cuda(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+    const at::Tensor& exclude, const at::Tensor& row_labels, const at::Tensor& key_labels,
+    const at::Tensor& positive, const at::Tensor& lse, const at::Tensor& key_grad,
+    const at::Tensor& key_lse, const at::Tensor& key_exclude, const at::Tensor& key_positive,
+    int64_t row_offset) {
+  constexpr const char* op = "infonce_kernels::lse_bwd_paired (cuda)";
+  const bool labelled =
+      check_inputs(op, q, k, scale, exclude, row_labels, key_labels, positive, false);
+  infonce_kernels::check_lse_grad_inputs(grad, q, lse);
+  infonce_kernels::check_key_side(k, key_grad, key_lse, key_exclude, key_positive, labelled,
+                                  row_offset);
+  check_contiguous(grad, "grad", op);
+  check_contiguous(lse, "lse", op);
+  check_contiguous(key_grad, "key_grad", op);
+  check_contiguous(key_lse, "key_lse", op);
+  check_contiguous(key_exclude, "key_exclude", op);
+  if (labelled) check_contiguous(key_positive, "key_positive", op);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t M = q.size(0), N = k.size(0), d = q.size(1), E = exclude.size(1);
+  const auto dt = kernel_dtype(q.scalar_type());
+  const LabelPtrs lab = label_ptrs(labelled, row_labels, key_labels, positive);
+
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dscale = at::empty({}, scale.options());
+  const size_t ws_bytes = infonce_cuda::lse_backward_workspace_bytes(dt, M, N, d, true);
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  C10_CUDA_CHECK(infonce_cuda::lse_backward_paired(
+      dt, grad.data_ptr(), q.data_ptr(), k.data_ptr(), scale.data_ptr(), exclude_ptr(exclude),
+      lab.row, lab.key, lab.pos, M, N, d, E, lse.data_ptr(), key_grad.data_ptr(),
+      key_lse.data_ptr(), exclude_ptr(key_exclude),
+      labelled ? key_positive.data_ptr<int64_t>() : nullptr, key_exclude.size(1), row_offset,
+      dq.data_ptr(), dscale.data_ptr(), workspace.data_ptr(), stream));
+  return std::make_tuple(dq, dscale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infonce_kernels, CUDA, m) {
   m.impl("lse_fwd", &lse_fwd_cuda);
   m.impl("lse_bwd", &lse_bwd_cuda);
+  m.impl("lse_bwd_paired", &lse_bwd_paired_cuda);
 }

@@ -9,6 +9,11 @@
 //   dq_i = s * sum_j W_ij k_j,   dk_j = s * sum_i W_ij q_i,   dscale = sum_ij W_ij S_ij
 //   symmetric (k is q = z):  dz_a = s * sum_b (W_ab + W_ba) z_b,
 //                            W_ab + W_ba = g_a P_ab + g_b P_ba  (needs only r_a, r_b)
+//   paired (lse_bwd_paired; the keys are rows of a log-sum-exp too, with h, rho and their own
+//   exclusions, which number the rows of q from row_offset):
+//                            dq_a = s * sum_b (W_ab + V_ba) k_b,  V_ba = h_b exp(L_ab - rho_b)
+//   The symmetric case is the paired one with k = q, (h, rho, lists, labels) = the row side's
+//   and row_offset = 0: both run the same two-sided kernels (mode kSym below).
 //
 // Exclusion of pair (query row i, key j) -- the same rule as csrc/cpu/lse_cpu.cpp `mask_tile` and
 // infonce_kernels/reference.py `excluded()`:
@@ -20,15 +25,20 @@
 // fp32/fp64 backward keeps them in shared memory instead, see lse_bwd_simt_kernel) and each CTA
 // stages the current column tile's labels in shared memory (loaded once per tile). The label test
 // is folded into the mask with a bitwise AND (no extra branches in the unrolled element loops).
-// Where the roles are transposed (kCol, and the W^T term of kSym) the excluding row is the
-// column-side (Y) index b and the key is the row-side (X) index a:
-//   excluded(b, a) = a in exclude[b] || (row_labels[b] == key_labels[a] && positive[b] != a).
+// Where the roles are transposed (kCol, and the W^T / V term of kSym) the excluding row is the
+// column-side (Y) index b and the key is the row-side (X) index a, numbered from x_offset in the
+// column side's lists and positive:
+//   excluded(b, a) = a + off in excl[b] || (labels_Y[b] == key_labels_X[a] && pos_Y[b] != a + off)
+// with (excl, labels_Y, pos_Y, key_labels_X, off) = (exclude, row_labels, positive, key_labels, 0)
+// for kCol and the symmetric kSym, and (key_exclude, key_labels, key_positive, row_labels,
+// row_offset) for the paired kSym.
 //
-// Every kernel works on a tile of rows ("X", the A operand) against a tile of columns ("Y"):
-//   mode kRow: X = q, Y = k.  Row info (r, g, exclusions) per X row.      -> dq (and dscale)
-//   mode kCol: X = k, Y = q.  Column info per Y row (a query).           -> dk
-//   mode kSym: X = Y = z.     Both (W + W^T), one pass per row block,    -> dz (and dscale)
-//              no atomics: every CTA owns its rows of the output.
+// Every kernel works on a tile of rows ("X", the A operand) against a tile of columns ("Y"); a
+// QuerySide holds one side's per-row (query) data: g, r, exclusion lists, labels, positives.
+//   mode kRow: X = q, Y = k.  Row term, X rows' QuerySide (xq).          -> dq (and dscale)
+//   mode kCol: X = k, Y = q.  Column term, Y rows' QuerySide (yq).       -> dk
+//   mode kSym: X = q, Y = k.  Both terms (W + W^T, or W + V^T when paired), one pass per row
+//              block -> dq / dz (and dscale); no atomics: every CTA owns its rows of the output.
 //
 // Two families:
 //   * fp16 / bf16: tensor cores through mma.sync.m16n8k16 (sm_80+), fp32 accumulators, ldmatrix
@@ -73,6 +83,21 @@ __device__ __forceinline__ bool label_excluded(int64_t row_label, int64_t key_la
 __device__ __forceinline__ int rel_index(int64_t e, int64_t base, int size) {
   return (e >= base && e < base + size) ? static_cast<int>(e - base) : -1;
 }
+
+// One side's rows acting as queries (passed by value as a kernel parameter). A = float for the
+// fp16 / bf16 / fp32 kernels, double for fp64.
+//   grad, lse: (n,) upstream gradient and log-sum-exp of these rows;
+//   exclude:   (n, E) lists of the keys each row leaves out, -1 = none (nullptr when E == 0);
+//   labels, positive: (n,) the label rule (nullptr when it is off, or unused by the mode).
+template <typename A>
+struct QuerySide {
+  const A* grad;
+  const A* lse;
+  const int64_t* exclude;
+  const int64_t* labels;
+  const int64_t* positive;
+  int E;
+};
 
 // ================================================================================================
 // fp16 / bf16 tensor-core path
@@ -332,33 +357,36 @@ __global__ void __launch_bounds__(kMmaThreads)
 //   For each 64-column block of Y: S = X Y^T (fp32, tensor cores), then per entry
 //     kRow: W' = P_ab                          (g_a is applied per row at the end)
 //     kCol: W' = g_b P_ba / gmax               (b is a query, a a key)
-//     kSym: W' = (g_a P_ab + g_b P_ba) / gmax
+//     kSym: W' = (g_a P_ab + g_b P_ba) / gmax  (g_b, P_ba from the column side yq: the row side
+//                                               itself when symmetric, h_b and rho_b when paired)
 //   and acc += W' Y[:, chunk] with a second mma (A = W' straight from the S accumulators: the
 //   m16n8 C fragments of two adjacent n-tiles are exactly the m16k16 A fragment).
 // Precision: W' is rounded to the input dtype (fp16 / bf16) for the second mma, the same choice
 // as flash-attention's P; accumulation stays fp32. To keep W' inside fp16's normal range, the
 // factor pulled out is g_a itself (kRow: W' = P in [0, 1]) or gmax = max_b |g_b| (kCol/kSym:
-// |W'| <= 2) -- a plain g_b P with g = 1/M would fall into fp16 subnormals for M > 16384.
+// |W'| <= 2; gmax = max over both sides' gradients when paired) -- a plain g_b P with g = 1/M
+// would fall into fp16 subnormals for M > 16384.
 // dscale partial (kRow, kSym; blockIdx.y == 0 only): sum_ab g_a P_ab S_ab in fp32, exact W.
-// Registers: 64 (output acc) + 32 (S) fp32 + fragments: 178-197 per thread (201-226 with LBL), no
+// Registers: 64 (output acc) + 32 (S) fp32 + fragments: 177-195 per thread (201-225 with LBL), no
 // spills. The
 // min-blocks hint 2 of __launch_bounds__ matters: with (128) alone ptxas (13.0) chose a 168-register
 // budget for kRow on sm_80 and spilled 52 B; with (128, 2) the budget is 255 and nothing spills.
-// Labels (LBL): the row term reads row_labels / positive of the X rows (registers) and key_labels
-// of the Y columns (shared); the column term (kCol, kSym) reads key_labels of the X rows
-// (registers) and row_labels / positive of the Y columns (shared, positive made local to this
-// CTA's row block like the exclusion lists).
+// Labels (LBL): the row term reads xq.labels / xq.positive of the X rows (registers) and
+// y_key_labels of the Y columns (shared); the column term (kCol, kSym) reads x_key_labels of the
+// X rows (registers) and yq.labels / yq.positive of the Y columns (shared, positive made local to
+// this CTA's row block like the exclusion lists).
+// Arguments: xq = the X rows as queries (kRow, kSym; unused in kCol), y_key_labels = the Y
+// columns' labels as keys (row term); yq = the Y columns as queries (kCol, kSym; unused in kRow),
+// whose lists and positives number the X rows from x_offset, x_key_labels = the X rows' labels as
+// keys (column term).
 template <typename Tag, int MODE, bool LBL>
 __global__ void __launch_bounds__(kMmaThreads, 2)
-    lse_bwd_mma_kernel(const float* __restrict__ grad, const uint16_t* __restrict__ X,
-                       const uint16_t* __restrict__ Y, const float* __restrict__ scale_ptr,
-                       const int64_t* __restrict__ exclude,
-                       const int64_t* __restrict__ row_labels,
-                       const int64_t* __restrict__ key_labels,
-                       const int64_t* __restrict__ positive, const float* __restrict__ lse,
-                       int64_t nX, int64_t nY, int64_t d, int E, bool vec,
-                       const float* __restrict__ gmax_ptr, typename Tag::T* __restrict__ dX,
-                       float* __restrict__ dscale_partial) {
+    lse_bwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                       const float* __restrict__ scale_ptr, const QuerySide<float> xq,
+                       const int64_t* __restrict__ y_key_labels, const QuerySide<float> yq,
+                       const int64_t* __restrict__ x_key_labels, int64_t x_offset, int64_t nX,
+                       int64_t nY, int64_t d, bool vec, const float* __restrict__ gmax_ptr,
+                       typename Tag::T* __restrict__ dX, float* __restrict__ dscale_partial) {
   extern __shared__ __align__(16) uint16_t smem16[];
   uint16_t* sX = smem16;
   uint16_t* sY = smem16 + kTileElems;
@@ -371,9 +399,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   // Label rule (LBL only; one-element dummies otherwise):
   constexpr bool kRowLbl = LBL && MODE != kCol;  // row term: X row = query, Y column = key
   constexpr bool kColLbl = LBL && MODE != kRow;  // column term: Y column = query, X row = key
-  __shared__ int64_t sKL[kRowLbl ? kBN : 1];     // key_labels of the Y columns
-  __shared__ int64_t sQL[kColLbl ? kBN : 1];     // row_labels of the Y columns
-  __shared__ int sQp[kColLbl ? kBN : 1];         // positive of the Y columns, local to the X block
+  __shared__ int64_t sKL[kRowLbl ? kBN : 1];     // y_key_labels of the Y columns
+  __shared__ int64_t sQL[kColLbl ? kBN : 1];     // yq.labels of the Y columns
+  __shared__ int sQp[kColLbl ? kBN : 1];         // yq.positive of the Y columns, local to the X block
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
@@ -390,8 +418,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 
   // This thread's two rows (local lr = warp*16 + gq + 8h).
   int64_t row[2], ex[2][2];
-  int64_t xrl[2] = {0, 0}, xrp[2] = {-1, -1};  // kRowLbl: row_labels / positive of the X row
-  int64_t xkl[2] = {0, 0};                     // kColLbl: key_labels of the X row
+  int64_t xrl[2] = {0, 0}, xrp[2] = {-1, -1};  // kRowLbl: xq.labels / xq.positive of the X row
+  int64_t xkl[2] = {0, 0};                     // kColLbl: x_key_labels of the X row
   bool rv[2];
   float rr2[2], rg[2];
 #pragma unroll
@@ -402,16 +430,16 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     rr2[h] = 0.f;
     rg[h] = 0.f;
     if (MODE != kCol && rv[h]) {
-      rr2[h] = lse[row[h]] * kLog2e;
-      rg[h] = grad[row[h]];
-      if (E > 0) ex[h][0] = exclude[row[h] * E];
-      if (E > 1) ex[h][1] = exclude[row[h] * E + 1];
+      rr2[h] = xq.lse[row[h]] * kLog2e;
+      rg[h] = xq.grad[row[h]];
+      if (xq.E > 0) ex[h][0] = xq.exclude[row[h] * xq.E];
+      if (xq.E > 1) ex[h][1] = xq.exclude[row[h] * xq.E + 1];
       if (kRowLbl) {
-        xrl[h] = row_labels[row[h]];
-        xrp[h] = positive[row[h]];
+        xrl[h] = xq.labels[row[h]];
+        xrp[h] = xq.positive[row[h]];
       }
     }
-    if (kColLbl && rv[h]) xkl[h] = key_labels[row[h]];
+    if (kColLbl && rv[h]) xkl[h] = x_key_labels[row[h]];
   }
 
   float acc[16][4];
@@ -437,10 +465,11 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       float r2 = 0.f, gg = 0.f;
       int x0 = -1, x1 = -1;
       if (j < nY) {
-        r2 = lse[j] * kLog2e;
-        gg = grad[j];
-        if (E > 0) x0 = rel_index(exclude[j * E], row_base, kBM);
-        if (E > 1) x1 = rel_index(exclude[j * E + 1], row_base, kBM);
+        r2 = yq.lse[j] * kLog2e;
+        gg = yq.grad[j];
+        // x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel.
+        if (yq.E > 0) x0 = rel_index(yq.exclude[j * yq.E] - x_offset, row_base, kBM);
+        if (yq.E > 1) x1 = rel_index(yq.exclude[j * yq.E + 1] - x_offset, row_base, kBM);
       }
       sCr2[threadIdx.x] = r2;
       sCg[threadIdx.x] = gg;
@@ -450,10 +479,10 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     if (LBL && threadIdx.x < kBN) {  // columns >= nY are masked by cvalid: any value will do
       const int64_t j = col_base + threadIdx.x;
       const bool jv = j < nY;
-      if (kRowLbl) sKL[threadIdx.x] = jv ? key_labels[j] : 0;
+      if (kRowLbl) sKL[threadIdx.x] = jv ? y_key_labels[j] : 0;
       if (kColLbl) {
-        sQL[threadIdx.x] = jv ? row_labels[j] : 0;
-        sQp[threadIdx.x] = jv ? rel_index(positive[j], row_base, kBM) : -1;
+        sQL[threadIdx.x] = jv ? yq.labels[j] : 0;
+        sQp[threadIdx.x] = jv ? rel_index(yq.positive[j] - x_offset, row_base, kBM) : -1;
       }
     }
 
@@ -493,7 +522,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
             dsc += rg[h] * p * sv;
             w = (MODE == kRow) ? p : rg[h] * p;
           }
-          if (MODE != kRow) {  // W_ba: row b = Y column (query), key a = X row
+          if (MODE != kRow) {  // W_ba (V_ba when paired): row b = Y column (query), key a = X row
             bool ok = cok && lr != sCx0[lc] && lr != sCx1[lc];
             if (kColLbl) ok &= !label_excluded(sQL[lc], xkl[h], lr, sQp[lc]);
             w += ok ? sCg[lc] * exp2f(sv * scale2 - sCr2[lc]) : 0.f;
@@ -689,16 +718,15 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
 // Backward SIMT, same roles as the mma kernel; W (exact, in T) goes through shared memory.
 // __launch_bounds__(256, 2) caps registers at 128: without it ptxas spilled 4 B in <double, kRow>.
 // grid = (row blocks, ceil(d / (16 TM))) output feature chunks of 16 TM.
-// Labels (LBL): as in lse_bwd_mma_kernel.
+// Arguments (xq, y_key_labels, yq, x_key_labels, x_offset) and labels (LBL): as in
+// lse_bwd_mma_kernel.
 template <typename T, int TM, int MODE, bool LBL>
 __global__ void __launch_bounds__(kSimtThreads, 2)
-    lse_bwd_simt_kernel(const T* __restrict__ grad, const T* __restrict__ X,
-                        const T* __restrict__ Y, const T* __restrict__ scale_ptr,
-                        const int64_t* __restrict__ exclude,
-                        const int64_t* __restrict__ row_labels,
-                        const int64_t* __restrict__ key_labels,
-                        const int64_t* __restrict__ positive, const T* __restrict__ lse,
-                        int64_t nX, int64_t nY, int64_t d, int E, T* __restrict__ dX,
+    lse_bwd_simt_kernel(const T* __restrict__ X, const T* __restrict__ Y,
+                        const T* __restrict__ scale_ptr, const QuerySide<T> xq,
+                        const int64_t* __restrict__ y_key_labels, const QuerySide<T> yq,
+                        const int64_t* __restrict__ x_key_labels, int64_t x_offset, int64_t nX,
+                        int64_t nY, int64_t d, T* __restrict__ dX,
                         T* __restrict__ dscale_partial) {
   constexpr int B = 16 * TM;
   constexpr int DVS = 16 * TM;
@@ -712,16 +740,16 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
   // Label rule (LBL only; one-element dummies otherwise):
   constexpr bool kRowLbl = LBL && MODE != kCol;  // row term: X row = query, Y column = key
   constexpr bool kColLbl = LBL && MODE != kRow;  // column term: Y column = query, X row = key
-  __shared__ int64_t sKL[kRowLbl ? B : 1];       // key_labels of the Y columns
-  __shared__ int64_t sQL[kColLbl ? B : 1];       // row_labels of the Y columns
-  __shared__ int sQp[kColLbl ? B : 1];           // positive of the Y columns, local to the X block
+  __shared__ int64_t sKL[kRowLbl ? B : 1];       // y_key_labels of the Y columns
+  __shared__ int64_t sQL[kColLbl ? B : 1];       // yq.labels of the Y columns
+  __shared__ int sQp[kColLbl ? B : 1];           // yq.positive of the Y columns, local to the X block
   // The X rows' own label state also lives in shared memory (written once, before the first
   // __syncthreads of the column loop): kept in registers (3 x TM int64 per thread) it pushed the
   // fp32 kRow / kSym instantiations past the 128-register cap of __launch_bounds__(256, 2) and
   // ptxas spilled (8 B in kRow, up to 184 B in kSym). Reads are half-warp broadcasts.
-  __shared__ int64_t sXrl[kRowLbl ? B : 1];  // row_labels of the X rows (queries)
-  __shared__ int64_t sXrp[kRowLbl ? B : 1];  // positive of the X rows
-  __shared__ int64_t sXkl[kColLbl ? B : 1];  // key_labels of the X rows (keys)
+  __shared__ int64_t sXrl[kRowLbl ? B : 1];  // xq.labels of the X rows (queries)
+  __shared__ int64_t sXrp[kRowLbl ? B : 1];  // xq.positive of the X rows
+  __shared__ int64_t sXkl[kColLbl ? B : 1];  // x_key_labels of the X rows (keys)
 
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int64_t row_base = int64_t(blockIdx.x) * B;
@@ -739,20 +767,20 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
     rr[i] = T(0);
     rg[i] = T(0);
     if (MODE != kCol && rv[i]) {
-      rr[i] = lse[row[i]];
-      rg[i] = grad[row[i]];
-      if (E > 0) ex[i][0] = exclude[row[i] * E];
-      if (E > 1) ex[i][1] = exclude[row[i] * E + 1];
+      rr[i] = xq.lse[row[i]];
+      rg[i] = xq.grad[row[i]];
+      if (xq.E > 0) ex[i][0] = xq.exclude[row[i] * xq.E];
+      if (xq.E > 1) ex[i][1] = xq.exclude[row[i] * xq.E + 1];
     }
   }
   if (LBL && threadIdx.x < B) {  // rows >= nX are masked by rv: any value will do
     const int64_t a = row_base + threadIdx.x;
     const bool av = a < nX;
     if (kRowLbl) {
-      sXrl[threadIdx.x] = av ? row_labels[a] : 0;
-      sXrp[threadIdx.x] = av ? positive[a] : -1;
+      sXrl[threadIdx.x] = av ? xq.labels[a] : 0;
+      sXrp[threadIdx.x] = av ? xq.positive[a] : -1;
     }
-    if (kColLbl) sXkl[threadIdx.x] = av ? key_labels[a] : 0;
+    if (kColLbl) sXkl[threadIdx.x] = av ? x_key_labels[a] : 0;
   }
   T acc[TM][TM];
 #pragma unroll
@@ -773,10 +801,14 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
       T r = T(0), gg = T(0);
       int x0 = -1, x1 = -1;
       if (j < nY) {
-        r = lse[j];
-        gg = grad[j];
-        if (E > 0) x0 = rel_index(exclude[j * E], row_base, B);
-        if (E > 1) x1 = rel_index(exclude[j * E + 1], row_base, B);
+        r = yq.lse[j];
+        gg = yq.grad[j];
+        // The column side numbers the X rows from x_offset. Subtracting it from the entry (a
+        // kernel parameter operand) rather than adding it to row_base keeps no extra 64-bit
+        // value live across the column loop: row_base + x_offset in a register pushed
+        // lse_bwd_simt_kernel<float, 4, kSym, true> to an 8 B spill on sm_80. -1 stays outside.
+        if (yq.E > 0) x0 = rel_index(yq.exclude[j * yq.E] - x_offset, row_base, B);
+        if (yq.E > 1) x1 = rel_index(yq.exclude[j * yq.E + 1] - x_offset, row_base, B);
       }
       sCr[threadIdx.x] = r;
       sCg[threadIdx.x] = gg;
@@ -786,10 +818,10 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
     if (LBL && threadIdx.x < B) {  // columns >= nY are masked by cvalid: any value will do
       const int64_t j = col_base + threadIdx.x;
       const bool jv = j < nY;
-      if (kRowLbl) sKL[threadIdx.x] = jv ? key_labels[j] : 0;
+      if (kRowLbl) sKL[threadIdx.x] = jv ? y_key_labels[j] : 0;
       if (kColLbl) {
-        sQL[threadIdx.x] = jv ? row_labels[j] : 0;
-        sQp[threadIdx.x] = jv ? rel_index(positive[j], row_base, B) : -1;
+        sQL[threadIdx.x] = jv ? yq.labels[j] : 0;
+        sQp[threadIdx.x] = jv ? rel_index(yq.positive[j] - x_offset, row_base, B) : -1;
       }
     }
 
@@ -826,7 +858,7 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
           dsc += wr * sv;
           w = wr;
         }
-        if (MODE != kRow) {  // W_ba: row b = Y column (query), key a = X row
+        if (MODE != kRow) {  // W_ba (V_ba when paired): row b = Y column (query), key a = X row
           bool ok = cok && lr != sCx0[lc] && lr != sCx1[lc];
           if (kColLbl) ok &= !label_excluded(sQL[lc], xkl, lr, sQp[lc]);
           w += ok ? sCg[lc] * math_exp(sv * scale - sCr[lc]) : T(0);
@@ -879,11 +911,14 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
 // ================================================================================================
 constexpr int kRedThreads = 256;
 
+// out = max(max_i |g_i|, max_j |h_j|) (h: the key side's gradient when paired; nh = 0 otherwise).
 __global__ void __launch_bounds__(kRedThreads)
-    absmax_kernel(const float* __restrict__ g, int64_t n, float* __restrict__ out) {
+    absmax_kernel(const float* __restrict__ g, int64_t n, const float* __restrict__ h, int64_t nh,
+                  float* __restrict__ out) {
   __shared__ float sm[kRedThreads];
   float v = 0.f;
   for (int64_t i = threadIdx.x; i < n; i += kRedThreads) v = fmaxf(v, fabsf(g[i]));
+  for (int64_t i = threadIdx.x; i < nh; i += kRedThreads) v = fmaxf(v, fabsf(h[i]));
   sm[threadIdx.x] = v;
   __syncthreads();
   for (int o = kRedThreads / 2; o > 0; o >>= 1) {
@@ -941,10 +976,11 @@ cudaError_t fwd_mma(const void* q, const void* k, const void* scale, const int64
 }
 
 template <typename Tag, int MODE, bool LBL>
-cudaError_t bwd_mma_launch(const float* grad, const void* X, const void* Y, const float* scale,
-                           const int64_t* exclude, Labels lab, const float* lse, int64_t nX,
-                           int64_t nY, int64_t d, int E, const float* gmax, void* dX,
-                           float* partial, cudaStream_t stream) {
+cudaError_t bwd_mma_launch(const void* X, const void* Y, const float* scale,
+                           QuerySide<float> xq, const int64_t* y_key_labels, QuerySide<float> yq,
+                           const int64_t* x_key_labels, int64_t x_offset, int64_t nX, int64_t nY,
+                           int64_t d, const float* gmax, void* dX, float* partial,
+                           cudaStream_t stream) {
   const bool vec = d % 8 == 0 && aligned16(X) && aligned16(Y);
   const bool need_v = d > kDK;
   const size_t smem = (need_v ? 3 : 2) * kTileElems * sizeof(uint16_t);  // 34,816 or 52,224 B
@@ -956,41 +992,73 @@ cudaError_t bwd_mma_launch(const float* grad, const void* X, const void* Y, cons
   }
   const dim3 grid(static_cast<unsigned>(cdiv(nX, kBM)), static_cast<unsigned>(cdiv(d, kDV)));
   kern<<<grid, kMmaThreads, smem, stream>>>(
-      grad, static_cast<const uint16_t*>(X), static_cast<const uint16_t*>(Y), scale, exclude,
-      lab.row, lab.key, lab.pos, lse, nX, nY, d, E, vec, gmax,
-      static_cast<typename Tag::T*>(dX), partial);
+      static_cast<const uint16_t*>(X), static_cast<const uint16_t*>(Y), scale, xq, y_key_labels,
+      yq, x_key_labels, x_offset, nX, nY, d, vec, gmax, static_cast<typename Tag::T*>(dX),
+      partial);
   return cudaGetLastError();
 }
 
-// The kernels take the pointers with their op meaning in every mode (row_labels / positive
-// index queries, key_labels index keys); kCol swaps only X and Y.
+// The two sides of a backward as the kernels see them. rows: the rows of q as queries (grad,
+// lse, exclude, row_labels, positive; keys numbered like k); keys: the rows of k as queries
+// (paired: key_grad, key_lse, key_exclude, key_labels, key_positive; their keys are the rows of
+// q numbered from row_offset). Symmetric: keys = rows, row_offset = 0. The label pointers are
+// all nullptr when the rule is off.
+template <typename A>
+struct Sides {
+  QuerySide<A> rows;
+  const int64_t* key_labels;  // (N,) labels of the rows of k as keys of the rows of q
+  QuerySide<A> keys;
+  const int64_t* row_labels;  // (M,) labels of the rows of q as keys of the rows of k
+  int64_t row_offset;
+};
+
+// Two-sided (kSym) dq = s (W + V^T) k and the row side's dscale: the symmetric backward (k is q,
+// keys = rows) and lse_bwd_paired. gmax covers both sides' gradients (W' = (W + V^T) / gmax).
+template <typename Tag, bool LBL>
+cudaError_t two_sided_mma(const void* q, const void* k, const float* scale, const Sides<float>& sd,
+                          int64_t M, int64_t N, int64_t d, void* dq, float* dscale,
+                          void* workspace, cudaStream_t stream) {
+  float* gmax = static_cast<float*>(workspace);
+  float* partial = reinterpret_cast<float*>(static_cast<char*>(workspace) + kWsHeader);
+  const bool same_grad = sd.keys.grad == sd.rows.grad && N <= M;  // symmetric: read g once
+  absmax_kernel<<<1, kRedThreads, 0, stream>>>(sd.rows.grad, M, sd.keys.grad, same_grad ? 0 : N,
+                                               gmax);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  err = bwd_mma_launch<Tag, kSym, LBL>(q, k, scale, sd.rows, sd.key_labels, sd.keys,
+                                       sd.row_labels, sd.row_offset, M, N, d, gmax, dq, partial,
+                                       stream);
+  if (err != cudaSuccess) return err;
+  sum_partials_kernel<float><<<1, kRedThreads, 0, stream>>>(partial, cdiv(M, kBM), dscale);
+  return cudaGetLastError();
+}
+
+// The kernels take each pointer in its role (xq / yq = the X / Y rows as queries); kCol swaps
+// X and Y: its Y rows are the queries q, its X rows the keys k.
 template <typename Tag, bool LBL>
 cudaError_t bwd_mma(const void* grad_, const void* q, const void* k, const void* scale_,
                     const int64_t* exclude, Labels lab, int64_t M, int64_t N, int64_t d, int E,
                     bool symmetric, const void* lse_, void* dq, void* dk, void* dscale,
                     void* workspace, cudaStream_t stream) {
-  const float* grad = static_cast<const float*>(grad_);
   const float* scale = static_cast<const float*>(scale_);
-  const float* lse = static_cast<const float*>(lse_);
+  const QuerySide<float> rows{static_cast<const float*>(grad_), static_cast<const float*>(lse_),
+                              exclude, lab.row, lab.pos, E};
+  if (symmetric) {
+    const Sides<float> sd{rows, lab.key, rows, lab.key, 0};
+    return two_sided_mma<Tag, LBL>(q, q, scale, sd, M, M, d, dq, static_cast<float*>(dscale),
+                                   workspace, stream);
+  }
   float* gmax = static_cast<float*>(workspace);
   float* partial = reinterpret_cast<float*>(static_cast<char*>(workspace) + kWsHeader);
-  cudaError_t err;
-  if (symmetric) {
-    absmax_kernel<<<1, kRedThreads, 0, stream>>>(grad, M, gmax);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    err = bwd_mma_launch<Tag, kSym, LBL>(grad, q, q, scale, exclude, lab, lse, M, M, d, E, gmax,
-                                         dq, partial, stream);
-    if (err != cudaSuccess) return err;
-  } else {
-    err = bwd_mma_launch<Tag, kRow, LBL>(grad, q, k, scale, exclude, lab, lse, M, N, d, E, gmax,
-                                         dq, partial, stream);
-    if (err != cudaSuccess) return err;
-    absmax_kernel<<<1, kRedThreads, 0, stream>>>(grad, M, gmax);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    err = bwd_mma_launch<Tag, kCol, LBL>(grad, k, q, scale, exclude, lab, lse, N, M, d, E, gmax,
-                                         dk, nullptr, stream);
-    if (err != cudaSuccess) return err;
-  }
+  const QuerySide<float> none{};
+  cudaError_t err = bwd_mma_launch<Tag, kRow, LBL>(q, k, scale, rows, lab.key, none, nullptr, 0,
+                                                   M, N, d, gmax, dq, partial, stream);
+  if (err != cudaSuccess) return err;
+  absmax_kernel<<<1, kRedThreads, 0, stream>>>(rows.grad, M, nullptr, 0, gmax);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = bwd_mma_launch<Tag, kCol, LBL>(k, q, scale, none, nullptr, rows, lab.key, 0, N, M, d,
+                                       gmax, dk, nullptr, stream);
+  if (err != cudaSuccess) return err;
   sum_partials_kernel<float><<<1, kRedThreads, 0, stream>>>(partial, cdiv(M, kBM),
                                                             static_cast<float*>(dscale));
   return cudaGetLastError();
@@ -1008,13 +1076,27 @@ cudaError_t fwd_simt(const void* q, const void* k, const void* scale, const int6
 }
 
 template <typename T, int TM, int MODE, bool LBL>
-cudaError_t bwd_simt_launch(const T* grad, const T* X, const T* Y, const T* scale,
-                            const int64_t* exclude, Labels lab, const T* lse, int64_t nX,
-                            int64_t nY, int64_t d, int E, T* dX, T* partial,
-                            cudaStream_t stream) {
+cudaError_t bwd_simt_launch(const T* X, const T* Y, const T* scale, QuerySide<T> xq,
+                            const int64_t* y_key_labels, QuerySide<T> yq,
+                            const int64_t* x_key_labels, int64_t x_offset, int64_t nX, int64_t nY,
+                            int64_t d, T* dX, T* partial, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(cdiv(nX, 16 * TM)), static_cast<unsigned>(cdiv(d, 16 * TM)));
   lse_bwd_simt_kernel<T, TM, MODE, LBL><<<grid, kSimtThreads, 0, stream>>>(
-      grad, X, Y, scale, exclude, lab.row, lab.key, lab.pos, lse, nX, nY, d, E, dX, partial);
+      X, Y, scale, xq, y_key_labels, yq, x_key_labels, x_offset, nX, nY, d, dX, partial);
+  return cudaGetLastError();
+}
+
+// As two_sided_mma, exact in T (no normalisation by max |g|).
+template <typename T, int TM, bool LBL>
+cudaError_t two_sided_simt(const void* q, const void* k, const T* scale, const Sides<T>& sd,
+                           int64_t M, int64_t N, int64_t d, void* dq, T* dscale, void* workspace,
+                           cudaStream_t stream) {
+  T* partial = reinterpret_cast<T*>(static_cast<char*>(workspace) + kWsHeader);
+  cudaError_t err = bwd_simt_launch<T, TM, kSym, LBL>(
+      static_cast<const T*>(q), static_cast<const T*>(k), scale, sd.rows, sd.key_labels, sd.keys,
+      sd.row_labels, sd.row_offset, M, N, d, static_cast<T*>(dq), partial, stream);
+  if (err != cudaSuccess) return err;
+  sum_partials_kernel<T><<<1, kRedThreads, 0, stream>>>(partial, cdiv(M, 16 * TM), dscale);
   return cudaGetLastError();
 }
 
@@ -1023,25 +1105,25 @@ cudaError_t bwd_simt(const void* grad_, const void* q_, const void* k_, const vo
                      const int64_t* exclude, Labels lab, int64_t M, int64_t N, int64_t d, int E,
                      bool symmetric, const void* lse_, void* dq, void* dk, void* dscale,
                      void* workspace, cudaStream_t stream) {
-  const T* grad = static_cast<const T*>(grad_);
   const T* q = static_cast<const T*>(q_);
   const T* k = static_cast<const T*>(k_);
   const T* scale = static_cast<const T*>(scale_);
-  const T* lse = static_cast<const T*>(lse_);
-  T* partial = reinterpret_cast<T*>(static_cast<char*>(workspace) + kWsHeader);
-  cudaError_t err;
+  const QuerySide<T> rows{static_cast<const T*>(grad_), static_cast<const T*>(lse_), exclude,
+                          lab.row, lab.pos, E};
   if (symmetric) {
-    err = bwd_simt_launch<T, TM, kSym, LBL>(grad, q, q, scale, exclude, lab, lse, M, M, d, E,
-                                            static_cast<T*>(dq), partial, stream);
-    if (err != cudaSuccess) return err;
-  } else {
-    err = bwd_simt_launch<T, TM, kRow, LBL>(grad, q, k, scale, exclude, lab, lse, M, N, d, E,
-                                            static_cast<T*>(dq), partial, stream);
-    if (err != cudaSuccess) return err;
-    err = bwd_simt_launch<T, TM, kCol, LBL>(grad, k, q, scale, exclude, lab, lse, N, M, d, E,
-                                            static_cast<T*>(dk), nullptr, stream);
-    if (err != cudaSuccess) return err;
+    const Sides<T> sd{rows, lab.key, rows, lab.key, 0};
+    return two_sided_simt<T, TM, LBL>(q, q, scale, sd, M, M, d, dq, static_cast<T*>(dscale),
+                                      workspace, stream);
   }
+  T* partial = reinterpret_cast<T*>(static_cast<char*>(workspace) + kWsHeader);
+  const QuerySide<T> none{};
+  cudaError_t err = bwd_simt_launch<T, TM, kRow, LBL>(q, k, scale, rows, lab.key, none, nullptr,
+                                                      0, M, N, d, static_cast<T*>(dq), partial,
+                                                      stream);
+  if (err != cudaSuccess) return err;
+  err = bwd_simt_launch<T, TM, kCol, LBL>(k, q, scale, none, nullptr, rows, lab.key, 0, N, M, d,
+                                          static_cast<T*>(dk), nullptr, stream);
+  if (err != cudaSuccess) return err;
   sum_partials_kernel<T><<<1, kRedThreads, 0, stream>>>(partial, cdiv(M, 16 * TM),
                                                         static_cast<T*>(dscale));
   return cudaGetLastError();
@@ -1091,6 +1173,55 @@ cudaError_t backward_dispatch(DType dtype, const void* grad, const void* q, cons
   return cudaErrorInvalidValue;
 }
 
+// lse_bwd_paired: the key side's pointers (grad / lse typed like the row side's).
+struct KeySidePtrs {
+  const void* grad;
+  const void* lse;
+  const int64_t* exclude;
+  const int64_t* positive;
+  int E;
+  int64_t row_offset;
+};
+
+template <typename A>
+Sides<A> paired_sides(const void* grad, const void* lse, const int64_t* exclude, int E,
+                      const Labels& lab, const KeySidePtrs& ks) {
+  return {{static_cast<const A*>(grad), static_cast<const A*>(lse), exclude, lab.row, lab.pos, E},
+          lab.key,
+          {static_cast<const A*>(ks.grad), static_cast<const A*>(ks.lse), ks.exclude, lab.key,
+           ks.positive, ks.E},
+          lab.row,
+          ks.row_offset};
+}
+
+template <bool LBL>
+cudaError_t paired_dispatch(DType dtype, const void* grad, const void* q, const void* k,
+                            const void* scale, const int64_t* exclude, Labels lab, int64_t M,
+                            int64_t N, int64_t d, int e, const void* lse, const KeySidePtrs& ks,
+                            void* dq, void* dscale, void* workspace, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return two_sided_mma<F16Tag, LBL>(q, k, static_cast<const float*>(scale),
+                                        paired_sides<float>(grad, lse, exclude, e, lab, ks), M, N,
+                                        d, dq, static_cast<float*>(dscale), workspace, stream);
+    case DType::kBFloat16:
+      return two_sided_mma<BF16Tag, LBL>(q, k, static_cast<const float*>(scale),
+                                         paired_sides<float>(grad, lse, exclude, e, lab, ks), M, N,
+                                         d, dq, static_cast<float*>(dscale), workspace, stream);
+    case DType::kFloat32:
+      return two_sided_simt<float, kTmF32, LBL>(
+          q, k, static_cast<const float*>(scale),
+          paired_sides<float>(grad, lse, exclude, e, lab, ks), M, N, d, dq,
+          static_cast<float*>(dscale), workspace, stream);
+    case DType::kFloat64:
+      return two_sided_simt<double, kTmF64, LBL>(
+          q, k, static_cast<const double*>(scale),
+          paired_sides<double>(grad, lse, exclude, e, lab, ks), M, N, d, dq,
+          static_cast<double*>(dscale), workspace, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 // All three label pointers set (rule on) or all nullptr (off); anything else is a caller error.
 bool labels_consistent(const Labels& lab) {
   const int set = (lab.row != nullptr) + (lab.key != nullptr) + (lab.pos != nullptr);
@@ -1136,6 +1267,28 @@ cudaError_t lse_backward(DType dtype, const void* grad, const void* q, const voi
                                             symmetric, lse, dq, dk, dscale, workspace, stream)
                   : backward_dispatch<false>(dtype, grad, q, k, scale, exclude, lab, M, N, d, e,
                                              symmetric, lse, dq, dk, dscale, workspace, stream);
+}
+
+cudaError_t lse_backward_paired(DType dtype, const void* grad, const void* q, const void* k,
+                                const void* scale, const int64_t* exclude,
+                                const int64_t* row_labels, const int64_t* key_labels,
+                                const int64_t* positive, int64_t M, int64_t N, int64_t d,
+                                int64_t E, const void* lse, const void* key_grad,
+                                const void* key_lse, const int64_t* key_exclude,
+                                const int64_t* key_positive, int64_t key_E, int64_t row_offset,
+                                void* dq, void* dscale, void* workspace, cudaStream_t stream) {
+  if (M < 1 || N < 1 || d < 1 || d > kMaxFeatureDim || E < 0 || E > 2 || key_E < 0 ||
+      key_E > 2 || row_offset < 0)
+    return cudaErrorInvalidValue;
+  const Labels lab{row_labels, key_labels, positive};
+  if (!labels_consistent(lab) || lab.on() != (key_positive != nullptr)) return cudaErrorInvalidValue;
+  const KeySidePtrs ks{key_grad, key_lse, key_exclude, key_positive, static_cast<int>(key_E),
+                       row_offset};
+  const int e = static_cast<int>(E);
+  return lab.on() ? paired_dispatch<true>(dtype, grad, q, k, scale, exclude, lab, M, N, d, e, lse,
+                                          ks, dq, dscale, workspace, stream)
+                  : paired_dispatch<false>(dtype, grad, q, k, scale, exclude, lab, M, N, d, e, lse,
+                                           ks, dq, dscale, workspace, stream);
 }
 
 }  // namespace infonce_cuda

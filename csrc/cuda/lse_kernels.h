@@ -46,4 +46,26 @@ cudaError_t lse_backward(DType dtype, const void* grad, const void* q, const voi
                          int64_t d, int64_t E, bool symmetric, const void* lse, void* dq, void* dk,
                          void* dscale, void* workspace, cudaStream_t stream);
 
+// lse_bwd_paired (csrc/ops.cpp): the gradient on q when the keys are rows of a log-sum-exp too:
+//   dq_i = s sum_j (W_ij + V_ji) k_j,  V_ji = h_j exp(s <q_i, k_j> - rho_j),
+//   dscale = sum_ij W_ij <q_i, k_j>  (the row side's W only).
+// q (M,d) and k (N,d) (read only; they may alias); grad, lse, exclude (M,E), row_labels,
+// key_labels, positive: the row side as in lse_backward. The key side: key_grad = h and
+// key_lse = rho (N,) float (double when T = fp64); key_exclude (N, key_E), key_E in {0,1,2}
+// (nullptr when key_E == 0) and key_positive (N,) number the rows of q from row_offset >= 0
+// (row i is i + row_offset; entries outside [row_offset, row_offset + M) exclude nothing);
+// key_positive is non-null exactly when the label rule is on. With labels, V_ji = 0 where
+// key_labels[j] == row_labels[i] && key_positive[j] != i + row_offset.
+// dq (M,d) in T; dscale: one device scalar. Workspace: lse_backward_workspace_bytes(dtype, M, N,
+// d, true). With k = q and the key side equal to the row side (row_offset 0) this is exactly the
+// symmetric lse_backward.
+cudaError_t lse_backward_paired(DType dtype, const void* grad, const void* q, const void* k,
+                                const void* scale, const int64_t* exclude,
+                                const int64_t* row_labels, const int64_t* key_labels,
+                                const int64_t* positive, int64_t M, int64_t N, int64_t d,
+                                int64_t E, const void* lse, const void* key_grad,
+                                const void* key_lse, const int64_t* key_exclude,
+                                const int64_t* key_positive, int64_t key_E, int64_t row_offset,
+                                void* dq, void* dscale, void* workspace, cudaStream_t stream);
+
 }  // namespace infonce_cuda
