@@ -21,3 +21,29 @@ __all__ = [
     "available_backends",
     "resolve_backend",
 ]
+
+# loss family (issue 4): SupCon, DCL/DCLW/DHEL, KCL, hard-negative/debiased NT-Xent, metrics, temperature
+from .debiased import DebiasedNTXentLoss, HardNegativeNTXentLoss, debiased_nt_xent, hard_negative_nt_xent
+from .decoupled import DCLLoss, DCLWLoss, DHELLoss, dcl, dclw, dhel
+from .kernel_losses import KCLLoss, kcl
+from .metrics import alignment, uniformity
+from .supcon import SupConLoss, supcon
+from .temperature import (
+    ConstantTemperature,
+    CosineTemperature,
+    LearnableTemperature,
+    LinearTemperature,
+    LogarithmicAnnealing,
+    StepTemperature,
+    TemperatureSchedule,
+)
+
+__all__ += [
+    "supcon", "SupConLoss",
+    "dcl", "dclw", "dhel", "DCLLoss", "DCLWLoss", "DHELLoss",
+    "kcl", "KCLLoss",
+    "hard_negative_nt_xent", "debiased_nt_xent", "HardNegativeNTXentLoss", "DebiasedNTXentLoss",
+    "alignment", "uniformity",
+    "LearnableTemperature", "TemperatureSchedule", "ConstantTemperature", "LinearTemperature",
+    "CosineTemperature", "StepTemperature", "LogarithmicAnnealing",
+]

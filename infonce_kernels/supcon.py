@@ -1,0 +1,164 @@
+"""Supervised contrastive loss (SupCon, Khosla et al. 2020, the L_out variant) over the fused
+:func:`infonce_kernels.lse`.
+
+With z the N anchors (rows normalised when ``normalize``), y their labels, s = 1/tau and
+P(i) = {p != i : y_p = y_i} the positives of anchor i,
+
+    loss_i = -(tau / tau_base) * 1/|P(i)| sum_{p in P(i)} log( exp(s <z_i, z_p>) / sum_{a != i} exp(s <z_i, z_a>) )
+           =  (tau / tau_base) * ( r_i - s <z_i, C_{y_i} - z_i> / |P(i)| ),
+
+where r = lse(z, z, s, exclude={self}) is the fused row log-sum-exp and C_c the sum of the rows of
+class c (an ``index_add`` over the rows, O(N d)): the positive term needs no N x N mask and no
+N x N tensor exists anywhere.
+"""
+
+import torch
+
+from . import _validation as v
+from .losses import _inverse_temperature, l2_normalize
+from .ops import _lse_dtype, fused_lse
+
+__all__ = ["supcon", "SupConLoss"]
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _flatten_features(features):
+    """(rows, d) anchors in view-major order and the number of views V (1 for 2-D input)."""
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() == 3:
+        b, views, d = features.shape
+        if b == 0 or views == 0:
+            raise ValueError(f"features (B, V, d) must have B >= 1 and V >= 1, got shape {tuple(features.shape)}")
+        # SupContrast: torch.cat(torch.unbind(features, dim=1)) -> [view 0 of all B; view 1; ...]
+        return features.transpose(0, 1).reshape(views * b, d), views
+    if features.dim() != 2:
+        raise ValueError("features must be (N, d) with labels (N,), or (B, V, d) for V views of B "
+                         f"samples, got shape {tuple(features.shape)}")
+    return features, 1
+
+
+def _class_ids(labels, samples: int, views: int, device):
+    """(samples * views,) int64 class index in [0, K) per anchor (view-major) and K."""
+    if labels is None:
+        ids = torch.arange(samples, device=device)
+        return ids.repeat(views), samples
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype not in _INT_DTYPES and labels.dtype != torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != samples:
+        what = "(B,) for features (B, V, d)" if views > 1 else "(N,) for features (N, d)"
+        raise ValueError(f"labels must have shape {what}, i.e. ({samples},), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but features are on {device}")
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    return inverse.repeat(views), counts.shape[0]
+
+
+def supcon(features, labels=None, temperature=0.1, *, base_temperature=None, normalize=True,
+           reduction="mean", backend="auto"):
+    """Supervised contrastive loss (Khosla et al. 2020, L_out), the SupContrast/``SupConLoss`` one.
+
+    Every row is an anchor (SupContrast's ``contrast_mode='all'``); its positives are the other
+    rows with the same label, its denominator every row but itself:
+
+        loss_i = -(tau / base_temperature) / |P(i)| * sum_{p in P(i)} log( exp(<z_i, z_p>/tau)
+                                                            / sum_{a != i} exp(<z_i, z_a>/tau) )
+
+    computed as ``(tau/base_temperature) * (r_i - <z_i, C_{y_i} - z_i> / (tau |P(i)|))`` with
+    ``r = lse(z, z, 1/tau, exclude={self})`` and C_c the sum of class c's rows (O(N d); no
+    N x N tensor or mask).
+
+    Without labels each sample is its own class, so the positives of a row are the other views of
+    the same sample: SimCLR over V views (for V = 2 this equals :func:`infonce_kernels.nt_xent`).
+
+    Anchors without a positive (a label that occurs once, with one view) contribute 0 and are
+    left out of the mean, as pytorch-metric-learning's ``SupConLoss`` (``AvgNonZeroReducer``) does;
+    their loss is 0 (never NaN) in ``reduction="none"``. A batch in which no anchor has a
+    positive raises ``ValueError``: the loss is undefined there.
+
+    Args:
+        features: (B, V, d) embeddings of V views of B samples, as SupContrast takes them, or
+            (N, d) with ``labels`` of shape (N,) (e.g. the two views concatenated with their labels
+            repeated). float16, bfloat16, float32 or float64.
+        labels: optional integer (B,) (for 3-D features) or (N,) class labels, any values, on the
+            features' device. None: each sample is its own class (needs V >= 2).
+        temperature: tau > 0, a float or a one-element tensor (learnable). Default 0.1 (as
+            pytorch-metric-learning; SupContrast uses 0.07).
+        base_temperature: SupContrast multiplies the loss by tau / base_temperature. None (default)
+            means base_temperature = temperature, a factor of exactly 1 (pytorch-metric-learning's
+            convention). SupContrast's defaults are temperature = base_temperature = 0.07.
+        normalize: L2-normalise the rows first (both SupContrast and pytorch-metric-learning use
+            cosine similarity; SupContrast expects normalised features from the model).
+        reduction: "mean" over the anchors that have a positive, "sum" over all anchors, or "none"
+            for the (N,) per-anchor losses (rows in view-major order for 3-D features:
+            [view 0 of samples 0..B-1; view 1 of samples 0..B-1; ...], as SupContrast's
+            ``loss.view(anchor_count, batch_size)``), 0 for anchors without a positive.
+        backend: see :func:`infonce_kernels.lse`.
+
+    Returns:
+        A 0-d tensor (or (N,) for "none"), float32 (float64 for float64 inputs), in nats.
+
+    Raises:
+        TypeError / ValueError naming the argument for bad input, and ValueError when no anchor
+        has a positive.
+    """
+    z, views = _flatten_features(features)
+    v.check_features("features", z)
+    samples = z.shape[0] // views
+    ids, num_classes = _class_ids(labels, samples, views, z.device)
+    v.check_reduction(reduction)
+    scale = _inverse_temperature(temperature, z)
+    positive = {"temperature": scale}
+    factor = None
+    if base_temperature is not None:
+        base = v.positive_scalar("base_temperature", base_temperature, device=z.device, dtype=scale.dtype)
+        positive["base_temperature"] = base
+        factor = scale.reciprocal() / base
+    v.check_values({"features": z}, positive=positive)
+
+    dtype = _lse_dtype(z.dtype)
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=z.device).index_add_(0, ids, torch.ones_like(ids))
+    num_pos = counts[ids] - 1  # (N,) |P(i)|
+    has_pos = num_pos > 0
+    if not v.tracing() and not bool(has_pos.any()):
+        raise ValueError("supcon: no anchor has a positive (every label occurs in exactly one row); "
+                         "pass labels shared by at least two rows, or V >= 2 views per sample")
+
+    if normalize:
+        z = l2_normalize(z)
+    n = z.shape[0]
+    self_index = torch.arange(n, device=z.device)[:, None]
+    r = fused_lse(z, z, scale, self_index, True, backend)
+
+    zf = z.to(dtype)
+    class_sum = torch.zeros(num_classes, zf.shape[1], dtype=dtype, device=z.device).index_add(0, ids, zf)
+    pos_sum = class_sum[ids] - zf  # (N, d): sum of anchor i's positives
+    mean_pos_logit = scale * (zf * pos_sum).sum(1) / num_pos.clamp(min=1).to(dtype)
+    loss = torch.where(has_pos, r - mean_pos_logit, torch.zeros((), dtype=dtype, device=z.device))
+    if factor is not None:
+        loss = loss * factor
+    if reduction == "mean":
+        return loss.sum() / has_pos.sum().to(dtype)
+    return v.reduce(loss, reduction)
+
+
+class SupConLoss(torch.nn.Module):
+    """Module form of :func:`supcon`: ``SupConLoss(temperature=0.1)(features, labels=None)``."""
+
+    def __init__(self, temperature=0.1, *, base_temperature=None, normalize=True, reduction="mean",
+                 backend="auto"):
+        super().__init__()
+        v.check_reduction(reduction)
+        self.temperature, self.base_temperature = temperature, base_temperature
+        self.normalize, self.reduction, self.backend = normalize, reduction, backend
+
+    def forward(self, features, labels=None):
+        return supcon(features, labels, self.temperature, base_temperature=self.base_temperature,
+                      normalize=self.normalize, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
+                f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}")

@@ -1,0 +1,246 @@
+"""Temperature for the contrastive losses: learnable (CLIP-style, log-parameterised) and scheduled.
+
+* :class:`LearnableTemperature`: an ``nn.Module`` holding log(1/tau) (CLIP's ``logit_scale``);
+  calling it returns tau as a 0-d tensor to pass as any loss's ``temperature``, and the gradient
+  reaches the parameter through the fused op's d(scale).
+* Schedules (:class:`ConstantTemperature`, :class:`LinearTemperature`,
+  :class:`CosineTemperature`, :class:`StepTemperature`, :class:`LogarithmicAnnealing`): plain
+  objects for any training loop, like an LR scheduler::
+
+      schedule = LogarithmicAnnealing(beta0=2.0, t0=1000, beta_max=20.0)
+      for batch in loader:
+          loss = infonce_kernels.nt_xent(z1, z2, schedule.temperature)
+          ...
+          schedule.step()
+
+  ``temperature`` (alias ``value``) is tau at the current step (a float), ``scale`` is 1/tau,
+  ``step()`` advances one step and returns the new tau, ``temperature_at(t)`` evaluates any step,
+  and ``state_dict()`` / ``load_state_dict()`` save and restore the step (and the settings).
+"""
+
+import math
+import numbers
+
+import torch
+
+__all__ = [
+    "LearnableTemperature",
+    "TemperatureSchedule",
+    "ConstantTemperature",
+    "LinearTemperature",
+    "CosineTemperature",
+    "StepTemperature",
+    "LogarithmicAnnealing",
+]
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return float(value)
+
+
+def _count(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+class LearnableTemperature(torch.nn.Module):
+    """A learnable temperature, log-parameterised like CLIP's ``logit_scale``.
+
+    The parameter ``log_scale`` is log(1/tau) (initialised to log(1/init)); ``forward()`` returns
+
+        tau = exp(-min(log_scale, log(max_scale)))       (0-d float32 tensor, dimensionless)
+
+    so 1/tau never exceeds ``max_scale`` (CLIP's clamp at 100). Pass the result as the
+    ``temperature`` of any loss: its gradient reaches ``log_scale`` through the fused op's
+    gradient with respect to its scale. While the clamp is active the gradient is 0 (as for a
+    clamped parameter). :attr:`scale` gives 1/tau (also differentiable) for :func:`clip_loss`'s
+    ``logit_scale``.
+
+    Args:
+        init: initial tau > 0 (default 0.07, CLIP's), with 1/init <= max_scale.
+        max_scale: the largest inverse temperature 1/tau (default 100.0).
+    """
+
+    def __init__(self, init=0.07, max_scale=100.0):
+        super().__init__()
+        init, max_scale = _positive("init", init), _positive("max_scale", max_scale)
+        if 1.0 / init > max_scale * (1 + 1e-12):
+            raise ValueError(f"init={init} is below the smallest temperature 1/max_scale = {1.0 / max_scale}")
+        self.max_scale = max_scale
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(1.0 / init)))
+
+    def _clamped(self):
+        return self.log_scale.clamp(max=math.log(self.max_scale))
+
+    def forward(self):
+        return torch.exp(-self._clamped())
+
+    @property
+    def scale(self):
+        """1/tau, a differentiable 0-d tensor (CLIP's ``logit_scale.exp()``, clamped)."""
+        return torch.exp(self._clamped())
+
+    @property
+    def value(self):
+        """tau as a float (for logging)."""
+        return float(self.forward().detach())
+
+    temperature = value
+
+    def clamp_(self):
+        """Clamp the parameter itself to log(max_scale) (call after an optimiser step, as CLIP
+        does), so that it cannot drift beyond the clamp where it gets no gradient."""
+        with torch.no_grad():
+            self.log_scale.clamp_(max=math.log(self.max_scale))
+        return self
+
+    def extra_repr(self):
+        return f"temperature={self.value:.6g}, max_scale={self.max_scale}"
+
+
+class TemperatureSchedule:
+    """Base class: a temperature tau(t) of the step count t = 0, 1, 2, ...
+
+    Subclasses define :meth:`temperature_at`. State: ``last_step`` (the number of ``step()``
+    calls) and the constructor's settings, all plain Python numbers.
+    """
+
+    def __init__(self):
+        self.last_step = 0
+
+    def temperature_at(self, step: int) -> float:
+        raise NotImplementedError
+
+    @property
+    def temperature(self) -> float:
+        """tau at the current step."""
+        return self.temperature_at(self.last_step)
+
+    @property
+    def value(self) -> float:
+        """Alias of :attr:`temperature`."""
+        return self.temperature
+
+    @property
+    def scale(self) -> float:
+        """1/tau at the current step (the inverse temperature beta)."""
+        return 1.0 / self.temperature
+
+    def step(self) -> float:
+        """Advance one step; returns the new tau."""
+        self.last_step += 1
+        return self.temperature
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        unknown = set(state_dict) - set(self.__dict__)
+        if unknown:
+            raise ValueError(f"state_dict has keys {sorted(unknown)} unknown to {type(self).__name__}")
+        _count("last_step", state_dict.get("last_step", self.last_step), 0)
+        self.__dict__.update(state_dict)
+
+    def __repr__(self):
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"{type(self).__name__}({settings})"
+
+
+class ConstantTemperature(TemperatureSchedule):
+    """tau(t) = temperature."""
+
+    def __init__(self, temperature=0.5):
+        super().__init__()
+        self.base = _positive("temperature", temperature)
+
+    def temperature_at(self, step):
+        return self.base
+
+
+class LinearTemperature(TemperatureSchedule):
+    """tau(t) = start + (end - start) * min(t / total_steps, 1): linear from ``start`` to ``end``
+    over ``total_steps`` steps, then constant."""
+
+    def __init__(self, start, end, total_steps):
+        super().__init__()
+        self.start, self.end = _positive("start", start), _positive("end", end)
+        self.total_steps = _count("total_steps", total_steps, 1)
+
+    def temperature_at(self, step):
+        frac = min(max(step, 0) / self.total_steps, 1.0)
+        return self.start + (self.end - self.start) * frac
+
+
+class CosineTemperature(TemperatureSchedule):
+    """tau(t) = end + (start - end) * (1 + cos(pi * min(t / total_steps, 1))) / 2: half a cosine
+    from ``start`` to ``end`` over ``total_steps`` steps, then constant."""
+
+    def __init__(self, start, end, total_steps):
+        super().__init__()
+        self.start, self.end = _positive("start", start), _positive("end", end)
+        self.total_steps = _count("total_steps", total_steps, 1)
+
+    def temperature_at(self, step):
+        frac = min(max(step, 0) / self.total_steps, 1.0)
+        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class StepTemperature(TemperatureSchedule):
+    """tau(t) = start * gamma ** (t // step_size), stopped at ``final`` when given (a floor for
+    gamma < 1, a ceiling for gamma > 1), like ``torch.optim.lr_scheduler.StepLR``."""
+
+    def __init__(self, start, step_size, gamma=0.5, final=None):
+        super().__init__()
+        self.start = _positive("start", start)
+        self.step_size = _count("step_size", step_size, 1)
+        self.gamma = _positive("gamma", gamma)
+        self.final = None if final is None else _positive("final", final)
+
+    def temperature_at(self, step):
+        tau = self.start * self.gamma ** (max(step, 0) // self.step_size)
+        if self.final is not None:
+            tau = max(tau, self.final) if self.gamma < 1 else min(tau, self.final)
+        return tau
+
+
+class LogarithmicAnnealing(TemperatureSchedule):
+    """Logarithmic inverse-temperature annealing (Chaudhry, "Asymptotic and Finite-Time
+    Guarantees for Langevin-Based Temperature Annealing in InfoNCE"):
+
+        beta(t) = min(beta0 * ln(e + t / t0), beta_max),   tau(t) = 1 / beta(t),
+
+    so beta(0) = beta0 and tau decreases slowly (logarithmically) towards 1/beta_max.
+
+    Args:
+        beta0: initial inverse temperature 1/tau0 > 0.
+        t0: time scale > 0 in steps.
+        beta_max: cap on the inverse temperature (default inf: no cap); must be >= beta0.
+    """
+
+    def __init__(self, beta0, t0=1000.0, beta_max=math.inf):
+        super().__init__()
+        self.beta0, self.t0 = _positive("beta0", beta0), _positive("t0", t0)
+        if isinstance(beta_max, bool) or not isinstance(beta_max, numbers.Real) or not beta_max >= self.beta0:
+            raise ValueError(f"beta_max must be a number >= beta0 = {self.beta0}, got {beta_max!r}")
+        self.beta_max = float(beta_max)
+
+    @classmethod
+    def from_temperatures(cls, initial, t0=1000.0, minimum=None):
+        """The schedule from tau0 = ``initial`` down to (at least) ``minimum``:
+        beta0 = 1/initial, beta_max = 1/minimum."""
+        initial = _positive("initial", initial)
+        beta_max = math.inf if minimum is None else 1.0 / _positive("minimum", minimum)
+        return cls(1.0 / initial, t0, beta_max)
+
+    def inverse_temperature_at(self, step):
+        return min(self.beta0 * math.log(math.e + max(step, 0) / self.t0), self.beta_max)
+
+    def temperature_at(self, step):
+        return 1.0 / self.inverse_temperature_at(step)
