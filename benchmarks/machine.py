@@ -1,0 +1,63 @@
+"""A description of the machine and software a benchmark ran on."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() or None
+        return commit and (commit + ("-dirty" if dirty.stdout.strip() else ""))
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def describe(device="cpu"):
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "git_commit": _git_commit(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    for name in ("lightly", "pytorch_metric_learning", "inf_cl"):
+        try:
+            mod = __import__(name)
+            info[name] = getattr(mod, "__version__", "installed")
+        except Exception:  # noqa: BLE001 - absent or broken: not a peer here
+            info[name] = None
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update(gpu_name=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda,
+                    gpu_capability=f"{props.major}.{props.minor}")
+    else:
+        info["gpu_name"] = None
+    return info

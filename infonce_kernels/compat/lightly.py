@@ -1,0 +1,138 @@
+"""Drop-in replacements for lightly's ``NTXentLoss``, ``DCLLoss`` and ``DCLWLoss``.
+
+    from lightly.loss import NTXentLoss                          # before
+    from infonce_kernels.compat.lightly import NTXentLoss        # after
+
+Same constructor arguments, defaults, ``forward(out0, out1)`` and values as lightly (1.6):
+inputs are L2-normalised, the loss is the mean over the 2B anchors (in-batch) or the B queries
+(memory bank), and no N x N similarity matrix is built.
+
+Memory bank (``memory_bank_size > 0``, MoCo style), as lightly: the negatives of query
+``out0_i`` are the bank's rows (the past ``out1`` batches, no gradient), its positive is
+``out1_i``; after the loss is computed, and only when ``out0`` requires a gradient, the
+normalised ``out1`` is enqueued (a ring buffer that restarts at 0 once full, dropping the part
+of the batch that does not fit). The bank starts as random unit vectors. ``memory_bank_size``
+is lightly's ``(num_features, dim)`` tuple, or an int (older lightly: the feature size is taken
+from the first batch).
+
+Distributed gathering (``gather_distributed=True`` with more than one process) is not supported
+yet: it raises ``ValueError``. With one process it is a no-op, as in lightly.
+"""
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+import infonce_kernels as ik
+
+from ._common import acc, normalize, not_distributed, row_dot
+
+__all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "negative_mises_fisher_weights"]
+
+
+class NTXentLoss(nn.Module):
+    """lightly's ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distributed=False)``."""
+
+    def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
+                 gather_distributed: bool = False, *, backend: str = "auto"):
+        super().__init__()
+        if abs(temperature) < 1e-8:
+            raise ValueError("Illegal temperature: abs({}) < 1e-8".format(temperature))
+        size = (memory_bank_size,) if isinstance(memory_bank_size, int) else tuple(memory_bank_size)
+        if any(x < 0 for x in size) or len(size) not in (1, 2) or (len(size) == 1 and size[0] < 0):
+            raise ValueError(f"Illegal memory bank size {memory_bank_size}")
+        self.temperature = temperature
+        self.memory_bank_size = size[0]
+        self.gather_distributed = gather_distributed
+        self.backend = backend
+        self.register_buffer("bank", torch.empty(0), persistent=False)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
+        if len(size) == 2 and size[0] > 0:
+            self._init_bank(size[1], torch.device("cpu"))
+
+    @torch.no_grad()
+    def _init_bank(self, dim: int, device) -> None:
+        self.bank = normalize(torch.randn(self.memory_bank_size, dim, device=device))
+        self.bank_ptr = torch.zeros(1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, batch: Tensor) -> None:
+        size, b, ptr = self.memory_bank_size, batch.shape[0], int(self.bank_ptr)
+        if ptr + b >= size:
+            self.bank[ptr:] = batch[: size - ptr].detach().to(self.bank.dtype)
+            self.bank_ptr.zero_()
+        else:
+            self.bank[ptr: ptr + b] = batch.detach().to(self.bank.dtype)
+            self.bank_ptr[0] = ptr + b
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        if self.gather_distributed:
+            not_distributed("NTXentLoss(gather_distributed=True)")
+        if self.memory_bank_size == 0:
+            return ik.nt_xent(out0, out1, self.temperature, backend=self.backend)
+        out0, out1 = normalize(out0), normalize(out1)
+        if self.bank.numel() == 0:
+            self._init_bank(out0.shape[1], out0.device)
+        negatives = self.bank.clone().detach().to(device=out0.device, dtype=out0.dtype)
+        if out0.requires_grad:
+            self._dequeue_and_enqueue(out1)
+        scale = 1.0 / self.temperature
+        pos = row_dot(out0, out1) * scale
+        neg = ik.lse(out0, negatives, scale, backend=self.backend)
+        return (torch.logaddexp(pos, neg) - pos).mean()
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "
+                f"backend={self.backend!r}")
+
+
+def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5) -> Tensor:
+    """lightly's DCLW weight: ``2 - B * softmax(<out0_i, out1_i> / sigma)``, without gradient."""
+    similarity = row_dot(out0.detach(), out1.detach()) / sigma
+    return 2 - out0.shape[0] * nn.functional.softmax(similarity, dim=0)
+
+
+class DCLLoss(nn.Module):
+    """lightly's ``DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False)``.
+
+    Per anchor: ``-w_i <z_i, z_pos(i)>/tau + log sum_{j not in {i, pos(i)}} exp(<z_i, z_j>/tau)``
+    (one log-sum-exp over the 2B - 2 negatives of both views, as lightly 1.6), mean over the 2B
+    anchors. ``weight_fn(out0, out1)`` receives the normalised batches and weighs the positive
+    term (with gradient, if the function has one), as in lightly.
+    """
+
+    def __init__(self, temperature: float = 0.1, weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                 gather_distributed: bool = False, *, backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.weight_fn = temperature, weight_fn
+        self.gather_distributed, self.backend = gather_distributed, backend
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        if self.gather_distributed:
+            not_distributed(f"{type(self).__name__}(gather_distributed=True)")
+        out0, out1 = normalize(out0), normalize(out1)
+        b = out0.shape[0]
+        z = torch.cat([out0, out1])
+        index = torch.arange(2 * b, device=z.device)
+        exclude = torch.stack([index, (index + b) % (2 * b)], 1)  # {self, positive}
+        r = ik.lse(z, z, 1.0 / self.temperature, exclude=exclude, symmetric=True, backend=self.backend)
+        pos = row_dot(out0, out1) / self.temperature
+        pos0, pos1 = pos, pos
+        if self.weight_fn:
+            pos0 = pos * acc(torch.as_tensor(self.weight_fn(out0, out1), device=z.device))
+            pos1 = pos * acc(torch.as_tensor(self.weight_fn(out1, out0), device=z.device))
+        return (r - torch.cat([pos0, pos1])).mean()
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, backend={self.backend!r}"
+
+
+class DCLWLoss(DCLLoss):
+    """lightly's ``DCLWLoss(temperature=0.1, sigma=0.5, gather_distributed=False)``."""
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False, *,
+                 backend: str = "auto"):
+        super().__init__(temperature, weight_fn=lambda a, b: negative_mises_fisher_weights(a, b, sigma),
+                         gather_distributed=gather_distributed, backend=backend)
+        self.sigma = sigma
