@@ -13,17 +13,18 @@ import numbers
 import torch
 
 from . import _validation as v
+from . import distributed
 from .losses import _inverse_temperature, _row_dot, l2_normalize
 from .ops import fused_lse
 
 __all__ = ["dcl", "dclw", "dhel", "DCLLoss", "DCLWLoss", "DHELLoss"]
 
 
-def _check_pair(name, z1, z2, reduction):
+def _check_pair(name, z1, z2, reduction, gather_distributed=False):
     v.check_features("z1", z1)
     v.check_features("z2", z2)
     v.check_same_kind("z1", z1, "z2", z2, same_rows=True)
-    if z1.shape[0] < 2:
+    if z1.shape[0] < 2 and not gather_distributed:
         raise ValueError(f"{name} needs a batch of at least 2 pairs (z1 has 1 row): with one pair no "
                          "negative is left once the positive is excluded")
     v.check_reduction(reduction)
@@ -37,8 +38,9 @@ def _positive_float(name, value):
     return float(value)
 
 
-def _decoupled(z1, z2, temperature, sigma, detach_weights, normalize, reduction, backend, name):
-    _check_pair(name, z1, z2, reduction)
+def _decoupled(z1, z2, temperature, sigma, detach_weights, normalize, reduction, backend, name,
+               gather_distributed, group):
+    _check_pair(name, z1, z2, reduction, gather_distributed)
     scale = _inverse_temperature(temperature, z1)
     v.check_values({"z1": z1, "z2": z2}, positive={"temperature": scale})
     z = torch.cat([z1, z2])
@@ -47,17 +49,29 @@ def _decoupled(z1, z2, temperature, sigma, detach_weights, normalize, reduction,
     n, b = z.shape[0], z1.shape[0]
     index = torch.arange(n, device=z.device)
     exclude = torch.stack([index, (index + b) % n], dim=1)  # {self, positive}
-    r = fused_lse(z, z, scale, exclude, True, backend)
     cos = _row_dot(z[:b], z[b:])  # (B,) <z1_i, z2_i> in the lse dtype
     pos = cos * scale
+    where = distributed.rank_rows(n, z.device, group) if gather_distributed else None
     if sigma is not None:
-        # negative von Mises-Fisher weights (detached by default, as lightly)
+        # negative von Mises-Fisher weights (detached by default, as lightly), normalised over
+        # the B pairs of the whole batch
         w_cos = cos.detach() if detach_weights else cos
-        pos = pos * (2.0 - b * torch.softmax(w_cos / sigma, dim=0))
-    return v.reduce(r - torch.cat([pos, pos]), reduction)
+        if where is None:
+            weights = b * torch.softmax(w_cos / sigma, dim=0)
+        else:
+            pairs = distributed.rank_rows(b, z.device, group)
+            all_cos = distributed.gather_rows_with_grad(w_cos[:, None], pairs)[:, 0]
+            weights = pairs.total * torch.exp(w_cos / sigma - torch.logsumexp(all_cos / sigma, 0))
+        pos = pos * (2.0 - weights)
+    if where is None:
+        r = fused_lse(z, z, scale, exclude, True, backend)
+        return v.reduce(r - torch.cat([pos, pos]), reduction)
+    r = distributed.gathered_lse(z, scale, exclude + where.offset, where, backend=backend)
+    return distributed.scale_loss(r - torch.cat([pos, pos]), reduction, where)
 
 
-def dcl(z1, z2, temperature=0.1, *, normalize=True, reduction="mean", backend="auto"):
+def dcl(z1, z2, temperature=0.1, *, normalize=True, reduction="mean", backend="auto", gather_distributed=False,
+        group=None):
     """Decoupled contrastive loss (DCL, Yeh et al. 2022, Eq. 6): NT-Xent without the positive in
     the denominator.
 
@@ -80,16 +94,20 @@ def dcl(z1, z2, temperature=0.1, *, normalize=True, reduction="mean", backend="a
         reduction: "mean" | "sum" over the 2B anchors, or "none" for the (2B,) per-anchor losses
             ordered [anchors of z1; anchors of z2].
         backend: see :func:`infonce_kernels.lse`.
+        gather_distributed: each rank's rows are anchors against the rows of every rank of
+            ``group`` (default: the world), with the O(N)-traffic backward and the loss
+            convention of :mod:`infonce_kernels.distributed`.
 
     Returns:
         A 0-d tensor (or (2B,) for "none"), float32 (float64 for float64 inputs), in nats. It can
         be negative: the positive no longer bounds the denominator from below.
     """
-    return _decoupled(z1, z2, temperature, None, True, normalize, reduction, backend, "dcl")
+    return _decoupled(z1, z2, temperature, None, True, normalize, reduction, backend, "dcl", gather_distributed,
+                      group)
 
 
 def dclw(z1, z2, temperature=0.1, sigma=0.5, *, detach_weights=True, normalize=True, reduction="mean",
-         backend="auto"):
+         backend="auto", gather_distributed=False, group=None):
     """Weighted decoupled contrastive loss (DCLW, Yeh et al. 2022): :func:`dcl` with the positive
     term weighted by the negative von Mises-Fisher weight
 
@@ -113,6 +131,9 @@ def dclw(z1, z2, temperature=0.1, sigma=0.5, *, detach_weights=True, normalize=T
         normalize: L2-normalise the rows first.
         reduction: "mean" | "sum" over the 2B anchors, or "none" for (2B,) [z1 anchors; z2 anchors].
         backend: see :func:`infonce_kernels.lse`.
+        gather_distributed: each rank's rows are anchors against the rows of every rank of
+            ``group`` (default: the world), with the O(N)-traffic backward and the loss
+            convention of :mod:`infonce_kernels.distributed`.
 
     Returns:
         A 0-d tensor (or (2B,)), float32 (float64 for float64 inputs), in nats.
@@ -120,10 +141,12 @@ def dclw(z1, z2, temperature=0.1, sigma=0.5, *, detach_weights=True, normalize=T
     sigma = _positive_float("sigma", sigma)
     if not isinstance(detach_weights, bool):
         raise TypeError(f"detach_weights must be a bool, got {type(detach_weights).__name__}")
-    return _decoupled(z1, z2, temperature, sigma, detach_weights, normalize, reduction, backend, "dclw")
+    return _decoupled(z1, z2, temperature, sigma, detach_weights, normalize, reduction, backend, "dclw",
+                      gather_distributed, group)
 
 
-def dhel(z1, z2, temperature=0.3, include_augs=True, *, normalize=True, reduction="mean", backend="auto"):
+def dhel(z1, z2, temperature=0.3, include_augs=True, *, normalize=True, reduction="mean", backend="auto",
+         gather_distributed=False, group=None):
     """Decoupled Hyperspherical Energy Loss (DHEL, Koromilas et al. 2024).
 
     With u = z1, v = z2 (rows normalised when ``normalize``), anchors u_i, positives v_i and the
@@ -146,31 +169,45 @@ def dhel(z1, z2, temperature=0.3, include_augs=True, *, normalize=True, reductio
         normalize: L2-normalise the rows first (the authors' code always does).
         reduction: "mean" | "sum" over the B anchors, or "none" for the (B,) per-anchor losses.
         backend: see :func:`infonce_kernels.lse`.
+        gather_distributed: each rank's rows are anchors against the rows of every rank of
+            ``group`` (default: the world), with the O(N)-traffic backward and the loss
+            convention of :mod:`infonce_kernels.distributed`.
 
     Returns:
         A 0-d tensor (or (B,)), float32 (float64 for float64 inputs), in nats.
     """
-    _check_pair("dhel", z1, z2, reduction)
+    _check_pair("dhel", z1, z2, reduction, gather_distributed)
     if not isinstance(include_augs, bool):
         raise TypeError(f"include_augs must be a bool, got {type(include_augs).__name__}")
     scale = _inverse_temperature(temperature, z1)
     v.check_values({"z1": z1, "z2": z2}, positive={"temperature": scale})
     u, w = (l2_normalize(z1), l2_normalize(z2)) if normalize else (z1, z2)
     self_index = torch.arange(u.shape[0], device=u.device)[:, None]
-    loss = fused_lse(u, u, scale, self_index, True, backend) - _row_dot(u, w) * scale
+    if gather_distributed:
+        where = distributed.rank_rows(u.shape[0], u.device, group)
+
+        def energy(x):
+            return distributed.gathered_lse(x, scale, self_index + where.offset, where, backend=backend)
+    else:
+        def energy(x):
+            return fused_lse(x, x, scale, self_index, True, backend)
+
+    loss = energy(u) - _row_dot(u, w) * scale
     if include_augs:
-        loss = loss + fused_lse(w, w, scale, self_index, True, backend)
-    return v.reduce(loss, reduction)
+        loss = loss + energy(w)
+    return distributed.scale_loss(loss, reduction, where) if gather_distributed else v.reduce(loss, reduction)
 
 
 class _PairLossModule(torch.nn.Module):
-    def __init__(self, temperature, normalize, reduction, backend):
+    def __init__(self, temperature, normalize, reduction, backend, gather_distributed, group):
         super().__init__()
         v.check_reduction(reduction)
         self.temperature, self.normalize, self.reduction, self.backend = temperature, normalize, reduction, backend
+        self.gather_distributed, self.group = gather_distributed, group
 
     def _kwargs(self):
-        return {"normalize": self.normalize, "reduction": self.reduction, "backend": self.backend}
+        return {"normalize": self.normalize, "reduction": self.reduction, "backend": self.backend,
+                "gather_distributed": self.gather_distributed, "group": self.group}
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, normalize={self.normalize}, "
@@ -180,8 +217,9 @@ class _PairLossModule(torch.nn.Module):
 class DCLLoss(_PairLossModule):
     """Module form of :func:`dcl`: ``DCLLoss(temperature=0.1)(z1, z2)``."""
 
-    def __init__(self, temperature=0.1, *, normalize=True, reduction="mean", backend="auto"):
-        super().__init__(temperature, normalize, reduction, backend)
+    def __init__(self, temperature=0.1, *, normalize=True, reduction="mean", backend="auto",
+                 gather_distributed=False, group=None):
+        super().__init__(temperature, normalize, reduction, backend, gather_distributed, group)
 
     def forward(self, z1, z2):
         return dcl(z1, z2, self.temperature, **self._kwargs())
@@ -191,8 +229,8 @@ class DCLWLoss(_PairLossModule):
     """Module form of :func:`dclw`: ``DCLWLoss(temperature=0.1, sigma=0.5)(z1, z2)``."""
 
     def __init__(self, temperature=0.1, sigma=0.5, *, detach_weights=True, normalize=True, reduction="mean",
-                 backend="auto"):
-        super().__init__(temperature, normalize, reduction, backend)
+                 backend="auto", gather_distributed=False, group=None):
+        super().__init__(temperature, normalize, reduction, backend, gather_distributed, group)
         self.sigma, self.detach_weights = _positive_float("sigma", sigma), bool(detach_weights)
 
     def forward(self, z1, z2):
@@ -205,8 +243,9 @@ class DCLWLoss(_PairLossModule):
 class DHELLoss(_PairLossModule):
     """Module form of :func:`dhel`: ``DHELLoss(temperature=0.3, include_augs=True)(z1, z2)``."""
 
-    def __init__(self, temperature=0.3, include_augs=True, *, normalize=True, reduction="mean", backend="auto"):
-        super().__init__(temperature, normalize, reduction, backend)
+    def __init__(self, temperature=0.3, include_augs=True, *, normalize=True, reduction="mean", backend="auto",
+                 gather_distributed=False, group=None):
+        super().__init__(temperature, normalize, reduction, backend, gather_distributed, group)
         if not isinstance(include_augs, bool):
             raise TypeError(f"include_augs must be a bool, got {type(include_augs).__name__}")
         self.include_augs = include_augs

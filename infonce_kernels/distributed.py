@@ -32,7 +32,7 @@ import torch.distributed as dist
 from . import ops
 
 __all__ = [
-    "RankRows", "rank_rows", "gather_rows", "gather_rows_with_grad", "gathered_lse", "gathered_lse_pair", "scale_loss",
+    "RankRows", "rank_rows", "gather_rows", "gather_rows_with_grad", "all_reduce_with_grad", "gathered_lse", "gathered_lse_pair", "scale_loss",
 ]
 
 
@@ -81,6 +81,13 @@ def gather_rows_with_grad(x: torch.Tensor, where: RankRows) -> torch.Tensor:
     padded = torch.nn.functional.pad(x, (0, 0, 0, largest - x.shape[0]))
     parts = all_gather(padded, group=where.group if where.group is not None else dist.group.WORLD)
     return torch.cat([p[:n] for p, n in zip(parts, where.sizes)])
+
+
+def all_reduce_with_grad(x: torch.Tensor, where: RankRows) -> torch.Tensor:
+    """Sum of ``x`` over the ranks; its backward sums the gradients over the ranks too."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, group=where.group if where.group is not None else dist.group.WORLD)
 
 
 def _no_labels(x):

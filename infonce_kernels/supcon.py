@@ -15,6 +15,7 @@ N x N tensor exists anywhere.
 import torch
 
 from . import _validation as v
+from . import distributed
 from .losses import _inverse_temperature, l2_normalize
 from .ops import _lse_dtype, fused_lse
 
@@ -39,11 +40,7 @@ def _flatten_features(features):
     return features, 1
 
 
-def _class_ids(labels, samples: int, views: int, device):
-    """(samples * views,) int64 class index in [0, K) per anchor (view-major) and K."""
-    if labels is None:
-        ids = torch.arange(samples, device=device)
-        return ids.repeat(views), samples
+def _check_labels(labels, samples: int, views: int, device) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be an integer torch.Tensor or None, got {type(labels).__name__}")
     if labels.dtype not in _INT_DTYPES and labels.dtype != torch.bool:
@@ -53,12 +50,26 @@ def _class_ids(labels, samples: int, views: int, device):
         raise ValueError(f"labels must have shape {what}, i.e. ({samples},), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but features are on {device}")
-    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    return inverse.repeat(views), counts.shape[0]
+
+
+def _classes(labels, samples: int, views: int, device, where):
+    """Per anchor (view-major): class index in [0, K) and its class's row count (|P(i)| + 1) over
+    the whole (gathered) batch; K; the number of anchors with a positive in the whole batch.
+    Without labels each sample is its own class and its positives are its other views."""
+    if labels is None:
+        anchors = (where.total if where is not None else samples * views) if views > 1 else 0
+        ids = torch.arange(samples, device=device).repeat(views)
+        return ids, torch.full_like(ids, views), samples, torch.tensor(anchors, device=device)
+    row_labels = labels.to(torch.int64).repeat(views)
+    all_labels = row_labels if where is None else distributed.gather_rows(row_labels, where)
+    _, inverse, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
+    ids = inverse if where is None else inverse[where.offset: where.offset + row_labels.shape[0]]
+    anchors = (counts * (counts > 1)).sum()
+    return ids, counts[ids], counts.shape[0], anchors
 
 
 def supcon(features, labels=None, temperature=0.1, *, base_temperature=None, normalize=True,
-           reduction="mean", backend="auto"):
+           reduction="mean", backend="auto", gather_distributed=False, group=None):
     """Supervised contrastive loss (Khosla et al. 2020, L_out), the SupContrast/``SupConLoss`` one.
 
     Every row is an anchor (SupContrast's ``contrast_mode='all'``); its positives are the other
@@ -97,6 +108,11 @@ def supcon(features, labels=None, temperature=0.1, *, base_temperature=None, nor
             [view 0 of samples 0..B-1; view 1 of samples 0..B-1; ...], as SupContrast's
             ``loss.view(anchor_count, batch_size)``), 0 for anchors without a positive.
         backend: see :func:`infonce_kernels.lse`.
+        gather_distributed: each rank's rows are anchors against the rows of every rank of
+            ``group``, labels gathered too; class sums are all-reduced (K x d floats, with
+            gradient); without labels the positives are the sample's own views, all local. Loss
+            convention of :mod:`infonce_kernels.distributed` ("mean" divides by the number of
+            anchors with a positive in the whole batch).
 
     Returns:
         A 0-d tensor (or (N,) for "none"), float32 (float64 for float64 inputs), in nats.
@@ -108,7 +124,8 @@ def supcon(features, labels=None, temperature=0.1, *, base_temperature=None, nor
     z, views = _flatten_features(features)
     v.check_features("features", z)
     samples = z.shape[0] // views
-    ids, num_classes = _class_ids(labels, samples, views, z.device)
+    if labels is not None:
+        _check_labels(labels, samples, views, z.device)
     v.check_reduction(reduction)
     scale = _inverse_temperature(temperature, z)
     positive = {"temperature": scale}
@@ -120,10 +137,11 @@ def supcon(features, labels=None, temperature=0.1, *, base_temperature=None, nor
     v.check_values({"features": z}, positive=positive)
 
     dtype = _lse_dtype(z.dtype)
-    counts = torch.zeros(num_classes, dtype=torch.int64, device=z.device).index_add_(0, ids, torch.ones_like(ids))
-    num_pos = counts[ids] - 1  # (N,) |P(i)|
+    where = distributed.rank_rows(z.shape[0], z.device, group) if gather_distributed else None
+    ids, class_rows, num_classes, anchors = _classes(labels, samples, views, z.device, where)
+    num_pos = class_rows - 1  # (N,) |P(i)| over the whole batch
     has_pos = num_pos > 0
-    if not v.tracing() and not bool(has_pos.any()):
+    if not v.tracing() and not bool(anchors > 0):
         raise ValueError("supcon: no anchor has a positive (every label occurs in exactly one row); "
                          "pass labels shared by at least two rows, or V >= 2 views per sample")
 
@@ -131,17 +149,25 @@ def supcon(features, labels=None, temperature=0.1, *, base_temperature=None, nor
         z = l2_normalize(z)
     n = z.shape[0]
     self_index = torch.arange(n, device=z.device)[:, None]
-    r = fused_lse(z, z, scale, self_index, True, backend)
+    if where is None:
+        r = fused_lse(z, z, scale, self_index, True, backend)
+    else:
+        r = distributed.gathered_lse(z, scale, self_index + where.offset, where, backend=backend)
 
     zf = z.to(dtype)
     class_sum = torch.zeros(num_classes, zf.shape[1], dtype=dtype, device=z.device).index_add(0, ids, zf)
+    if where is not None and labels is not None:
+        class_sum = distributed.all_reduce_with_grad(class_sum, where)
     pos_sum = class_sum[ids] - zf  # (N, d): sum of anchor i's positives
     mean_pos_logit = scale * (zf * pos_sum).sum(1) / num_pos.clamp(min=1).to(dtype)
     loss = torch.where(has_pos, r - mean_pos_logit, torch.zeros((), dtype=dtype, device=z.device))
     if factor is not None:
         loss = loss * factor
     if reduction == "mean":
-        return loss.sum() / has_pos.sum().to(dtype)
+        world = 1 if where is None else where.world
+        return loss.sum() * world / anchors.to(dtype)
+    if where is not None:
+        return distributed.scale_loss(loss, reduction, where)
     return v.reduce(loss, reduction)
 
 
@@ -149,15 +175,17 @@ class SupConLoss(torch.nn.Module):
     """Module form of :func:`supcon`: ``SupConLoss(temperature=0.1)(features, labels=None)``."""
 
     def __init__(self, temperature=0.1, *, base_temperature=None, normalize=True, reduction="mean",
-                 backend="auto"):
+                 backend="auto", gather_distributed=False, group=None):
         super().__init__()
         v.check_reduction(reduction)
         self.temperature, self.base_temperature = temperature, base_temperature
         self.normalize, self.reduction, self.backend = normalize, reduction, backend
+        self.gather_distributed, self.group = gather_distributed, group
 
     def forward(self, features, labels=None):
         return supcon(features, labels, self.temperature, base_temperature=self.base_temperature,
-                      normalize=self.normalize, reduction=self.reduction, backend=self.backend)
+                      normalize=self.normalize, reduction=self.reduction, backend=self.backend,
+                      gather_distributed=self.gather_distributed, group=self.group)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, base_temperature={self.base_temperature}, "

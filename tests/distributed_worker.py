@@ -28,7 +28,29 @@ def _clip(model, tau, x1, x2, **kw):
     return ik.clip_loss(model(x1), model(x2), 1.0 / tau, **kw)
 
 
-LOSSES = {"nt_xent": _nt_xent, "info_nce": _info_nce, "clip": _clip}
+def _supcon_views(model, tau, x1, x2, **kw):
+    return ik.supcon(torch.stack([model(x1), model(x2)], 1), None, tau, **kw)
+
+
+def _supcon_labels(model, tau, x1, x2, labels, **kw):
+    return ik.supcon(torch.stack([model(x1), model(x2)], 1), labels, tau, **kw)
+
+
+def _dcl(model, tau, x1, x2, **kw):
+    return ik.dcl(model(x1), model(x2), tau, **kw)
+
+
+def _dclw(model, tau, x1, x2, **kw):
+    return ik.dclw(model(x1), model(x2), tau, detach_weights=False, **kw)
+
+
+def _dhel(model, tau, x1, x2, **kw):
+    return ik.dhel(model(x1), model(x2), tau, **kw)
+
+
+LOSSES = {"nt_xent": _nt_xent, "info_nce": _info_nce, "clip": _clip, "supcon_views": _supcon_views,
+          "supcon_labels": _supcon_labels, "dcl": _dcl, "dclw": _dclw, "dhel": _dhel}
+LABELLED = {"supcon_labels"}
 
 
 def _gradients(params):
@@ -43,6 +65,7 @@ def run(rank, world, init_file, dtype_name, sizes, backend, losses):
         torch.manual_seed(0)
         total = sum(sizes)
         x1, x2 = torch.randn(total, 7, dtype=dtype), torch.randn(total, 7, dtype=dtype)
+        labels = torch.randint(0, 3, (total,))
         model = torch.nn.Linear(7, 5).to(dtype)
         log_tau = torch.nn.Parameter(torch.tensor(math.log(0.3), dtype=dtype))
         params = [*model.parameters(), log_tau]
@@ -51,9 +74,11 @@ def run(rank, world, init_file, dtype_name, sizes, backend, losses):
         tol = TOLERANCE[dtype]
         for name in losses:
             fn = LOSSES[name]
+            local_kw = {"labels": labels[rows]} if name in LABELLED else {}
+            full_kw = {"labels": labels} if name in LABELLED else {}
             for p in params:
                 p.grad = None
-            loss = fn(model, log_tau.exp(), x1[rows], x2[rows], gather_distributed=True, backend=backend)
+            loss = fn(model, log_tau.exp(), x1[rows], x2[rows], gather_distributed=True, backend=backend, **local_kw)
             loss.backward()
             grads = _gradients(params)
             for g in grads:  # what DistributedDataParallel does
@@ -64,7 +89,7 @@ def run(rank, world, init_file, dtype_name, sizes, backend, losses):
             mean_loss /= world
             for p in params:
                 p.grad = None
-            full = fn(model, log_tau.exp(), x1, x2, backend=backend)
+            full = fn(model, log_tau.exp(), x1, x2, backend=backend, **full_kw)
             full.backward()
             torch.testing.assert_close(mean_loss, full.detach(), rtol=tol, atol=tol, msg=f"{name} loss")
             for i, (g, p) in enumerate(zip(grads, params)):

@@ -16,7 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))  # spawned workers import
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
-LOSSES = ("nt_xent", "info_nce", "clip")
+LOSSES = ("nt_xent", "info_nce", "clip", "supcon_views", "supcon_labels", "dcl", "dclw", "dhel")
 
 
 def _spawn(tmp_path, sizes, dtype, backend, losses=LOSSES):
@@ -26,8 +26,11 @@ def _spawn(tmp_path, sizes, dtype, backend, losses=LOSSES):
              nprocs=len(sizes), join=True)
 
 
-@pytest.mark.parametrize("sizes", [[4, 4], [3, 5, 2]], ids=["world2", "world3-uneven"])
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(
+    "sizes,dtype",
+    [([4, 4], "float64"), ([3, 5, 2], "float64"), ([3, 5, 2], "float32")],
+    ids=["world2-float64", "world3-uneven-float64", "world3-uneven-float32"],
+)
 def test_distributed_matches_single_process(tmp_path, sizes, dtype):
     backend = "cpu" if "cpu" in CPU_BACKENDS else "reference"
     _spawn(tmp_path, sizes, dtype, backend)
@@ -35,7 +38,7 @@ def test_distributed_matches_single_process(tmp_path, sizes, dtype):
 
 @pytest.mark.skipif("triton" not in ik.available_backends("cpu"), reason="needs TRITON_INTERPRET=1")
 def test_distributed_triton_interpreter(tmp_path):
-    _spawn(tmp_path, [3, 2], "float64", "triton", ("nt_xent", "clip"))
+    _spawn(tmp_path, [3, 2], "float64", "triton", ("nt_xent", "clip", "supcon_labels"))
 
 
 def test_gather_needs_an_initialised_group():
