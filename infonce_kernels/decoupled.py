@@ -66,7 +66,7 @@ def _decoupled(z1, z2, temperature, sigma, detach_weights, normalize, reduction,
     if where is None:
         r = fused_lse(z, z, scale, exclude, True, backend)
         return v.reduce(r - torch.cat([pos, pos]), reduction)
-    r = distributed.gathered_lse(z, scale, exclude + where.offset, where, backend=backend)
+    r = distributed.gathered_lse(z, scale, *distributed.pair_exclusions(where, True), where, backend=backend)
     return distributed.scale_loss(r - torch.cat([pos, pos]), reduction, where)
 
 
@@ -185,9 +185,10 @@ def dhel(z1, z2, temperature=0.3, include_augs=True, *, normalize=True, reductio
     self_index = torch.arange(u.shape[0], device=u.device)[:, None]
     if gather_distributed:
         where = distributed.rank_rows(u.shape[0], u.device, group)
+        exclusions = distributed.pair_exclusions(where, False)  # self only
 
         def energy(x):
-            return distributed.gathered_lse(x, scale, self_index + where.offset, where, backend=backend)
+            return distributed.gathered_lse(x, scale, *exclusions, where, backend=backend)
     else:
         def energy(x):
             return fused_lse(x, x, scale, self_index, True, backend)

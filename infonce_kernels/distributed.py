@@ -32,7 +32,7 @@ import torch.distributed as dist
 from . import ops
 
 __all__ = [
-    "RankRows", "rank_rows", "gather_rows", "gather_rows_with_grad", "all_reduce_with_grad", "gathered_lse", "gathered_lse_pair", "scale_loss",
+    "RankRows", "rank_rows", "gather_rows", "gather_rows_with_grad", "all_reduce_with_grad", "pair_exclusions", "gathered_lse", "gathered_lse_pair", "scale_loss",
 ]
 
 
@@ -72,15 +72,47 @@ def gather_rows(x: torch.Tensor, where: RankRows) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, where.sizes)])
 
 
-def gather_rows_with_grad(x: torch.Tensor, where: RankRows) -> torch.Tensor:
-    """:func:`gather_rows` whose backward sends each rank the sum of every rank's gradient on its
-    rows (torch.distributed.nn's all-gather: the plain N×d-traffic scheme, for asymmetric losses)."""
-    from torch.distributed.nn.functional import all_gather
+class _GatherWithGrad(torch.autograd.Function):
+    """gather_rows whose backward hands each rank the sum over ranks of the gradient on its rows:
+    a reduce-scatter of the (N, d) gradient."""
 
-    largest = max(where.sizes)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, largest - x.shape[0]))
-    parts = all_gather(padded, group=where.group if where.group is not None else dist.group.WORLD)
-    return torch.cat([p[:n] for p, n in zip(parts, where.sizes)])
+    @staticmethod
+    def forward(ctx, x, where):
+        ctx.where = where
+        return gather_rows(x, where)
+
+    @staticmethod
+    def backward(ctx, grad):
+        where = ctx.where
+        largest = max(where.sizes)
+        chunks = [torch.nn.functional.pad(c, (0, 0, 0, largest - c.shape[0])).contiguous()
+                  for c in grad.split(where.sizes)]
+        out = grad.new_empty((largest,) + tuple(grad.shape[1:]))
+        dist.reduce_scatter(out, chunks, group=where.group)
+        return out[: where.sizes[where.rank]], None
+
+
+def gather_rows_with_grad(x: torch.Tensor, where: RankRows) -> torch.Tensor:
+    """:func:`gather_rows` with the plain scheme's backward (N×d gradient traffic), for the
+    asymmetric losses whose keys are not rows of the same loss."""
+    return _GatherWithGrad.apply(x, where)
+
+
+def pair_exclusions(where: RankRows, with_partner: bool):
+    """Exclusion lists for ranks that each hold [view 1; view 2] of their samples (2b rows):
+    every row excludes itself and, ``with_partner``, the other view of its sample. Returns this
+    rank's (n, E) lists and every row's (N, E) lists, in gathered numbering, computed from the
+    row counts alone (no collective)."""
+    lists = []
+    for rank, size in enumerate(where.sizes):
+        offset = sum(where.sizes[:rank])
+        index = torch.arange(size)
+        own = [offset + index]
+        if with_partner:
+            own.append(offset + (index + size // 2) % size)
+        lists.append(torch.stack(own, 1))
+    every = torch.cat(lists)
+    return every[where.offset: where.offset + where.sizes[where.rank]], every
 
 
 def all_reduce_with_grad(x: torch.Tensor, where: RankRows) -> torch.Tensor:
@@ -99,9 +131,8 @@ class _GatheredSymmetricLSE(torch.autograd.Function):
     one-sided O(N) backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, z, scale, exclude, labels, positive, where, backend):
+    def forward(ctx, z, scale, exclude, all_exclude, labels, positive, where, backend):
         all_z = gather_rows(z, where)
-        all_exclude = gather_rows(exclude, where)
         if labels is not None:
             all_labels, all_positive = gather_rows(labels, where), gather_rows(positive, where)
             row_side = (labels, all_labels, positive)
@@ -122,21 +153,25 @@ class _GatheredSymmetricLSE(torch.autograd.Function):
         labels = tuple(row_side) if ctx.labelled else None
         dz, dscale = ops.paired_backward(g, z, all_z, scale, exclude, labels, r, all_g, all_r, all_exclude,
                                          all_positive, ctx.where.offset, ctx.backend)
-        return dz, dscale, None, None, None, None, None
+        return dz, dscale, None, None, None, None, None, None
 
 
-def gathered_lse(z, scale, exclude, where: RankRows, *, labels=None, positive=None, backend="auto"):
+def gathered_lse(z, scale, exclude, all_exclude, where: RankRows, *, labels=None, positive=None, backend="auto"):
     """(local N,) row log-sum-exp of this rank's rows ``z`` against every rank's rows.
 
     Args:
         z: (n, d) this rank's rows. scale: 0-d tensor (the lse dtype), may require grad.
         exclude: (n, E) int64 keys to skip, numbered in the gathered batch (``where.offset + i``
-            is row i's own index). labels, positive: optional (n,) int64 for the label rule,
-            ``positive`` numbered in the gathered batch.
+            is row i's own index); all_exclude: (N, E) the same for every rank's rows (e.g. from
+            :func:`pair_exclusions`), or None to all-gather them.
+        labels, positive: optional (n,) int64 for the label rule, ``positive`` numbered in the
+            gathered batch.
         where: from :func:`rank_rows`.
     """
     name = ops.resolve_backend(backend, z.device)
-    return _GatheredSymmetricLSE.apply(z.contiguous(), scale, exclude.contiguous(), labels, positive, where, name)
+    exclude = exclude.to(z.device).contiguous()
+    all_exclude = gather_rows(exclude, where) if all_exclude is None else all_exclude.to(z.device).contiguous()
+    return _GatheredSymmetricLSE.apply(z.contiguous(), scale, exclude, all_exclude, labels, positive, where, name)
 
 
 class _GatheredPairLSE(torch.autograd.Function):

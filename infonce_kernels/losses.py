@@ -83,7 +83,7 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
     pos = _row_dot(z[:b], z[b:]) * scale
     if gather_distributed:
         where = distributed.rank_rows(n, z.device, group)
-        r = distributed.gathered_lse(z, scale, self_index + where.offset, where, backend=backend)
+        r = distributed.gathered_lse(z, scale, *distributed.pair_exclusions(where, False), where, backend=backend)
         return distributed.scale_loss(r - torch.cat([pos, pos]), reduction, where)
     r = fused_lse(z, z, scale, self_index, True, backend)
     return v.reduce(r - torch.cat([pos, pos]), reduction)

@@ -152,7 +152,7 @@ def supcon(features, labels=None, temperature=0.1, *, base_temperature=None, nor
     if where is None:
         r = fused_lse(z, z, scale, self_index, True, backend)
     else:
-        r = distributed.gathered_lse(z, scale, self_index + where.offset, where, backend=backend)
+        r = distributed.gathered_lse(z, scale, *distributed.pair_exclusions(where, False), where, backend=backend)
 
     zf = z.to(dtype)
     class_sum = torch.zeros(num_classes, zf.shape[1], dtype=dtype, device=z.device).index_add(0, ids, zf)
