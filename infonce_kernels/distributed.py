@@ -115,11 +115,24 @@ def pair_exclusions(where: RankRows, with_partner: bool):
     return every[where.offset: where.offset + where.sizes[where.rank]], every
 
 
-def all_reduce_with_grad(x: torch.Tensor, where: RankRows) -> torch.Tensor:
-    """Sum of ``x`` over the ranks; its backward sums the gradients over the ranks too."""
-    from torch.distributed.nn.functional import all_reduce
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
 
-    return all_reduce(x, group=where.group if where.group is not None else dist.group.WORLD)
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of ``x`` over the ranks of ``group``; its backward sums the gradients over the ranks too."""
+    return _AllReduceSum.apply(x, group)
 
 
 def _no_labels(x):

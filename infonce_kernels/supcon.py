@@ -157,7 +157,7 @@ def supcon(features, labels=None, temperature=0.1, *, base_temperature=None, nor
     zf = z.to(dtype)
     class_sum = torch.zeros(num_classes, zf.shape[1], dtype=dtype, device=z.device).index_add(0, ids, zf)
     if where is not None and labels is not None:
-        class_sum = distributed.all_reduce_with_grad(class_sum, where)
+        class_sum = distributed.all_reduce_with_grad(class_sum, where.group)
     pos_sum = class_sum[ids] - zf  # (N, d): sum of anchor i's positives
     mean_pos_logit = scale * (zf * pos_sum).sum(1) / num_pos.clamp(min=1).to(dtype)
     loss = torch.where(has_pos, r - mean_pos_logit, torch.zeros((), dtype=dtype, device=z.device))

@@ -25,10 +25,16 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (acc(a) * acc(b)).sum(-1)
 
 
+def world_size() -> int:
+    """Processes in the default torch.distributed group (1 when it is not initialised)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def not_distributed(owner: str) -> None:
     """Raise ValueError when torch.distributed runs with more than one process."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    if world_size() > 1:
         raise ValueError(f"{owner}: distributed gathering (world size > 1) is not supported by the "
                          "infonce_kernels.compat adapters yet; use a single process, or gather the "
                          "features yourself and call the loss on the gathered batch")

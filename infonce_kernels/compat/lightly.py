@@ -15,8 +15,9 @@ of the batch that does not fit). The bank starts as random unit vectors. ``memor
 is lightly's ``(num_features, dim)`` tuple, or an int (older lightly: the feature size is taken
 from the first batch).
 
-Distributed gathering (``gather_distributed=True`` with more than one process) is not supported
-yet: it raises ``ValueError``. With one process it is a no-op, as in lightly.
+``NTXentLoss(gather_distributed=True)`` with several processes runs over every rank's embeddings
+through :mod:`infonce_kernels.distributed`; ``DCLLoss``/``DCLWLoss`` with several processes raise
+``ValueError`` (not supported yet). With one process gathering is a no-op, as in lightly.
 """
 
 from typing import Callable, Optional, Sequence, Union
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 import infonce_kernels as ik
 
-from ._common import acc, normalize, not_distributed, row_dot
+from ._common import acc, normalize, not_distributed, row_dot, world_size
 
 __all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "negative_mises_fisher_weights"]
 
@@ -67,10 +68,11 @@ class NTXentLoss(nn.Module):
             self.bank_ptr[0] = ptr + b
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        if self.gather_distributed:
-            not_distributed("NTXentLoss(gather_distributed=True)")
         if self.memory_bank_size == 0:
-            return ik.nt_xent(out0, out1, self.temperature, backend=self.backend)
+            # lightly gathers only without a memory bank; (world / 2N) * sum over this rank's
+            # anchors is lightly's local mean for equal batches, with the same gradients.
+            gather = self.gather_distributed and world_size() > 1
+            return ik.nt_xent(out0, out1, self.temperature, backend=self.backend, gather_distributed=gather)
         out0, out1 = normalize(out0), normalize(out1)
         if self.bank.numel() == 0:
             self._init_bank(out0.shape[1], out0.device)
