@@ -22,8 +22,7 @@ import numbers
 import torch
 
 from . import _validation as v
-from .decoupled import _check_pair
-from .losses import _inverse_temperature, _row_dot, l2_normalize
+from .losses import _row_dot, two_views
 from .ops import fused_lse
 
 __all__ = ["hard_negative_nt_xent", "debiased_nt_xent", "HardNegativeNTXentLoss", "DebiasedNTXentLoss"]
@@ -46,13 +45,8 @@ def _check_beta(beta):
 
 
 def _hcl(z1, z2, temperature, beta, tau_plus, normalize, reduction, backend, name):
-    _check_pair(name, z1, z2, reduction)
-    scale = _inverse_temperature(temperature, z1)
-    v.check_values({"z1": z1, "z2": z2}, positive={"temperature": scale})
-    z = torch.cat([z1, z2])
-    if normalize:
-        z = l2_normalize(z)
-    n, b = z.shape[0], z1.shape[0]
+    z, b, scale = two_views(name, z1, z2, temperature, normalize, reduction)
+    n = z.shape[0]
     negatives = n - 2
     index = torch.arange(n, device=z.device)
     exclude = torch.stack([index, (index + b) % n], dim=1)  # {self, positive}

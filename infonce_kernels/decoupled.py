@@ -14,20 +14,10 @@ import torch
 
 from . import _validation as v
 from . import distributed
-from .losses import _inverse_temperature, _row_dot, l2_normalize
+from .losses import _inverse_temperature, _row_dot, check_views, l2_normalize, two_views
 from .ops import fused_lse
 
 __all__ = ["dcl", "dclw", "dhel", "DCLLoss", "DCLWLoss", "DHELLoss"]
-
-
-def _check_pair(name, z1, z2, reduction, gather_distributed=False):
-    v.check_features("z1", z1)
-    v.check_features("z2", z2)
-    v.check_same_kind("z1", z1, "z2", z2, same_rows=True)
-    if z1.shape[0] < 2 and not gather_distributed:
-        raise ValueError(f"{name} needs a batch of at least 2 pairs (z1 has 1 row): with one pair no "
-                         "negative is left once the positive is excluded")
-    v.check_reduction(reduction)
 
 
 def _positive_float(name, value):
@@ -40,13 +30,8 @@ def _positive_float(name, value):
 
 def _decoupled(z1, z2, temperature, sigma, detach_weights, normalize, reduction, backend, name,
                gather_distributed, group):
-    _check_pair(name, z1, z2, reduction, gather_distributed)
-    scale = _inverse_temperature(temperature, z1)
-    v.check_values({"z1": z1, "z2": z2}, positive={"temperature": scale})
-    z = torch.cat([z1, z2])
-    if normalize:
-        z = l2_normalize(z)
-    n, b = z.shape[0], z1.shape[0]
+    z, b, scale = two_views(name, z1, z2, temperature, normalize, reduction, gather_distributed)
+    n = z.shape[0]
     index = torch.arange(n, device=z.device)
     exclude = torch.stack([index, (index + b) % n], dim=1)  # {self, positive}
     cos = _row_dot(z[:b], z[b:])  # (B,) <z1_i, z2_i> in the lse dtype
@@ -176,7 +161,7 @@ def dhel(z1, z2, temperature=0.3, include_augs=True, *, normalize=True, reductio
     Returns:
         A 0-d tensor (or (B,)), float32 (float64 for float64 inputs), in nats.
     """
-    _check_pair("dhel", z1, z2, reduction, gather_distributed)
+    check_views("dhel", z1, z2, reduction, gather_distributed)
     if not isinstance(include_augs, bool):
         raise TypeError(f"include_augs must be a bool, got {type(include_augs).__name__}")
     scale = _inverse_temperature(temperature, z1)

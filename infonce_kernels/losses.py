@@ -40,6 +40,27 @@ def _inverse_temperature(temperature, like: torch.Tensor) -> torch.Tensor:
     return tau.reciprocal()
 
 
+def check_views(name, z1, z2, reduction, gather_distributed=False):
+    """z1, z2: two (B, d) views of one batch; B >= 2 unless the batch is gathered over ranks."""
+    v.check_features("z1", z1)
+    v.check_features("z2", z2)
+    v.check_same_kind("z1", z1, "z2", z2, same_rows=True)
+    if z1.shape[0] < 2 and not gather_distributed:
+        raise ValueError(f"{name} needs a batch of at least 2 pairs (z1 has 1 row): with one pair an "
+                         "anchor has no negative and the loss is constant")
+    v.check_reduction(reduction)
+
+
+def two_views(name, z1, z2, temperature, normalize, reduction, gather_distributed=False):
+    """Checked ``(z, B, scale)``: z = cat[z1, z2] (2B, d), rows normalised when ``normalize``,
+    scale = 1/temperature as a 0-d tensor of the lse dtype."""
+    check_views(name, z1, z2, reduction, gather_distributed)
+    scale = _inverse_temperature(temperature, z1)
+    v.check_values({"z1": z1, "z2": z2}, positive={"temperature": scale})
+    z = torch.cat([z1, z2])
+    return (l2_normalize(z) if normalize else z), z1.shape[0], scale
+
+
 def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend="auto",
             gather_distributed=False, group=None):
     """NT-Xent, the SimCLR loss, over 2B anchors.
@@ -66,19 +87,8 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
     Returns:
         A 0-d tensor (or (2B,) for "none"), float32 (float64 for float64 inputs), in nats.
     """
-    v.check_features("z1", z1)
-    v.check_features("z2", z2)
-    v.check_same_kind("z1", z1, "z2", z2, same_rows=True)
-    if z1.shape[0] < 2 and not gather_distributed:
-        raise ValueError("nt_xent needs a batch of at least 2 pairs (z1 has 1 row): with one pair "
-                         "every anchor's only other row is its positive and the loss is constant")
-    v.check_reduction(reduction)
-    scale = _inverse_temperature(temperature, z1)
-    v.check_values({"z1": z1, "z2": z2}, positive={"temperature": scale})
-    z = torch.cat([z1, z2])
-    if normalize:
-        z = l2_normalize(z)
-    n, b = z.shape[0], z1.shape[0]
+    z, b, scale = two_views("nt_xent", z1, z2, temperature, normalize, reduction, gather_distributed)
+    n = z.shape[0]
     self_index = torch.arange(n, device=z.device)[:, None]
     pos = _row_dot(z[:b], z[b:]) * scale
     if gather_distributed:
