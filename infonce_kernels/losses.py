@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from . import _validation as v
 from . import distributed
-from .ops import _lse_dtype, fused_lse
+from .ops import _lse_dtype, fused_lse, fused_lse_pair
 
 __all__ = ["nt_xent", "info_nce", "clip_loss", "NTXentLoss", "InfoNCELoss", "ClipLoss"]
 
@@ -194,15 +194,13 @@ def clip_loss(image_features, text_features, logit_scale, *, normalize=True, red
     img, txt = image_features, text_features
     if normalize:
         img, txt = l2_normalize(img), l2_normalize(txt)
-    no_exclusion = torch.empty(img.shape[0], 0, dtype=torch.int64, device=img.device)
     diag = _row_dot(img, txt) * scale
     if gather_distributed:
         where = distributed.rank_rows(img.shape[0], img.device, group)
         r, t = distributed.gathered_lse_pair(img, txt, scale, where, backend=backend)
         return distributed.scale_loss(0.5 * (r + t) - diag, reduction, where)
-    per_image = fused_lse(img, txt, scale, no_exclusion, False, backend) - diag
-    per_text = fused_lse(txt, img, scale, no_exclusion, False, backend) - diag
-    return v.reduce(0.5 * (per_image + per_text), reduction)
+    r, t = fused_lse_pair(img, txt, scale, backend)
+    return v.reduce(0.5 * (r + t) - diag, reduction)
 
 
 class NTXentLoss(torch.nn.Module):

@@ -255,6 +255,52 @@ def _(grad, q, k, scale, *rest):
     return torch.empty_like(q), torch.empty_like(scale)
 
 
+@torch.library.custom_op("infonce_kernels::lse_pair", mutates_args=())
+def _lse_pair_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _implementation(backend)
+    none = a.new_empty(0, dtype=torch.int64)
+    no_exclude = a.new_empty(a.shape[0], 0, dtype=torch.int64)
+    return (impl.forward(a, b, scale, no_exclude, none, none, none, False),
+            impl.forward(b, a, scale, no_exclude, none, none, none, False))
+
+
+@_lse_pair_op.register_fake
+def _(a, b, scale, backend):
+    dtype = _lse_dtype(a.dtype)
+    return a.new_empty(a.shape[0], dtype=dtype), b.new_empty(b.shape[0], dtype=dtype)
+
+
+def _setup_pair(ctx, inputs, output):
+    a, b, scale, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(a, b, scale, *output)
+
+
+def _backward_pair(ctx, g_r, g_t):
+    # Each side's gradient in one pass (lse_bwd_paired): a's rows against b, with every b row
+    # (as a row against a) on the key side, and the other way round.
+    a, b, scale, r, t = ctx.saved_tensors
+    g_r, g_t = g_r.contiguous(), g_t.contiguous()
+    none = a.new_empty(0, dtype=torch.int64)
+    no_exclude_a, no_exclude_b = a.new_empty(a.shape[0], 0, dtype=torch.int64), b.new_empty(b.shape[0], 0, dtype=torch.int64)
+    da, ds_a = _lse_backward_paired_op(g_r, a, b, scale, no_exclude_a, none, none, none, r, g_t, t, no_exclude_b,
+                                       none, 0, ctx.backend)
+    db, ds_b = _lse_backward_paired_op(g_t, b, a, scale, no_exclude_b, none, none, none, t, g_r, r, no_exclude_a,
+                                       none, 0, ctx.backend)
+    return da, db, ds_a + ds_b, None
+
+
+_lse_pair_op.register_autograd(_backward_pair, setup_context=_setup_pair)
+
+
+def fused_lse_pair(a, b, scale, backend):
+    """Both directions of a paired batch, e.g. CLIP's: ``(lse(a, b, s), lse(b, a, s))`` for
+    checked (n, d) rows a, b and a 0-d ``scale``; the backward produces each side's gradient in
+    one pass (``lse_bwd_paired``) instead of two general backward calls."""
+    name = resolve_backend(backend, a.device)
+    return _lse_pair_op(a.contiguous(), b.contiguous(), scale, name)
+
+
 def paired_backward(grad, q, k, scale, exclude, labels, lse, key_grad, key_lse, key_exclude, key_positive,
                     row_offset, backend):
     """Gradient on q when the keys are rows of a log-sum-exp too (no autograd; see ``lse_bwd_paired``

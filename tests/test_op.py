@@ -356,3 +356,15 @@ def test_opcheck_paired():
     cpp_args = (*args[:5], *labels, *args[5:])
     torch.library.opcheck(torch.ops.infonce_kernels.lse_bwd_paired.default, cpp_args)
     torch.library.opcheck(torch.ops.infonce_kernels.lse_backward_paired.default, (*cpp_args, "cpu"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_lse_pair(backend):
+    """CLIP's two directions as one op, whose backward gives each side in one paired pass."""
+    a = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.infonce_kernels.lse_pair.default, (a, b, scale, backend))
+    from infonce_kernels.ops import fused_lse_pair
+
+    assert torch.autograd.gradcheck(lambda a, b, s: fused_lse_pair(a, b, s, backend), (a, b, scale))

@@ -109,43 +109,43 @@ struct KeySide {
 };
 
 // Rows of dq and the dscale partials, one row block at a time:
-//   dq_i = s sum_j (W_ij + V_ji) k_j,  W_ij = g_i exp(s <q_i, k_j> - r_i) (row i's exclusions),
-//   V_ji = h_j exp(s <q_i, k_j> - rho_j) (key j's exclusions; only with a key side),
-//   dscale = sum_ij W_ij <q_i, k_j>.
+//   dq_i = s sum_j (W_ij + V_ji) k_j,  W_ij = g_i exp(L_ij - r_i) (row i's exclusions),
+//   V_ji = h_j exp(L_ij - rho_j) (key j's exclusions; only with a key side),
+//   dscale = sum_ij W_ij L_ij / s,  with L = (s q) k^T, the logits from the pre-scaled rows qs.
 // Without a key side this is the dq pass of the general backward; with the key side equal to
 // the row side (k is q) it is the one-pass symmetric backward dz = s (W + W^T) z.
 template <typename scalar_t>
-void dq_pass(const at::Tensor& q, const at::Tensor& k, double s, const at::Tensor& g,
+void dq_pass(const at::Tensor& qs, const at::Tensor& k, double s, const at::Tensor& g,
              const at::Tensor& r, const Exclusions& ex, const KeySide* key_side, at::Tensor& dq,
              std::vector<double>& dscale_parts) {
   const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
-  const int64_t M = q.size(0), N = k.size(0);
+  const int64_t M = qs.size(0), N = k.size(0);
   at::parallel_for(0, num_blocks(M, kRows), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const Span rows = block(b, kRows, M);
-      const at::Tensor qb = q.narrow(0, rows.begin, rows.size);
+      const at::Tensor qb = qs.narrow(0, rows.begin, rows.size);
       const at::Tensor r_rows = r.narrow(0, rows.begin, rows.size).unsqueeze(1);
       const at::Tensor g_rows = g.narrow(0, rows.begin, rows.size).unsqueeze(1);
-      at::Tensor acc = at::zeros({rows.size, q.size(1)}, q.options());
+      at::Tensor acc = at::zeros({rows.size, qs.size(1)}, qs.options());
       double dscale = 0.0;
       for (int64_t c = 0; c < num_blocks(N, kKeys); ++c) {
         const Span cols = block(c, kKeys, N);
         const at::Tensor kb = k.narrow(0, cols.begin, cols.size);
-        const at::Tensor dot = at::mm(qb, kb.t());
-        at::Tensor w = dot.mul(s).sub_(r_rows);
+        const at::Tensor logits = at::mm(qb, kb.t());
+        at::Tensor w = logits.sub(r_rows);
         mask_tile(w.data_ptr<scalar_t>(), rows, cols, ex, false, neg_inf);
         w.exp_().mul_(g_rows);
-        dscale += w.mul(dot).sum().item<double>();
+        dscale += at::dot(w.view(-1), logits.view(-1)).item<double>();  // BLAS dot, no temporary
         if (key_side != nullptr) {
           // V_ji: the same logits, the keys' rho and h, the keys' exclusions (a transposed mask).
-          at::Tensor v = dot.mul(s).sub_(key_side->lse.narrow(0, cols.begin, cols.size).unsqueeze(0));
+          at::Tensor v = logits.sub_(key_side->lse.narrow(0, cols.begin, cols.size).unsqueeze(0));
           mask_tile(v.data_ptr<scalar_t>(), rows, cols, key_side->ex, true, neg_inf);
           w.add_(v.exp_().mul_(key_side->grad.narrow(0, cols.begin, cols.size).unsqueeze(0)));
         }
         acc.addmm_(w, kb);
       }
       dq.narrow(0, rows.begin, rows.size).copy_(acc.mul_(s));
-      dscale_parts[b] = dscale;
+      dscale_parts[b] = dscale / s;
     }
   });
 }
@@ -169,7 +169,7 @@ at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at:
                    key_labels = key_labels_in.contiguous(), positive = positive_in.contiguous();
   const Exclusions ex = make_exclusions(exclude, row_labels, key_labels, positive, labelled);
   const int64_t M = q.size(0), N = k.size(0);
-  const double s = scale.item<double>();
+  const at::Tensor qs = q.mul(scale.item<double>());  // pre-scaled rows: (s q) k^T are the logits
   at::Tensor out = at::empty({M}, q.options());
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_fwd_cpu", [&] {
@@ -177,13 +177,13 @@ at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at:
     at::parallel_for(0, num_blocks(M, kRows), 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const Span rows = block(b, kRows, M);
-        const at::Tensor qb = q.narrow(0, rows.begin, rows.size);
+        const at::Tensor qb = qs.narrow(0, rows.begin, rows.size);
         // Online log-sum-exp: running max m and running sum l of exp(L - m).
         at::Tensor m = at::full({rows.size}, neg_inf, q.options());
         at::Tensor l = at::zeros({rows.size}, q.options());
         for (int64_t c = 0; c < num_blocks(N, kKeys); ++c) {
           const Span cols = block(c, kKeys, N);
-          at::Tensor t = at::mm(qb, k.narrow(0, cols.begin, cols.size).t()).mul_(s);
+          at::Tensor t = at::mm(qb, k.narrow(0, cols.begin, cols.size).t());
           mask_tile(t.data_ptr<scalar_t>(), rows, cols, ex, false, neg_inf);
           const at::Tensor m_new = at::maximum(m, std::get<0>(t.max(1)));
           // A row with every key of every tile so far excluded keeps m = -inf; shifting by 0
@@ -225,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_bwd_cpu", [&] {
     // Symmetric: the key side is the row side itself.
     const KeySide self{g, r, ex};
-    dq_pass<scalar_t>(q, k, s, g, r, ex, symmetric ? &self : nullptr, dq, dscale_parts);
+    const at::Tensor qs = q.mul(s);  // pre-scaled rows: (s q) k^T are the logits
+    dq_pass<scalar_t>(qs, k, s, g, r, ex, symmetric ? &self : nullptr, dq, dscale_parts);
 
     if (symmetric) return;
     // dk_j = s sum_i W_ij q_i, one key block at a time on transposed tiles (keys down, rows
@@ -238,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
         for (int64_t b = 0; b < row_blocks; ++b) {
           const Span rows = block(b, kRows, M);
           const at::Tensor qb = q.narrow(0, rows.begin, rows.size);
-          at::Tensor wt = at::mm(kb, qb.t()).mul_(s).sub_(r.narrow(0, rows.begin, rows.size).unsqueeze(0));
+          at::Tensor wt = at::mm(kb, qs.narrow(0, rows.begin, rows.size).t())
+                              .sub_(r.narrow(0, rows.begin, rows.size).unsqueeze(0));
           mask_tile(wt.data_ptr<scalar_t>(), keys, rows, ex, true, -std::numeric_limits<scalar_t>::infinity());
           wt.exp_().mul_(g.narrow(0, rows.begin, rows.size).unsqueeze(0));
           acc.addmm_(wt, qb);
@@ -276,7 +278,8 @@ std::tuple<at::Tensor, at::Tensor> lse_bwd_paired_cpu(
   at::Tensor dq = at::empty_like(q);
   std::vector<double> dscale_parts(num_blocks(q.size(0), kRows), 0.0);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_bwd_paired_cpu", [&] {
-    dq_pass<scalar_t>(q, k, scale.item<double>(), grad_in.detach().contiguous(), lse_in.detach().contiguous(), ex, &keys, dq,
+    const double s = scale.item<double>();
+    dq_pass<scalar_t>(q.mul(s), k, s, grad_in.detach().contiguous(), lse_in.detach().contiguous(), ex, &keys, dq,
                       dscale_parts);
   });
   return {dq.to(q_in.scalar_type()), ordered_sum(dscale_parts, scale)};
