@@ -32,7 +32,15 @@ import torch.distributed as dist
 from . import ops
 
 __all__ = [
-    "RankRows", "rank_rows", "gather_rows", "gather_rows_with_grad", "all_reduce_with_grad", "pair_exclusions", "gathered_lse", "gathered_lse_pair", "scale_loss",
+    "RankRows",
+    "rank_rows",
+    "gather_rows",
+    "gather_rows_with_grad",
+    "all_reduce_with_grad",
+    "pair_exclusions",
+    "gathered_lse",
+    "gathered_lse_pair",
+    "scale_loss",
 ]
 
 
@@ -116,6 +124,8 @@ def pair_exclusions(where: RankRows, with_partner: bool):
 
 
 class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward of a sum that every rank consumes is again a sum over ranks."""
+
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
@@ -144,47 +154,37 @@ class _GatheredSymmetricLSE(torch.autograd.Function):
     one-sided O(N) backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, z, scale, exclude, all_exclude, labels, positive, where, backend):
+    def forward(ctx, z, scale, exclude, all_exclude, where, backend):
         all_z = gather_rows(z, where)
-        if labels is not None:
-            all_labels, all_positive = gather_rows(labels, where), gather_rows(positive, where)
-            row_side = (labels, all_labels, positive)
-        else:
-            all_positive = exclude.new_empty(0)
-            row_side = _no_labels(exclude)
-        r = torch.ops.infonce_kernels.lse(z, all_z, scale, exclude, *row_side, False, backend)
+        r = torch.ops.infonce_kernels.lse(z, all_z, scale, exclude, *_no_labels(z), False, backend)
         all_r = gather_rows(r, where)
-        ctx.save_for_backward(z, all_z, scale, exclude, all_exclude, all_positive, r, all_r, *row_side)
-        ctx.where, ctx.backend, ctx.labelled = where, backend, labels is not None
+        ctx.save_for_backward(z, all_z, scale, exclude, all_exclude, r, all_r)
+        ctx.where, ctx.backend = where, backend
         return r
 
     @staticmethod
     def backward(ctx, g):
-        z, all_z, scale, exclude, all_exclude, all_positive, r, all_r, *row_side = ctx.saved_tensors
+        z, all_z, scale, exclude, all_exclude, r, all_r = ctx.saved_tensors
         g = g.contiguous()
         all_g = gather_rows(g, ctx.where)
-        labels = tuple(row_side) if ctx.labelled else None
-        dz, dscale = ops.paired_backward(g, z, all_z, scale, exclude, labels, r, all_g, all_r, all_exclude,
-                                         all_positive, ctx.where.offset, ctx.backend)
-        return dz, dscale, None, None, None, None, None, None
+        dz, dscale = ops.paired_backward(g, z, all_z, scale, exclude, None, r, all_g, all_r, all_exclude,
+                                         exclude.new_empty(0), ctx.where.offset, ctx.backend)
+        return dz, dscale, None, None, None, None
 
 
-def gathered_lse(z, scale, exclude, all_exclude, where: RankRows, *, labels=None, positive=None, backend="auto"):
+def gathered_lse(z, scale, exclude, all_exclude, where: RankRows, *, backend="auto"):
     """(local N,) row log-sum-exp of this rank's rows ``z`` against every rank's rows.
 
     Args:
         z: (n, d) this rank's rows. scale: 0-d tensor (the lse dtype), may require grad.
         exclude: (n, E) int64 keys to skip, numbered in the gathered batch (``where.offset + i``
             is row i's own index); all_exclude: (N, E) the same for every rank's rows (e.g. from
-            :func:`pair_exclusions`), or None to all-gather them.
-        labels, positive: optional (n,) int64 for the label rule, ``positive`` numbered in the
-            gathered batch.
+            :func:`pair_exclusions`).
         where: from :func:`rank_rows`.
     """
     name = ops.resolve_backend(backend, z.device)
-    exclude = exclude.to(z.device).contiguous()
-    all_exclude = gather_rows(exclude, where) if all_exclude is None else all_exclude.to(z.device).contiguous()
-    return _GatheredSymmetricLSE.apply(z.contiguous(), scale, exclude, all_exclude, labels, positive, where, name)
+    exclude, all_exclude = exclude.to(z.device).contiguous(), all_exclude.to(z.device).contiguous()
+    return _GatheredSymmetricLSE.apply(z.contiguous(), scale, exclude, all_exclude, where, name)
 
 
 class _GatheredPairLSE(torch.autograd.Function):
