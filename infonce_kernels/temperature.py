@@ -18,6 +18,7 @@
   and ``state_dict()`` / ``load_state_dict()`` save and restore the step (and the settings).
 """
 
+import abc
 import math
 import numbers
 
@@ -105,7 +106,7 @@ class LearnableTemperature(torch.nn.Module):
         return f"temperature={self.value:.6g}, max_scale={self.max_scale}"
 
 
-class TemperatureSchedule:
+class TemperatureSchedule(abc.ABC):
     """Base class: a temperature tau(t) of the step count t = 0, 1, 2, ...
 
     Subclasses define :meth:`temperature_at`. State: ``last_step`` (the number of ``step()``
@@ -115,8 +116,9 @@ class TemperatureSchedule:
     def __init__(self):
         self.last_step = 0
 
+    @abc.abstractmethod
     def temperature_at(self, step: int) -> float:
-        raise NotImplementedError
+        """tau after ``step`` calls of :meth:`step`."""
 
     @property
     def temperature(self) -> float:
