@@ -17,7 +17,8 @@ import torch
 import infonce_kernels as ik
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A /proc/self/status field in KiB (VmRSS: resident now, VmHWM: peak since the last reset)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -44,11 +45,11 @@ def main():
     z1.grad = z2.grad = None
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     start = time.perf_counter()
     ik.nt_xent(z1, z2, 0.5, backend=args.backend).backward()
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     print(json.dumps({"backend": args.backend, "rows": args.rows, "dim": args.dim,
                       "threads": torch.get_num_threads(), "seconds": seconds,
                       "extra_bytes": (peak - before) * 1024}))

@@ -10,8 +10,8 @@ step is not silently reused by the next.
 
     python tests/test_loss_family_memory.py --rows 32768 --dim 32     # prints one JSON line per loss
 
-Marked ``slow``: the 2B = 32,768 forward+backward passes are ~1.2e9 pairs each, about 10-20 s per
-fused op call on 2 shared cores with the current cpu kernel (~2 minutes for the whole family).
+Marked ``slow``: the 2B = 32,768 forward+backward passes are ~1.2e9 pairs each (about a minute for
+the whole family on 2 cores).
 """
 
 import argparse
@@ -23,40 +23,10 @@ import sys
 import time
 
 import pytest
+from rss_probe import status_kib  # this folder is on sys.path both under pytest and as a script
 
 ROWS, DIM = 32768, 32
 LIMIT = 1 << 30  # 1 GiB
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _detach_cpp_inputs(ops):
-    """Wrap the C++ backend so its kernels receive detached q/k (k stays q when symmetric).
-
-    Diagnosis for the op: at the time of writing, a tensor that requires grad (q, or the saved
-    lse output in the backward) reaching ``torch.ops.infonce_kernels.lse_fwd``/``lse_bwd`` costs
-    O(N^2) extra memory (even under no_grad): the kernels' ATen calls on tile views of it go
-    through autograd's view/version tracking; detached aliases of the same storage do not.
-    """
-    import torch
-
-    def strip(args):
-        symmetric_alias = args[2] is args[1] if len(args) == 10 else args[1] is args[0]
-        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-        if symmetric_alias:  # keep k the same object as q
-            qi = 1 if len(args) == 10 else 0  # backward has grad first
-            args[qi + 1] = args[qi]
-        return args
-
-    fwd, bwd = ops._CppBackend.forward, ops._CppBackend.backward
-    ops._CppBackend.forward = staticmethod(lambda *a: fwd(*strip(a)))
-    ops._CppBackend.backward = staticmethod(lambda *a: bwd(*strip(a)))
 
 
 def _cases(ik, torch, z1, z2, labels, backend):
@@ -79,15 +49,10 @@ def main():
     parser.add_argument("--dim", type=int, default=DIM)
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--only", nargs="*", help="run only these losses")
-    parser.add_argument("--detach-inputs", action="store_true",
-                        help="diagnosis only: hand the C++ kernels detached q/k (see the module docstring)")
     args = parser.parse_args()
     import torch
 
     import infonce_kernels as ik
-
-    if args.detach_inputs:
-        _detach_cpp_inputs(ik.ops)
 
     torch.manual_seed(0)
     b = args.rows // 2
@@ -109,12 +74,12 @@ def main():
         z1.grad = z2.grad = None
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        before = _status_kib("VmRSS")
+        before = status_kib("VmRSS")
         start = time.perf_counter()
         loss = fn()
         loss.backward()
         seconds = time.perf_counter() - start
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(z1.grad).all())
         del loss
         print(json.dumps({"loss": name, "rows": args.rows, "dim": args.dim, "backend": args.backend,
