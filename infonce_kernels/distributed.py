@@ -31,6 +31,15 @@ import torch.distributed as dist
 
 from . import ops
 
+if dist.is_available():
+    # torch.distributed.nn.functional binds the default process group into default arguments
+    # (group=group.WORLD) when it is first imported, and torch imports it lazily: torch._dynamo
+    # does, on the first call of any torch.library custom op. Imported after init_process_group,
+    # it keeps the default group alive past destroy_process_group, and that group's gloo worker
+    # threads then race interpreter shutdown (std::terminate, SIGABRT at exit). Importing it
+    # here, normally before any group exists, keeps destroy_process_group effective.
+    import torch.distributed.nn.functional  # noqa: F401
+
 __all__ = [
     "RankRows",
     "rank_rows",

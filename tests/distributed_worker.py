@@ -7,6 +7,7 @@ does, equal the single-process gradients.
 """
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,21 @@ LOSSES = {"lightly_ntxent": _lightly_ntxent, "open_clip_local": _open_clip(True)
 LABELLED = {"supcon_labels"}
 
 
+def _gloo_threads():
+    """Names of this process's gloo threads (Linux /proc; empty elsewhere)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return []
+    names = []
+    for tid in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, tid, "comm")) as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended while we listed
+            pass
+    return [n for n in names if "gloo" in n]
+
+
 def _gradients(params):
     return [None if p.grad is None else p.grad.detach().clone() for p in params]
 
@@ -120,3 +136,7 @@ def run(rank, world, init_file, dtype_name, sizes, backend, losses):
                     torch.testing.assert_close(g, p.grad, rtol=tol, atol=tol, msg=f"{name} gradient {i}")
     finally:
         dist.destroy_process_group()
+    # destroy_process_group must end the group's threads: a gloo thread still alive at interpreter
+    # shutdown can abort the process (see the torch.distributed.nn import in
+    # infonce_kernels/distributed.py, which the custom ops' first call would otherwise trigger)
+    assert not _gloo_threads(), f"process group outlived destroy_process_group: {_gloo_threads()}"
