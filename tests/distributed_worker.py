@@ -74,7 +74,7 @@ LOSSES = {"lightly_ntxent": _lightly_ntxent, "open_clip_local": _open_clip(True)
 LABELLED = {"supcon_labels"}
 
 
-def _gloo_threads():
+def gloo_threads():
     """Names of this process's gloo threads (Linux /proc; empty elsewhere)."""
     tasks = "/proc/self/task"
     if not os.path.isdir(tasks):
@@ -139,4 +139,4 @@ def run(rank, world, init_file, dtype_name, sizes, backend, losses):
     # destroy_process_group must end the group's threads: a gloo thread still alive at interpreter
     # shutdown can abort the process (see the torch.distributed.nn import in
     # infonce_kernels/distributed.py, which the custom ops' first call would otherwise trigger)
-    assert not _gloo_threads(), f"process group outlived destroy_process_group: {_gloo_threads()}"
+    assert not gloo_threads(), f"process group outlived destroy_process_group: {gloo_threads()}"

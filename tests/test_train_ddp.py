@@ -28,6 +28,9 @@ def _worker(rank, world, port, out):
                           output_dir=out), log=lambda *a, **k: None)
     finally:
         torch.distributed.destroy_process_group()
+    from distributed_worker import gloo_threads
+
+    assert not gloo_threads(), f"process group outlived destroy_process_group: {gloo_threads()}"
 
 
 @pytest.mark.slow
