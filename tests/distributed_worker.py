@@ -55,6 +55,28 @@ def _lightly_ntxent(model, tau, x1, x2, gather_distributed=False, backend="auto"
     return NTXentLoss(float(tau.detach()), gather_distributed=gather_distributed, backend=backend)(model(x1), model(x2))
 
 
+def _lightly_dcl(weighted):
+    def loss(model, tau, x1, x2, gather_distributed=False, backend="auto"):
+        from infonce_kernels.compat.lightly import DCLLoss, DCLWLoss
+
+        kind, kw = (DCLWLoss, {"sigma": 0.7}) if weighted else (DCLLoss, {})
+        return kind(float(tau.detach()), gather_distributed=gather_distributed, backend=backend, **kw)(model(x1),
+                                                                                                     model(x2))
+
+    return loss
+
+
+def _lightly_dclw_formula(model, tau, x1, x2):
+    """lightly 1.6's distributed DCLWLoss written out: gathered keys, weights from the rank's own pairs."""
+    from test_compat import lightly_dcl
+    from torch.distributed.nn.functional import all_gather
+
+    from infonce_kernels.compat.lightly import negative_mises_fisher_weights
+
+    return lightly_dcl(model(x1), model(x2), float(tau.detach()), lambda a, b: negative_mises_fisher_weights(a, b, 0.7),
+                       gather=all_gather, rank=dist.get_rank())
+
+
 def _open_clip(local_loss):
     def loss(model, tau, x1, x2, gather_distributed=False, backend="auto"):
         from infonce_kernels.compat.open_clip import ClipLoss
@@ -68,10 +90,13 @@ def _open_clip(local_loss):
     return loss
 
 
-LOSSES = {"lightly_ntxent": _lightly_ntxent, "open_clip_local": _open_clip(True), "open_clip_global": _open_clip(False),
+LOSSES = {"lightly_ntxent": _lightly_ntxent, "lightly_dcl": _lightly_dcl(False), "lightly_dclw": _lightly_dcl(True),
+          "open_clip_local": _open_clip(True), "open_clip_global": _open_clip(False),
           "nt_xent": _nt_xent, "info_nce": _info_nce, "clip": _clip, "supcon_views": _supcon_views,
           "supcon_labels": _supcon_labels, "dcl": _dcl, "dclw": _dclw, "dhel": _dhel}
 LABELLED = {"supcon_labels"}
+# losses without a single-process twin, compared on each rank with the library's own distributed formula
+PER_RANK = {"lightly_dclw": _lightly_dclw_formula}
 
 
 def gloo_threads():
@@ -89,8 +114,20 @@ def gloo_threads():
     return [n for n in names if "gloo" in n]
 
 
-def _gradients(params):
-    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+def _ddp_step(params, world, compute):
+    """(loss, parameter gradients averaged over the ``world`` ranks as DistributedDataParallel
+    averages them; None where a parameter got no gradient) of one backward of ``compute()``."""
+    for p in params:
+        p.grad = None
+    loss = compute()
+    loss.backward()
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    if world > 1:
+        for g in grads:
+            if g is not None:
+                dist.all_reduce(g)
+                g /= world
+    return loss.detach().clone(), grads
 
 
 def run(rank, world, init_file, dtype_name, sizes, backend, losses):
@@ -112,28 +149,22 @@ def run(rank, world, init_file, dtype_name, sizes, backend, losses):
             fn = LOSSES[name]
             local_kw = {"labels": labels[rows]} if name in LABELLED else {}
             full_kw = {"labels": labels} if name in LABELLED else {}
-            for p in params:
-                p.grad = None
-            loss = fn(model, log_tau.exp(), x1[rows], x2[rows], gather_distributed=True, backend=backend, **local_kw)
-            loss.backward()
-            grads = _gradients(params)
-            for g in grads:  # what DistributedDataParallel does
-                if g is not None:
-                    dist.all_reduce(g)
-                    g /= world
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            mean_loss /= world
-            for p in params:
-                p.grad = None
-            full = fn(model, log_tau.exp(), x1, x2, backend=backend, **full_kw)
-            full.backward()
-            torch.testing.assert_close(mean_loss, full.detach(), rtol=tol, atol=tol, msg=f"{name} loss")
-            for i, (g, p) in enumerate(zip(grads, params)):
-                if g is None:  # a loss that takes the temperature as a float
-                    assert p.grad is None, f"{name} gradient {i}"
+            loss, grads = _ddp_step(params, world, lambda: fn(model, log_tau.exp(), x1[rows], x2[rows],
+                                                              gather_distributed=True, backend=backend, **local_kw))
+            if name in PER_RANK:
+                want, want_grads = _ddp_step(params, world, lambda: PER_RANK[name](model, log_tau.exp(), x1[rows],
+                                                                                   x2[rows]))
+            else:
+                dist.all_reduce(loss)  # the mean over ranks is the loss of the whole batch
+                loss /= world
+                want, want_grads = _ddp_step(params, 1, lambda: fn(model, log_tau.exp(), x1, x2, backend=backend,
+                                                                   **full_kw))
+            torch.testing.assert_close(loss, want, rtol=tol, atol=tol, msg=f"{name} loss")
+            for i, (g, h) in enumerate(zip(grads, want_grads)):
+                if g is None or h is None:  # a loss that takes the temperature as a float
+                    assert g is None and h is None, f"{name} gradient {i}"
                 else:
-                    torch.testing.assert_close(g, p.grad, rtol=tol, atol=tol, msg=f"{name} gradient {i}")
+                    torch.testing.assert_close(g, h, rtol=tol, atol=tol, msg=f"{name} gradient {i}")
     finally:
         dist.destroy_process_group()
     # destroy_process_group must end the group's threads: a gloo thread still alive at interpreter

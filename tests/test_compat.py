@@ -47,20 +47,24 @@ def lightly_ntxent(out0, out1, t):
     return F.cross_entropy(logits, torch.arange(b).repeat(2))
 
 
-def lightly_dcl(out0, out1, t, weight_fn=None):
+def lightly_dcl(out0, out1, t, weight_fn=None, gather=None, rank=0):
+    """lightly 1.6's DCLLoss; with ``gather`` (an all-gather that back-propagates, as lightly's),
+    the rows of every rank are keys and ``rank`` places this rank's pairs among them."""
     out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    all0, all1 = (out0, out1) if gather is None else (torch.cat(gather(out0)), torch.cat(gather(out1)))
 
-    def half(x0, x1):
+    def half(x0, x1, x0_all, x1_all):
         b = x0.shape[0]
-        diag = torch.eye(b, dtype=torch.bool)
-        s00, s01 = x0 @ x0.T / t, x0 @ x1.T / t
+        diag = torch.zeros(b, x0_all.shape[0], dtype=torch.bool)
+        diag[torch.arange(b), rank * b + torch.arange(b)] = True  # lightly's eye_rank
+        s00, s01 = x0 @ x0_all.T / t, x0 @ x1_all.T / t
         pos = -s01[diag]
         if weight_fn:
             pos = pos * weight_fn(x0, x1)
         negs = torch.cat([s00[~diag].view(b, -1), s01[~diag].view(b, -1)], 1)
         return (pos + torch.logsumexp(negs, 1)).mean()
 
-    return 0.5 * (half(out0, out1) + half(out1, out0))
+    return 0.5 * (half(out0, out1, all0, all1) + half(out1, out0, all1, all0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -32,14 +32,6 @@ def world_size() -> int:
     return 1
 
 
-def not_distributed(owner: str) -> None:
-    """Raise ValueError when torch.distributed runs with more than one process."""
-    if world_size() > 1:
-        raise ValueError(f"{owner}: distributed gathering (world size > 1) is not supported by the "
-                         "infonce_kernels.compat adapters yet; use a single process, or gather the "
-                         "features yourself and call the loss on the gathered batch")
-
-
 def different_label_lse(q, q_labels, k, k_labels, scale, *, symmetric, backend, use_label_op=None):
     """(M,) ``log sum_{j : k_labels[j] != q_labels[i]} exp(scale <q_i, k_j>)``, -inf for a row
     without such a key, never materialising M x N.

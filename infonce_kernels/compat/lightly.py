@@ -15,9 +15,11 @@ of the batch that does not fit). The bank starts as random unit vectors. ``memor
 is lightly's ``(num_features, dim)`` tuple, or an int (older lightly: the feature size is taken
 from the first batch).
 
-``NTXentLoss(gather_distributed=True)`` with several processes runs over every rank's embeddings
-through :mod:`infonce_kernels.distributed`; ``DCLLoss``/``DCLWLoss`` with several processes raise
-``ValueError`` (not supported yet). With one process gathering is a no-op, as in lightly.
+``gather_distributed=True`` with several processes runs over every rank's embeddings through
+:mod:`infonce_kernels.distributed`, with the values and gradients of lightly's gather (which
+back-propagates): each rank returns the mean over its own anchors, whose negatives are the rows
+of every rank. ``DCLWLoss``'s weights are computed on the rank's own batch, as in lightly. With
+one process gathering is a no-op, as in lightly.
 """
 
 from typing import Callable, Optional, Sequence, Union
@@ -26,8 +28,10 @@ import torch
 from torch import Tensor, nn
 
 import infonce_kernels as ik
+from infonce_kernels import distributed
+from infonce_kernels.losses import two_views
 
-from ._common import acc, normalize, not_distributed, row_dot, world_size
+from ._common import acc, normalize, row_dot, world_size
 
 __all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "negative_mises_fisher_weights"]
 
@@ -111,14 +115,20 @@ class DCLLoss(nn.Module):
         self.gather_distributed, self.backend = gather_distributed, backend
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        if self.gather_distributed:
-            not_distributed(f"{type(self).__name__}(gather_distributed=True)")
         out0, out1 = normalize(out0), normalize(out1)
         b = out0.shape[0]
-        z = torch.cat([out0, out1])
-        index = torch.arange(2 * b, device=z.device)
-        exclude = torch.stack([index, (index + b) % (2 * b)], 1)  # {self, positive}
-        r = ik.lse(z, z, 1.0 / self.temperature, exclude=exclude, symmetric=True, backend=self.backend)
+        if self.gather_distributed and world_size() > 1:
+            # every rank's [out0; out1] rows are keys; each row skips itself and its positive
+            # (lightly's eye_rank mask), so its negatives are all other rows of both views
+            z, _, scale = two_views(type(self).__name__, out0, out1, self.temperature, False, "mean", True)
+            where = distributed.rank_rows(2 * b, z.device)
+            r = distributed.gathered_lse(z, scale, *distributed.pair_exclusions(where, True), where,
+                                         backend=self.backend)
+        else:
+            z = torch.cat([out0, out1])
+            index = torch.arange(2 * b, device=z.device)
+            exclude = torch.stack([index, (index + b) % (2 * b)], 1)  # {self, positive}
+            r = ik.lse(z, z, 1.0 / self.temperature, exclude=exclude, symmetric=True, backend=self.backend)
         pos = row_dot(out0, out1) / self.temperature
         pos0, pos1 = pos, pos
         if self.weight_fn:
