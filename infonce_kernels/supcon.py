@@ -62,10 +62,20 @@ def _classes(labels, samples: int, views: int, device, where):
         return ids, torch.full_like(ids, views), samples, torch.tensor(anchors, device=device)
     row_labels = labels.to(torch.int64).repeat(views)
     all_labels = row_labels if where is None else distributed.gather_rows(row_labels, where)
-    _, inverse, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
-    ids = inverse if where is None else inverse[where.offset: where.offset + row_labels.shape[0]]
-    anchors = (counts * (counts > 1)).sum()
-    return ids, counts[ids], counts.shape[0], anchors
+    # Classes numbered by sorting, with static shapes (torch.unique's are data-dependent and
+    # would break a torch.compile(fullgraph=True) graph): a row's class is the number of distinct
+    # labels below its own, its class size the width of its label's run in the sorted labels.
+    ordered, order = torch.sort(all_labels)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    class_of_sorted = torch.cumsum(starts, 0) - 1
+    inverse = torch.empty_like(class_of_sorted).scatter_(0, order, class_of_sorted)
+    rows = torch.searchsorted(ordered, all_labels, right=True) - torch.searchsorted(ordered, all_labels)
+    # K: exact in eager (one host read, as torch.unique), the row count (an upper bound) when traced
+    num_classes = all_labels.shape[0] if v.tracing() else int(class_of_sorted[-1]) + 1
+    lo = 0 if where is None else where.offset
+    ids = inverse[lo: lo + row_labels.shape[0]]
+    return ids, rows[lo: lo + row_labels.shape[0]], num_classes, (rows > 1).sum()
 
 
 def supcon(features, labels=None, temperature=0.1, *, base_temperature=None, normalize=True,

@@ -202,9 +202,11 @@ def test_modules_call_the_functions():
 def test_compiled_loss_equals_eager():
     z1, z2 = torch.randn(16, 8), torch.randn(16, 8)
     tau = torch.tensor(0.3)
+    labels = torch.randint(0, 5, (16,))
 
     def step(a, b, t):
-        return ik.nt_xent(a, b, t) + ik.clip_loss(a, b, 1.0 / t)
+        return (ik.nt_xent(a, b, t) + ik.clip_loss(a, b, 1.0 / t) + ik.info_nce(a, b, temperature=t)
+                + ik.supcon(torch.stack([a, b], 1), labels, t))
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     a, c = _leaves(z1, z2, tau), _leaves(z1, z2, tau)
