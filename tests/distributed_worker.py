@@ -6,6 +6,7 @@ the whole batch and (b) its parameter gradients, averaged over ranks as Distribu
 does, equal the single-process gradients.
 """
 
+import contextlib
 import math
 import os
 
@@ -130,10 +131,22 @@ def _ddp_step(params, world, compute):
     return loss.detach().clone(), grads
 
 
-def run(rank, world, init_file, dtype_name, sizes, backend, losses):
+@contextlib.contextmanager
+def _group(rank, world, init_file):
+    """A gloo group for the block; afterwards no gloo thread may remain: one still alive at
+    interpreter shutdown can abort the process (see the torch.distributed.nn import in
+    infonce_kernels/distributed.py, which the custom ops' first call would otherwise trigger)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
+        yield
+    finally:
+        dist.destroy_process_group()
+    assert not gloo_threads(), f"process group outlived destroy_process_group: {gloo_threads()}"
+
+
+def run(rank, world, init_file, dtype_name, sizes, backend, losses):
+    with _group(rank, world, init_file):
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
         total = sum(sizes)
@@ -165,9 +178,28 @@ def run(rank, world, init_file, dtype_name, sizes, backend, losses):
                     assert g is None and h is None, f"{name} gradient {i}"
                 else:
                     torch.testing.assert_close(g, h, rtol=tol, atol=tol, msg=f"{name} gradient {i}")
-    finally:
-        dist.destroy_process_group()
-    # destroy_process_group must end the group's threads: a gloo thread still alive at interpreter
-    # shutdown can abort the process (see the torch.distributed.nn import in
-    # infonce_kernels/distributed.py, which the custom ops' first call would otherwise trigger)
-    assert not gloo_threads(), f"process group outlived destroy_process_group: {gloo_threads()}"
+
+
+def run_lightly_bank(rank, world, init_file, backend):
+    """lightly's NTXentLoss with a memory bank and gather_distributed: the loss is local (queries
+    against the bank), and every rank enqueues the normalised out1 of every rank, in rank order."""
+    from infonce_kernels.compat.lightly import NTXentLoss
+
+    with _group(rank, world, init_file):
+        torch.manual_seed(0)  # the same initial bank on every rank, as the same seed gives in lightly
+        loss = NTXentLoss(0.3, memory_bank_size=(16, 5), gather_distributed=True, backend=backend).double()
+        first_bank = None
+        for step in range(2):
+            torch.manual_seed(100 + step)  # the same global batch on every rank; rank r holds rows 3r..3r+2
+            out0, out1 = torch.randn(3 * world, 5, dtype=torch.float64), torch.randn(3 * world, 5, dtype=torch.float64)
+            mine = slice(3 * rank, 3 * rank + 3)
+            if step == 0:
+                first_bank = loss.bank.clone()
+            value = loss(out0[mine].requires_grad_(), out1[mine])
+            if step == 0:  # local queries against the initial bank
+                alone = NTXentLoss(0.3, memory_bank_size=(16, 5), backend=backend).double()
+                alone.bank = first_bank.clone()
+                torch.testing.assert_close(value, alone(out0[mine].requires_grad_(), out1[mine]), rtol=1e-12, atol=1e-12)
+            everyone = torch.nn.functional.normalize(out1, dim=1)
+            torch.testing.assert_close(loss.bank[3 * world * step: 3 * world * (step + 1)], everyone, rtol=0, atol=1e-15)
+        assert int(loss.bank_ptr) == 6 * world

@@ -38,6 +38,13 @@ def test_distributed_matches_single_process(tmp_path, sizes, dtype):
     _spawn(tmp_path, sizes, dtype, backend, LOSSES + (COMPAT_LOSSES if even else ()))
 
 
+def test_lightly_memory_bank_enqueues_every_rank(tmp_path):
+    from distributed_worker import run_lightly_bank
+
+    backend = "cpu" if "cpu" in CPU_BACKENDS else "reference"
+    mp.spawn(run_lightly_bank, args=(2, str(tmp_path / "rendezvous"), backend), nprocs=2, join=True)
+
+
 @pytest.mark.skipif("triton" not in ik.available_backends("cpu"), reason="needs TRITON_INTERPRET=1")
 def test_distributed_triton_interpreter(tmp_path):
     _spawn(tmp_path, [3, 2], "float64", "triton", ("nt_xent", "clip", "supcon_labels"))

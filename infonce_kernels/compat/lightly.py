@@ -11,7 +11,8 @@ Memory bank (``memory_bank_size > 0``, MoCo style), as lightly: the negatives of
 ``out0_i`` are the bank's rows (the past ``out1`` batches, no gradient), its positive is
 ``out1_i``; after the loss is computed, and only when ``out0`` requires a gradient, the
 normalised ``out1`` is enqueued (a ring buffer that restarts at 0 once full, dropping the part
-of the batch that does not fit). The bank starts as random unit vectors. ``memory_bank_size``
+of the batch that does not fit); with ``gather_distributed=True`` over several processes, every
+rank's ``out1`` is enqueued, in rank order, while the loss stays local. The bank starts as random unit vectors. ``memory_bank_size``
 is lightly's ``(num_features, dim)`` tuple, or an int (older lightly: the feature size is taken
 from the first batch).
 
@@ -63,6 +64,8 @@ class NTXentLoss(nn.Module):
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, batch: Tensor) -> None:
+        if self.gather_distributed and world_size() > 1:  # lightly enqueues every rank's batch, in rank order
+            batch = distributed.gather_rows(batch, distributed.rank_rows(batch.shape[0], batch.device))
         size, b, ptr = self.memory_bank_size, batch.shape[0], int(self.bank_ptr)
         if ptr + b >= size:
             self.bank[ptr:] = batch[: size - ptr].detach().to(self.bank.dtype)
