@@ -78,26 +78,57 @@ def _lightly_dclw_formula(model, tau, x1, x2):
                        gather=all_gather, rank=dist.get_rank())
 
 
-def _open_clip(local_loss):
+def _open_clip(local_loss, gather_with_grad=True):
     def loss(model, tau, x1, x2, gather_distributed=False, backend="auto"):
         from infonce_kernels.compat.open_clip import ClipLoss
 
         world = dist.get_world_size() if gather_distributed else 1
         rank = dist.get_rank() if gather_distributed else 0
-        clip = ClipLoss(local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=world, backend=backend)
+        clip = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world,
+                        backend=backend)
         a, b = torch.nn.functional.normalize(model(x1), dim=1), torch.nn.functional.normalize(model(x2), dim=1)
         return clip(a, b, 1.0 / tau)
 
     return loss
 
 
+def _open_clip_formula(local_loss):
+    """open_clip's ClipLoss with gather_with_grad=False written out: gather_features (all_gather
+    without gradient; the rank's own features spliced back in unless local_loss), then the logits
+    and the two cross-entropies, materialised."""
+    def loss(model, tau, x1, x2):
+        img, txt = torch.nn.functional.normalize(model(x1), dim=1), torch.nn.functional.normalize(model(x2), dim=1)
+        rank, world, scale = dist.get_rank(), dist.get_world_size(), 1.0 / tau
+        gathered = []
+        for x in (img, txt):
+            parts = [torch.zeros_like(x) for _ in range(world)]
+            dist.all_gather(parts, x.detach())
+            if not local_loss:
+                parts[rank] = x
+            gathered.append(torch.cat(parts))
+        all_img, all_txt = gathered
+        if local_loss:
+            per_image, per_text = scale * img @ all_txt.T, scale * txt @ all_img.T
+            labels = torch.arange(img.shape[0]) + img.shape[0] * rank
+        else:
+            per_image = scale * all_img @ all_txt.T
+            per_text = per_image.T
+            labels = torch.arange(per_image.shape[0])
+        ce = torch.nn.functional.cross_entropy
+        return (ce(per_image, labels) + ce(per_text, labels)) / 2
+
+    return loss
+
+
 LOSSES = {"lightly_ntxent": _lightly_ntxent, "lightly_dcl": _lightly_dcl(False), "lightly_dclw": _lightly_dcl(True),
           "open_clip_local": _open_clip(True), "open_clip_global": _open_clip(False),
+          "open_clip_local_nograd": _open_clip(True, False), "open_clip_global_nograd": _open_clip(False, False),
           "nt_xent": _nt_xent, "info_nce": _info_nce, "clip": _clip, "supcon_views": _supcon_views,
           "supcon_labels": _supcon_labels, "dcl": _dcl, "dclw": _dclw, "dhel": _dhel}
 LABELLED = {"supcon_labels"}
 # losses without a single-process twin, compared on each rank with the library's own distributed formula
-PER_RANK = {"lightly_dclw": _lightly_dclw_formula}
+PER_RANK = {"lightly_dclw": _lightly_dclw_formula, "open_clip_local_nograd": _open_clip_formula(True),
+            "open_clip_global_nograd": _open_clip_formula(False)}
 
 
 def gloo_threads():

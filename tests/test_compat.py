@@ -161,8 +161,8 @@ def test_open_clip(backend):
           lambda i, t, ls: open_clip_loss(i, t, ls.exp() * 0.1), [img, txt, log_s])
     out = c_clip.ClipLoss()(img_n, txt_n, 10.0, output_dict=True)
     assert set(out) == {"contrastive_loss"}
-    with pytest.raises(ValueError, match="gather_with_grad=True"):
-        c_clip.ClipLoss(world_size=2, rank=0)
+    with pytest.raises(RuntimeError, match="init_process_group"):  # world_size > 1 without a process group
+        c_clip.ClipLoss(world_size=2, rank=0)(img_n, txt_n, 10.0)
     with pytest.raises(ValueError, match="use_horovod"):
         c_clip.ClipLoss(use_horovod=True)
 
@@ -342,7 +342,13 @@ def test_supcontrast(backend, mode):
         feats /= feats.norm(dim=-1, keepdim=True)
     labels = torch.tensor([0, 1, 0, 2, 1, 3])
     mask = (torch.rand(6, 6, dtype=torch.float64) > 0.5).double()
-    for kw in ({}, {"labels": labels}, {"mask": mask}):
+    # weights: row 1 sums to 1e-8 and row 4 to a negative number (below SupContrast's 1e-6 floor,
+    # where it divides by 1 instead of the sum), row 5 has no positive
+    weights = torch.rand(6, 6, dtype=torch.float64)
+    weights[1] = 1e-8 / 6
+    weights[4] -= 1.0
+    weights[5] = 0.0
+    for kw in ({}, {"labels": labels}, {"mask": mask}, {"mask": weights}):
         check(lambda f: c_sup.SupConLoss(0.1, mode, 0.07, backend=backend)(f, **kw),
               lambda f: supcontrast(f, temperature=0.1, contrast_mode=mode, **kw), [feats])
     with pytest.raises(ValueError):

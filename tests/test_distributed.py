@@ -16,7 +16,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))  # spawned workers import
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
-COMPAT_LOSSES = ("lightly_ntxent", "lightly_dcl", "lightly_dclw", "open_clip_local", "open_clip_global")
+COMPAT_LOSSES = ("lightly_ntxent", "lightly_dcl", "lightly_dclw", "open_clip_local", "open_clip_global",
+                 "open_clip_local_nograd", "open_clip_global_nograd")
 LOSSES = ("nt_xent", "info_nce", "clip", "supcon_views", "supcon_labels", "dcl", "dclw", "dhel")
 
 

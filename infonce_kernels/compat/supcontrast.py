@@ -12,7 +12,8 @@ the rows j with ``mask[i, j]`` as weights), and
 
     loss_i = -(tau / base_tau) * sum_j mask_ij log(exp(s_ij) / sum_{a != i} exp(s_ia)) / sum_j mask_ij
 
-averaged over the anchors (0 for an anchor without positive, as current SupContrast). The
+averaged over the anchors, where, as current SupContrast, a weight sum below 1e-6 divides by 1
+instead (so an anchor without positive gives 0). The
 denominator is the fused ``lse(anchors, contrast, 1/tau, exclude={self})``; the positive sums are
 ``<a_i, C_{y_i}>`` with C the per-class sums of the contrast rows (labels) or
 ``<a_i, (mask @ sum_v features[:, v])_i>`` (an explicit (bsz, bsz) mask, which the caller has
@@ -80,8 +81,9 @@ class SupConLoss(nn.Module):
             n_pos = views * mask.sum(1)[sample] - diag
         a = acc(anchors)
         pos = scale * (row_dot(a, pos_sum) - diag * row_dot(a, a))  # sum_j mask_ij L_ij, self removed
-        # mean_j log_prob = pos / n_pos - r ; anchors without positive: 0 / 1
-        has_pos = n_pos >= 1e-6
-        mean_log_prob_pos = torch.where(has_pos, pos / torch.where(has_pos, n_pos, 1) - r, 0)
+        # sum_j mask_ij log p_ij = pos - n_pos r, divided, as SupContrast, by n_pos, or by 1 where
+        # n_pos < 1e-6 (an anchor without positive gives 0)
+        divisor = torch.where(n_pos < 1e-6, torch.ones_like(n_pos), n_pos)
+        mean_log_prob_pos = (pos - n_pos * r) / divisor
         loss = -(self.temperature / self.base_temperature) * mean_log_prob_pos
         return loss.view(count, bsz).mean()
