@@ -161,6 +161,14 @@ def test_open_clip(backend):
           lambda i, t, ls: open_clip_loss(i, t, ls.exp() * 0.1), [img, txt, log_s])
     out = c_clip.ClipLoss()(img_n, txt_n, 10.0, output_dict=True)
     assert set(out) == {"contrastive_loss"}
+    # a scalar logit_bias cancels: same value, and a zero (not a missing) gradient, as open_clip
+    bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+    with_bias = c_clip.ClipLoss(backend=backend)(img_n, txt_n, 10.0, bias)
+    torch.testing.assert_close(with_bias, open_clip_loss(img_n, txt_n, 10.0))
+    with_bias.backward()
+    assert bias.grad is not None and bias.grad.item() == 0
+    with pytest.raises(ValueError, match="logit_bias"):
+        c_clip.ClipLoss()(img_n, txt_n, 10.0, torch.zeros(7))
     with pytest.raises(RuntimeError, match="init_process_group"):  # world_size > 1 without a process group
         c_clip.ClipLoss(world_size=2, rank=0)(img_n, txt_n, 10.0)
     with pytest.raises(ValueError, match="use_horovod"):

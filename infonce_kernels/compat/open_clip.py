@@ -6,8 +6,10 @@
 Same constructor and ``forward(image_features, text_features, logit_scale, logit_bias=None,
 output_dict=False)``: ``(CE(s img txt^T, arange) + CE(s txt img^T, arange)) / 2`` with the
 features used as given (open_clip's models normalise them; the loss does not) and ``logit_scale``
-already exponentiated, which gets its gradient. A ``logit_bias`` adds the same constant to every
-logit of a row and cancels in the cross-entropies, as in open_clip. No B x B logits are built.
+already exponentiated, which gets its gradient. A scalar ``logit_bias`` adds the same constant to
+every logit and cancels in the cross-entropies, as in open_clip: its gradient is zero (a
+parameter still takes part in the graph, as DistributedDataParallel expects); a bias of more
+than one element is rejected. No B x B logits are built.
 
 With ``world_size > 1`` (torch.distributed initialised; ``rank`` and ``world_size`` must be this
 process's) the loss runs over every rank's features, with open_clip's values and gradients:
@@ -69,6 +71,9 @@ class ClipLoss(nn.Module):
         return everyone, lo
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        if logit_bias is not None and torch.as_tensor(logit_bias).numel() != 1:
+            raise ValueError("logit_bias: only a scalar bias is supported (it cancels in the cross-entropies); "
+                             f"got {tuple(torch.as_tensor(logit_bias).shape)}")
         if self.world_size > 1:
             self._check_group()
         if self.world_size == 1:
@@ -91,4 +96,6 @@ class ClipLoss(nn.Module):
                                 gather_distributed=True)
             if not self.local_loss:  # the whole batch's loss on every rank, same gradients
                 loss = distributed.all_reduce_with_grad(loss) / self.world_size
+        if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
+            loss = loss + 0 * logit_bias.sum()  # open_clip's zero gradient for the cancelling bias
         return {"contrastive_loss": loss} if output_dict else loss
