@@ -24,7 +24,7 @@ from infonce_kernels.train.data import DatasetError, load_dataset  # noqa: E402
 from infonce_kernels.train.losses import LOSSES, get_loss, register_loss  # noqa: E402
 from infonce_kernels.train.models import build_encoder, SimCLRModel  # noqa: E402
 from infonce_kernels.train.optim import LARS, build_optimizer, warmup_cosine  # noqa: E402
-from infonce_kernels.train.temperature import Temperature, log_annealing_beta  # noqa: E402
+from infonce_kernels.train.temperature import Temperature  # noqa: E402
 
 
 def tiny(tmp_path, name="run", **kw):
@@ -117,8 +117,12 @@ def test_log_annealed_temperature_and_lars(tmp_path):
     assert s["trained"]["knn"] >= 0
 
 
-def test_info_nce_loss_by_name(tmp_path):
-    train(tiny(tmp_path, loss="info_nce", probe=False), log=quiet)
+@pytest.mark.parametrize("loss", sorted(set(LOSSES) - {"nt_xent"}))
+def test_every_registered_loss_trains_by_name(tmp_path, loss):
+    s = train(tiny(tmp_path, loss=loss, probe=False), log=quiet)
+    steps = list(csv.DictReader(open(tmp_path / "run" / "steps.csv")))
+    assert len(steps) == 3 and all(math.isfinite(float(r["loss"])) for r in steps)
+    assert s["trained"]["knn"] >= 0
 
 
 # ---------------------------------------------------------------------------------------------- data loaders
@@ -346,7 +350,10 @@ def test_temperature_modes():
     assert t(0) == pytest.approx(0.5)
     assert t(10) == pytest.approx(1 / (2 * math.log(math.e + 1)))
     assert t(10**9) == pytest.approx(0.1)  # capped at beta_max = 1/tau_min
-    assert log_annealing_beta(0, 3.0, 5.0, 100.0) == pytest.approx(3.0)
+    lin, cos = Temperature("linear", 0.5, tau_min=0.1, total_steps=8), Temperature("cosine", 0.5, tau_min=0.1, total_steps=8)
+    assert [lin(s) for s in (0, 4, 8, 20)] == pytest.approx([0.5, 0.3, 0.1, 0.1])
+    assert [cos(s) for s in (0, 4, 8, 20)] == pytest.approx([0.5, 0.3, 0.1, 0.1])
+    assert cos(2) == pytest.approx(0.1 + 0.4 * (1 + math.cos(math.pi / 4)) / 2)
     lt = Temperature("learnable", 0.5, tau_min=0.05)
     tau = lt(0)
     assert torch.is_tensor(tau) and tau.requires_grad and float(tau.detach()) == pytest.approx(0.5)
@@ -355,7 +362,9 @@ def test_temperature_modes():
     lt.clamp_()
     assert lt.value(0) == pytest.approx(0.05)
     with pytest.raises(ValueError, match="--temperature-mode"):
-        Temperature("cosine", 0.5)
+        Temperature("exponential", 0.5)
+    with pytest.raises(ValueError, match="--anneal-t0"):
+        Temperature("log", 0.5, t0=0.0)
 
 
 def test_lars_excludes_bias_and_norm_and_schedule():

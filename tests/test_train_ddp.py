@@ -16,14 +16,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, out, loss):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from infonce_kernels.train import TrainConfig, train
 
     try:
-        train(TrainConfig(dataset="digits", subset=64, batch_size=32, epochs=1, width=8, hidden_dim=8, proj_dim=8,
+        train(TrainConfig(dataset="digits", subset=64, batch_size=32, epochs=1, width=8, hidden_dim=8, proj_dim=8, loss=loss,
                           eval_every=0, knn_k=3, probe=False, progress=False, plot=False, device="cpu",
                           output_dir=out), log=lambda *a, **k: None)
     finally:
@@ -34,9 +34,10 @@ def _worker(rank, world, port, out):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes(tmp_path):
+@pytest.mark.parametrize("loss", ["nt_xent", "kcl"])  # the package's distributed loss; gathered inputs
+def test_ddp_two_processes(tmp_path, loss):
     out = str(tmp_path / "ddp")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), out, loss), nprocs=2, join=True)
     ck = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
     assert ck["global_step"] == 2 and len(ck["rng"]) == 2
     # each rank drew its own augmentations

@@ -39,14 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dim", type=int, default=None, help="projection-head hidden width (default: encoder width)")
     g.add_argument("--proj-dim", type=int, default=D.proj_dim, help="projection output dimension")
     g = p.add_argument_group("loss and temperature")
-    g.add_argument("--loss", default=D.loss, help="loss of infonce_kernels by name: nt_xent, info_nce (dcl, dhel, "
-                                                  "supcon once exported)")
+    g.add_argument("--loss", default=D.loss, help="loss of infonce_kernels by name: nt_xent, info_nce, dcl, dclw, "
+                                                  "dhel, supcon (needs labels), kcl, hard_negative_nt_xent, "
+                                                  "debiased_nt_xent")
     g.add_argument("--backend", choices=BACKENDS, default=D.backend, help="infonce_kernels backend")
     g.add_argument("--temperature", "--tau", type=float, default=None,
                    help="temperature (initial value for learnable / log); " + _dflt("temperature"))
     g.add_argument("--temperature-mode", choices=TEMPERATURE_MODES, default=D.temperature_mode,
                    help="fixed; learnable (log-parameterised, clamped at --tau-min); log: beta(t) = "
-                        "beta0*ln(e + t/t0) capped at 1/--tau-min")
+                        "beta0*ln(e + t/t0) capped at 1/--tau-min; linear / cosine: from --temperature down "
+                        "to --tau-min over the run")
     g.add_argument("--tau-min", type=float, default=D.tau_min, help="lower bound of the temperature")
     g.add_argument("--anneal-t0", type=float, default=None, help="log schedule t0 in steps (default: one epoch)")
     g = p.add_argument_group("optimisation")

@@ -28,7 +28,7 @@ from .augment import build_augmentation, build_eval_transform
 from .config import TrainConfig, resolve
 from .data import load_dataset
 from .evaluate import evaluate_encoder
-from .losses import get_loss, loss_needs_labels
+from .losses import get_loss, loss_gathers, loss_needs_labels
 from .models import SimCLRModel, build_encoder
 from .optim import build_optimizer, warmup_cosine
 from .temperature import Temperature
@@ -80,6 +80,14 @@ class Dist:
         torch.distributed.all_reduce(t)
         return bool(t.item() > 0)
 
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over the ranks of a tensor (itself with one process)."""
+        if not self.enabled:
+            return t
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t / self.world_size
+
     def gather_objects(self, obj):
         if not self.enabled:
             return [obj]
@@ -93,8 +101,9 @@ class Dist:
 
 
 def _gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    # all_gather whose backward sums the gradients back to their owners (reduce-scatter); every rank
-    # then computes the same global loss and DDP's gradient averaging recovers the exact gradient.
+    # for the losses that do not gather themselves: an all_gather whose backward sums the gradients
+    # back to their owners (reduce-scatter); every rank then computes the same global loss and DDP's
+    # gradient averaging recovers the exact gradient.
     import warnings
 
     from torch.distributed.nn.functional import all_gather
@@ -322,7 +331,8 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         encoder = model.encoder
     model.to(device)
-    temperature = Temperature(cfg.temperature_mode, cfg.temperature, tau_min=cfg.tau_min, t0=cfg.anneal_t0).to(device)
+    temperature = Temperature(cfg.temperature_mode, cfg.temperature, tau_min=cfg.tau_min, t0=cfg.anneal_t0,
+                              total_steps=total_steps).to(device)
     params = nn.ModuleDict({"model": model, "temperature": temperature})
     optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.momentum)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -418,7 +428,7 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
         prev_handler = None
 
     tb = _Tensorboard(out, dist.main)
-    labels_needed = loss_needs_labels(cfg.loss)
+    labels_needed, gathering_loss = loss_needs_labels(cfg.loss), loss_gathers(cfg.loss)
     try:
         from tqdm.auto import tqdm
 
@@ -440,13 +450,15 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
                     z = fwd(torch.cat([x1, x2]))
                 z1, z2 = z.chunk(2)
                 y = bundle.ssl_y[idx].to(device) if labels_needed else None
-                if dist.enabled:
+                if dist.enabled and not gathering_loss:
                     z1, z2 = _gather_with_grad(z1), _gather_with_grad(z2)
                     if y is not None:
                         y = _gather_with_grad(y)
-                loss = loss_fn(z1, z2, tau, y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; lower --lr or raise --temperature")
+                loss = loss_fn(z1, z2, tau, y, gather_distributed=dist.enabled and gathering_loss)
+                batch_loss = dist.mean(loss.detach())  # every rank's loss; their mean is the batch's
+                if not torch.isfinite(batch_loss):
+                    raise FloatingPointError(f"loss is {batch_loss.item()} at step {global_step}; "
+                                             "lower --lr or raise --temperature")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if dist.enabled and temperature.mode == "learnable" and temperature.log_scale.grad is not None:
@@ -458,7 +470,7 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
                 step_in_epoch += 1
                 global_step += 1
                 dt = time.time() - t0
-                row = dict(step=global_step, epoch=epoch + 1, loss=float(loss.detach()),
+                row = dict(step=global_step, epoch=epoch + 1, loss=float(batch_loss),
                            temperature=temperature.value(global_step - 1), lr=optimizer.param_groups[0]["lr"],
                            samples_per_s=cfg.batch_size / max(dt, 1e-9))
                 history["steps"].append(row)
