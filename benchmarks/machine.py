@@ -20,6 +20,10 @@ def _cpu_model():
 
 
 def _git_commit():
+    """HEAD (with "-dirty" for uncommitted changes to tracked files), or $INFONCE_COMMIT where the
+    tree is a copy without .git (e.g. a device machine)."""
+    if os.environ.get("INFONCE_COMMIT"):
+        return os.environ["INFONCE_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

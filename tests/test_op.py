@@ -144,6 +144,30 @@ def test_cpu_fully_excluded_key_block():
     torch.testing.assert_close(out.double(), reference_lse(q, k, 40.0, exclude), rtol=1e-6, atol=1e-5)
 
 
+def test_cpu_fully_masked_first_key_block():
+    """The label rule masks every key of the cpu backend's first key block (keys 0..1023) for
+    row 0, and the first block plus the start of the second for row 1, with large logits: the
+    online LSE starts from an all -inf tile and must not turn exp(-inf - (-inf)) into NaN.
+    Values and gradients against the masked fp64 formula."""
+    n = 1100
+    key_labels = torch.zeros(n, dtype=torch.int64)
+    key_labels[1024:] = torch.arange(1, n - 1023)
+    key_labels[1024:1030] = 0
+    row_labels = torch.tensor([0, 0, 5])
+    q = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    out = lse(q, k, 30.0, row_labels=row_labels, key_labels=key_labels, backend="cpu")
+    out.sum().backward()
+    masked = (row_labels[:, None] == key_labels[None, :])
+    q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    want = torch.logsumexp((30.0 * q2 @ k2.T).masked_fill(masked, float("-inf")), 1)
+    want.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q.grad, q2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(k.grad, k2.grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_large_scale_is_finite(backend):
     """s = 100 on unit vectors: logits up to 100 must not overflow exp."""

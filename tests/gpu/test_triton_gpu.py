@@ -1,7 +1,8 @@
 """Triton backend on a CUDA device: accuracy, scale, determinism, extreme temperatures.
 
 Marked ``gpu`` (skipped without CUDA by tests/conftest.py, and here when the
-triton backend reports itself unavailable). Run with ``pytest -m gpu``; the
+triton backend reports itself unavailable). The scale (2B up to 262,144), 20-run determinism
+and extreme-temperature tests also run the ``cuda`` backend when it is built. Run with ``pytest -m gpu``; the
 whole file takes well under a minute on an H100 apart from the 2B = 262,144
 case (~10-30 s of fp64 reference work).
 
@@ -79,8 +80,18 @@ def lse_and_grads(fn, q, k, scale, exclude, g, symmetric):
     return out.detach(), *grads
 
 
-def triton_fn(exclude, symmetric):
-    return lambda q, k, s: infonce_kernels.lse(q, k, s, exclude=exclude, symmetric=symmetric, backend="triton")
+def triton_fn(exclude, symmetric, backend="triton"):
+    return lambda q, k, s: infonce_kernels.lse(q, k, s, exclude=exclude, symmetric=symmetric, backend=backend)
+
+
+# The scale, determinism and extreme-temperature tests run the cuda backend too, when it is built.
+KERNEL_BACKENDS = ["triton", "cuda"]
+
+
+def _needs(backend):
+    why = infonce_kernels.ops.unavailable_reason(backend, torch.device(DEV))
+    if why:
+        pytest.skip(f"{backend} backend unavailable: {why}")
 
 
 def check_rule(actual, expected, baseline, rtol, what):
@@ -178,8 +189,10 @@ def chunked_reference(z, scale, g, chunk=2048):
     return r, dz, ds
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("n", [65536, 262144])
-def test_large_batch_against_chunked_fp64(n):
+def test_large_batch_against_chunked_fp64(n, backend):
+    _needs(backend)
     d = 128
     gen = torch.Generator(device=DEV).manual_seed(n)
     z = torch.nn.functional.normalize(torch.randn(n, d, device=DEV, generator=gen), dim=1).to(torch.bfloat16)
@@ -188,7 +201,7 @@ def test_large_batch_against_chunked_fp64(n):
     g = torch.full((n,), 1.0 / n, device=DEV, dtype=torch.float32)    # mean reduction
     zz = z.detach().clone().requires_grad_()
     ss = s.clone().requires_grad_()
-    r = infonce_kernels.lse(zz, zz, ss, exclude=ex, symmetric=True, backend="triton")
+    r = infonce_kernels.lse(zz, zz, ss, exclude=ex, symmetric=True, backend=backend)
     dz, ds = torch.autograd.grad(r, [zz, ss], g)
     r_ref, dz_ref, ds_ref = chunked_reference(z, s, g)
     assert torch.isfinite(r).all() and torch.isfinite(dz.float()).all()
@@ -225,13 +238,15 @@ def test_int64_offsets():
 
 
 # ----------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_bitwise_deterministic_20_runs(symmetric):
+def test_bitwise_deterministic_20_runs(symmetric, backend):
+    _needs(backend)
     n, d = 8192, 128
     q, k, s, ex, g = make_inputs(n, n, d, torch.bfloat16, symmetric, 1, 1 / 0.2, normalize=True, seed=3)
     first = None
     for _ in range(20):
-        out = lse_and_grads(triton_fn(ex, symmetric), q, k, s, ex, g, symmetric)
+        out = lse_and_grads(triton_fn(ex, symmetric, backend), q, k, s, ex, g, symmetric)
         out = [t for t in out if t is not None]
         if first is None:
             first = out
@@ -241,12 +256,14 @@ def test_bitwise_deterministic_20_runs(symmetric):
 
 
 # ----------------------------------------------------------------------------- extreme temperatures
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("symmetric,scale", [(True, 1 / 0.01), (False, 100.0)], ids=["tau0.01", "logit_scale100"])
-def test_extreme_scale_bf16(symmetric, scale):
+def test_extreme_scale_bf16(symmetric, scale, backend):
+    _needs(backend)
     n, d = 4096, 128
     q, k, s, ex, g = make_inputs(n, n, d, torch.bfloat16, symmetric, 1 if symmetric else 0, scale,
                                  normalize=True, seed=4)
-    kern = lse_and_grads(triton_fn(ex, symmetric), q, k, s, ex, g, symmetric)
+    kern = lse_and_grads(triton_fn(ex, symmetric, backend), q, k, s, ex, g, symmetric)
     same = lse_and_grads(lambda a, b, c: torch_lse(a, b, c, ex, torch.bfloat16), q, k, s, ex, g, symmetric)
     ref = lse_and_grads(lambda a, b, c: torch_lse(a, b, c, ex, torch.float64), q, k, s, ex, g, symmetric)
     for name, a, b, c in zip(["lse", "dq", "dk", "dscale"], kern, same, ref):
