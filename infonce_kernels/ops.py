@@ -120,11 +120,14 @@ def available_backends(device="cpu"):
 _warned_fallback = set()
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend to run: an explicit name, else $INFONCE_BACKEND, else the fastest for ``device``.
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` (saying why) for a backend that
-    cannot run here.
+    cannot run here. Under ``torch.compile`` it runs once at trace time and its answer is a
+    constant of the graph (the availability checks call into Triton's C++ and CUDA's runtime,
+    which the compiler cannot trace).
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")

@@ -145,7 +145,8 @@ def test_extreme_temperatures_are_finite(backend):
     scale = torch.tensor(100.0, requires_grad=True)
     loss = ik.clip_loss(img, txt, scale, backend=backend)
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(img.grad).all() and torch.isfinite(scale.grad)
+    assert torch.isfinite(loss) and torch.isfinite(img.grad).all() and torch.isfinite(txt.grad).all()
+    assert torch.isfinite(scale.grad)
     torch.testing.assert_close(loss.double(), textbook_clip(img.detach(), txt.detach(), 100.0), rtol=1e-4, atol=1e-4)
 
 
@@ -168,6 +169,35 @@ def test_non_contiguous_and_stride0_gradient(backend):
     c2 = _leaves(z1.contiguous(), z2.contiguous())
     ik.clip_loss(*c2, 3.0, reduction="none", backend=backend).sum().backward()
     _grads_close(a2, c2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_views_reach_the_op(backend):
+    """Non-contiguous views reach the op and a loss unnormalised, with gradients flowing back into
+    their bases: the same values and gradients as contiguous copies."""
+    bq, bk, bt = (torch.randn(s, requires_grad=True) for s in ((17, 24), (20, 13), (12, 20)))
+    q = bq[:, ::2]  # (17, 12), column stride 2
+    ex = torch.randint(0, 20, (17, 1))
+    for keys, base in ((bk[:, :12], bk), (bt.T, bt)):  # row stride 13; column-major
+        assert not q.is_contiguous() and not keys.is_contiguous()
+        out = ik.lse(q, keys, 2.0, exclude=ex, backend=backend)
+        gq, gk = torch.autograd.grad(out.square().sum(), [bq, base])
+        qc, kc = q.detach().contiguous().requires_grad_(), keys.detach().contiguous().requires_grad_()
+        want = ik.lse(qc, kc, 2.0, exclude=ex, backend=backend)
+        wq, wk = torch.autograd.grad(want.square().sum(), [qc, kc])
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(gq[:, ::2], wq)
+        assert not gq[:, 1::2].any()
+        torch.testing.assert_close(gk[:, :12] if base is bk else gk.T, wk)
+    z1, z2 = bq[:8, ::2], bq[9:, 1::2]  # two (8, 12) strided views of one base
+    loss = ik.nt_xent(z1, z2, 0.5, normalize=False, backend=backend)
+    (g,) = torch.autograd.grad(loss, [bq])
+    c1, c2 = (z.detach().contiguous().requires_grad_() for z in (z1, z2))
+    want = ik.nt_xent(c1, c2, 0.5, normalize=False, backend=backend)
+    w1, w2 = torch.autograd.grad(want, [c1, c2])
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(g[:8, ::2], w1)
+    torch.testing.assert_close(g[9:, 1::2], w2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -418,3 +418,37 @@ def test_paired_backward_direct_call_and_tiny_grads():
     assert dsh.item() == 0.0 and dqh.abs().sum() > 0
     with pytest.raises(ValueError, match="key_exclude"):
         tbackend.backward_paired(g, q, k, s, ex, *NO_LABELS, lse, h, klse, kex[:5], kpos, off)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_opcheck_triton_backend(symmetric):
+    """torch.library.opcheck of the public op (schema, fake tensor, autograd registration,
+    AOT dispatch) with the triton backend running its kernels in the interpreter."""
+    q = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    k = q if symmetric else torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    exclude = torch.arange(9)[:, None] if symmetric else torch.randint(-1, 7, (9, 2))
+    scale = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (9,))
+    key_labels = labels if symmetric else torch.randint(0, 3, (7,))
+    positive = torch.randint(-1, 7, (9,)) if not symmetric else (torch.arange(9) + 1) % 9
+    torch.library.opcheck(torch.ops.infonce_kernels.lse.default,
+                          (q, k, scale, exclude, labels, key_labels, positive, symmetric, "triton"))
+
+
+def test_compiled_loss_triton_backend():
+    """torch.compile(fullgraph=True) of a loss on the triton backend equals eager, forward and
+    backward (the custom op stays opaque to the compiler and runs the kernels)."""
+    z1, z2 = torch.randn(12, 8, dtype=torch.float64), torch.randn(12, 8, dtype=torch.float64)
+
+    def step(a, b):
+        return infonce_kernels.nt_xent(a, b, 0.3, backend="triton") + infonce_kernels.clip_loss(a, b, 3.0, backend="triton")
+
+    a = [z1.clone().requires_grad_(), z2.clone().requires_grad_()]
+    e = [z1.clone().requires_grad_(), z2.clone().requires_grad_()]
+    out = torch.compile(step, fullgraph=True, backend="inductor")(*a)
+    want = step(*e)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    out.backward()
+    want.backward()
+    for x, y in zip(a, e):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-12)
