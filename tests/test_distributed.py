@@ -48,7 +48,7 @@ def test_lightly_memory_bank_enqueues_every_rank(tmp_path):
 
 @pytest.mark.skipif("triton" not in ik.available_backends("cpu"), reason="needs TRITON_INTERPRET=1")
 def test_distributed_triton_interpreter(tmp_path):
-    _spawn(tmp_path, [3, 2], "float64", "triton", ("nt_xent", "clip", "supcon_labels"))
+    _spawn(tmp_path, [3, 2], "float64", "triton", LOSSES)
 
 
 def test_gather_needs_an_initialised_group():
