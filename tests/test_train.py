@@ -390,3 +390,22 @@ def test_resnets_shapes():
     enc = build_encoder("resnet18", 3, 96, stem="auto")
     assert isinstance(enc.stem[-1], torch.nn.MaxPool2d)  # ImageNet stem above 64 px
     assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_gpu_train_bench_dry_run_on_cpu(tmp_path):
+    """scripts/gpu_train_bench.py (the trainer's GPU measurements) runs end to end on the CPU in
+    its quick mode: every section fills its figures, with the fused and the reference backend."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("PIL")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gpu_train_bench.py")
+    r = subprocess.run([sys.executable, script, "--device", "cpu", "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(tmp_path / "gpu_train_bench.json"))
+    assert res["fused_backend"] == "cpu" and res["machine"]["torch"] == torch.__version__
+    assert res["digits"]["trained"]["knn"] > 0 and res["digits"]["samples_per_s"] > 0
+    for backend in ("cpu", "reference"):
+        assert res["imagefolder"][backend]["samples_per_s"] > 0
+        assert res["largest_batch"][backend]["largest"] == 128  # --quick: 64 and 128 both fit
