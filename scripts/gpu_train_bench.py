@@ -79,6 +79,12 @@ def run(cfg: TrainConfig, steps=None):
     return summary, rates, peak
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """torch's OOM, or a library's allocation failure at the memory limit (cuBLAS, cuDNN)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in ("out of memory", "ALLOC_FAILED")))
+
+
 def median_rate(rates):
     steady = rates[WARMUP_STEPS:] or rates
     return statistics.median(steady)
@@ -130,7 +136,9 @@ def main():
             _, rates, peak = run(cfg, steps=a.steps)
             res["imagefolder"][backend] = {"samples_per_s": median_rate(rates), "steps": len(rates),
                                            "peak_allocated_bytes": peak}
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
             res["imagefolder"][backend] = {"status": "OOM"}
         print("imagefolder", backend, json.dumps(res["imagefolder"][backend]), flush=True)
 
@@ -147,12 +155,17 @@ def main():
             try:
                 _, rates, peak = run(cfg, steps=3)
                 tried[batch] = {"samples_per_s": rates[-1], "peak_allocated_bytes": peak}
-            except torch.OutOfMemoryError:
+            except RuntimeError as e:
+                if not out_of_memory(e):
+                    raise
                 tried[batch] = {"status": "OOM"}
                 break
             batch *= 2
         fits = [b for b, r in tried.items() if "status" not in r]
-        res["largest_batch"][backend] = {"largest": max(fits) if fits else None, "tried": tried}
+        # "limit": whether the search hit the device's memory (else --max-batch capped it)
+        res["largest_batch"][backend] = {"largest": max(fits) if fits else None,
+                                         "limit": "out of memory" if len(fits) < len(tried) else "--max-batch",
+                                         "tried": tried}
         print("largest batch", backend, res["largest_batch"][backend]["largest"], flush=True)
 
     path = os.path.join(a.out, "gpu_train_bench.json")

@@ -145,20 +145,22 @@ def test_cpu_fully_excluded_key_block():
 
 
 def test_cpu_fully_masked_first_key_block():
-    """The label rule masks every key of the cpu backend's first key block (keys 0..1023) for
-    row 0, and the first block plus the start of the second for row 1, with large logits: the
-    online LSE starts from an all -inf tile and must not turn exp(-inf - (-inf)) into NaN.
-    Values and gradients against the masked fp64 formula."""
+    """The label rule masks exactly the cpu backend's first key block (keys 0..1023, label 0) for
+    rows 0 and 1; row 1's exclusion list also drops the first two keys of the second block; row 2's
+    label occurs nowhere. With large logits the online LSE starts from an all -inf tile and must
+    not turn exp(-inf - (-inf)) into NaN. Values and gradients against the masked fp64 formula."""
     n = 1100
     key_labels = torch.zeros(n, dtype=torch.int64)
-    key_labels[1024:] = torch.arange(1, n - 1023)
-    key_labels[1024:1030] = 0
-    row_labels = torch.tensor([0, 0, 5])
+    key_labels[1024:] = torch.arange(1, n - 1023)  # distinct, none is 0 or -5
+    row_labels = torch.tensor([0, 0, -5])
+    exclude = torch.tensor([[-1, -1], [1024, 1025], [-1, -1]])
     q = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
-    out = lse(q, k, 30.0, row_labels=row_labels, key_labels=key_labels, backend="cpu")
+    out = lse(q, k, 30.0, exclude=exclude, row_labels=row_labels, key_labels=key_labels, backend="cpu")
     out.sum().backward()
-    masked = (row_labels[:, None] == key_labels[None, :])
+    masked = row_labels[:, None] == key_labels[None, :]
+    masked[1, 1024:1026] = True
+    assert masked[:2, :1024].all() and not masked[0, 1024:].any() and not masked[2].any()
     q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
     want = torch.logsumexp((30.0 * q2 @ k2.T).masked_fill(masked, float("-inf")), 1)
     want.sum().backward()

@@ -408,4 +408,5 @@ def test_gpu_train_bench_dry_run_on_cpu(tmp_path):
     assert res["digits"]["trained"]["knn"] > 0 and res["digits"]["samples_per_s"] > 0
     for backend in ("cpu", "reference"):
         assert res["imagefolder"][backend]["samples_per_s"] > 0
-        assert res["largest_batch"][backend]["largest"] == 128  # --quick: 64 and 128 both fit
+        largest = res["largest_batch"][backend]
+        assert largest["largest"] == 128 and largest["limit"] == "--max-batch"  # --quick: 64 and 128 fit
