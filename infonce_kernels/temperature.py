@@ -166,32 +166,33 @@ class ConstantTemperature(TemperatureSchedule):
         return self.base
 
 
-class LinearTemperature(TemperatureSchedule):
+class _Ramp(TemperatureSchedule):
+    """A schedule from ``start`` to ``end`` over ``total_steps`` steps, then constant."""
+
+    def __init__(self, start, end, total_steps):
+        super().__init__()
+        self.start, self.end = _positive("start", start), _positive("end", end)
+        self.total_steps = _count("total_steps", total_steps, 1)
+
+    def _progress(self, step):
+        """min(t / total_steps, 1), in [0, 1]."""
+        return min(max(step, 0) / self.total_steps, 1.0)
+
+
+class LinearTemperature(_Ramp):
     """tau(t) = start + (end - start) * min(t / total_steps, 1): linear from ``start`` to ``end``
     over ``total_steps`` steps, then constant."""
 
-    def __init__(self, start, end, total_steps):
-        super().__init__()
-        self.start, self.end = _positive("start", start), _positive("end", end)
-        self.total_steps = _count("total_steps", total_steps, 1)
-
     def temperature_at(self, step):
-        frac = min(max(step, 0) / self.total_steps, 1.0)
-        return self.start + (self.end - self.start) * frac
+        return self.start + (self.end - self.start) * self._progress(step)
 
 
-class CosineTemperature(TemperatureSchedule):
+class CosineTemperature(_Ramp):
     """tau(t) = end + (start - end) * (1 + cos(pi * min(t / total_steps, 1))) / 2: half a cosine
     from ``start`` to ``end`` over ``total_steps`` steps, then constant."""
 
-    def __init__(self, start, end, total_steps):
-        super().__init__()
-        self.start, self.end = _positive("start", start), _positive("end", end)
-        self.total_steps = _count("total_steps", total_steps, 1)
-
     def temperature_at(self, step):
-        frac = min(max(step, 0) / self.total_steps, 1.0)
-        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * self._progress(step)))
 
 
 class StepTemperature(TemperatureSchedule):
