@@ -49,6 +49,33 @@ inline bool check_lse_labels(const at::Tensor& q, const at::Tensor& k, const at:
   return true;
 }
 
+// The schema's `Tensor[] labels`: [] (rule off) or [row_labels, key_labels, positive]; the rule
+// off gives three empty int64 tensors on the device of `like`.
+struct LabelTensors {
+  at::Tensor row_labels, key_labels, positive;
+};
+inline LabelTensors unpack_labels(at::TensorList labels, const at::Tensor& like) {
+  TORCH_CHECK(labels.empty() || labels.size() == 3,
+              "lse: labels must be [] or [row_labels, key_labels, positive], got ", labels.size(), " tensors");
+  if (labels.empty()) {
+    const at::Tensor none = at::empty({0}, like.options().dtype(at::kLong));
+    return {none, none, none};
+  }
+  return {labels[0], labels[1], labels[2]};
+}
+
+// The schema's `Tensor[] key_side` of _lse_bwd_paired: [key_grad, key_lse, key_exclude], plus
+// key_positive when the label rule is on (empty otherwise).
+struct KeySideTensors {
+  at::Tensor grad, lse, exclude, positive;
+};
+inline KeySideTensors unpack_key_side(at::TensorList key_side, const at::Tensor& like) {
+  TORCH_CHECK(key_side.size() == 3 || key_side.size() == 4,
+              "lse_bwd_paired: key_side must be [key_grad, key_lse, key_exclude] plus key_positive with labels");
+  const at::Tensor positive = key_side.size() == 4 ? key_side[3] : at::empty({0}, like.options().dtype(at::kLong));
+  return {key_side[0], key_side[1], key_side[2], positive};
+}
+
 inline void check_lse_grad_inputs(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& lse) {
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == q.size(0) && lse.scalar_type() == acc,

@@ -1,6 +1,6 @@
 // Schema of the fused log-sum-exp op, defined once for every backend.
 //
-//   lse_fwd(q, k, scale, exclude, row_labels, key_labels, positive, symmetric) -> lse
+//   _lse_fwd(q, k, scale, exclude, labels = [row_labels, key_labels, positive] or [], symmetric) -> lse
 //     q (M, d), k (N, d): float16 / bfloat16 / float32 / float64, same dtype and device.
 //     scale: 0-d tensor (float32, float64 for float64 inputs), s > 0.
 //     exclude: (M, E) int64, E <= 2; row i never sees key exclude[i, e] (-1 = none).
@@ -10,14 +10,14 @@
 //     symmetric: k is q (M == N); enables the one-pass symmetric backward.
 //     lse (M,): r_i = log sum_{j not excluded} exp(s <q_i, k_j>), float32 (float64 for float64).
 //
-//   lse_bwd(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse)
+//   _lse_bwd(grad, q, k, scale, exclude, labels, symmetric, lse)
 //     -> (dq, dk, dscale)
 //     With W_ij = g_i exp(s <q_i, k_j> - r_i) on non-excluded pairs:
 //       dq = s W k,  dk = s W^T q,  dscale = sum_ij W_ij <q_i, k_j>.
 //     symmetric: dq = s (W + W^T) z is the whole gradient on z = q = k, dk is empty.
 //
-//   lse_bwd_paired(grad, q, k, scale, exclude, row_labels, key_labels, positive, lse,
-//                  key_grad, key_lse, key_exclude, key_positive, row_offset) -> (dq, dscale)
+//   _lse_bwd_paired(grad, q, k, scale, exclude, labels, lse,
+//                   key_side = [key_grad, key_lse, key_exclude(, key_positive)], row_offset) -> (dq, dscale)
 //     The gradient on q when the keys are rows of a log-sum-exp too (DESIGN §1, §4):
 //       dq_i = s sum_j (W_ij + V_ji) k_j,  V_ji = h_j exp(s <q_i, k_j> - rho_j)
 //     with h = key_grad, rho = key_lse (N,), and V_ji = 0 where key j, as a row, excludes row i:
@@ -30,16 +30,17 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(infonce_kernels, m) {
+  // Private kernel ops: the public op is infonce_kernels::lse (Python, infonce_kernels/ops),
+  // which validates its arguments and dispatches to these (or to the Triton/reference backends).
+  // labels: [] (rule off) or [row_labels, key_labels, positive];
+  // key_side: [key_grad, key_lse, key_exclude] plus key_positive when labels are given.
+  m.def("_lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor[] labels, bool symmetric) -> Tensor");
   m.def(
-      "lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, "
-      "Tensor key_labels, Tensor positive, bool symmetric) -> Tensor");
+      "_lse_bwd(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor[] labels, "
+      "bool symmetric, Tensor lse) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "lse_bwd(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, "
-      "Tensor key_labels, Tensor positive, bool symmetric, Tensor lse) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "lse_bwd_paired(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, "
-      "Tensor key_labels, Tensor positive, Tensor lse, Tensor key_grad, Tensor key_lse, Tensor key_exclude, "
-      "Tensor key_positive, int row_offset) -> (Tensor, Tensor)");
+      "_lse_bwd_paired(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor[] labels, "
+      "Tensor lse, Tensor[] key_side, int row_offset) -> (Tensor, Tensor)");
 }
 
 #ifdef INFONCE_PYTHON_MODULE

@@ -48,39 +48,50 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _load_extension():
-    """None when infonce_kernels._C (the C++ ops) loads, else why not."""
-    try:
-        from . import _C  # noqa: F401  (importing it registers the ops)
-    except ImportError as exc:
-        return f"the C++ extension infonce_kernels._C is not built ({exc}); run `pip install --no-build-isolation -e .`"
-    return None
-
-
-_EXTENSION_ERROR = _load_extension()
+from ._extension import EXTENSION_ERROR as _EXTENSION_ERROR
 
 if _EXTENSION_ERROR is None:
 
-    @torch.library.register_fake("infonce_kernels::lse_fwd")
-    def _(q, k, scale, exclude, row_labels, key_labels, positive, symmetric):
+    @torch.library.register_fake("infonce_kernels::_lse_fwd")
+    def _(q, k, scale, exclude, labels, symmetric):
         return q.new_empty(q.shape[0], dtype=_lse_dtype(q.dtype))
 
-    @torch.library.register_fake("infonce_kernels::lse_bwd")
-    def _(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse):
+    @torch.library.register_fake("infonce_kernels::_lse_bwd")
+    def _(grad, q, k, scale, exclude, labels, symmetric, lse):
         dk = q.new_empty(0) if symmetric else torch.empty_like(k)
         return torch.empty_like(q), dk, torch.empty_like(scale)
 
-    @torch.library.register_fake("infonce_kernels::lse_bwd_paired")
-    def _(grad, q, k, scale, *rest):
+    @torch.library.register_fake("infonce_kernels::_lse_bwd_paired")
+    def _(grad, q, k, scale, exclude, labels, lse, key_side, row_offset):
         return torch.empty_like(q), torch.empty_like(scale)
 
 
-class _CppBackend:
-    """The C++ ops ``infonce_kernels::lse_fwd``/``lse_bwd``; the tensors' device picks the kernel."""
+def _label_list(row_labels, key_labels, positive):
+    """The C++ ops' ``Tensor[] labels``: [] when the label rule is off (three empty tensors)."""
+    return [] if row_labels.numel() == 0 else [row_labels, key_labels, positive]
 
-    forward = staticmethod(lambda *args: torch.ops.infonce_kernels.lse_fwd(*args))
-    backward = staticmethod(lambda *args: torch.ops.infonce_kernels.lse_bwd(*args))
-    backward_paired = staticmethod(lambda *args: torch.ops.infonce_kernels.lse_bwd_paired(*args))
+
+class _CppBackend:
+    """The C++ kernel ops ``infonce_kernels::_lse_fwd``/``_lse_bwd``/``_lse_bwd_paired``; the
+    tensors' device picks the kernel (CPU or CUDA dispatch key)."""
+
+    @staticmethod
+    def forward(q, k, scale, exclude, row_labels, key_labels, positive, symmetric):
+        labels = _label_list(row_labels, key_labels, positive)
+        return torch.ops.infonce_kernels._lse_fwd(q, k, scale, exclude, labels, symmetric)
+
+    @staticmethod
+    def backward(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse):
+        labels = _label_list(row_labels, key_labels, positive)
+        return torch.ops.infonce_kernels._lse_bwd(grad, q, k, scale, exclude, labels, symmetric, lse)
+
+    @staticmethod
+    def backward_paired(grad, q, k, scale, exclude, row_labels, key_labels, positive, lse, key_grad, key_lse,
+                        key_exclude, key_positive, row_offset):
+        labels = _label_list(row_labels, key_labels, positive)
+        key_side = [key_grad, key_lse, key_exclude] + ([key_positive] if labels else [])
+        return torch.ops.infonce_kernels._lse_bwd_paired(grad, q, k, scale, exclude, labels, lse, key_side,
+                                                         row_offset)
 
 
 def _triton_module():
@@ -102,7 +113,7 @@ def unavailable_reason(name: str, device: torch.device):
             return f"the cuda backend runs on CUDA tensors, these are on {device}"
         if _EXTENSION_ERROR is not None:
             return _EXTENSION_ERROR
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("infonce_kernels::lse_fwd", "CUDA"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("infonce_kernels::_lse_fwd", "CUDA"):
             return "infonce_kernels._C was built without its CUDA kernels (CPU-only torch or no nvcc at build time)"
         return None
     if name == "triton":

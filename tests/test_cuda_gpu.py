@@ -20,7 +20,7 @@ def _cuda_backend_built():
     if not torch.cuda.is_available():
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("infonce_kernels::lse_fwd", "CUDA")
+        return torch._C._dispatch_has_kernel_for_dispatch_key("infonce_kernels::_lse_fwd", "CUDA")
     except Exception:  # op not registered at all
         return False
 
@@ -221,17 +221,17 @@ def test_op_conventions(dtype):
     q, k, s, ex, g = _inputs(M, N, d, dtype, 1, False, seed=5)
     ops = torch.ops.infonce_kernels
     for lab in (_no_labels(), _labels(M, N, None, False, seed=5)):
-        r = ops.lse_fwd(q, k, s, ex, *lab, False)
+        r = ops._lse_fwd(q, k, s, ex, [*lab], False)
         assert r.dtype == _acc(dtype) and r.shape == (M,) and r.device == q.device
-        dq, dk, ds = ops.lse_bwd(g, q, k, s, ex, *lab, False, r)
+        dq, dk, ds = ops._lse_bwd(g, q, k, s, ex, [*lab], False, r)
         assert dq.dtype == dtype and dq.shape == q.shape
         assert dk.dtype == dtype and dk.shape == k.shape
         assert ds.dim() == 0 and ds.dtype == s.dtype
     z = q
     exs = torch.arange(M, device=DEV).unsqueeze(1)
     for lab in (_no_labels(), _labels(M, M, exs, True, seed=6)):
-        rz = ops.lse_fwd(z, z, s, exs, *lab, True)
-        dz, dk2, ds2 = ops.lse_bwd(g, z, z, s, exs, *lab, True, rz)
+        rz = ops._lse_fwd(z, z, s, exs, [*lab], True)
+        dz, dk2, ds2 = ops._lse_bwd(g, z, z, s, exs, [*lab], True, rz)
         assert dz.shape == z.shape and dz.dtype == dtype
         assert dk2.numel() == 0
         assert ds2.dim() == 0 and ds2.dtype == s.dtype
@@ -246,9 +246,9 @@ def test_deterministic(symmetric, labelled):
         k = q
     lab = _labels(M, M, ex, symmetric, seed=12) if labelled else _no_labels()
     ops = torch.ops.infonce_kernels
-    r = ops.lse_fwd(q, k, s, ex, *lab, symmetric)
-    a = ops.lse_bwd(g, q, k, s, ex, *lab, symmetric, r)
-    b = ops.lse_bwd(g, q, k, s, ex, *lab, symmetric, r)
+    r = ops._lse_fwd(q, k, s, ex, [*lab], symmetric)
+    a = ops._lse_bwd(g, q, k, s, ex, [*lab], symmetric, r)
+    b = ops._lse_bwd(g, q, k, s, ex, [*lab], symmetric, r)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -261,46 +261,46 @@ def test_bad_inputs_name_the_argument():
     ex = torch.empty(4, 0, dtype=torch.int64, device=DEV)
     nl = _no_labels()
     with pytest.raises(RuntimeError, match="q and k must have the same dtype"):
-        ops.lse_fwd(q, q.half(), s, ex, *nl, False)
+        ops._lse_fwd(q, q.half(), s, ex, [*nl], False)
     with pytest.raises(RuntimeError, match="exclude must be int64"):
-        ops.lse_fwd(q, q, s, ex.int(), *nl, False)
+        ops._lse_fwd(q, q, s, ex.int(), [*nl], False)
     with pytest.raises(RuntimeError, match="scale must be"):
-        ops.lse_fwd(q, q, s.double(), ex, *nl, False)
+        ops._lse_fwd(q, q, s.double(), ex, [*nl], False)
     with pytest.raises(RuntimeError, match="same feature size"):
-        ops.lse_fwd(q, torch.randn(4, 9, device=DEV), s, ex, *nl, False)
+        ops._lse_fwd(q, torch.randn(4, 9, device=DEV), s, ex, [*nl], False)
     with pytest.raises(RuntimeError, match="q must be contiguous"):
-        ops.lse_fwd(torch.randn(8, 4, device=DEV).T, q, s, ex, *nl, False)
+        ops._lse_fwd(torch.randn(8, 4, device=DEV).T, q, s, ex, [*nl], False)
     with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
-        ops.lse_fwd(q.cpu(), q, s, ex, *nl, False)  # CUDA args elsewhere: dispatches to CUDA
+        ops._lse_fwd(q.cpu(), q, s, ex, [*nl], False)  # CUDA args elsewhere: dispatches to CUDA
     lab = torch.zeros(4, dtype=torch.int64, device=DEV)
     pos = torch.full((4,), -1, dtype=torch.int64, device=DEV)
     with pytest.raises(RuntimeError, match="row_labels must have shape"):
-        ops.lse_fwd(q, q, s, ex, lab[:3], lab, pos, False)
+        ops._lse_fwd(q, q, s, ex, [lab[:3], lab, pos], False)
     with pytest.raises(RuntimeError, match="key_labels must have shape"):
-        ops.lse_fwd(q, q, s, ex, lab, lab[:3], pos, False)
+        ops._lse_fwd(q, q, s, ex, [lab, lab[:3], pos], False)
     with pytest.raises(RuntimeError, match="positive must have shape"):
-        ops.lse_fwd(q, q, s, ex, lab, lab, pos[:3], False)
+        ops._lse_fwd(q, q, s, ex, [lab, lab, pos[:3]], False)
     with pytest.raises(RuntimeError, match="must be int64"):
-        ops.lse_fwd(q, q, s, ex, lab.int(), lab, pos, False)
+        ops._lse_fwd(q, q, s, ex, [lab.int(), lab, pos], False)
     with pytest.raises(RuntimeError, match="on the device of q"):
-        ops.lse_fwd(q, q, s, ex, lab, lab.cpu(), pos, False)
+        ops._lse_fwd(q, q, s, ex, [lab, lab.cpu(), pos], False)
     with pytest.raises(RuntimeError, match="key_labels must be contiguous"):
-        ops.lse_fwd(q, q, s, ex, lab, torch.zeros(8, dtype=torch.int64, device=DEV)[::2], pos, False)
+        ops._lse_fwd(q, q, s, ex, [lab, torch.zeros(8, dtype=torch.int64, device=DEV)[::2], pos], False)
 
 
 def test_current_stream_and_other_device():
     q, k, s, ex, g = _inputs(50, 70, 32, torch.float16, 1, False, seed=7)
     nl = _no_labels()
-    ref = torch.ops.infonce_kernels.lse_fwd(q, k, s, ex, *nl, False)
+    ref = torch.ops.infonce_kernels._lse_fwd(q, k, s, ex, [*nl], False)
     st = torch.cuda.Stream()
     with torch.cuda.stream(st):
-        r = torch.ops.infonce_kernels.lse_fwd(q, k, s, ex, *nl, False)
+        r = torch.ops.infonce_kernels._lse_fwd(q, k, s, ex, [*nl], False)
     st.synchronize()
     assert torch.equal(r, ref)
     if torch.cuda.device_count() > 1:
         dev = torch.device("cuda", 1)
-        r1 = torch.ops.infonce_kernels.lse_fwd(q.to(dev), k.to(dev), s.to(dev), ex.to(dev),
-                                               *(t.to(dev) for t in nl), False)
+        r1 = torch.ops.infonce_kernels._lse_fwd(q.to(dev), k.to(dev), s.to(dev), ex.to(dev),
+                                               [t.to(dev) for t in nl], False)
         assert r1.device == dev
         assert torch.equal(r1.cpu(), ref.cpu())
 
@@ -367,10 +367,10 @@ def test_labels_symmetric_distinct_key_labels_match_cpu(dtype):
     assert not _mask(ex, M, M, DEV, lab).all(dim=1).any()
     ops = torch.ops.infonce_kernels
     zc = z.cpu()
-    r = ops.lse_fwd(z, z, s, ex, *lab, True)
-    r_cpu = ops.lse_fwd(zc, zc, s.cpu(), ex.cpu(), *(t.cpu() for t in lab), True)
-    dz, _, ds = ops.lse_bwd(g, z, z, s, ex, *lab, True, r)
-    dz_cpu, _, ds_cpu = ops.lse_bwd(g.cpu(), zc, zc, s.cpu(), ex.cpu(), *(t.cpu() for t in lab),
+    r = ops._lse_fwd(z, z, s, ex, [*lab], True)
+    r_cpu = ops._lse_fwd(zc, zc, s.cpu(), ex.cpu(), [*(t.cpu() for t in lab)], True)
+    dz, _, ds = ops._lse_bwd(g, z, z, s, ex, [*lab], True, r)
+    dz_cpu, _, ds_cpu = ops._lse_bwd(g.cpu(), zc, zc, s.cpu(), ex.cpu(), [t.cpu() for t in lab],
                                     True, r_cpu)
     tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 3e-2)
     torch.testing.assert_close(r.cpu(), r_cpu, rtol=tol, atol=tol)
@@ -394,11 +394,11 @@ def test_labels_all_distinct_equal_no_labels(dtype, symmetric):
         lab = (torch.arange(M, device=DEV), torch.arange(N, device=DEV) + M,
                torch.randint(-1, N, (M,), device=DEV))
     ops = torch.ops.infonce_kernels
-    r0 = ops.lse_fwd(q, k, s, ex, *_no_labels(), symmetric)
-    r1 = ops.lse_fwd(q, k, s, ex, *lab, symmetric)
+    r0 = ops._lse_fwd(q, k, s, ex, [*_no_labels()], symmetric)
+    r1 = ops._lse_fwd(q, k, s, ex, [*lab], symmetric)
     assert torch.equal(r0, r1)
-    b0 = ops.lse_bwd(g, q, k, s, ex, *_no_labels(), symmetric, r0)
-    b1 = ops.lse_bwd(g, q, k, s, ex, *lab, symmetric, r0)
+    b0 = ops._lse_bwd(g, q, k, s, ex, [*_no_labels()], symmetric, r0)
+    b1 = ops._lse_bwd(g, q, k, s, ex, [*lab], symmetric, r0)
     for x, y in zip(b0, b1):
         assert torch.equal(x, y)
 
@@ -478,7 +478,13 @@ def _paired_args(p, device=None, dtype=None):
             if device is not None:
                 x = x.to(device)
         args.append(x)
-    return args
+    return _packed(args)
+
+
+def _packed(flat):
+    """The op's schema from the flat _PAIRED_ORDER values: the labels and the key side as lists."""
+    grad, q, k, scale, exclude, row_labels, key_labels, positive, lse, kg, kl, kx, kp, row_offset = flat
+    return (grad, q, k, scale, exclude, [row_labels, key_labels, positive], lse, [kg, kl, kx, kp], row_offset)
 
 
 def _paired_inputs(M, N, d, dtype, E, E_key, row_offset, labelled, seed, scale=5.0, classes=3):
@@ -544,7 +550,7 @@ def _paired_inputs(M, N, d, dtype, E, E_key, row_offset, labelled, seed, scale=5
 
 
 def _check_paired(p, dtype):
-    got = torch.ops.infonce_kernels.lse_bwd_paired(*_paired_args(p))
+    got = torch.ops.infonce_kernels._lse_bwd_paired(*_paired_args(p))
     ref = _reference.backward_paired(*_paired_args(p, dtype=torch.float64))
     # The textbook masks agree with the reference's (fp64, same formula): guards the oracle.
     tb = _paired_textbook(p, torch.float64)
@@ -593,8 +599,8 @@ def test_paired_fp64_matches_cpu_op(shape, sides):
     E, E_key, off, labelled = sides
     p = _paired_inputs(M, N, d, torch.float64, E, E_key, off, labelled, seed=M + N + d + off)
     ops = torch.ops.infonce_kernels
-    dq, ds = ops.lse_bwd_paired(*_paired_args(p))
-    dq_cpu, ds_cpu = ops.lse_bwd_paired(*_paired_args(p, device="cpu"))
+    dq, ds = ops._lse_bwd_paired(*_paired_args(p))
+    dq_cpu, ds_cpu = ops._lse_bwd_paired(*_paired_args(p, device="cpu"))
     tol = 1e-10 * (1.0 + dq_cpu.abs().max().item())
     torch.testing.assert_close(dq.cpu(), dq_cpu, rtol=1e-10, atol=tol)
     torch.testing.assert_close(ds.cpu(), ds_cpu, rtol=1e-10, atol=1e-10 * (1.0 + ds_cpu.abs().item()))
@@ -609,9 +615,9 @@ def test_paired_symmetric_case_equals_lse_bwd(dtype, labelled):
     z, _, s, ex, g = _inputs(M, M, d, dtype, 2, True, seed=41, scale=2.0)
     lab = _labels(M, M, ex, True, seed=42) if labelled else _no_labels()
     ops = torch.ops.infonce_kernels
-    r = ops.lse_fwd(z, z, s, ex, *lab, True)
-    dz, _, ds = ops.lse_bwd(g, z, z, s, ex, *lab, True, r)
-    dq, ds2 = ops.lse_bwd_paired(g, z, z, s, ex, *lab, r, g, r, ex, lab[2], 0)
+    r = ops._lse_fwd(z, z, s, ex, [*lab], True)
+    dz, _, ds = ops._lse_bwd(g, z, z, s, ex, [*lab], True, r)
+    dq, ds2 = ops._lse_bwd_paired(g, z, z, s, ex, [*lab], r, [g, r, ex, lab[2]], 0)
     assert torch.equal(dq, dz)
     assert torch.equal(ds2, ds)
 
@@ -630,19 +636,19 @@ def test_paired_one_side_gradient(dtype):
     p["grad"], p["key_grad"] = base_g, torch.zeros_like(base_h)
     _check_paired(p, dtype)
     p["grad"] = torch.zeros_like(base_g)
-    dq, ds = torch.ops.infonce_kernels.lse_bwd_paired(*_paired_args(p))
+    dq, ds = torch.ops.infonce_kernels._lse_bwd_paired(*_paired_args(p))
     assert torch.equal(dq, torch.zeros_like(dq)) and ds.item() == 0.0
 
 
 def test_paired_deterministic_and_current_stream():
     p = _paired_inputs(300, 200, 64, torch.bfloat16, 1, 2, 5, True, seed=61)
     ops = torch.ops.infonce_kernels
-    a = ops.lse_bwd_paired(*_paired_args(p))
-    b = ops.lse_bwd_paired(*_paired_args(p))
+    a = ops._lse_bwd_paired(*_paired_args(p))
+    b = ops._lse_bwd_paired(*_paired_args(p))
     st = torch.cuda.Stream()
     st.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(st):
-        c = ops.lse_bwd_paired(*_paired_args(p))
+        c = ops._lse_bwd_paired(*_paired_args(p))
     st.synchronize()
     for x, y, z in zip(a, b, c):
         assert torch.equal(x, y) and torch.equal(x, z)
@@ -654,7 +660,7 @@ def test_paired_bad_inputs_name_the_argument():
 
     def call(**over):
         q = dict(p, **over)
-        return ops.lse_bwd_paired(*(q[n] for n in _PAIRED_ORDER))
+        return ops._lse_bwd_paired(*_packed([q[n] for n in _PAIRED_ORDER]))
 
     call()  # valid
     with pytest.raises(RuntimeError, match="key_grad must have shape"):

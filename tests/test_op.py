@@ -203,10 +203,10 @@ def test_opcheck_cpp_ops():
     scale, exclude = torch.tensor(1.5), random_exclude(9, 11, 2)
     for labels in [(torch.empty(0, dtype=torch.long),) * 3,
                    (torch.randint(0, 3, (9,)), torch.randint(0, 3, (11,)), torch.randint(-1, 11, (9,)))]:
-        args = (q, k, scale, exclude, *labels, False)
-        out = torch.ops.infonce_kernels.lse_fwd(*args)
-        torch.library.opcheck(torch.ops.infonce_kernels.lse_fwd.default, args)
-        torch.library.opcheck(torch.ops.infonce_kernels.lse_bwd.default, (torch.randn(9), *args, out))
+        args = (q, k, scale, exclude, list(labels), False)
+        out = torch.ops.infonce_kernels._lse_fwd(*args)
+        torch.library.opcheck(torch.ops.infonce_kernels._lse_fwd.default, args)
+        torch.library.opcheck(torch.ops.infonce_kernels._lse_bwd.default, (torch.randn(9), *args, out))
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="C++ extension not built")
@@ -214,14 +214,14 @@ def test_cpp_ops_check_their_arguments():
     """Direct callers of the C++ op get an error naming the argument, not a crash."""
     q, k = torch.randn(4, 3), torch.randn(5, 2)
     none = torch.empty(0, dtype=torch.long)
-    fwd = torch.ops.infonce_kernels.lse_fwd
+    fwd = torch.ops.infonce_kernels._lse_fwd
     with pytest.raises(RuntimeError, match="feature size"):
-        fwd(q, k, torch.tensor(1.0), torch.empty(4, 0, dtype=torch.long), none, none, none, False)
+        fwd(q, k, torch.tensor(1.0), torch.empty(4, 0, dtype=torch.long), [], False)
     with pytest.raises(RuntimeError, match="exclude"):
-        fwd(q, q, torch.tensor(1.0), torch.zeros(4, 3, dtype=torch.long), none, none, none, False)
+        fwd(q, q, torch.tensor(1.0), torch.zeros(4, 3, dtype=torch.long), [], False)
     with pytest.raises(RuntimeError, match="key_labels must have shape"):
-        fwd(q, q, torch.tensor(1.0), torch.zeros(4, 1, dtype=torch.long), torch.zeros(4, dtype=torch.long),
-            torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), False)
+        fwd(q, q, torch.tensor(1.0), torch.zeros(4, 1, dtype=torch.long), [torch.zeros(4, dtype=torch.long),
+            torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long)], False)
 
 
 def test_backend_selection(monkeypatch):
@@ -379,9 +379,11 @@ def test_opcheck_paired():
     _, _, _, _, _, _, args = _paired_case(True, 30)
     args = list(args)
     labels = args.pop(5)
-    cpp_args = (*args[:5], *labels, *args[5:])
-    torch.library.opcheck(torch.ops.infonce_kernels.lse_bwd_paired.default, cpp_args)
-    torch.library.opcheck(torch.ops.infonce_kernels.lse_backward_paired.default, (*cpp_args, "cpu"))
+    flat = (*args[:5], *labels, *args[5:])
+    grad, q, k, scale, exclude, row_labels, key_labels, positive, lse, kg, kl, kx, kp, offset = flat
+    kernel_args = (grad, q, k, scale, exclude, [row_labels, key_labels, positive], lse, [kg, kl, kx, kp], offset)
+    torch.library.opcheck(torch.ops.infonce_kernels._lse_bwd_paired.default, kernel_args)
+    torch.library.opcheck(torch.ops.infonce_kernels.lse_backward_paired.default, (*flat, "cpu"))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

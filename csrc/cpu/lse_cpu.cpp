@@ -285,12 +285,36 @@ std::tuple<at::Tensor, at::Tensor> lse_bwd_paired_cpu(
   return {dq.to(q_in.scalar_type()), ordered_sum(dscale_parts, scale)};
 }
 
+// The registered schemas (csrc/ops.cpp) pass the label rule and the paired key side as lists.
+at::Tensor lse_fwd_cpu_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+                       const at::Tensor& exclude, at::TensorList labels, bool symmetric) {
+  const LabelTensors lab = unpack_labels(labels, q);
+  return lse_fwd_cpu(q, k, scale, exclude, lab.row_labels, lab.key_labels, lab.positive, symmetric);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu_op(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+    const at::Tensor& exclude, at::TensorList labels, bool symmetric, const at::Tensor& lse) {
+  const LabelTensors lab = unpack_labels(labels, q);
+  return lse_bwd_cpu(grad, q, k, scale, exclude, lab.row_labels, lab.key_labels, lab.positive, symmetric, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_bwd_paired_cpu_op(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+    const at::Tensor& exclude, at::TensorList labels, const at::Tensor& lse, at::TensorList key_side,
+    int64_t row_offset) {
+  const LabelTensors lab = unpack_labels(labels, q);
+  const KeySideTensors ks = unpack_key_side(key_side, k);
+  return lse_bwd_paired_cpu(grad, q, k, scale, exclude, lab.row_labels, lab.key_labels, lab.positive, lse,
+                           ks.grad, ks.lse, ks.exclude, ks.positive, row_offset);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infonce_kernels, CPU, m) {
-  m.impl("lse_fwd", &lse_fwd_cpu);
-  m.impl("lse_bwd", &lse_bwd_cpu);
-  m.impl("lse_bwd_paired", &lse_bwd_paired_cpu);
+  m.impl("_lse_fwd", &lse_fwd_cpu_op);
+  m.impl("_lse_bwd", &lse_bwd_cpu_op);
+  m.impl("_lse_bwd_paired", &lse_bwd_paired_cpu_op);
 }
 
 }  // namespace infonce_kernels

@@ -176,10 +176,34 @@ std::tuple<at::Tensor, at::Tensor> lse_bwd_paired_cuda(
   return std::make_tuple(dq, dscale);
 }
 
+// The registered schemas (csrc/ops.cpp) pass the label rule and the paired key side as lists.
+at::Tensor lse_fwd_cuda_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+                       const at::Tensor& exclude, at::TensorList labels, bool symmetric) {
+  const infonce_kernels::LabelTensors lab = infonce_kernels::unpack_labels(labels, q);
+  return lse_fwd_cuda(q, k, scale, exclude, lab.row_labels, lab.key_labels, lab.positive, symmetric);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cuda_op(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+    const at::Tensor& exclude, at::TensorList labels, bool symmetric, const at::Tensor& lse) {
+  const infonce_kernels::LabelTensors lab = infonce_kernels::unpack_labels(labels, q);
+  return lse_bwd_cuda(grad, q, k, scale, exclude, lab.row_labels, lab.key_labels, lab.positive, symmetric, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_bwd_paired_cuda_op(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+    const at::Tensor& exclude, at::TensorList labels, const at::Tensor& lse, at::TensorList key_side,
+    int64_t row_offset) {
+  const infonce_kernels::LabelTensors lab = infonce_kernels::unpack_labels(labels, q);
+  const infonce_kernels::KeySideTensors ks = infonce_kernels::unpack_key_side(key_side, k);
+  return lse_bwd_paired_cuda(grad, q, k, scale, exclude, lab.row_labels, lab.key_labels, lab.positive, lse,
+                           ks.grad, ks.lse, ks.exclude, ks.positive, row_offset);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infonce_kernels, CUDA, m) {
-  m.impl("lse_fwd", &lse_fwd_cuda);
-  m.impl("lse_bwd", &lse_bwd_cuda);
-  m.impl("lse_bwd_paired", &lse_bwd_paired_cuda);
+  m.impl("_lse_fwd", &lse_fwd_cuda_op);
+  m.impl("_lse_bwd", &lse_bwd_cuda_op);
+  m.impl("_lse_bwd_paired", &lse_bwd_paired_cuda_op);
 }
