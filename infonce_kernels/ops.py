@@ -30,6 +30,7 @@ cuda          CUDA         CUDA C++ tensor-core kernels (csrc/cuda), when built 
 ============  ===========  =====================================================================
 """
 
+import functools
 import os
 import warnings
 
@@ -171,7 +172,22 @@ def _implementation(name: str):
     raise ValueError(f"unknown backend {name!r}")
 
 
+def _autocast_off(kernel):
+    """Runs an op body with autocast off: the kernels compute on the dtypes the op receives
+    (accumulating in float32, float64 for float64), whatever autocast region it is called from.
+    Left on, autocast would recast the products inside the reference and C++ kernels."""
+
+    @functools.wraps(kernel)
+    def run(*args):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return kernel(*args)
+
+    return run
+
+
 @torch.library.custom_op("infonce_kernels::lse", mutates_args=())
+@_autocast_off
 def _lse_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -194,6 +210,7 @@ def _(q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend
 
 
 @torch.library.custom_op("infonce_kernels::lse_backward", mutates_args=())
+@_autocast_off
 def _lse_backward_op(
     grad: torch.Tensor,
     q: torch.Tensor,
@@ -242,6 +259,7 @@ _lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("infonce_kernels::lse_backward_paired", mutates_args=())
+@_autocast_off
 def _lse_backward_paired_op(
     grad: torch.Tensor,
     q: torch.Tensor,
@@ -270,6 +288,7 @@ def _(grad, q, k, scale, *rest):
 
 
 @torch.library.custom_op("infonce_kernels::lse_pair", mutates_args=())
+@_autocast_off
 def _lse_pair_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _implementation(backend)
     none = a.new_empty(0, dtype=torch.int64)
