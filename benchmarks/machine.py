@@ -20,18 +20,35 @@ def _cpu_model():
 
 
 def _git_commit():
-    """HEAD (with "-dirty" for uncommitted changes to tracked files), or $INFONCE_COMMIT where the
-    tree is a copy without .git (e.g. a device machine)."""
+    """The commit of the infonce_kernels being measured: HEAD of the checkout that holds it (with
+    "-dirty" for uncommitted changes to tracked files), or $INFONCE_COMMIT where the tree is a copy
+    without .git (e.g. a device machine); None for an installed copy outside a checkout."""
     if os.environ.get("INFONCE_COMMIT"):
         return os.environ["INFONCE_COMMIT"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import infonce_kernels
+
+    package = os.path.dirname(os.path.abspath(infonce_kernels.__file__))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", package, *args], capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        commit = out.stdout.strip() or None
-        return commit and (commit + ("-dirty" if dirty.stdout.strip() else ""))
+        top = git("rev-parse", "--show-toplevel")
+        # a venv inside some other repository is not the package's checkout
+        if not top or os.path.realpath(os.path.join(top, "infonce_kernels")) != os.path.realpath(package):
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _package_version():
+    try:
+        from importlib.metadata import version
+
+        return version("infonce_kernels")
+    except Exception:  # noqa: BLE001 - a source tree on PYTHONPATH, not installed
         return None
 
 
@@ -44,6 +61,7 @@ def describe(device="cpu"):
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
+        "infonce_kernels": _package_version(),
         "git_commit": _git_commit(),
     }
     try:

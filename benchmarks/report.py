@@ -1,16 +1,21 @@
-"""Markdown tables and log-log plots from a results JSON."""
+"""Markdown tables and log-log plots from a results JSON (``python -m benchmarks`` writes both)."""
 
-import math
 from collections import defaultdict
 
+from . import cases
 
-def _fmt_time(s):
+# The materialising baselines the fused loss is compared with, where they ran.
+BASELINES = ("ours:reference", "materialised:fp32", "materialised:bf16")
+FAILED = ("OOM", "TIMEOUT")
+
+
+def fmt_time(s):
     if s is None:
         return "-"
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def _fmt_bytes(b):
+def fmt_bytes(b):
     if b is None:
         return "-"
     for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -22,7 +27,15 @@ def _fmt_bytes(b):
 def _cell(r, what):
     if r["status"] != "ok":
         return r["status"]
-    return _fmt_time(r["seconds"]) if what == "time" else _fmt_bytes(r["peak_bytes"])
+    return fmt_time(r["seconds"]) if what == "time" else fmt_bytes(r["peak_bytes"])
+
+
+def _ratios(fused, base):
+    """(time, memory) cells of fused/base: "0.43x" and "1/42"."""
+    if not (fused and base and fused["status"] == base["status"] == "ok"):
+        return ["-", "-"]
+    memory = f"1/{base['peak_bytes'] / fused['peak_bytes']:.0f}" if fused["peak_bytes"] > 0 < base["peak_bytes"] else "-"
+    return [f"{fused['seconds'] / base['seconds']:.2f}x", memory]
 
 
 def groups(results):
@@ -32,44 +45,43 @@ def groups(results):
     return out
 
 
-def markdown(data, baseline="ours:reference", fused=None):
-    """One table per (kind, mode, dtype, d): rows = 2B (or B), columns = providers (time / peak
-    memory), plus the fused/baseline ratios where both ran."""
-    lines = [f"Machine: {data['machine'].get('cpu_model')} ({data['machine'].get('cpu_cores')} cores"
-             f"{', GPU ' + data['machine']['gpu_name'] if data['machine'].get('gpu_name') else ''}), "
-             f"torch {data['machine'].get('torch')}, commit {data['machine'].get('git_commit')}.", ""]
+def _rows_label(kind):
+    return cases.CASES[kind].rows_label if kind in cases.CASES else "rows"
+
+
+def markdown(data):
+    """One table per (kind, mode, dtype, d): rows = sizes, columns = providers (time, then peak
+    memory), then the first fused backend's time and memory against each materialising baseline."""
+    m = data["machine"]
+    lines = [f"Machine: {m.get('cpu_model')} ({m.get('cpu_cores')} cores"
+             f"{', GPU ' + m['gpu_name'] if m.get('gpu_name') else ''}), "
+             f"torch {m.get('torch')}, commit {m.get('git_commit')}.", ""]
     for (kind, mode, dtype, dim), rs in sorted(groups(data["results"]).items()):
         provs = list(dict.fromkeys(r["provider"] for r in rs))
-        fused_name = fused or next((p for p in provs if p.startswith("ours:") and p != baseline), None)
+        fused = next((p for p in provs if p.startswith("ours:") and p not in BASELINES), None)
+        bases = [b for b in BASELINES if b in provs] if fused else []
         by = {(r["rows"], r["provider"]): r for r in rs}
-        rows_name = "B" if kind == "clip" else "2B"
-        lines.append(f"### {kind}, {mode}, {dtype}, d = {dim} ({data['device']})")
-        lines.append("")
-        head = [rows_name] + [f"{p} time" for p in provs] + [f"{p} peak mem" for p in provs]
-        ratio = fused_name and baseline in provs and fused_name != baseline
-        if ratio:
-            head += [f"time {fused_name}/{baseline.split(':')[-1]}", f"memory {fused_name}/{baseline.split(':')[-1]}"]
+        lines += [f"### {kind}, {mode}, {dtype}, d = {dim} ({data['device']})", ""]
+        head = [_rows_label(kind)] + [f"{p} time" for p in provs] + [f"{p} peak mem" for p in provs]
+        for b in bases:
+            head += [f"time {fused}/{b.removeprefix('ours:')}", f"memory {fused}/{b.removeprefix('ours:')}"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for n in sorted({r["rows"] for r in rs}):
             cells = [str(n)]
             cells += [_cell(by[(n, p)], "time") if (n, p) in by else "" for p in provs]
             cells += [_cell(by[(n, p)], "mem") if (n, p) in by else "" for p in provs]
-            if ratio:
-                a, b = by.get((n, fused_name)), by.get((n, baseline))
-                if a and b and a["status"] == b["status"] == "ok":
-                    cells.append(f"{a['seconds'] / b['seconds']:.2f}x")
-                    cells.append(f"1/{b['peak_bytes'] / a['peak_bytes']:.0f}" if a["peak_bytes"] > 0 < b["peak_bytes"]
-                                 else "-")
-                else:
-                    cells += ["-", "-"]
+            for b in bases:
+                cells += _ratios(by.get((n, fused)), by.get((n, b)))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
 def plots(data, out_dir, prefix):
-    """One PNG per (kind, mode, dtype, d): time and peak memory against 2B, log-log."""
+    """One PNG per (kind, mode, dtype, d): time and peak memory against the size, log-log. A
+    provider that ran out of memory or time is marked at the first size that failed (a dotted
+    vertical line in its colour, labelled OOM/TIMEOUT), not at the last one that fitted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,22 +90,26 @@ def plots(data, out_dir, prefix):
     written = []
     for (kind, mode, dtype, dim), rs in sorted(groups(data["results"]).items()):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for p in dict.fromkeys(r["provider"] for r in rs):
-            ok = sorted((r["rows"], r) for r in rs if r["provider"] == p and r["status"] == "ok")
-            if not ok:
-                continue
-            xs = [n for n, _ in ok]
-            style = "-o" if p.startswith("ours:") else "--s"
-            axes[0].plot(xs, [r["seconds"] for _, r in ok], style, label=p)
-            axes[1].plot(xs, [max(r["peak_bytes"], 1) / 2**20 for _, r in ok], style, label=p)
-            failed = [r for r in rs if r["provider"] == p and r["status"] in ("OOM", "TIMEOUT")]
-            for r in failed[:1]:
-                axes[0].annotate(r["status"], (xs[-1], ok[-1][1]["seconds"]), fontsize=8)
-        rows_name = "B (pairs)" if kind == "clip" else "2B (anchors)"
+        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, p in enumerate(dict.fromkeys(r["provider"] for r in rs)):
+            series = sorted((r for r in rs if r["provider"] == p), key=lambda r: r["rows"])
+            ok = [r for r in series if r["status"] == "ok"]
+            failed = next((r for r in series if r["status"] in FAILED), None)
+            style, color = ("-o" if p.startswith("ours:") else "--s"), palette[i % len(palette)]
+            if ok:
+                xs = [r["rows"] for r in ok]
+                axes[0].plot(xs, [r["seconds"] for r in ok], style, label=p, color=color)
+                axes[1].plot(xs, [max(r["peak_bytes"], 1) / 2**20 for r in ok], style, label=p, color=color)
+            if failed:
+                for ax in axes:
+                    ax.axvline(failed["rows"], ls=":", lw=1.2, color=color,
+                               label=None if ok else f"{p} ({failed['status']})")
+                    ax.annotate(f"{p}: {failed['status']}", (failed["rows"], 0.98), xycoords=ax.get_xaxis_transform(),
+                                rotation=90, va="top", ha="right", fontsize=7, color=color)
         for ax, ylabel in zip(axes, ("median time per step (s)", "peak extra memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel(rows_name)
+            ax.set_xlabel(_rows_label(kind))
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
@@ -105,14 +121,3 @@ def plots(data, out_dir, prefix):
         plt.close(fig)
         written.append(name)
     return written
-
-
-def headline(data, rows=8192, dim=128, kind="nt_xent", mode="forward+backward", dtype="float32",
-             fused="ours:cpu", baseline="ours:reference"):
-    """(time ratio, memory ratio) fused/baseline at one shape, or None."""
-    by = {r["provider"]: r for r in data["results"] if (r["kind"], r["mode"], r["dtype"], r["dim"], r["rows"])
-          == (kind, mode, dtype, dim, rows)}
-    a, b = by.get(fused), by.get(baseline)
-    if not (a and b and a["status"] == b["status"] == "ok"):
-        return None
-    return a["seconds"] / b["seconds"], a["peak_bytes"] / b["peak_bytes"] if b["peak_bytes"] else math.nan

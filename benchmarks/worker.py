@@ -21,7 +21,7 @@ import traceback
 
 import torch
 
-from . import providers
+from . import cases
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 MODES = ("forward", "backward", "forward+backward")
@@ -150,8 +150,10 @@ def run(case):
         _limit_cpu_memory(case.get("mem_limit_gib", 0))
     dtype = DTYPES[case["dtype"]]
     try:
-        inputs, fn = providers.build(case["kind"], case["provider"], case["rows"], case["dim"], dtype, device,
-                                     requires_grad=case["mode"] != "forward")
+        # this process runs one case: the provider's TF32 setting applies to it alone
+        torch.backends.cuda.matmul.allow_tf32 = cases.provider(case["kind"], case["provider"], device).tf32
+        inputs, fn = cases.build(case["kind"], case["provider"], case["rows"], case["dim"], dtype, device,
+                                 requires_grad=case["mode"] != "forward")
         if case["mode"] == "forward":
             with torch.no_grad():
                 result = run_cpu(case, fn, inputs) if device.type == "cpu" else run_cuda(case, fn, inputs)
@@ -167,6 +169,7 @@ def run(case):
             result = {"status": "ERROR", "error": f"{type(exc).__name__}: {exc}"[:500],
                       "traceback": traceback.format_exc()[-2000:]}
     result["threads"] = torch.get_num_threads() if device.type == "cpu" else None
+    result["tf32"] = torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None
     return result
 
 
