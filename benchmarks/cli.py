@@ -12,9 +12,11 @@ Examples:
     python -m benchmarks --kinds nt_xent --rows 1024 2048 --dims 128 --output /tmp/bench
     python -m benchmarks --device cuda                      # GPU defaults: nt_xent+clip, bf16+fp32, 2B <= 65536
     python -m benchmarks --list                             # the cases and the providers available here
+    python -m benchmarks --from-json R/cpu.json --output R --overwrite    # redraw R's tables and plots
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -53,6 +55,8 @@ def parse_args(argv):
                    help="write into --output even if it holds results of the same --name")
     p.add_argument("--name", help="file name prefix (default: the device type)")
     p.add_argument("--list", action="store_true", help="print the cases and their providers available here, and exit")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="measure nothing: write the markdown and plots of a results JSON (prefix: its file name)")
     args = p.parse_args(argv)
     defaults = CUDA_DEFAULTS if torch.device(args.device).type == "cuda" else CPU_DEFAULTS
     for key, value in defaults.items():
@@ -82,22 +86,46 @@ def main(argv=None):
             case = cases.get(kind)
             print(f"{kind} ({case.rows_label}; {case.settings}): {', '.join(cases.providers(kind, device))}")
         return 0
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        prefix = args.name or os.path.splitext(os.path.basename(args.from_json))[0]
+        out = _output_folder(args, f"{prefix}.md")
+        if out is None:
+            return 2
+        _write_report(data, out, prefix)
+        return 0
     prefix = args.name or device.type
-    out = os.path.abspath(args.output or fresh_folder())
-    json_path = os.path.join(out, f"{prefix}.json")
-    if os.path.exists(json_path) and not args.overwrite:
-        print(f"error: {json_path} exists; pass --overwrite to replace it, or another --output/--name",
-              file=sys.stderr)
+    out = _output_folder(args, f"{prefix}.json")
+    if out is None:
         return 2
-    os.makedirs(out, exist_ok=True)
-    print(f"writing to {out}", flush=True)
+    json_path = os.path.join(out, f"{prefix}.json")
     data = {"device": device.type, "machine": machine.describe(device), "args": vars(args), "results": []}
     data["machine"]["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runner.sweep(args, device, data, json_path)
     data["machine"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runner.write_json(data, json_path)
-    with open(os.path.join(out, f"{prefix}.md"), "w") as f:
-        f.write(f"# infonce_kernels benchmark ({device.type})\n\n{report.markdown(data)}\n")
-    pngs = report.plots(data, out, prefix)
-    print(f"\nwrote {json_path}, {prefix}.md and {len(pngs)} plot(s) in {out}")
+    _write_report(data, out, prefix)
     return 0
+
+
+def _output_folder(args, first_file):
+    """The absolute output folder, created and announced; None (after one error line) if it holds
+    ``first_file`` and --overwrite was not given."""
+    out = os.path.abspath(args.output or fresh_folder())
+    if os.path.exists(os.path.join(out, first_file)) and not args.overwrite:
+        print(f"error: {os.path.join(out, first_file)} exists; pass --overwrite to replace it, "
+              "or choose another --output or --name", file=sys.stderr)
+        return None
+    os.makedirs(out, exist_ok=True)
+    print(f"writing to {out}", flush=True)
+    if not report.can_plot():
+        print("note: matplotlib is not installed, so no plots (pip install matplotlib)", flush=True)
+    return out
+
+
+def _write_report(data, out, prefix):
+    with open(os.path.join(out, f"{prefix}.md"), "w") as f:
+        f.write(f"# infonce_kernels benchmark ({data['device']})\n\n{report.markdown(data)}\n")
+    pngs = report.plots(data, out, prefix) if report.can_plot() else []
+    print(f"\nwrote {prefix}.md and {len(pngs)} plot(s) in {out}")

@@ -78,6 +78,15 @@ def markdown(data):
     return "\n".join(lines)
 
 
+def can_plot():
+    """Whether matplotlib imports (the plots need it; JSON and markdown do not)."""
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def plots(data, out_dir, prefix):
     """One PNG per (kind, mode, dtype, d): time and peak memory against the size, log-log. A
     provider that ran out of memory or time is marked at the first size that failed (a dotted
