@@ -1,5 +1,6 @@
-"""``python -m benchmarks`` (installed: ``infonce-bench``): sweep sizes, modes, dtypes and
-providers of the loss cases; write JSON, markdown and PNG plots into a fresh folder.
+"""Time and peak memory of the loss cases over sizes, modes, dtypes and providers: JSON, markdown, plots.
+
+Run as ``python -m benchmarks`` or, installed, ``infonce-bench`` (from any directory).
 
 Every case runs in a fresh subprocess with a time limit; OOM and TIMEOUT are recorded and the
 larger sizes of that series SKIPPED. Results go to ./infonce-bench-<timestamp>/ unless --output
@@ -34,7 +35,8 @@ CUDA_DEFAULTS = dict(kinds=["nt_xent", "clip"], rows=[4096, 8192, 16384, 32768, 
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
+    prog = "python -m benchmarks" if os.path.basename(sys.argv[0]) == "__main__.py" else None
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
