@@ -11,7 +11,7 @@ Examples:
 
     python -m benchmarks                                    # CPU defaults: nt_xent+clip fp32 fwd+bwd
     python -m benchmarks --kinds nt_xent --rows 1024 2048 --dims 128 --output /tmp/bench
-    python -m benchmarks --device cuda                      # GPU defaults: nt_xent+clip, bf16+fp32, 2B <= 65536
+    python -m benchmarks --device cuda                      # GPU: nt_xent+clip, bf16+fp32, 2B <= 65536
     python -m benchmarks --list                             # the cases and the providers available here
     python -m benchmarks --from-json R/cpu.json --output R --overwrite    # redraw R's tables and plots
 """
@@ -45,7 +45,8 @@ def parse_args(argv):
     p.add_argument("--dims", nargs="+", type=int, help="feature sizes d")
     p.add_argument("--modes", nargs="+", choices=MODES)
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
-    p.add_argument("--providers", nargs="+", help="only these providers (e.g. ours:cpu materialised:bf16 pml)")
+    p.add_argument("--providers", nargs="+",
+                   help="only these providers (e.g. ours:cpu materialised:bf16 pml)")
     p.add_argument("--repeats", type=int, help="CPU: timed steps per case (median reported)")
     p.add_argument("--timeout", type=float, help="seconds per case before it is recorded as TIMEOUT")
     p.add_argument("--threads", type=int, default=0, help="CPU: torch threads (0: torch's default)")
@@ -56,9 +57,11 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true",
                    help="write into --output even if it holds results of the same --name")
     p.add_argument("--name", help="file name prefix (default: the device type)")
-    p.add_argument("--list", action="store_true", help="print the cases and their providers available here, and exit")
+    p.add_argument("--list", action="store_true",
+                   help="print the cases and their providers available here, and exit")
     p.add_argument("--from-json", metavar="FILE",
-                   help="measure nothing: write the markdown and plots of a results JSON (prefix: its file name)")
+                   help="measure nothing: write the markdown and plots of a results JSON "
+                        "(prefix: its file name)")
     args = p.parse_args(argv)
     defaults = CUDA_DEFAULTS if torch.device(args.device).type == "cuda" else CPU_DEFAULTS
     for key, value in defaults.items():

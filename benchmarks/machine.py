@@ -30,7 +30,8 @@ def _git_commit():
     package = os.path.dirname(os.path.abspath(infonce_kernels.__file__))
 
     def git(*args):
-        return subprocess.run(["git", "-C", package, *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        out = subprocess.run(["git", "-C", package, *args], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
 
     try:
         top = git("rev-parse", "--show-toplevel")

@@ -1,5 +1,6 @@
 """Markdown tables and log-log plots from a results JSON (``python -m benchmarks`` writes both)."""
 
+import importlib.util
 from collections import defaultdict
 
 from . import cases
@@ -34,7 +35,8 @@ def _ratios(fused, base):
     """(time, memory) cells of fused/base: "0.43x" and "1/42"."""
     if not (fused and base and fused["status"] == base["status"] == "ok"):
         return ["-", "-"]
-    memory = f"1/{base['peak_bytes'] / fused['peak_bytes']:.0f}" if fused["peak_bytes"] > 0 < base["peak_bytes"] else "-"
+    both_measured = fused["peak_bytes"] > 0 < base["peak_bytes"]
+    memory = f"1/{base['peak_bytes'] / fused['peak_bytes']:.0f}" if both_measured else "-"
     return [f"{fused['seconds'] / base['seconds']:.2f}x", memory]
 
 
@@ -79,12 +81,8 @@ def markdown(data):
 
 
 def can_plot():
-    """Whether matplotlib imports (the plots need it; JSON and markdown do not)."""
-    try:
-        import matplotlib  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    """Whether matplotlib is installed (the plots need it; JSON and markdown do not)."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plots(data, out_dir, prefix):
@@ -113,8 +111,9 @@ def plots(data, out_dir, prefix):
                 for ax in axes:
                     ax.axvline(failed["rows"], ls=":", lw=1.2, color=color,
                                label=None if ok else f"{p} ({failed['status']})")
-                    ax.annotate(f"{p}: {failed['status']}", (failed["rows"], 0.98), xycoords=ax.get_xaxis_transform(),
-                                rotation=90, va="top", ha="right", fontsize=7, color=color)
+                    ax.annotate(f"{p}: {failed['status']}", (failed["rows"], 0.98),
+                                xycoords=ax.get_xaxis_transform(), rotation=90, va="top", ha="right",
+                                fontsize=7, color=color)
         for ax, ylabel in zip(axes, ("median time per step (s)", "peak extra memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

@@ -46,8 +46,8 @@ def _inf_cl(aux):
 
     def one(q, k):
         labels = torch.arange(q.shape[0], device=q.device)
-        out = cal_inf_loss(q, k, labels=labels, scale=scale) if takes_labels else cal_inf_loss(q, k, scale=scale)
-        return out.mean()
+        kwargs = {"labels": labels} if takes_labels else {}
+        return cal_inf_loss(q, k, scale=scale, **kwargs).mean()
 
     def loss(i, t):
         i, t = F.normalize(i, dim=1), F.normalize(t, dim=1)

@@ -33,5 +33,8 @@ CASE = Case(
     settings=f"tau = {TEMPERATURE}, B queries, in-batch negatives",
     make_inputs=make_inputs,
     fused=lambda aux, backend: lambda q, k: ik.info_nce(q, k, temperature=TEMPERATURE, backend=backend),
-    baselines=(*materialised(in_batch_loss), Provider("info_nce_pytorch", _info_nce_pytorch, needs=("info_nce",))),
+    baselines=(
+        *materialised(in_batch_loss),
+        Provider("info_nce_pytorch", _info_nce_pytorch, needs=("info_nce",)),
+    ),
 )
