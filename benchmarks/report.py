@@ -106,7 +106,9 @@ def plots(data, out_dir, prefix):
             if ok:
                 xs = [r["rows"] for r in ok]
                 axes[0].plot(xs, [r["seconds"] for r in ok], style, label=p, color=color)
-                axes[1].plot(xs, [max(r["peak_bytes"], 1) / 2**20 for r in ok], style, label=p, color=color)
+                measured = [r for r in ok if r["peak_bytes"] > 0]  # 0: below what RSS resolves
+                axes[1].plot([r["rows"] for r in measured], [r["peak_bytes"] / 2**20 for r in measured], style,
+                             label=p, color=color)
             if failed:
                 for ax in axes:
                     ax.axvline(failed["rows"], ls=":", lw=1.2, color=color,
