@@ -110,7 +110,7 @@ def main(argv=None):
     runner.sweep(args, device, data, json_path)
     data["machine"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runner.write_json(data, json_path)
-    _write_report(data, out, prefix)
+    _write_report(data, out, prefix, f"{prefix}.json")
     return 0
 
 
@@ -129,8 +129,8 @@ def _output_folder(args, first_file):
     return out
 
 
-def _write_report(data, out, prefix):
+def _write_report(data, out, prefix, *written):
     with open(os.path.join(out, f"{prefix}.md"), "w") as f:
         f.write(f"# infonce_kernels benchmark ({data['device']})\n\n{report.markdown(data)}\n")
     pngs = report.plots(data, out, prefix) if report.can_plot() else []
-    print(f"\nwrote {prefix}.md and {len(pngs)} plot(s) in {out}")
+    print(f"\nwrote {', '.join([*written, f'{prefix}.md'])} and {len(pngs)} plot(s) in {out}")
