@@ -101,8 +101,19 @@ def lse_backward_paired(grad, q, k, scale, spec: Exclusion, lse, key_grad, key_l
     ``spec.keys_as_rows``) numbers the rows of q from ``row_offset``. The distributed losses use
     it for a rank's rows against the all-gathered rows.
     """
+    keys = k.shape[0]
+    if key_grad.shape != (keys,) or key_lse.shape != (keys,):
+        raise ValueError(f"key_grad and key_lse must have shape ({keys},), one entry per key")
+    ke = key_spec.exclude
+    if ke.dtype != torch.int64 or ke.dim() != 2 or ke.shape[0] != keys or ke.shape[1] > 2:
+        raise ValueError(f"key_exclude must be int64 of shape ({keys}, E) with E <= 2, got {ke.dtype} "
+                         f"{tuple(ke.shape)}")
+    if spec.labels and key_spec.positive.shape != (keys,):
+        raise ValueError(f"key_positive must have shape ({keys},) with the label rule")
+    if int(row_offset) < 0:
+        raise ValueError(f"row_offset must be >= 0, got {row_offset}")
     name = resolve_backend(backend, q.device)
-    key_positive = key_spec.positive if spec.labels else key_spec.exclude.new_empty(0)
+    key_positive = key_spec.positive if spec.labels else ke.new_empty(0)
     return lse_backward_paired_op(grad, q, k, scale, *spec.tensors(), lse, key_grad, key_lse, key_spec.exclude,
                                   key_positive, int(row_offset), name)
 
