@@ -163,7 +163,9 @@ def supcon(features, labels=None, temperature=0.1, *, base_temperature=None, nor
     class_sum = torch.zeros(num_classes, zf.shape[1], dtype=dtype, device=z.device).index_add(0, ids, zf)
     if where is not None and labels is not None:
         class_sum = distributed.all_reduce_with_grad(class_sum, where.group)
-    pos_sum = class_sum[ids] - zf  # (N, d): sum of anchor i's positives
+    # index_select, not class_sum[ids]: its backward (index_add) sums in a fixed order, where the
+    # backward of indexing (index_put with accumulate) is not bitwise reproducible across threads
+    pos_sum = class_sum.index_select(0, ids) - zf  # (N, d): sum of anchor i's positives
     mean_pos_logit = scale * (zf * pos_sum).sum(1) / num_pos.clamp(min=1).to(dtype)
     loss = torch.where(has_pos, r - mean_pos_logit, torch.zeros((), dtype=dtype, device=z.device))
     if factor is not None:
