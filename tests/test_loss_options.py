@@ -113,3 +113,36 @@ def test_supcon_bitwise_reproducible_across_runs_and_threads():
     one, two, again = run(1), run(2), run(2)
     for a, b in ((one, two), (two, again)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ----------------------------------------------------------------------------- degenerate rows
+def _wang_isola_uniformity(x, t):
+    return torch.pdist(torch.nn.functional.normalize(x, dim=1), p=2).pow(2).mul(-t).exp().mean().log()
+
+
+def _kcl_formula(x, y, t, gamma):
+    u, w = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+    align = torch.exp(-t * (u - w).pow(2).sum(1)).mean()
+    energy = sum(torch.pdist(a, p=2).pow(2).mul(-t).exp().mean() for a in (u, w))
+    return -2 * align + gamma * energy
+
+
+@pytest.mark.parametrize("size", [0.0, 1e-20], ids=["zero-row", "tiny-row"])
+def test_uniformity_and_kcl_with_degenerate_rows_equal_their_formulas(size):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)
+    x[3] *= size
+    y[6] *= size
+    for backend in CPU_BACKENDS:
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got, want = ik.uniformity(a, 2.0, backend=backend), _wang_isola_uniformity(b, 2.0)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got, a)[0], torch.autograd.grad(want, b)[0],
+                                   rtol=1e-9, atol=1e-9)
+        a, b = (x.clone().requires_grad_(), y.clone()), (x.clone().requires_grad_(), y.clone())
+        got, want = ik.kcl(*a, 2.0, 16.0, backend=backend), _kcl_formula(*b, 2.0, 16.0)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got, a[0])[0], torch.autograd.grad(want, b[0])[0],
+                                   rtol=1e-9, atol=1e-9)
+        per_row = ik.kcl(x, y, 2.0, 16.0, reduction="none", backend=backend)
+        torch.testing.assert_close(per_row.mean(), want.detach(), rtol=1e-12, atol=1e-12)

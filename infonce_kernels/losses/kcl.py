@@ -16,9 +16,11 @@ No N x N tensor exists.
 import math
 
 import torch
+import torch.distributed as dist
 
 from .. import _validation as v
-from ..ops import accumulation_dtype
+from .. import distributed
+from ..ops import Exclusion, accumulation_dtype, fused_lse
 from ._common import LossModule, l2_normalize, pair_lse, rank_rows, reduce_rows, shared_doc
 
 __all__ = ["kcl", "KCLLoss", "KERNELS"]
@@ -50,9 +52,30 @@ def check_kernel(kernel):
 
 
 def kernel_lse(u, t, backend, where=None):
-    """(N,) ``lse(u, u, 2t, {self})``: row i's log sum_{j != i} exp(2t <u_i, u_j>), against every
-    rank's rows when ``where``; on unit rows ``exp(. - 2t)`` is the Gaussian kernel sum."""
-    return pair_lse(u, 2 * t, False, backend, where)
+    """(N,) ``log sum_{j != i} exp(-t ||u_i - u_j||^2) + 2t`` for rows u, against every rank's
+    rows when ``where``: on unit rows ``lse(u, u, 2t, {self})``, since there
+    ``-t ||u_i - u_j||^2 = 2t <u_i, u_j> - 2t``.
+
+    Rows that normalisation cannot put on the sphere (zero rows, or rows shorter than its eps)
+    break that identity; with any of them (or while torch.compile traces, where the check cannot
+    run) the exact form ``2t <u_i, u_j> - t n_j - t n_i`` (n = squared norms) is used: one
+    log-sum-exp of rows [u_i, 1] against keys [u_j, -n_j/2] at scale 2t, minus t n_i.
+    """
+    dtype = accumulation_dtype(u.dtype)
+    norms = (u.to(dtype) ** 2).sum(1)  # n_i = ||u_i||^2
+    if not v.tracing():
+        short = (norms < 0.5).any().to(torch.int32)
+        if where is not None:
+            dist.all_reduce(short, op=dist.ReduceOp.MAX, group=where.group)  # every rank takes one path
+        if not bool(short):
+            return pair_lse(u, 2 * t, False, backend, where)
+    rows = torch.cat([u.to(dtype), torch.ones_like(norms)[:, None]], 1)
+    keys = torch.cat([u.to(dtype), -0.5 * norms[:, None]], 1)
+    offset = 0
+    if where is not None:
+        keys, offset = distributed.gather_rows_with_grad(keys, where), where.offset
+    r = fused_lse(rows, keys, 2 * t, Exclusion.itself(u.shape[0], u.device, offset=offset, symmetric=False), backend)
+    return r - t * norms + 2 * t
 
 
 @shared_doc
