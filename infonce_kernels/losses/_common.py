@@ -119,15 +119,24 @@ class LossModule(torch.nn.Module):
     """Base of every loss module: holds the temperature (a temperature module given here is
     registered as a submodule, so a ``LearnableTemperature``'s parameter trains with the
     model's) and the options every loss takes, ``normalize``, ``reduction``, ``backend``,
-    ``gather_distributed`` and ``group``, passed to the functional form by :meth:`options`."""
+    ``gather_distributed`` and ``group``, passed to the functional form by :meth:`options`.
+
+    A subclass whose forward is ``loss(z1, z2, temperature, **options)`` only names its
+    functional form (``loss = staticmethod(fn)``) and its ``default_temperature``."""
+
+    loss = None
+    default_temperature = None
 
     def __init__(self, temperature=None, *, normalize=True, reduction="mean", backend="auto",
                  gather_distributed=False, group=None):
         super().__init__()
         v.check_reduction(reduction)
-        self.temperature = temperature
+        self.temperature = self.default_temperature if temperature is None else temperature
         self.normalize, self.reduction, self.backend = normalize, reduction, backend
         self.gather_distributed, self.group = gather_distributed, group
+
+    def forward(self, z1, z2):
+        return type(self).loss(z1, z2, self.temperature, **self.options())
 
     def options(self) -> dict:
         """The keyword arguments every functional loss takes."""

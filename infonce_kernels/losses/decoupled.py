@@ -159,15 +159,11 @@ def dhel(z1, z2, temperature=0.3, include_augs=True, *, normalize=True, reductio
 
 
 class DCLLoss(LossModule):
-    """Module form of :func:`dcl`: ``DCLLoss(temperature=0.1)(z1, z2)``."""
+    """Module form of :func:`dcl`: ``DCLLoss(temperature=0.1)(z1, z2)``; the arguments are
+    :func:`dcl`'s."""
 
-    def __init__(self, temperature=0.1, *, normalize=True, reduction="mean", backend="auto",
-                 gather_distributed=False, group=None):
-        super().__init__(temperature, normalize=normalize, reduction=reduction, backend=backend,
-                         gather_distributed=gather_distributed, group=group)
-
-    def forward(self, z1, z2):
-        return dcl(z1, z2, self.temperature, **self.options())
+    loss = staticmethod(dcl)
+    default_temperature = 0.1
 
 
 class DCLWLoss(LossModule):

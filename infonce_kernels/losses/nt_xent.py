@@ -38,12 +38,8 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
 
 
 class NTXentLoss(LossModule):
-    """Module form of :func:`nt_xent`: ``loss = NTXentLoss(temperature=0.5)(z1, z2)``."""
+    """Module form of :func:`nt_xent`: ``loss = NTXentLoss(temperature=0.5)(z1, z2)``; the
+    arguments are :func:`nt_xent`'s."""
 
-    def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", backend="auto",
-                 gather_distributed=False, group=None):
-        super().__init__(temperature, normalize=normalize, reduction=reduction, backend=backend,
-                         gather_distributed=gather_distributed, group=group)
-
-    def forward(self, z1, z2):
-        return nt_xent(z1, z2, self.temperature, **self.options())
+    loss = staticmethod(nt_xent)
+    default_temperature = 0.5
