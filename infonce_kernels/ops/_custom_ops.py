@@ -63,20 +63,10 @@ def _(q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend
     return q.new_empty(q.shape[0], dtype=accumulation_dtype(q.dtype))
 
 
-@torch.library.custom_op("infonce_kernels::_lse_backward", mutates_args=())
-def _lse_backward_op(
-    grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: torch.Tensor,
-    exclude: torch.Tensor,
-    row_labels: torch.Tensor,
-    key_labels: torch.Tensor,
-    positive: torch.Tensor,
-    symmetric: bool,
-    backend: str,
-    lse: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("infonce_kernels::_lse_backward", mutates_args=(), schema=(
+    "(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, Tensor key_labels, "
+    "Tensor positive, bool symmetric, str backend, Tensor lse) -> (Tensor, Tensor, Tensor)"))
+def _lse_backward_op(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend, lse):
     spec = _spec(exclude, row_labels, key_labels, positive, symmetric)
     return _run(backend, "backward", grad, q, q if symmetric else k, scale, spec, lse)
 
@@ -108,24 +98,12 @@ def _backward(ctx, grad):
 lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("infonce_kernels::_lse_backward_paired", mutates_args=())
-def lse_backward_paired_op(
-    grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: torch.Tensor,
-    exclude: torch.Tensor,
-    row_labels: torch.Tensor,
-    key_labels: torch.Tensor,
-    positive: torch.Tensor,
-    lse: torch.Tensor,
-    key_grad: torch.Tensor,
-    key_lse: torch.Tensor,
-    key_exclude: torch.Tensor,
-    key_positive: torch.Tensor,
-    row_offset: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("infonce_kernels::_lse_backward_paired", mutates_args=(), schema=(
+    "(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, Tensor key_labels, "
+    "Tensor positive, Tensor lse, Tensor key_grad, Tensor key_lse, Tensor key_exclude, Tensor key_positive, "
+    "int row_offset, str backend) -> (Tensor, Tensor)"))
+def lse_backward_paired_op(grad, q, k, scale, exclude, row_labels, key_labels, positive, lse, key_grad, key_lse,
+                           key_exclude, key_positive, row_offset, backend):
     spec = _spec(exclude, row_labels, key_labels, positive)
     key_spec = _spec(key_exclude, key_labels, row_labels, key_positive)
     return _run(backend, "backward_paired", grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset)
