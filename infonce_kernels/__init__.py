@@ -5,6 +5,8 @@ Every loss is a thin composition over one primitive, the masked, scaled row log-
 """
 
 from .losses import ClipLoss, InfoNCELoss, NTXentLoss, clip_loss, info_nce, nt_xent
+from .losses import (DCLLoss, DCLWLoss, DebiasedNTXentLoss, DHELLoss, HardNegativeNTXentLoss, KCLLoss, SupConLoss,
+                     alignment, dcl, dclw, debiased_nt_xent, dhel, hard_negative_nt_xent, kcl, supcon, uniformity)
 from .ops import BACKENDS, available_backends, lse, resolve_backend
 
 __version__ = "0.1.0"
@@ -22,12 +24,6 @@ __all__ = [
     "resolve_backend",
 ]
 
-# loss family (issue 4): SupCon, DCL/DCLW/DHEL, KCL, hard-negative/debiased NT-Xent, metrics, temperature
-from .debiased import DebiasedNTXentLoss, HardNegativeNTXentLoss, debiased_nt_xent, hard_negative_nt_xent
-from .decoupled import DCLLoss, DCLWLoss, DHELLoss, dcl, dclw, dhel
-from .kernel_losses import KCLLoss, kcl
-from .metrics import alignment, uniformity
-from .supcon import SupConLoss, supcon
 from .temperature import (
     ConstantTemperature,
     CosineTemperature,

@@ -83,6 +83,39 @@ def positive_scalar(name: str, value, *, device, dtype) -> torch.Tensor:
     return torch.tensor(float(value), device=device, dtype=dtype)
 
 
+def positive_float(name: str, value, *, allow_zero: bool = False) -> float:
+    """A Python real number > 0 (>= 0 with ``allow_zero``) and finite, as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'finite and >= 0' if allow_zero else 'positive and finite'}, got {value}")
+    return float(value)
+
+
+def temperature_value(temperature):
+    """A temperature as the losses take it: a float, a one-element tensor, or a temperature
+    module of :mod:`infonce_kernels.temperature` (a :class:`~torch.nn.Module` such as
+    ``LearnableTemperature``, called for its 0-d tensor tau; a schedule, read for its current
+    tau)."""
+    if isinstance(temperature, torch.nn.Module):
+        return temperature()
+    value = getattr(temperature, "temperature", None)
+    if value is not None and hasattr(temperature, "temperature_at"):
+        return value
+    return temperature
+
+
+def inverse_scalar(name: str, value, *, device, dtype):
+    """(tau, 1/tau) as 0-d tensors of ``dtype`` for a positive ``value`` (see
+    :func:`positive_scalar`); a Python number whose inverse overflows ``dtype`` is refused here,
+    a tensor's by :func:`check_values` (pass ``inverse={name: tau}``)."""
+    tau = positive_scalar(name, value, device=device, dtype=dtype)
+    if not isinstance(value, torch.Tensor) and not math.isfinite(float(tau.reciprocal())):
+        raise ValueError(f"{name} is too small: 1/{name} overflows {str(dtype).replace('torch.', '')} "
+                         f"({name} = {value})")
+    return tau, tau.reciprocal()
+
+
 def exclude_tensor(exclude, rows: int, keys: int, device) -> torch.Tensor:
     """(rows, E) int64 contiguous exclusion indices; None gives E = 0."""
     if exclude is None:
@@ -156,10 +189,12 @@ def _keys_left(exclude, labels, keys: int) -> torch.Tensor:
     return keys - removed
 
 
-def check_values(tensors: dict, *, positive: dict = (), exclude=None, keys: int = 0, labels=None) -> None:
+def check_values(tensors: dict, *, positive: dict = (), inverse: dict = (), exclude=None, keys: int = 0,
+                 labels=None) -> None:
     """Value checks with one host synchronisation: no NaN/inf in ``tensors``, ``positive``
-    entries finite and > 0, ``exclude`` and label-rule positives in [-1, keys), and, with the
-    label rule, no row left without keys."""
+    and ``inverse`` entries finite and > 0, the inverse of ``inverse`` entries finite,
+    ``exclude`` and label-rule positives in [-1, keys), and, with the label rule, no row left
+    without keys."""
     if tracing():
         return
     names, flags = [], []
@@ -167,10 +202,13 @@ def check_values(tensors: dict, *, positive: dict = (), exclude=None, keys: int 
         for name, t in tensors.items():
             names.append(f"{name} contains NaN or inf")
             flags.append(torch.isfinite(t).all())
-        for name, t in dict(positive).items():
+        for name, t in {**dict(positive), **dict(inverse)}.items():
             if isinstance(t, torch.Tensor):
                 names.append(f"{name} must be positive and finite")
                 flags.append((torch.isfinite(t) & (t > 0)).all())
+        for name, t in dict(inverse).items():
+            names.append(f"{name} is too small: 1/{name} overflows {str(t.dtype).replace('torch.', '')}")
+            flags.append(torch.isfinite(t.reciprocal()).all())
         if exclude is not None and exclude.numel():
             names.append(f"exclude indices must lie in [-1, {keys})")
             flags.append(((exclude >= -1) & (exclude < keys)).all())

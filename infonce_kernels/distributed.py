@@ -1,4 +1,4 @@
-"""Contrastive losses over a batch spread across processes (torch.distributed, DESIGN §4).
+"""Contrastive losses over a batch spread across processes (torch.distributed; docs/design.md, "Distributed").
 
 Each rank keeps its own rows as queries against the rows of every rank, all-gathered; memory per
 rank is O(global N · d) and nothing O(local N × global N) exists.
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
+from .ops import Exclusion
 
 if dist.is_available():
     # torch.distributed.nn.functional binds the default process group into default arguments
@@ -116,20 +117,18 @@ def gather_rows_with_grad(x: torch.Tensor, where: RankRows) -> torch.Tensor:
 
 
 def pair_exclusions(where: RankRows, with_partner: bool):
-    """Exclusion lists for ranks that each hold [view 1; view 2] of their samples (2b rows):
-    every row excludes itself and, ``with_partner``, the other view of its sample. Returns this
-    rank's (n, E) lists and every row's (N, E) lists, in gathered numbering, computed from the
-    row counts alone (no collective)."""
-    lists = []
-    for rank, size in enumerate(where.sizes):
-        offset = sum(where.sizes[:rank])
-        index = torch.arange(size)
-        own = [offset + index]
-        if with_partner:
-            own.append(offset + (index + size // 2) % size)
-        lists.append(torch.stack(own, 1))
-    every = torch.cat(lists)
-    return every[where.offset: where.offset + where.sizes[where.rank]], every
+    """Exclusions for ranks that each hold [view 1; view 2] of their samples (2b rows): every
+    row excludes itself and, ``with_partner``, the other view of its sample. Returns this rank's
+    and every row's :class:`~infonce_kernels.ops.Exclusion` (n and N rows), in gathered
+    numbering, computed from the row counts alone (no collective)."""
+    build = Exclusion.itself_and_partner if with_partner else Exclusion.itself
+    every = torch.cat([build(size, "cpu", offset=offset, symmetric=False).exclude
+                       for size, offset in zip(where.sizes, _offsets(where.sizes))])
+    return Exclusion(every[where.offset: where.offset + where.sizes[where.rank]]), Exclusion(every)
+
+
+def _offsets(sizes):
+    return [sum(sizes[:rank]) for rank in range(len(sizes))]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -154,46 +153,42 @@ def all_reduce_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     return _AllReduceSum.apply(x, group)
 
 
-def _no_labels(x):
-    return (x.new_empty(0, dtype=torch.int64),) * 3
-
-
 class _GatheredSymmetricLSE(torch.autograd.Function):
     """r_a = lse_j(s <z_a, Z_j>) for this rank's rows z against all ranks' rows Z, with the
     one-sided O(N) backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, z, scale, exclude, all_exclude, where, backend):
+    def forward(ctx, z, scale, spec, all_spec, where, backend):
         all_z = gather_rows(z, where)
-        r = torch.ops.infonce_kernels.lse(z, all_z, scale, exclude, *_no_labels(z), False, backend)
+        r = ops.fused_lse(z, all_z, scale, spec, backend)
         all_r = gather_rows(r, where)
-        ctx.save_for_backward(z, all_z, scale, exclude, all_exclude, r, all_r)
-        ctx.where, ctx.backend = where, backend
+        ctx.save_for_backward(z, all_z, scale, r, all_r)
+        ctx.specs, ctx.where, ctx.backend = (spec, all_spec), where, backend
         return r
 
     @staticmethod
     def backward(ctx, g):
-        z, all_z, scale, exclude, all_exclude, r, all_r = ctx.saved_tensors
-        g = g.contiguous()
+        z, all_z, scale, r, all_r = ctx.saved_tensors
+        spec, all_spec = ctx.specs
         all_g = gather_rows(g, ctx.where)
-        dz, dscale = ops.paired_backward(g, z, all_z, scale, exclude, None, r, all_g, all_r, all_exclude,
-                                         exclude.new_empty(0), ctx.where.offset, ctx.backend)
+        dz, dscale = ops.lse_backward_paired(g, z, all_z, scale, spec, r, all_g, all_r, all_spec, ctx.where.offset,
+                                             ctx.backend)
         return dz, dscale, None, None, None, None
 
 
-def gathered_lse(z, scale, exclude, all_exclude, where: RankRows, *, backend="auto"):
+def gathered_lse(z, scale, spec, all_spec, where: RankRows, *, backend="auto"):
     """(local N,) row log-sum-exp of this rank's rows ``z`` against every rank's rows.
 
     Args:
-        z: (n, d) this rank's rows. scale: 0-d tensor (the lse dtype), may require grad.
-        exclude: (n, E) int64 keys to skip, numbered in the gathered batch (``where.offset + i``
-            is row i's own index); all_exclude: (N, E) the same for every rank's rows (e.g. from
-            :func:`pair_exclusions`).
+        z: (n, d) this rank's rows. scale: 0-d tensor (the accumulation dtype), may require grad.
+        spec: this rank's rows' :class:`~infonce_kernels.ops.Exclusion`, keys numbered in the
+            gathered batch (``where.offset + i`` is row i's own index); all_spec: the same for
+            every rank's rows (the key side of the backward), e.g. from :func:`pair_exclusions`.
         where: from :func:`rank_rows`.
     """
     name = ops.resolve_backend(backend, z.device)
-    exclude, all_exclude = exclude.to(z.device).contiguous(), all_exclude.to(z.device).contiguous()
-    return _GatheredSymmetricLSE.apply(z.contiguous(), scale, exclude, all_exclude, where, name)
+    spec, all_spec = (Exclusion(s.exclude.to(z.device)) for s in (spec, all_spec))
+    return _GatheredSymmetricLSE.apply(z, scale, spec, all_spec, where, name)
 
 
 class _GatheredPairLSE(torch.autograd.Function):
@@ -203,10 +198,9 @@ class _GatheredPairLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, where, backend):
         all_a, all_b = gather_rows(a, where), gather_rows(b, where)
-        none = _no_labels(a)
-        no_exclude = a.new_empty(a.shape[0], 0, dtype=torch.int64)
-        r = torch.ops.infonce_kernels.lse(a, all_b, scale, no_exclude, *none, False, backend)
-        t = torch.ops.infonce_kernels.lse(b, all_a, scale, no_exclude, *none, False, backend)
+        none = Exclusion.none(a.shape[0], a.device)
+        r = ops.fused_lse(a, all_b, scale, none, backend)
+        t = ops.fused_lse(b, all_a, scale, none, backend)
         all_r, all_t = gather_rows(r, where), gather_rows(t, where)
         ctx.save_for_backward(a, b, all_a, all_b, scale, r, t, all_r, all_t)
         ctx.where, ctx.backend = where, backend
@@ -215,24 +209,21 @@ class _GatheredPairLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_r, g_t):
         a, b, all_a, all_b, scale, r, t, all_r, all_t = ctx.saved_tensors
-        g_r, g_t = g_r.contiguous(), g_t.contiguous()
         all_g_r, all_g_t = gather_rows(g_r, ctx.where), gather_rows(g_t, ctx.where)
-        key_exclude = a.new_empty(ctx.where.total, 0, dtype=torch.int64)
-        no_exclude = a.new_empty(a.shape[0], 0, dtype=torch.int64)
-        empty = a.new_empty(0, dtype=torch.int64)
+        none, all_none = Exclusion.none(a.shape[0], a.device), Exclusion.none(ctx.where.total, a.device)
         offset = ctx.where.offset
         # a's rows against all b; every b row (as a row against all a) is the key side.
-        da, ds_a = ops.paired_backward(g_r, a, all_b, scale, no_exclude, None, r, all_g_t, all_t, key_exclude,
-                                       empty, offset, ctx.backend)
-        db, ds_b = ops.paired_backward(g_t, b, all_a, scale, no_exclude, None, t, all_g_r, all_r, key_exclude,
-                                       empty, offset, ctx.backend)
+        da, ds_a = ops.lse_backward_paired(g_r, a, all_b, scale, none, r, all_g_t, all_t, all_none, offset,
+                                           ctx.backend)
+        db, ds_b = ops.lse_backward_paired(g_t, b, all_a, scale, none, t, all_g_r, all_r, all_none, offset,
+                                           ctx.backend)
         return da, db, ds_a + ds_b, None, None
 
 
 def gathered_lse_pair(a, b, scale, where: RankRows, *, backend="auto"):
     """(r, t): lse(a_i, all b) and lse(b_i, all a) for this rank's paired rows a, b (n, d)."""
     name = ops.resolve_backend(backend, a.device)
-    return _GatheredPairLSE.apply(a.contiguous(), b.contiguous(), scale, where, name)
+    return _GatheredPairLSE.apply(a, b, scale, where, name)
 
 
 def scale_loss(per_row: torch.Tensor, reduction: str, where: RankRows) -> torch.Tensor:

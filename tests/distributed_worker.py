@@ -124,7 +124,11 @@ LOSSES = {"lightly_ntxent": _lightly_ntxent, "lightly_dcl": _lightly_dcl(False),
           "open_clip_local": _open_clip(True), "open_clip_global": _open_clip(False),
           "open_clip_local_nograd": _open_clip(True, False), "open_clip_global_nograd": _open_clip(False, False),
           "nt_xent": _nt_xent, "info_nce": _info_nce, "clip": _clip, "supcon_views": _supcon_views,
-          "supcon_labels": _supcon_labels, "dcl": _dcl, "dclw": _dclw, "dhel": _dhel}
+          "supcon_labels": _supcon_labels, "dcl": _dcl, "dclw": _dclw, "dhel": _dhel,
+          "debiased": lambda m, tau, x1, x2, **kw: ik.debiased_nt_xent(m(x1), m(x2), tau, 0.1, **kw),
+          "hard_negative": lambda m, tau, x1, x2, **kw: ik.hard_negative_nt_xent(m(x1), m(x2), tau, 0.5, 0.1, **kw),
+          "kcl": lambda m, tau, x1, x2, **kw: ik.kcl(m(x1), m(x2), tau, 4.0, **kw),
+          "uniformity": lambda m, tau, x1, x2, **kw: ik.uniformity(m(x1), tau, **kw)}
 LABELLED = {"supcon_labels"}
 # losses without a single-process twin, compared on each rank with the library's own distributed formula
 PER_RANK = {"lightly_dclw": _lightly_dclw_formula, "open_clip_local_nograd": _open_clip_formula(True),

@@ -383,7 +383,7 @@ def test_opcheck_paired():
     grad, q, k, scale, exclude, row_labels, key_labels, positive, lse, kg, kl, kx, kp, offset = flat
     kernel_args = (grad, q, k, scale, exclude, [row_labels, key_labels, positive], lse, [kg, kl, kx, kp], offset)
     torch.library.opcheck(torch.ops.infonce_kernels._lse_bwd_paired.default, kernel_args)
-    torch.library.opcheck(torch.ops.infonce_kernels.lse_backward_paired.default, (*flat, "cpu"))
+    torch.library.opcheck(torch.ops.infonce_kernels._lse_backward_paired.default, (*flat, "cpu"))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -392,7 +392,7 @@ def test_opcheck_lse_pair(backend):
     a = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.infonce_kernels.lse_pair.default, (a, b, scale, backend))
+    torch.library.opcheck(torch.ops.infonce_kernels._lse_pair.default, (a, b, scale, backend))
     from infonce_kernels.ops import fused_lse_pair
 
     assert torch.autograd.gradcheck(lambda a, b, s: fused_lse_pair(a, b, s, backend), (a, b, scale))

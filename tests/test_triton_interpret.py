@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 import infonce_kernels  # noqa: E402
 import infonce_kernels.triton as tbackend  # noqa: E402
+from infonce_kernels.ops import Exclusion, paired_backward  # noqa: E402
 
 TILE = _config.INTERPRET_BLOCK          # 16: row and key tile under the interpreter
 DCHUNK = _config.INTERPRET_BLOCK_D      # 32: largest d chunk under the interpreter
@@ -155,9 +156,9 @@ def test_backend_functions_contract(symmetric):
     """forward/backward called directly, exactly as the dispatcher calls them."""
     M, N, d = 9, 9 if symmetric else 11, 6
     q, k, s, ex, g = inputs(M, N, d, torch.float32, symmetric, 1, seed=1)
-    r = tbackend.forward(q, k, s, ex, *NO_LABELS, symmetric)
+    r = tbackend.forward(q, k, s, Exclusion.from_tensors(ex, *NO_LABELS, symmetric))
     assert r.shape == (M,) and r.dtype == torch.float32
-    dq, dk, ds = tbackend.backward(g.float(), q, k, s, ex, *NO_LABELS, symmetric, r)
+    dq, dk, ds = tbackend.backward(g.float(), q, k, s, Exclusion.from_tensors(ex, *NO_LABELS, symmetric), r)
     assert dq.shape == (M, d) and dq.dtype == q.dtype
     assert ds.shape == () and ds.dtype == s.dtype
     if symmetric:
@@ -244,12 +245,12 @@ def test_fully_excluded_first_tile(monkeypatch):
 def test_zero_and_tiny_upstream_gradient():
     """g = 0 everywhere, and g ~ 1e-30: the g/max|g| range trick must keep both exact."""
     q, k, s, ex, _ = inputs(10, 12, 6, torch.float64, False, 1, seed=5)
-    r = tbackend.forward(q, k, s, ex, *NO_LABELS, False)
-    dq, dk, ds = tbackend.backward(torch.zeros(10, dtype=torch.float64), q, k, s, ex, *NO_LABELS, False, r)
+    r = tbackend.forward(q, k, s, Exclusion.from_tensors(ex, *NO_LABELS, False))
+    dq, dk, ds = tbackend.backward(torch.zeros(10, dtype=torch.float64), q, k, s, Exclusion.from_tensors(ex, *NO_LABELS, False), r)
     assert not dq.any() and not dk.any() and ds.item() == 0.0
     g = torch.full((10,), 1e-30, dtype=torch.float64)
-    dq, dk, ds = tbackend.backward(g, q, k, s, ex, *NO_LABELS, False, r)
-    dq1, dk1, ds1 = tbackend.backward(g * 1e30, q, k, s, ex, *NO_LABELS, False, r)
+    dq, dk, ds = tbackend.backward(g, q, k, s, Exclusion.from_tensors(ex, *NO_LABELS, False), r)
+    dq1, dk1, ds1 = tbackend.backward(g * 1e30, q, k, s, Exclusion.from_tensors(ex, *NO_LABELS, False), r)
     assert_close(dq * 1e30, dq1, rtol=1e-12, atol=0, what="dq")
     assert_close(dk * 1e30, dk1, rtol=1e-12, atol=0, what="dk")
 
@@ -258,8 +259,8 @@ def test_deterministic():
     q, k, s, ex, g = inputs(TILE * 2 + 5, TILE * 3 + 1, 9, torch.float32, False, 2, seed=6)
     outs = []
     for _ in range(2):
-        r = tbackend.forward(q, k, s, ex, *NO_LABELS, False)
-        outs.append((r, *tbackend.backward(g.float(), q, k, s, ex, *NO_LABELS, False, r)))
+        r = tbackend.forward(q, k, s, Exclusion.from_tensors(ex, *NO_LABELS, False))
+        outs.append((r, *tbackend.backward(g.float(), q, k, s, Exclusion.from_tensors(ex, *NO_LABELS, False), r)))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
@@ -387,9 +388,9 @@ def test_paired_backward_symmetric_special_case(labelled):
     if labelled:
         lab = torch.randint(0, 4, (n,), generator=gen)
         labs = (lab, lab, (torch.arange(n) + n // 2) % n)
-    r = tbackend.forward(z, z, s, ex, *labs, True)
+    r = tbackend.forward(z, z, s, Exclusion.from_tensors(ex, *labs, True))
     g = torch.randn(n, generator=gen, dtype=torch.float64)
-    dz, _, ds = tbackend.backward(g, z, z, s, ex, *labs, True, r)
+    dz, _, ds = tbackend.backward(g, z, z, s, Exclusion.from_tensors(ex, *labs, True), r)
     kpos = labs[2] if labelled else torch.empty(0, dtype=torch.int64)
     labels = labs if labelled else None
     dq, dsp = paired_backward(g, z.clone(), z, s, ex, labels, r, g, r, ex, kpos, 0, backend="triton")
@@ -404,20 +405,19 @@ def test_paired_backward_symmetric_special_case(labelled):
 def test_paired_backward_direct_call_and_tiny_grads():
     """backward_paired called as the dispatcher calls it; g and h scaled by 1e-30 scale dq exactly."""
     g, q, k, s, ex, _, lse, h, klse, kex, kpos, off = paired_case(6, 11, 5, torch.float64, 1, 1, 2, seed=3)
-    dq, ds = tbackend.backward_paired(g, q, k, s, ex, *NO_LABELS, lse, h, klse, kex, kpos, off)
-    dq2, ds2 = tbackend.backward_paired(g * 1e-30, q, k, s, ex, *NO_LABELS, lse, h * 1e-30, klse, kex, kpos,
-                                        off)
+    dq, ds = paired_backward(g, q, k, s, ex, None, lse, h, klse, kex, kpos, off, backend="triton")
+    dq2, ds2 = paired_backward(g * 1e-30, q, k, s, ex, None, lse, h * 1e-30, klse, kex, kpos, off, backend="triton")
     assert_close(dq2 * 1e30, dq, rtol=1e-12, atol=0, what="dq")
     assert_close(ds2 * 1e30, ds, rtol=1e-12, atol=0, what="dscale")
     z0 = torch.zeros_like(g)
     h0 = torch.zeros_like(h)
-    dq0, ds0 = tbackend.backward_paired(z0, q, k, s, ex, *NO_LABELS, lse, h0, klse, kex, kpos, off)
+    dq0, ds0 = paired_backward(z0, q, k, s, ex, None, lse, h0, klse, kex, kpos, off, backend="triton")
     assert not dq0.any() and ds0.item() == 0.0
     # only the key side: dscale is the row side's alone
-    dqh, dsh = tbackend.backward_paired(z0, q, k, s, ex, *NO_LABELS, lse, h, klse, kex, kpos, off)
+    dqh, dsh = paired_backward(z0, q, k, s, ex, None, lse, h, klse, kex, kpos, off, backend="triton")
     assert dsh.item() == 0.0 and dqh.abs().sum() > 0
     with pytest.raises(ValueError, match="key_exclude"):
-        tbackend.backward_paired(g, q, k, s, ex, *NO_LABELS, lse, h, klse, kex[:5], kpos, off)
+        paired_backward(g, q, k, s, ex, None, lse, h, klse, kex[:5], kpos, off, backend="triton")
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -5,7 +5,7 @@ import inspect
 import torch
 
 import infonce_kernels as ik
-from infonce_kernels.ops import _lse_dtype
+from infonce_kernels.ops import accumulation_dtype as _lse_dtype
 
 # The op's label rule (row_labels / key_labels / positive): skip every key of the row's class.
 HAS_LABEL_OP = "row_labels" in inspect.signature(ik.lse).parameters

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 import infonce_kernels as ik
 from infonce_kernels import distributed
-from infonce_kernels.losses import two_views
+from infonce_kernels.losses._common import two_views
 
 from ._common import acc, normalize, row_dot, world_size
 

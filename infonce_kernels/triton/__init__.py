@@ -1,17 +1,17 @@
 """Triton backend of ``infonce_kernels::lse``.
 
-Public functions (called by the dispatcher in ``infonce_kernels.ops`` with
-contiguous, validated arguments on one device):
+Public functions: the backend contract of ``infonce_kernels.ops.backends`` (called by the op
+layer with contiguous arguments it has checked, on one device), and the registry's probe:
 
-    forward(q, k, scale, exclude, row_labels, key_labels, positive, symmetric) -> lse
-    backward(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse)
-        -> (dq, dk, dscale)
-    backward_paired(grad, q, k, scale, exclude, row_labels, key_labels, positive, lse,
-                    key_grad, key_lse, key_exclude, key_positive, row_offset) -> (dq, dscale)
+    forward(q, k, scale, spec) -> lse
+    backward(grad, q, k, scale, spec, lse) -> (dq, dk, dscale)
+    backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset)
+        -> (dq, dscale)
     available(device) -> (bool, reason)
 
-Shapes: q (M, d), k (N, d) (``k is q`` when symmetric), scale () fp32/fp64,
-exclude (M, E) int64 with E in {0, 1, 2} and -1 = none, lse/grad (M,).
+Shapes: q (M, d), k (N, d) (``k is q`` when ``spec.symmetric``), scale () fp32/fp64,
+``spec`` an ``infonce_kernels.ops.Exclusion`` (exclude (M, E) int64, E in {0, 1, 2}, -1 = none,
+and the optional label rule), lse/grad (M,).
 
 Importing this package never imports Triton; the kernel modules are loaded on
 first use. Triton reads ``TRITON_INTERPRET`` when a kernel is *decorated*
@@ -25,7 +25,7 @@ enough -- the interpreter emulates bf16 arithmetic inexactly).
 
 Layout:
     _config.py    tile sizes per GPU generation, autotune switch (no triton import)
-    _common.py    tile loads, exclusion loads, the chunked-d score tile
+    _common.py    tile loads, exclusion loads, ``kept`` (is pair (i, j) kept), the score tile
     _forward.py   forward kernel: row-block online LSE
     _backward.py  dq / dk kernels (general), the paired dq kernel (paired and
                   symmetric backward), dscale
@@ -102,88 +102,40 @@ def _device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _check(q, k, scale, exclude):
-    ok, why = available(q.device)
-    if not ok:
-        raise RuntimeError(f"infonce_kernels triton backend unavailable: {why}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"triton backend: unsupported dtype {q.dtype}")
-    if k.dtype != q.dtype or q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
-        raise ValueError("triton backend: q (M, d) and k (N, d) must share dtype and d")
+def forward(q, k, scale, spec) -> torch.Tensor:
+    """Row LSE r (M,) of ``scale * q @ k.T`` without the pairs ``spec`` excludes.
 
-
-def _labels(row_labels, key_labels, positive):
-    """None when the label rule is off (all three empty), else the three int64 tensors."""
-    if row_labels.numel() == 0:
-        return None
-    return tuple(t.contiguous() for t in (row_labels, key_labels, positive))
-
-
-def forward(q, k, scale, exclude, row_labels, key_labels, positive, symmetric) -> torch.Tensor:
-    """Row LSE r (M,) of ``scale * q @ k.T`` with per-row excluded keys.
-
-    q (M, d), k (N, d) same dtype (``k is q`` when symmetric; the forward is
-    the same in both cases), scale () fp32 (fp64 for fp64), exclude (M, E)
-    int64, E <= 2, -1 = none. Label rule (when the label tensors are non-empty):
-    row i also skips key j if ``key_labels[j] == row_labels[i]`` and
-    ``j != positive[i]``. Returns fp32 (fp64 for fp64 inputs).
+    q (M, d), k (N, d) same dtype (``k is q`` when symmetric; the forward is the same in both
+    cases), scale () fp32 (fp64 for fp64). Returns fp32 (fp64 for fp64 inputs).
     """
-    _check(q, k, scale, exclude)
     fwd, _ = _load()
-    q, k, exclude = q.contiguous(), k.contiguous(), exclude.contiguous()
     with _device_guard(q):
-        return fwd.lse_forward(q, k, scale, exclude, _labels(row_labels, key_labels, positive))
+        return fwd.lse_forward(q, k, scale, spec)
 
 
-def backward(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, lse):
+def backward(grad, q, k, scale, spec, lse):
     """(dq, dk, dscale) for upstream gradient ``grad`` (M,) of the row LSE.
 
-    dq (M, d) in q.dtype; dk (N, d) in k.dtype, or ``q.new_empty(0)`` when
-    symmetric (dq then holds the whole gradient on z = q = k); dscale () in
-    scale.dtype.
+    dq (M, d) in q.dtype; dk (N, d) in k.dtype, or ``q.new_empty(0)`` when ``spec.symmetric``
+    (dq then holds the whole gradient on z = q = k); dscale () in scale.dtype.
     """
-    _check(q, k, scale, exclude)
     _, bwd = _load()
-    q, exclude, lse = q.contiguous(), exclude.contiguous(), lse.contiguous()
-    k = q if symmetric else k.contiguous()
-    grad = grad.to(lse.dtype).contiguous()
-    labels = _labels(row_labels, key_labels, positive)
     with _device_guard(q):
-        return bwd.lse_backward(grad, q, k, scale, exclude, bool(symmetric), lse, labels)
+        return bwd.lse_backward(grad.to(lse.dtype), q, k, scale, spec, lse)
 
 
-def backward_paired(grad, q, k, scale, exclude, row_labels, key_labels, positive, lse,
-                    key_grad, key_lse, key_exclude, key_positive, row_offset):
-    """(dq, dscale) when the keys are rows of a log-sum-exp too (``lse_bwd_paired`` in csrc/ops.cpp):
+def backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset):
+    """(dq, dscale) when the keys are rows of a log-sum-exp too (the paired backward):
 
         dq_i = s sum_j (W_ij + V_ji) k_j,   dscale = sum_ij W_ij <q_i, k_j>  (row side only)
 
-    W_ij = g_i exp(s <q_i,k_j> - r_i) on the pairs row i keeps (``exclude`` (M, E) in k's
-    numbering, and the label rule); V_ji = h_j exp(s <q_i,k_j> - rho_j) with h = ``key_grad``,
-    rho = ``key_lse`` (N,), zero where key j, as a row, excludes row i: ``i + row_offset`` in
-    ``key_exclude[j]`` (N, E'), or key_labels[j] == row_labels[i] and key_positive[j] !=
-    i + row_offset. The symmetric backward is the case k = q, key side = row side, row_offset 0.
-    dq in q.dtype, dscale () in scale.dtype.
+    W_ij = g_i exp(s <q_i,k_j> - r_i) on the pairs ``spec`` keeps; V_ji = h_j exp(s <q_i,k_j> -
+    rho_j) with h = ``key_grad``, rho = ``key_lse`` (N,), zero where key j, as a row, excludes
+    row i under ``key_spec`` (which numbers the rows of q from ``row_offset``). The symmetric
+    backward is the case k = q, key side = row side, row_offset 0. dq in q.dtype, dscale () in
+    scale.dtype.
     """
-    _check(q, k, scale, exclude)
-    N = k.shape[0]
-    labels = _labels(row_labels, key_labels, positive)
-    if key_grad.shape != (N,) or key_lse.shape != (N,):
-        raise ValueError("triton backend: key_grad and key_lse must have shape (N,)")
-    if key_exclude.dtype != torch.int64 or key_exclude.dim() != 2 or key_exclude.shape[0] != N \
-            or key_exclude.shape[1] > 2:
-        raise ValueError("triton backend: key_exclude must be int64 of shape (N, E) with E <= 2")
-    if labels is not None and (key_positive.shape != (N,) or key_positive.dtype != torch.int64):
-        raise ValueError("triton backend: key_positive must be int64 of shape (N,) with the label rule")
-    if int(row_offset) < 0:
-        raise ValueError("triton backend: row_offset must be >= 0")
     _, bwd = _load()
-    q, k, exclude, lse = q.contiguous(), k.contiguous(), exclude.contiguous(), lse.contiguous()
-    grad = grad.to(lse.dtype).contiguous()
-    key_grad = key_grad.to(lse.dtype).contiguous()
-    key_lse = key_lse.to(lse.dtype).contiguous()
-    key_exclude = key_exclude.contiguous()
-    key_positive = key_positive.contiguous() if labels is not None else None
     with _device_guard(q):
-        return bwd.lse_backward_paired(grad, q, k, scale, exclude, labels, lse, key_grad, key_lse,
-                                       key_exclude, key_positive, int(row_offset))
+        return bwd.lse_backward_paired(grad.to(lse.dtype), q, k, scale, spec, lse, key_grad.to(lse.dtype),
+                                       key_lse.to(lse.dtype), key_spec, int(row_offset))

@@ -49,7 +49,9 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._common import LOG2E, acc_dtype, input_precision, load_exclusions, load_labels, load_tile, load_tile_t, scores
+from ..ops.precision import accumulation_dtype
+from ._common import (LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_tile, load_tile_t,
+                      scores)
 
 
 @triton.jit
@@ -98,10 +100,9 @@ def _dq_kernel(
             k_tile_t = 0
         dots = scores(q_ptr, k_ptr, rows, cols, M, N, D, q_tile, k_tile_t,
                       ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
-        keep = row_ok[:, None] & (cols[None, :] < N) & (cols[None, :] != ex0[:, None]) & (cols[None, :] != ex1[:, None])
-        if HAS_LABELS:
-            klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
-            keep = keep & ((rlab[:, None] != klab[None, :]) | (cols[None, :] == pos[:, None]))
+        klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
+        keep = row_ok[:, None] & (cols[None, :] < N) & kept(cols[None, :], ex0[:, None], ex1[:, None], rlab[:, None],
+                                                            klab[None, :], pos[:, None], HAS_LABELS)
         p = tl.exp2(tl.where(keep, (dots * s - lse[:, None]) * LOG2E, float("-inf")))   # P_ij; 0 if excluded
         pl += tl.sum(p * dots, axis=1)
         if not SINGLE_D:
@@ -155,11 +156,10 @@ def _dk_kernel(
         # <k_j, q_i>  (BLOCK_N, BLOCK_M)
         dots = scores(k_ptr, q_ptr, cols, rows, N, M, D, k_tile, q_tile_t,
                       ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_D)
-        keep = col_ok[:, None] & row_ok[None, :] & (cols[:, None] != ex0[None, :]) & (cols[:, None] != ex1[None, :])
-        if HAS_LABELS:
-            rlab = load_labels(rlab_ptr, rows, M, HAS_LABELS)
-            pos = load_labels(pos_ptr, rows, M, HAS_LABELS)
-            keep = keep & ((klab[:, None] != rlab[None, :]) | (cols[:, None] == pos[None, :]))
+        rlab = load_labels(rlab_ptr, rows, M, HAS_LABELS)
+        pos = load_labels(pos_ptr, rows, M, HAS_LABELS)
+        keep = col_ok[:, None] & row_ok[None, :] & kept(cols[:, None], ex0[None, :], ex1[None, :], rlab[None, :],
+                                                        klab[:, None], pos[None, :], HAS_LABELS)
         w = tl.exp2(tl.where(keep, (dots * s - lse[None, :]) * LOG2E, float("-inf"))) * g[None, :]  # W^T/gs
         if SINGLE_D:
             q_tile = tl.trans(q_tile_t)
@@ -229,15 +229,13 @@ def _dq_paired_kernel(
                       ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         both = row_ok[:, None] & col_ok[None, :]
         # row i's list (key numbering) and key j's list (rows numbered from row_offset)
-        keep_ij = both & (cols[None, :] != exr0[:, None]) & (cols[None, :] != exr1[:, None])
-        keep_ji = both & (rows_g[:, None] != exc0[None, :]) & (rows_g[:, None] != exc1[None, :])
-        if HAS_LABELS:
-            klab_c = load_labels(klab_ptr, cols, N, HAS_LABELS)
-            krlab_c = load_labels(krlab_ptr, cols, N, HAS_LABELS)
-            kpos_c = load_labels(kpos_ptr, cols, N, HAS_LABELS)
-            keep_ij = keep_ij & ((rlab_r[:, None] != klab_c[None, :]) | (cols[None, :] == pos_r[:, None]))
-            keep_ji = keep_ji & ((krlab_c[None, :] != kklab_r[:, None])
-                                 | (rows_g[:, None] == kpos_c[None, :]))
+        klab_c = load_labels(klab_ptr, cols, N, HAS_LABELS)
+        krlab_c = load_labels(krlab_ptr, cols, N, HAS_LABELS)
+        kpos_c = load_labels(kpos_ptr, cols, N, HAS_LABELS)
+        keep_ij = both & kept(cols[None, :], exr0[:, None], exr1[:, None], rlab_r[:, None], klab_c[None, :],
+                              pos_r[:, None], HAS_LABELS)
+        keep_ji = both & kept(rows_g[:, None], exc0[None, :], exc1[None, :], krlab_c[None, :], kklab_r[:, None],
+                              kpos_c[None, :], HAS_LABELS)
         x = dots * s                                                # L_ij (nats)
         p_ij = tl.exp2(tl.where(keep_ij, (x - lse_r[:, None]) * LOG2E, float("-inf")))
         q_ji = tl.exp2(tl.where(keep_ji, (x - lse_c[None, :]) * LOG2E, float("-inf")))
@@ -278,39 +276,34 @@ def _maybe_autotuned(kernel, name: str):
     return _autotuned[name]
 
 
-def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _dq_paired(grad, q, k, scale, exclude, labels, lse, key_grad, key_lse, key_exclude, key_labels,
-               row_offset):
+def _dq_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset):
     """Launch :func:`_dq_paired_kernel`: -> (dq (M, d) q.dtype, dscale () scale.dtype).
 
-    ``labels``: None or the row side's (row_labels (M,), key_labels (N,), positive (M,));
-    ``key_labels``: then the key side's (labels of the keys as rows (N,), of the rows as
-    keys (M,), key positives (N,)).
+    ``spec``: the row side's exclusion (keys numbered like k); ``key_spec``: the keys' as rows
+    (the rows of q numbered from ``row_offset``; labels of the keys as rows, of the rows as
+    keys, the keys' positives).
 
     One program per (row block, d-out chunk), one pass over the key blocks, no atomics;
     dscale is the fp64 sum of one partial per row block (fixed order: reproducible).
     """
     M, D = q.shape
     N = k.shape[0]
-    E = exclude.shape[1] if exclude.dim() == 2 else 0
-    KE = key_exclude.shape[1] if key_exclude.dim() == 2 else 0
+    exclude, key_exclude, labels = spec.exclude, key_spec.exclude, spec.labels
+    E, KE = exclude.shape[1], key_exclude.shape[1]
     cfg = _config.backward_config(q.device, q.dtype, M, N, D)
     tune = _config.autotune_enabled()
     ex = exclude if E > 0 else q                       # dummy pointers, never read
     kex = key_exclude if KE > 0 else q
     if labels is not None:
         rlab, klab, pos = labels
-        krlab, kklab, kpos = key_labels
+        krlab, kklab, kpos = key_spec.labels
     else:
         rlab = klab = pos = krlab = kklab = kpos = q
     # One range divisor for both sides: the weights are (g_i P_ij + h_j Q_ji) / gmax.
     gmax = grad.abs().amax() if key_grad is grad else torch.maximum(grad.abs().amax(), key_grad.abs().amax())
     n_dchunks = triton.cdiv(D, cfg.BLOCK_DO)
     partials = torch.zeros(triton.cdiv(M, 64 if tune else cfg.BLOCK_M), device=q.device,
-                           dtype=_acc_torch_dtype(q.dtype))
+                           dtype=accumulation_dtype(q.dtype))
     dq = torch.empty_like(q)
     args = (q, k, scale, ex, rlab, klab, pos, lse, grad, kex, krlab, kklab, kpos, key_lse, key_grad, gmax,
             dq, partials, M, N, D, int(row_offset))
@@ -325,41 +318,38 @@ def _dq_paired(grad, q, k, scale, exclude, labels, lse, key_grad, key_lse, key_e
     return dq, partials.to(torch.float64).sum().to(scale.dtype)
 
 
-def lse_backward(grad, q, k, scale, exclude, symmetric, lse, labels=None):
+def lse_backward(grad, q, k, scale, spec, lse):
     """Gradients of ``lse`` (see module docstring).
 
     Args:
         grad: (M,) fp32 (fp64 for fp64 inputs), upstream gradient g.
-        q, k, scale, exclude: as for :func:`lse_forward` (``k is q`` when symmetric).
-        symmetric: return the whole gradient on z in dq, and an empty dk.
+        q, k, scale, spec: as for :func:`lse_forward` (``k is q`` when ``spec.symmetric``).
         lse: (M,) the forward's output r.
-        labels: None or (row_labels, key_labels, positive), see :func:`lse_forward`.
 
     Returns:
-        (dq (M, d) q.dtype, dk (N, d) k.dtype or empty (0,), dscale () scale.dtype)
+        (dq (M, d) q.dtype, dk (N, d) k.dtype or empty (0,) when symmetric, dscale () scale.dtype)
     """
-    grad = grad.contiguous()
-    if symmetric:
+    if spec.symmetric:
         # The paired kernel with the key side = the row side: k = q, h = g, rho = r, the
         # keys' exclusions = the rows' own, W^T_ij = W_ji under row j's label rule
         # (row_labels[j] == key_labels[i], i != positive[j]), row_offset = 0.
-        key_side = None if labels is None else (labels[0], labels[1], labels[2])
-        dz, dscale = _dq_paired(grad, q, q, scale, exclude, labels, lse, grad, lse, exclude, key_side, 0)
+        dz, dscale = _dq_paired(grad, q, q, scale, spec, lse, grad, lse, spec, 0)
         return dz, q.new_empty(0), dscale
 
     M, D = q.shape
     N = k.shape[0]
-    E = exclude.shape[1] if exclude.dim() == 2 else 0
+    exclude, labels = spec.exclude, spec.labels
+    E = exclude.shape[1]
     cfg = _config.backward_config(q.device, q.dtype, M, N, D)
     tune = _config.autotune_enabled()
     ex = exclude if E > 0 else q                       # dummy pointer, never read
-    lab = tuple(labels) if labels is not None else (q, q, q)
+    lab = labels if labels is not None else (q, q, q)
     common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype))
     gmax = grad.abs().amax()             # device scalar; no host sync
     n_dchunks = triton.cdiv(D, cfg.BLOCK_DO)
     d_meta = dict(BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
     partials = torch.zeros(triton.cdiv(M, 64 if tune else cfg.BLOCK_M), device=q.device,
-                           dtype=_acc_torch_dtype(q.dtype))
+                           dtype=accumulation_dtype(q.dtype))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     if tune:
@@ -379,9 +369,8 @@ def lse_backward(grad, q, k, scale, exclude, symmetric, lse, labels=None):
     return dq, dk, dscale
 
 
-def lse_backward_paired(grad, q, k, scale, exclude, labels, lse, key_grad, key_lse, key_exclude, key_positive,
-                        row_offset):
-    """(dq, dscale) when the keys are rows of a log-sum-exp too (``lse_bwd_paired``):
+def lse_backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset):
+    """(dq, dscale) when the keys are rows of a log-sum-exp too (the paired backward):
 
         dq_i = s sum_j (W_ij + V_ji) k_j
         W_ij = g_i exp(s<q_i,k_j> - r_i),  V_ji = h_j exp(s<q_i,k_j> - rho_j)
@@ -389,14 +378,11 @@ def lse_backward_paired(grad, q, k, scale, exclude, labels, lse, key_grad, key_l
 
     Args:
         grad, lse: (M,) g and r of the rows of q (fp32, fp64 for fp64 inputs).
-        q (M, d), k (N, d), scale, exclude (M, E): as for :func:`lse_backward` (k a separate tensor).
-        labels: None or (row_labels (M,), key_labels (N,), positive (M,)).
+        q (M, d), k (N, d), scale, spec: as for :func:`lse_backward` (k a separate tensor).
         key_grad, key_lse: (N,) h and rho of the keys as rows.
-        key_exclude: (N, E') int64, E' <= 2, -1 = none: the rows key j leaves out, numbered
-            from ``row_offset`` (row i of q is ``i + row_offset``; entries outside exclude nothing).
-        key_positive: (N,) int64 positives of the keys as rows (same numbering); None without labels.
+        key_spec: the keys' exclusion as rows: ``exclude`` (N, E'), E' <= 2, -1 = none, numbering
+            the rows of q from ``row_offset`` (row i of q is ``i + row_offset``; entries outside
+            exclude nothing), and with the label rule the swapped labels and the keys' positives.
         row_offset: int >= 0.
     """
-    key_side = None if labels is None else (labels[1], labels[0], key_positive)
-    return _dq_paired(grad.contiguous(), q, k, scale, exclude, labels, lse, key_grad.contiguous(), key_lse,
-                      key_exclude, key_side, row_offset)
+    return _dq_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset)

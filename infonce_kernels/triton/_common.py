@@ -1,4 +1,4 @@
-"""Shared Triton helpers: tile loads, exclusion masks, dtype plumbing.
+"""Shared Triton helpers: tile loads, the exclusion rule (``kept``), dtype plumbing.
 
 Imports triton: only imported by the kernel modules, never at package import.
 """
@@ -62,6 +62,22 @@ def load_labels(lab_ptr, idx, idx_bound, HAS_LABELS: tl.constexpr):
     else:
         out = tl.full(idx.shape, -1, tl.int64)
     return out
+
+
+@triton.jit
+def kept(key, ex0, ex1, row_label, key_label, positive, HAS_LABELS: tl.constexpr):
+    """Is pair (i, j) kept: the one Triton definition of the exclusion rule (the Python one is
+    ``infonce_kernels.ops.Exclusion.mask``, the C++ one csrc/common/exclusion.h).
+
+    Arguments broadcast against each other (a row axis and a key axis, in either order): ``key``
+    the key's index j; ``ex0``/``ex1`` row i's excluded indices (-1 = none); with the label rule,
+    ``row_label``/``key_label`` the labels of i and j and ``positive`` row i's designated
+    positive, which stays. Bounds (i < M, j < N) are the caller's.
+    """
+    keep = (key != ex0) & (key != ex1)
+    if HAS_LABELS:
+        keep = keep & ((row_label != key_label) | (key == positive))
+    return keep
 
 
 @triton.jit

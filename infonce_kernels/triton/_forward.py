@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.precision import accumulation_dtype
 from . import _config
-from ._common import (LN2, LOG2E, acc_dtype, input_precision, load_exclusions, load_labels, load_tile, load_tile_t,
-                      scores)
+from ._common import (LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_tile,
+                      load_tile_t, scores)
 
 
 @triton.jit
@@ -63,11 +64,9 @@ def _lse_fwd_kernel(
             k_tile_t = 0
         dots = scores(q_ptr, k_ptr, rows, cols, M, N, D, q_tile, k_tile_t,
                       ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
-        # (i, j) kept iff j < N and j is none of row i's excluded indices
-        keep = (cols[None, :] < N) & (cols[None, :] != ex0[:, None]) & (cols[None, :] != ex1[:, None])
-        if HAS_LABELS:   # label rule: skip same-label keys except the row's positive
-            klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
-            keep = keep & ((rlab[:, None] != klab[None, :]) | (cols[None, :] == pos[:, None]))
+        klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
+        keep = (cols[None, :] < N) & kept(cols[None, :], ex0[:, None], ex1[:, None], rlab[:, None], klab[None, :],
+                                          pos[:, None], HAS_LABELS)
         x = tl.where(keep, dots * s, float("-inf"))                      # L_ij (nats)
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC_DTYPE)
@@ -93,26 +92,25 @@ def _autotuned_kernel():
     return _autotuned
 
 
-def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, exclude: torch.Tensor,
-                labels=None) -> torch.Tensor:
-    """Row LSE of ``scale * q @ k.T`` with exclusions.
+def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
+    """Row LSE of ``scale * q @ k.T`` without the pairs ``spec`` excludes.
 
     Args:
         q: (M, d) contiguous, fp16/bf16/fp32/fp64.
         k: (N, d) contiguous, same dtype (may be ``q`` itself).
         scale: () fp32 (fp64 for fp64 inputs), read on device.
-        exclude: (M, E) int64, E in {0, 1, 2}, -1 = none.
-        labels: None, or (row_labels (M,), key_labels (N,), positive (M,)) int64: row i also
-            skips every key j with key_labels[j] == row_labels[i] and j != positive[i].
+        spec: ``infonce_kernels.ops.Exclusion``: exclude (M, E) int64, E in {0, 1, 2}, -1 = none;
+            with the label rule row i also skips every key j with key_labels[j] == row_labels[i]
+            and j != positive[i].
 
     Returns:
         lse: (M,) fp32 (fp64 for fp64 inputs).
     """
     M, D = q.shape
     N = k.shape[0]
-    E = exclude.shape[1] if exclude.dim() == 2 else 0
-    out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = torch.empty(M, device=q.device, dtype=out_dtype)
+    exclude, labels = spec.exclude, spec.labels
+    E = exclude.shape[1]
+    lse = torch.empty(M, device=q.device, dtype=accumulation_dtype(q.dtype))
     cfg = _config.forward_config(q.device, q.dtype, M, N, D)
     ex = exclude if E > 0 else q                       # dummy pointer, never read
     rl, kl, pos = labels if labels is not None else (q, q, q)

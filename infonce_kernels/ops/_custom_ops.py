@@ -1,0 +1,146 @@
+"""The ``torch.library`` custom ops and their autograd.
+
+``infonce_kernels::lse`` is the public op (a fake implementation and registered autograd make
+it work under ``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``); its
+backward and the internal ops are private: ``_lse_backward``, ``_lse_backward_paired`` and
+``_lse_pair`` (CLIP's two directions, whose backward is two paired passes).
+
+A custom op takes tensors, not objects, so the :class:`Exclusion` travels through each op as its
+four tensors and is rebuilt, in :func:`_run`, before the backend gets it. :func:`_run` is also
+the one place that makes the tensors contiguous and turns autocast off.
+"""
+
+import torch
+
+from .backends import implementation
+from .exclusion import Exclusion
+from .precision import accumulation_dtype
+
+__all__ = ["lse_op", "lse_backward_paired_op", "lse_pair_op"]
+
+
+def _run(backend: str, method: str, *args):
+    """``implementation(backend).method(*args)`` with every tensor argument contiguous, the
+    Exclusion objects rebuilt from their tensors, and autocast off: the kernels compute on the
+    dtypes the op receives (accumulating in float32, float64 for float64), whatever autocast
+    region it is called from. Left on, autocast would recast the products inside the reference
+    and C++ kernels."""
+    copies = {}  # one contiguous tensor per input object (a symmetric op's k stays its q)
+
+    def contiguous(t):
+        return copies.setdefault(id(t), t.contiguous())
+
+    args = [contiguous(a) if isinstance(a, torch.Tensor) else
+            Exclusion.from_tensors(*map(contiguous, a[:4]), *a[4:]) if isinstance(a, tuple) else a for a in args]
+    device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+    with torch.autocast(device, enabled=False):
+        return getattr(implementation(backend), method)(*args)
+
+
+def _spec(exclude, row_labels, key_labels, positive, symmetric=False):
+    """An Exclusion as the op received it, for :func:`_run` to rebuild."""
+    return exclude, row_labels, key_labels, positive, symmetric
+
+
+@torch.library.custom_op("infonce_kernels::lse", mutates_args=())
+def lse_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    exclude: torch.Tensor,
+    row_labels: torch.Tensor,
+    key_labels: torch.Tensor,
+    positive: torch.Tensor,
+    symmetric: bool,
+    backend: str,
+) -> torch.Tensor:
+    spec = _spec(exclude, row_labels, key_labels, positive, symmetric)
+    return _run(backend, "forward", q, q if symmetric else k, scale, spec)
+
+
+@lse_op.register_fake
+def _(q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend):
+    return q.new_empty(q.shape[0], dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op("infonce_kernels::_lse_backward", mutates_args=(), schema=(
+    "(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, Tensor key_labels, "
+    "Tensor positive, bool symmetric, str backend, Tensor lse) -> (Tensor, Tensor, Tensor)"))
+def _lse_backward_op(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend, lse):
+    spec = _spec(exclude, row_labels, key_labels, positive, symmetric)
+    return _run(backend, "backward", grad, q, q if symmetric else k, scale, spec, lse)
+
+
+@_lse_backward_op.register_fake
+def _(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend, lse):
+    dk = q.new_empty(0) if symmetric else torch.empty_like(k)
+    return torch.empty_like(q), dk, torch.empty_like(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend = inputs
+    ctx.symmetric, ctx.backend = symmetric, backend
+    ctx.save_for_backward(q, q if symmetric else k, scale, exclude, row_labels, key_labels, positive, output)
+
+
+def _backward(ctx, grad):
+    q, k, scale, exclude, row_labels, key_labels, positive, lse = ctx.saved_tensors
+    dq, dk, dscale = _lse_backward_op(grad, q, k, scale, exclude, row_labels, key_labels, positive, ctx.symmetric,
+                                      ctx.backend, lse)
+    needs = ctx.needs_input_grad
+    return (
+        dq if needs[0] or ctx.symmetric else None,
+        None if ctx.symmetric or not needs[1] else dk,
+        dscale if needs[2] else None,
+    ) + (None,) * 6
+
+
+lse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("infonce_kernels::_lse_backward_paired", mutates_args=(), schema=(
+    "(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, Tensor key_labels, "
+    "Tensor positive, Tensor lse, Tensor key_grad, Tensor key_lse, Tensor key_exclude, Tensor key_positive, "
+    "int row_offset, str backend) -> (Tensor, Tensor)"))
+def lse_backward_paired_op(grad, q, k, scale, exclude, row_labels, key_labels, positive, lse, key_grad, key_lse,
+                           key_exclude, key_positive, row_offset, backend):
+    spec = _spec(exclude, row_labels, key_labels, positive)
+    key_spec = _spec(key_exclude, key_labels, row_labels, key_positive)
+    return _run(backend, "backward_paired", grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset)
+
+
+@lse_backward_paired_op.register_fake
+def _(grad, q, k, scale, *rest):
+    return torch.empty_like(q), torch.empty_like(scale)
+
+
+@torch.library.custom_op("infonce_kernels::_lse_pair", mutates_args=())
+def lse_pair_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    none_a, none_b = Exclusion.none(a.shape[0], a.device), Exclusion.none(b.shape[0], b.device)
+    return (_run(backend, "forward", a, b, scale, _spec(*none_a.tensors())),
+            _run(backend, "forward", b, a, scale, _spec(*none_b.tensors())))
+
+
+@lse_pair_op.register_fake
+def _(a, b, scale, backend):
+    dtype = accumulation_dtype(a.dtype)
+    return a.new_empty(a.shape[0], dtype=dtype), b.new_empty(b.shape[0], dtype=dtype)
+
+
+def _setup_pair(ctx, inputs, output):
+    a, b, scale, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(a, b, scale, *output)
+
+
+def _backward_pair(ctx, g_r, g_t):
+    # Each side's gradient in one pass (the paired backward): a's rows against b, with every b
+    # row (as a row against a) on the key side, and the other way round.
+    a, b, scale, r, t = ctx.saved_tensors
+    none_a, none_b = Exclusion.none(a.shape[0], a.device).tensors(), Exclusion.none(b.shape[0], b.device).tensors()
+    da, ds_a = lse_backward_paired_op(g_r, a, b, scale, *none_a, r, g_t, t, none_b[0], none_a[3], 0, ctx.backend)
+    db, ds_b = lse_backward_paired_op(g_t, b, a, scale, *none_b, t, g_r, r, none_a[0], none_b[3], 0, ctx.backend)
+    return da, db, ds_a + ds_b, None
+
+
+lse_pair_op.register_autograd(_backward_pair, setup_context=_setup_pair)

@@ -1,0 +1,155 @@
+"""The backend registry: every implementation of the op, where it runs and whether it can.
+
+Every backend implements the same three functions (the contract), on contiguous tensors that the
+public entry points have already checked:
+
+    forward(q, k, scale, spec) -> lse                                           (M,)
+    backward(grad, q, k, scale, spec, lse) -> (dq, dk, dscale)
+    backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset)
+        -> (dq, dscale)
+
+q (M, d), k (N, d) of one dtype (``k is q`` when ``spec.symmetric``), ``scale`` a 0-d tensor of
+the accumulation dtype, ``spec`` an :class:`~infonce_kernels.ops.exclusion.Exclusion`, ``lse``
+and ``grad`` (M,) of the accumulation dtype. When ``spec.symmetric`` dq is the whole gradient on
+z and dk is empty. ``backward_paired`` is the gradient on q when the keys are rows of a
+log-sum-exp too (``key_grad``/``key_lse`` (N,), ``key_spec`` from ``spec.keys_as_rows``).
+
+============  ===========  =====================================================================
+name          device       implementation
+============  ===========  =====================================================================
+reference     any          plain PyTorch, materialises the M x N logits (oracle, baseline)
+cpu           CPU          C++ (csrc/cpu): BLAS tiles, online LSE, at::parallel_for
+triton        CUDA         Triton kernels (infonce_kernels/triton); CPU under TRITON_INTERPRET=1
+cuda          CUDA         CUDA C++ tensor-core kernels (csrc/cuda), when built with CUDA
+============  ===========  =====================================================================
+"""
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .._extension import EXTENSION_ERROR
+
+__all__ = ["Backend", "REGISTRY", "BACKENDS", "unavailable_reason", "available_backends", "resolve_backend",
+           "implementation"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the op.
+
+    Attributes:
+        name: what ``backend=`` selects.
+        devices: device types it runs on (None: any).
+        auto_for: device types on which ``backend="auto"`` tries it (in registry order).
+        probe: ``probe(device) -> None`` when it can run on ``device`` (of one of ``devices``),
+            else a sentence saying why not.
+        load: returns the implementation (a module or object with the contract's functions).
+    """
+
+    name: str
+    devices: Optional[Tuple[str, ...]]
+    auto_for: Tuple[str, ...]
+    probe: Callable[[torch.device], Optional[str]]
+    load: Callable[[], object]
+
+
+def _reference():
+    from .. import reference
+
+    return reference
+
+
+def _cpp():
+    from . import _cpp
+
+    return _cpp
+
+
+def _triton():
+    from .. import triton
+
+    return triton
+
+
+def _cuda_probe(device):
+    if EXTENSION_ERROR is not None:
+        return EXTENSION_ERROR
+    if not _cpp().has_cuda_kernels():
+        return "infonce_kernels._C was built without its CUDA kernels (CPU-only torch or no nvcc at build time)"
+    return None
+
+
+def _triton_probe(device):
+    ok, reason = _triton().available(device)
+    return None if ok else reason
+
+
+REGISTRY = {
+    backend.name: backend
+    for backend in (
+        Backend("reference", None, (), lambda device: None, _reference),
+        Backend("cpu", ("cpu",), ("cpu",), lambda device: EXTENSION_ERROR, _cpp),
+        Backend("triton", ("cuda", "cpu"), ("cuda",), _triton_probe, _triton),
+        Backend("cuda", ("cuda",), ("cuda",), _cuda_probe, _cpp),
+    )
+}
+
+BACKENDS = tuple(REGISTRY)
+
+
+def unavailable_reason(name: str, device) -> Optional[str]:
+    """None when backend ``name`` can run on ``device``, else a sentence saying why not."""
+    if name not in REGISTRY:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+    backend, device = REGISTRY[name], torch.device(device)
+    if backend.devices is not None and device.type not in backend.devices:
+        kinds = " or ".join(d.upper() for d in backend.devices)
+        return f"the {name} backend runs on {kinds} tensors, these are on {device}"
+    return backend.probe(device)
+
+
+def available_backends(device="cpu"):
+    """Names of the backends that can run on ``device``."""
+    return [name for name in BACKENDS if unavailable_reason(name, device) is None]
+
+
+_warned_fallback = set()
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to run: an explicit name, else $INFONCE_BACKEND, else the fastest for ``device``.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` (saying why) for a backend that
+    cannot run here. Under ``torch.compile`` it runs once at trace time and its answer is a
+    constant of the graph (the availability checks call into Triton's C++ and CUDA's runtime,
+    which the compiler cannot trace).
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("INFONCE_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        preferred = [b.name for b in REGISTRY.values() if device.type in b.auto_for]
+        for name in preferred:
+            if unavailable_reason(name, device) is None:
+                return name
+        if device.type not in _warned_fallback:
+            _warned_fallback.add(device.type)
+            reasons = "; ".join(f"{n}: {unavailable_reason(n, device)}" for n in preferred) or "none registered"
+            warnings.warn(f"infonce_kernels: no fused backend for {device.type} tensors ({reasons}); "
+                          "using the materialising reference backend", RuntimeWarning, stacklevel=3)
+        return "reference"
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    return backend
+
+
+def implementation(name: str):
+    """The implementation of a resolved backend name."""
+    return REGISTRY[name].load()
