@@ -8,6 +8,7 @@ device or value) naming the argument, before any kernel runs. Checks that read t
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -23,6 +24,8 @@ def check_features(name: str, x, *, min_rows: int = 1) -> None:
     """x must be a 2-D floating tensor (rows, d) with at least ``min_rows`` rows and d >= 1."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; convert it with .to_dense()")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() != 2:
@@ -78,6 +81,8 @@ def positive_scalar(name: str, value, *, device, dtype) -> torch.Tensor:
         return value.reshape(()).to(device=device, dtype=dtype)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
+    if tracing():  # a compiled graph may see a symbolic float: check_values asserts on the tensor
+        return torch.scalar_tensor(value, device=device, dtype=dtype)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be positive and finite, got {value}")
     return torch.tensor(float(value), device=device, dtype=dtype)
@@ -97,6 +102,8 @@ def temperature_value(temperature):
     module of :mod:`infonce_kernels.temperature` (a :class:`~torch.nn.Module` such as
     ``LearnableTemperature``, called for its 0-d tensor tau; a schedule, read for its current
     tau)."""
+    if isinstance(temperature, (torch.Tensor, numbers.Real)):
+        return temperature
     if isinstance(temperature, torch.nn.Module):
         return temperature()
     value = getattr(temperature, "temperature", None)
@@ -110,7 +117,7 @@ def inverse_scalar(name: str, value, *, device, dtype):
     :func:`positive_scalar`); a Python number whose inverse overflows ``dtype`` is refused here,
     a tensor's by :func:`check_values` (pass ``inverse={name: tau}``)."""
     tau = positive_scalar(name, value, device=device, dtype=dtype)
-    if not isinstance(value, torch.Tensor) and not math.isfinite(float(tau.reciprocal())):
+    if not isinstance(value, torch.Tensor) and not tracing() and not math.isfinite(float(tau.reciprocal())):
         raise ValueError(f"{name} is too small: 1/{name} overflows {str(dtype).replace('torch.', '')} "
                          f"({name} = {value})")
     return tau, tau.reciprocal()
@@ -171,42 +178,83 @@ def label_tensors(row_labels, key_labels, positive, rows: int, keys: int, device
 
 
 def _keys_left(exclude, labels, keys: int) -> torch.Tensor:
-    """(M,) number of keys each row keeps under its exclusion list and the label rule."""
-    row_labels, key_labels, positive = labels
-    rows = row_labels.shape[0]
-    ids = torch.unique(torch.cat([row_labels, key_labels]), return_inverse=True)[1]
-    row_ids, key_ids = ids[:rows], ids[rows:]
-    same = torch.bincount(key_ids, minlength=rows + keys)[row_ids]
-    kept_positive = (positive >= 0) & (positive < keys) & (key_ids[positive.clamp(0, keys - 1)] == row_ids)
-    removed = same - kept_positive.long()
+    """(M,) number of keys each row keeps under its exclusion list and, when ``labels`` is given,
+    the label rule. Static shapes throughout (no torch.unique), so it traces under torch.compile."""
+    removed = torch.zeros(exclude.shape[0], dtype=torch.int64, device=exclude.device)
+    if labels is not None:
+        row_labels, key_labels, positive = labels
+        sorted_keys = key_labels.sort().values
+        same = torch.searchsorted(sorted_keys, row_labels, right=True) - torch.searchsorted(sorted_keys, row_labels)
+        kept_positive = ((positive >= 0) & (positive < keys)
+                         & (key_labels[positive.clamp(0, keys - 1)] == row_labels))
+        removed = same - kept_positive.long()
     for e in range(exclude.shape[1]):  # list entries the label rule did not already remove, once each
         j = exclude[:, e]
         new = (j >= 0) & (j < keys)
         for f in range(e):
             new &= j != exclude[:, f]
-        by_label = (key_ids[j.clamp(0, keys - 1)] == row_ids) & (j != positive)
-        removed += (new & ~by_label).long()
+        if labels is not None:
+            new &= ~((key_labels[j.clamp(0, keys - 1)] == row_labels) & (j != positive))
+        removed += new.long()
     return keys - removed
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The ordinary tensor under ``torch.func`` wrappers (vmap's batched tensors, the tracking
+    tensors of grad and jvp): the value checks read every entry of it."""
+    if tracing():  # compiled graphs hold plain tensors (functorch's C++ helpers are not traceable)
+        return t
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+VALUE_CHECK_MODES = ("sync", "async", "off")
+
+
+@torch.compiler.assume_constant_result
+def value_check_mode() -> str:
+    """$INFONCE_VALUE_CHECKS: "sync" (the default: one host synchronisation per call, then a
+    ValueError), "async" (device-side asserts, no synchronisation: a bad value raises a
+    RuntimeError at the next synchronisation) or "off" (no value checks: a bad value gives a
+    wrong or NaN loss)."""
+    mode = os.environ.get("INFONCE_VALUE_CHECKS", "sync") or "sync"
+    if mode not in VALUE_CHECK_MODES:
+        raise ValueError(f"INFONCE_VALUE_CHECKS must be one of {VALUE_CHECK_MODES}, got {mode!r}")
+    return mode
+
+
+def _capturing(device) -> bool:
+    """True while a CUDA graph is being captured on the current stream (no host sync allowed)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def check_values(tensors: dict, *, positive: dict = (), inverse: dict = (), exclude=None, keys: int = 0,
                  labels=None) -> None:
-    """Value checks with one host synchronisation: no NaN/inf in ``tensors``, ``positive``
-    and ``inverse`` entries finite and > 0, the inverse of ``inverse`` entries finite,
-    ``exclude`` and label-rule positives in [-1, keys), and, with the label rule, no row left
-    without keys."""
-    if tracing():
+    """Value checks: no NaN/inf in ``tensors``, ``positive`` and ``inverse`` entries finite and
+    > 0, the inverse of ``inverse`` entries finite, ``exclude`` and label-rule positives in
+    [-1, keys), and no row left without keys.
+
+    Eagerly they cost one host synchronisation and raise ``ValueError``. In a compiled graph
+    (torch.compile), while a CUDA graph is captured, or with INFONCE_VALUE_CHECKS=async they are
+    device-side asserts (``torch._assert_async``) with the same messages, which raise a
+    ``RuntimeError`` without synchronising; INFONCE_VALUE_CHECKS=off skips them
+    (:func:`value_check_mode`)."""
+    mode = value_check_mode()
+    if mode == "off":
         return
     names, flags = [], []
     with torch.no_grad():
         for name, t in tensors.items():
             names.append(f"{name} contains NaN or inf")
-            flags.append(torch.isfinite(t).all())
+            flags.append(torch.isfinite(_plain(t)).all())
         for name, t in {**dict(positive), **dict(inverse)}.items():
             if isinstance(t, torch.Tensor):
+                t = _plain(t)
                 names.append(f"{name} must be positive and finite")
                 flags.append((torch.isfinite(t) & (t > 0)).all())
         for name, t in dict(inverse).items():
+            t = _plain(t)
             names.append(f"{name} is too small: 1/{name} overflows {str(t.dtype).replace('torch.', '')}")
             flags.append(torch.isfinite(t.reciprocal()).all())
         if exclude is not None and exclude.numel():
@@ -215,10 +263,16 @@ def check_values(tensors: dict, *, positive: dict = (), inverse: dict = (), excl
         if labels is not None:
             names.append(f"positive indices must lie in [-1, {keys})")
             flags.append(((labels[2] >= -1) & (labels[2] < keys)).all())
-            names.append("exclude and the label rule remove every key from some row (a row whose "
-                          "label every key shares, with no designated positive among them)")
+        if labels is not None or (exclude is not None and keys <= exclude.shape[1]):
+            names.append("exclude and the label rule remove every key from some row (a row whose label every key "
+                         "shares, with no designated positive among them)" if labels is not None else
+                         "exclude removes every key from some row: its log-sum-exp is undefined")
             flags.append((_keys_left(exclude, labels, keys) > 0).all())
         if not flags:
+            return
+        if mode == "async" or tracing() or _capturing(flags[0].device):
+            for name, flag in zip(names, flags):
+                torch._assert_async(flag, name)
             return
         ok = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
     for name, good in zip(names, ok):

@@ -28,6 +28,7 @@ the true one for the negatives' part (and DDP's averaging shrinks it further).
 
 import torch
 import torch.distributed as dist
+from torch.autograd import forward_ad
 
 from . import ops
 from .ops import Exclusion
@@ -110,9 +111,22 @@ class _GatherWithGrad(torch.autograd.Function):
         return out[: where.sizes[where.rank]], None
 
 
+def _ordinary_autograd(*tensors) -> None:
+    """The cross-process autograd here is reverse mode only: refuse torch.func transforms and
+    forward-mode AD with one sentence instead of an error from inside them."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._are_functorch_transforms_active() or any(
+            isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError("gather_distributed=True supports ordinary (reverse-mode) autograd only: torch.func "
+                           "transforms (grad, vmap, jvp, ...) and forward-mode AD are not supported across "
+                           "processes")
+
+
 def gather_rows_with_grad(x: torch.Tensor, where: RankRows) -> torch.Tensor:
     """:func:`gather_rows` with the plain scheme's backward (N×d gradient traffic), for the
     asymmetric losses whose keys are not rows of the same loss."""
+    _ordinary_autograd(x)
     return _GatherWithGrad.apply(x, where)
 
 
@@ -150,6 +164,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 def all_reduce_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """Sum of ``x`` over the ranks of ``group``; its backward sums the gradients over the ranks too."""
+    _ordinary_autograd(x)
     return _AllReduceSum.apply(x, group)
 
 
@@ -186,6 +201,7 @@ def gathered_lse(z, scale, spec, all_spec, where: RankRows, *, backend="auto"):
             every rank's rows (the key side of the backward), e.g. from :func:`pair_exclusions`.
         where: from :func:`rank_rows`.
     """
+    _ordinary_autograd(z, scale)
     name = ops.resolve_backend(backend, z.device)
     spec, all_spec = (Exclusion(s.exclude.to(z.device)) for s in (spec, all_spec))
     return _GatheredSymmetricLSE.apply(z, scale, spec, all_spec, where, name)
@@ -222,6 +238,7 @@ class _GatheredPairLSE(torch.autograd.Function):
 
 def gathered_lse_pair(a, b, scale, where: RankRows, *, backend="auto"):
     """(r, t): lse(a_i, all b) and lse(b_i, all a) for this rank's paired rows a, b (n, d)."""
+    _ordinary_autograd(a, b, scale)
     name = ops.resolve_backend(backend, a.device)
     return _GatheredPairLSE.apply(a, b, scale, where, name)
 

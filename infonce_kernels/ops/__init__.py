@@ -9,6 +9,7 @@ Layout:
                     the contract every backend implements
     _custom_ops.py  the ``torch.library`` custom ops and their autograd
     _cpp.py         the C++ backends (cpu, cuda)
+    transforms.py   forward-mode AD, torch.func transforms, the refusal of second-order derivatives
     precision.py    :func:`accumulation_dtype`
 
 Entry points (arguments are checked once, by :func:`lse` or by the loss that calls them):
@@ -26,6 +27,7 @@ from ._custom_ops import lse_backward_paired_op, lse_op, lse_pair_op
 from .backends import BACKENDS, REGISTRY, available_backends, resolve_backend, unavailable_reason
 from .exclusion import Exclusion, self_indices
 from .precision import accumulation_dtype
+from .transforms import LseFunction, LsePairFunction
 
 __all__ = [
     "lse", "fused_lse", "fused_lse_pair", "lse_backward_paired", "paired_backward",
@@ -80,14 +82,16 @@ def fused_lse(q, k, scale, spec: Exclusion, backend="auto"):
     used, when ``spec.symmetric``), ``scale`` a 0-d tensor of the accumulation dtype, ``spec``
     the pairs to leave out. The losses call this after their own checks. Returns (M,)."""
     name = resolve_backend(backend, q.device)
-    return lse_op(q, q if spec.symmetric else k, scale, *spec.tensors(), spec.symmetric, name)
+    op = lse_op if torch.compiler.is_compiling() else LseFunction.apply  # see ops/transforms.py
+    return op(q, q if spec.symmetric else k, scale, *spec.tensors(), spec.symmetric, name)
 
 
 def fused_lse_pair(a, b, scale, backend="auto"):
     """Both directions of a paired batch, e.g. CLIP's: ``(lse(a, b, s), lse(b, a, s))`` for
     checked (n, d) rows a, b and a 0-d ``scale``; the backward produces each side's gradient in
     one pass (the paired backward) instead of two general backward calls."""
-    return lse_pair_op(a, b, scale, resolve_backend(backend, a.device))
+    op = lse_pair_op if torch.compiler.is_compiling() else LsePairFunction.apply  # see ops/transforms.py
+    return op(a, b, scale, resolve_backend(backend, a.device))
 
 
 def lse_backward_paired(grad, q, k, scale, spec: Exclusion, lse, key_grad, key_lse, key_spec: Exclusion,

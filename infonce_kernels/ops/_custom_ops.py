@@ -16,7 +16,7 @@ from .backends import implementation
 from .exclusion import Exclusion
 from .precision import accumulation_dtype
 
-__all__ = ["lse_op", "lse_backward_paired_op", "lse_pair_op"]
+__all__ = ["lse_op", "lse_backward_op", "lse_backward_paired_op", "lse_pair_op", "lse_gradients", "pair_backward"]
 
 
 def _run(backend: str, method: str, *args):
@@ -66,12 +66,12 @@ def _(q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend
 @torch.library.custom_op("infonce_kernels::_lse_backward", mutates_args=(), schema=(
     "(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, Tensor key_labels, "
     "Tensor positive, bool symmetric, str backend, Tensor lse) -> (Tensor, Tensor, Tensor)"))
-def _lse_backward_op(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend, lse):
+def lse_backward_op(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend, lse):
     spec = _spec(exclude, row_labels, key_labels, positive, symmetric)
     return _run(backend, "backward", grad, q, q if symmetric else k, scale, spec, lse)
 
 
-@_lse_backward_op.register_fake
+@lse_backward_op.register_fake
 def _(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend, lse):
     dk = q.new_empty(0) if symmetric else torch.empty_like(k)
     return torch.empty_like(q), dk, torch.empty_like(scale)
@@ -83,16 +83,22 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, q if symmetric else k, scale, exclude, row_labels, key_labels, positive, output)
 
 
-def _backward(ctx, grad):
-    q, k, scale, exclude, row_labels, key_labels, positive, lse = ctx.saved_tensors
-    dq, dk, dscale = _lse_backward_op(grad, q, k, scale, exclude, row_labels, key_labels, positive, ctx.symmetric,
-                                      ctx.backend, lse)
-    needs = ctx.needs_input_grad
+def lse_gradients(saved, grad, needs, symmetric, backend, run=None):
+    """The gradients of ``lse_op``'s nine inputs from its saved tensors (q, k, scale, the four
+    exclusion tensors, lse) and the upstream ``grad``; ``run`` runs the backward op (default:
+    the op itself)."""
+    q, k, scale, exclude, row_labels, key_labels, positive, lse = saved
+    run = run or lse_backward_op
+    dq, dk, dscale = run(grad, q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend, lse)
     return (
-        dq if needs[0] or ctx.symmetric else None,
-        None if ctx.symmetric or not needs[1] else dk,
+        dq if needs[0] or symmetric else None,
+        None if symmetric or not needs[1] else dk,
         dscale if needs[2] else None,
     ) + (None,) * 6
+
+
+def _backward(ctx, grad):
+    return lse_gradients(ctx.saved_tensors, grad, ctx.needs_input_grad, ctx.symmetric, ctx.backend)
 
 
 lse_op.register_autograd(_backward, setup_context=_setup_context)
@@ -133,14 +139,22 @@ def _setup_pair(ctx, inputs, output):
     ctx.save_for_backward(a, b, scale, *output)
 
 
-def _backward_pair(ctx, g_r, g_t):
-    # Each side's gradient in one pass (the paired backward): a's rows against b, with every b
-    # row (as a row against a) on the key side, and the other way round.
-    a, b, scale, r, t = ctx.saved_tensors
+def pair_backward(a, b, scale, r, t, g_r, g_t, backend, paired=None):
+    """(da, db, dscale) of ``sum(g_r * r) + sum(g_t * t)`` for ``(r, t) = lse_pair(a, b, scale)``.
+
+    Each side's gradient in one pass (the paired backward): a's rows against b, with every b row
+    (as a row against a) on the key side, and the other way round. ``paired`` runs the paired
+    backward op (default: the op itself)."""
+    paired = paired or lse_backward_paired_op
     none_a, none_b = Exclusion.none(a.shape[0], a.device).tensors(), Exclusion.none(b.shape[0], b.device).tensors()
-    da, ds_a = lse_backward_paired_op(g_r, a, b, scale, *none_a, r, g_t, t, none_b[0], none_a[3], 0, ctx.backend)
-    db, ds_b = lse_backward_paired_op(g_t, b, a, scale, *none_b, t, g_r, r, none_a[0], none_b[3], 0, ctx.backend)
-    return da, db, ds_a + ds_b, None
+    da, ds_a = paired(g_r, a, b, scale, *none_a, r, g_t, t, none_b[0], none_a[3], 0, backend)
+    db, ds_b = paired(g_t, b, a, scale, *none_b, t, g_r, r, none_a[0], none_b[3], 0, backend)
+    return da, db, ds_a + ds_b
+
+
+def _backward_pair(ctx, g_r, g_t):
+    a, b, scale, r, t = ctx.saved_tensors
+    return (*pair_backward(a, b, scale, r, t, g_r, g_t, ctx.backend), None)
 
 
 lse_pair_op.register_autograd(_backward_pair, setup_context=_setup_pair)
