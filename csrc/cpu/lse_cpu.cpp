@@ -186,9 +186,10 @@ at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at:
           at::Tensor t = at::mm(qb, k.narrow(0, cols.begin, cols.size).t());
           mask_tile(t.data_ptr<scalar_t>(), rows, cols, ex, false, neg_inf);
           const at::Tensor m_new = at::maximum(m, std::get<0>(t.max(1)));
-          // A row with every key of every tile so far excluded keeps m = -inf; shifting by 0
-          // instead keeps exp(-inf - (-inf)) = NaN out of the sums.
-          const at::Tensor shift = m_new.masked_fill(m_new == neg_inf, 0);
+          // Shift by 0 where m is infinite, keeping exp(inf - inf) = NaN out of the sums: a row
+          // with every key so far excluded keeps m = -inf and l = 0 (r = -inf); a row whose
+          // logits overflow to +inf gets l = +inf, so r = +inf as torch.logsumexp gives.
+          const at::Tensor shift = m_new.masked_fill(m_new.isinf(), 0);
           l.mul_((m - shift).exp_()).add_(t.sub_(shift.unsqueeze(1)).exp_().sum(1));
           m = m_new;
         }
