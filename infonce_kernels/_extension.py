@@ -71,7 +71,8 @@ def _jit_build_directory(csrc, with_cuda):
         "cuda" if with_cuda else "cpu",
         _build_spec.source_hash(csrc)[:16],
     ])
-    return Path(get_default_build_root()) / f"infonce_kernels-{tag}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as torch's own load() reads it
+    return Path(root) / f"infonce_kernels-{tag}"
 
 
 def _ninja_on_path():
