@@ -72,17 +72,16 @@ def ahead_of_time_build():
             super().build_extension(ext)
             info = {"torch": torch.__version__, "cuda": any(s.endswith(".cu") for s in ext.sources),
                     "sources": build_spec.source_hash(CSRC)}
-            with open(self._build_info(), "w") as f:
+            # Next to _C in the build folder (setuptools builds there even for --inplace).
+            self.build_info = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), BUILD_INFO)
+            with open(self.build_info, "w") as f:
                 json.dump(info, f)
-
-        def _build_info(self):
-            return os.path.join(os.path.dirname(self.get_ext_fullpath("infonce_kernels._C")), BUILD_INFO)
 
         def copy_extensions_to_source(self):
             # --inplace and editable installs: _C is copied into the source package; so is its record.
             super().copy_extensions_to_source()
             package_dir = self.get_finalized_command("build_py").get_package_dir("infonce_kernels")
-            self.copy_file(self._build_info(), os.path.join(package_dir, BUILD_INFO))
+            self.copy_file(self.build_info, os.path.join(package_dir, BUILD_INFO))
 
     reason = build_spec.cuda_build_reason(CSRC)
     common = dict(sources=build_spec.sources(CSRC, with_cuda=reason is None),
