@@ -354,7 +354,7 @@ def test_ddp_two_processes_gloo(chunk):
 def _tiny(tmp_path, name, **kw):
     from infonce_kernels.train import TrainConfig
 
-    base = dict(dataset="digits", subset=96, batch_size=32, epochs=1, width=8, hidden_dim=16, proj_dim=16,
+    base = dict(dataset="digits", subset=64, batch_size=32, epochs=1, width=8, hidden_dim=16, proj_dim=16,
                 eval_every=0, knn_k=5, few_shot=0, probe=False, progress=False, plot=False, device="cpu",
                 output_dir=str(tmp_path / name))
     base.update(kw)
@@ -367,11 +367,11 @@ def test_trainer_grad_cache_chunk(tmp_path):
     from infonce_kernels.train import cli, train
 
     lines = []
-    train(_tiny(tmp_path, "cached", grad_cache_chunk=6), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    train(_tiny(tmp_path, "cached", grad_cache_chunk=12), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     text = "\n".join(lines)
-    assert "batch 32 (gradient caching: 6 chunks of <= 6 images)" in text
+    assert "batch 32 (gradient caching: 3 chunks of <= 12 images, both views each)" in text
     cached = torch.load(tmp_path / "cached" / "last.pt", map_location="cpu", weights_only=False)
-    assert cached["global_step"] == 3
+    assert cached["global_step"] == 2 and cached["config"]["grad_cache_chunk"] == 12
     assert all(math.isfinite(r["loss"]) for r in cached["history"]["steps"])
     # one chunk holding the whole batch: the plain step up to float32 rounding (same BN statistics)
     train(_tiny(tmp_path, "one_chunk", grad_cache_chunk=32), log=lambda *a, **k: None)
