@@ -32,16 +32,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.worker import _status_kib as status_kib  # noqa: E402  (a /proc/self/status field in KiB)
+
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "cpu_grad_cache_smallcnn.json")
-
-
-def status_kib(field: str) -> int:
-    """A /proc/self/status field in KiB (VmRSS, VmHWM: the peak since the last reset, VmSize)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(a) -> dict:
