@@ -299,6 +299,8 @@ def _free_port():
 
 def _ddp_worker(rank, world, port, chunk):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gc
+
     import torch.distributed as dist
 
     from distributed_worker import gloo_threads
@@ -307,40 +309,49 @@ def _ddp_worker(rank, world, port, chunk):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = mlp(dropout=0.0)
-        tau = ik.LearnableTemperature(0.3).double()
-        x1, x2 = views()  # the global batch; this rank holds its rows
-        rows = slice(rank * B // world, (rank + 1) * B // world)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        reductions = []
-
-        def counting_allreduce(state, bucket):
-            reductions.append(bucket.index())
-            fut = dist.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()
-            return fut.then(lambda f: f.value()[0])
-
-        ddp.register_comm_hook(None, counting_allreduce)
-        loss = lambda a, b: ik.nt_xent(a, b, tau(), gather_distributed=True)  # noqa: E731
-        out = cached_step([ddp, ddp], [x1[rows], x2[rows]], loss, chunk)
-        # no synchronisation until the last chunk: each bucket reduced once in the whole step
-        assert len(reductions) == len(set(reductions)) >= 1, reductions
-        got = [p.grad.clone() for p in model.parameters()]
-        tau_grad = tau.log_scale.grad.clone()
-        dist.all_reduce(tau_grad)  # the temperature is outside DDP: average it as the trainer does
-        tau_grad /= world
-        mean_loss = out.loss.clone()
-        dist.all_reduce(mean_loss)
-        mean_loss /= world
-        # one process, one full-batch backward
-        ref, ref_tau = mlp(dropout=0.0), ik.LearnableTemperature(0.3).double()
-        want_loss = ik.nt_xent(ref(x1), ref(x2), ref_tau())
-        want_loss.backward()
-        want = [p.grad for p in ref.parameters()] + [ref_tau.log_scale.grad]
-        assert rel_err(got + [tau_grad], want) <= 1e-10
-        torch.testing.assert_close(mean_loss, want_loss.detach(), rtol=1e-12, atol=0)
+        _ddp_check(rank, world, chunk)
     finally:
+        gc.collect()  # the DDP module (its reducer holds the group) is gone before the group
         dist.destroy_process_group()
     assert not gloo_threads(), f"process group outlived destroy_process_group: {gloo_threads()}"
+
+
+def _ddp_check(rank, world, chunk):
+    """On each rank: its rows through a DDP-wrapped model in chunks; the averaged gradients (and
+    the temperature's, averaged as the trainer does) equal one process's full-batch gradients."""
+    import torch.distributed as dist
+
+    model = mlp(dropout=0.0)
+    tau = ik.LearnableTemperature(0.3).double()
+    x1, x2 = views()  # the global batch; this rank holds its rows
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    reductions = []
+
+    def counting_allreduce(state, bucket):
+        reductions.append(bucket.index())
+        fut = dist.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    loss = lambda a, b: ik.nt_xent(a, b, tau(), gather_distributed=True)  # noqa: E731
+    out = cached_step([ddp, ddp], [x1[rows], x2[rows]], loss, chunk)
+    # no synchronisation until the last chunk: each bucket reduced once in the whole step
+    assert len(reductions) == len(set(reductions)) >= 1, reductions
+    got = [p.grad.clone() for p in model.parameters()]
+    tau_grad = tau.log_scale.grad.clone()
+    dist.all_reduce(tau_grad)  # the temperature is outside DDP: average it as the trainer does
+    tau_grad /= world
+    mean_loss = out.loss.clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    # one process, one full-batch backward
+    ref, ref_tau = mlp(dropout=0.0), ik.LearnableTemperature(0.3).double()
+    want_loss = ik.nt_xent(ref(x1), ref(x2), ref_tau())
+    want_loss.backward()
+    want = [p.grad for p in ref.parameters()] + [ref_tau.log_scale.grad]
+    assert rel_err(got + [tau_grad], want) <= 1e-10
+    torch.testing.assert_close(mean_loss, want_loss.detach(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("chunk", [5])
