@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="SyncBatchNorm under DDP (default: on when WORLD_SIZE > 1 on CUDA)")
+    g.add_argument("--grad-cache-chunk", type=int, default=None, metavar="N",
+                   help="gradient caching: train the whole --batch-size with the activations of N images "
+                        "(both views) at a time, one extra forward pass; exact gradients, BatchNorm "
+                        "statistics per chunk (docs/grad_cache.md)")
     g.add_argument("--seed", type=int, default=D.seed)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (0: only start and end); "

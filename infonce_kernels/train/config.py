@@ -75,6 +75,7 @@ class TrainConfig:
     precision: str = "auto"
     compile: bool = False
     sync_bn: Optional[bool] = None  # default: on under DDP
+    grad_cache_chunk: Optional[int] = None  # gradient caching: images (both views) per chunk; None = off
     seed: int = 0
     # evaluation
     eval_every: Optional[int] = None  # epochs; 0 = only at the start (random init) and the end
@@ -148,6 +149,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for k in ("hidden_dim", "subset", "probe_max_train", "stop_after_epochs", "stop_after_steps"):
         positive_int(k, allow_none=True)
     positive_int("eval_every", allow_zero=True)
+    positive_int("grad_cache_chunk", allow_none=True)
     positive_int("few_shot", allow_zero=True)
     if c.batch_size < 2:
         raise _err("batch_size", f"must be >= 2 (a contrastive batch needs negatives), got {c.batch_size}")

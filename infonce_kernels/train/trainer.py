@@ -113,6 +113,27 @@ def _gather_with_grad(t: torch.Tensor) -> torch.Tensor:
         return torch.cat(all_gather(t))
 
 
+def _grad_cached_loss(fwd, x1: torch.Tensor, x2: torch.Tensor, pair_loss, chunk: int,
+                      amp_dtype: Optional[torch.dtype], device: torch.device) -> torch.Tensor:
+    """--grad-cache-chunk: forward and backward of ``pair_loss(z1, z2)`` over the two views (B, ...)
+    with the activations of ``chunk`` images at a time (:func:`infonce_kernels.grad_cache.cached_step`);
+    returns the detached loss, the gradients accumulated in ``.grad``."""
+    from ..grad_cache import cached_step
+
+    b = x1.shape[0]
+    # rows interleaved (image 0 view 1, image 0 view 2, image 1 view 1, ...): each chunk holds both
+    # views of its images, as the plain step's BatchNorm batch holds both views of the batch
+    x = torch.stack([x1, x2], 1).flatten(0, 1)
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        z = z.view(b, 2, -1)
+        with torch.autocast(device.type, enabled=False):  # the loss outside autocast, as in the plain step
+            return pair_loss(z[:, 0], z[:, 1])
+
+    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        return cached_step(fwd, x, loss, 2 * chunk).loss
+
+
 # ----------------------------------------------------------------------------------------------
 # RNG state
 
@@ -368,6 +389,10 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
     log(json.dumps(config_echo, indent=1, default=str))
     log(f"data: {bundle.summary()}; {steps_per_epoch} steps/epoch; device {device}"
         f"{' bf16 autocast' if amp_dtype else ''}; world size {dist.world_size}; loss {cfg.loss} (backend {cfg.backend})")
+    if cfg.grad_cache_chunk:
+        per_rank = cfg.batch_size // dist.world_size
+        log(f"batch {cfg.batch_size} (gradient caching: {-(-per_rank // cfg.grad_cache_chunk)} chunks of "
+            f"<= {min(cfg.grad_cache_chunk, per_rank)} images{' per rank' if dist.enabled else ''}, both views each)")
 
     if resume_path:
         ck = torch.load(resume_path, map_location="cpu", weights_only=False)
@@ -435,7 +460,8 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
         model.train()
         while epoch < cfg.epochs:
             perm = epoch_permutation(n, cfg.seed, epoch)
-            bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}"
+                       + (f" batch {cfg.batch_size} (grad cache)" if cfg.grad_cache_chunk else ""),
                        disable=not (cfg.progress and dist.main), dynamic_ncols=True, leave=True)
             losses_epoch = [r["loss"] for r in history["steps"] if r["epoch"] == epoch + 1]
             t_epoch = time.time()
@@ -446,21 +472,30 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
                 x = bundle.ssl_x[idx].to(device, non_blocking=True)
                 x1, x2 = augment(x), augment(x)
                 tau = temperature(global_step)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    z = fwd(torch.cat([x1, x2]))
-                z1, z2 = z.chunk(2)
                 y = bundle.ssl_y[idx].to(device) if labels_needed else None
-                if dist.enabled and not gathering_loss:
-                    z1, z2 = _gather_with_grad(z1), _gather_with_grad(z2)
-                    if y is not None:
-                        y = _gather_with_grad(y)
-                loss = loss_fn(z1, z2, tau, y, gather_distributed=dist.enabled and gathering_loss)
+
+                def pair_loss(z1, z2):
+                    y_all = y
+                    if dist.enabled and not gathering_loss:
+                        z1, z2 = _gather_with_grad(z1), _gather_with_grad(z2)
+                        if y is not None:
+                            y_all = _gather_with_grad(y)
+                    return loss_fn(z1, z2, tau, y_all, gather_distributed=dist.enabled and gathering_loss)
+
+                if cfg.grad_cache_chunk:  # forward and backward here, chunk by chunk
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = _grad_cached_loss(fwd, x1, x2, pair_loss, cfg.grad_cache_chunk, amp_dtype, device)
+                else:
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                        z = fwd(torch.cat([x1, x2]))
+                    loss = pair_loss(*z.chunk(2))
                 batch_loss = dist.mean(loss.detach())  # every rank's loss; their mean is the batch's
                 if not torch.isfinite(batch_loss):
                     raise FloatingPointError(f"loss is {batch_loss.item()} at step {global_step}; "
                                              "lower --lr or raise --temperature")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if not cfg.grad_cache_chunk:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 if dist.enabled and temperature.mode == "learnable" and temperature.log_scale.grad is not None:
                     torch.distributed.all_reduce(temperature.log_scale.grad)
                     temperature.log_scale.grad /= dist.world_size
