@@ -528,7 +528,7 @@ def test_help_states_each_default_once(capsys):
     assert ei.value.code == 0
     text = capsys.readouterr().out
     entries = text.split("\n  -")[1:]  # one per option (each starts on a line of its own)
-    assert len(entries) > 40
+    assert len(entries) > 30
     for entry in entries:
         assert entry.count("default") <= 1, entry
     assert "(default: None)" not in text and "--overwrite" in text and "--export" in text
