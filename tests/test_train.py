@@ -169,6 +169,8 @@ def test_resume_is_bit_identical(tmp_path, tmp_path_factory, stop, mode, legacy)
     assert ei.value.requested and os.path.isfile(ei.value.checkpoint)
     first = _state(ei.value.checkpoint)["global_step"]
     assert 0 < first < 6
+    previous = tmp_path / "split" / "previous.pt"  # one checkpoint back, not a second copy of last.pt
+    assert not previous.exists() or _state(previous)["global_step"] < first
     if legacy:
         _as_version_1(ei.value.checkpoint)
     train(tiny(tmp_path, "split", **kw, resume="auto"), log=quiet)

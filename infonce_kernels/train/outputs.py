@@ -22,7 +22,7 @@ from .checkpoint import LAST, PREVIOUS
 from .files import atomic_write
 
 __all__ = ["RUN_FILES", "check_output_dir", "check_export_path", "clear_run", "write_metrics", "plot_curves",
-           "export_state_dict"]
+           "export_state_dict", "summary_line"]
 
 RUN_FILES = (LAST, PREVIOUS, "steps.csv", "epochs.csv", "metrics.json", "curves.png", "tensorboard")
 
@@ -148,5 +148,6 @@ def export_state_dict(state_dict: Dict[str, torch.Tensor], path: str) -> None:
 
 
 def summary_line(out: str, plot: bool, export: Optional[str]) -> str:
+    """The closing line of a run: where its files are."""
     files = f"steps.csv epochs.csv metrics.json{' curves.png' if plot else ''} {LAST}"
     return f"outputs in {out}: {files}" + (f"; encoder state_dict in {export}" if export else "")

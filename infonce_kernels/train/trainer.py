@@ -346,8 +346,13 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
             if removed:
                 log(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
 
+    saved_at = {"step": None}  # the global step of the last checkpoint written by this process
+
     def checkpoint() -> str:
         path = os.path.join(out, LAST)
+        if saved_at["step"] == global_step:  # already written here: keep previous.pt one checkpoint back
+            return path
+        saved_at["step"] = global_step
         rngs = dist.gather_objects(_rng_state(device))
         if dist.main:
             save_checkpoint(dict(config=config_echo, model=model.state_dict(), temperature=temperature.state_dict(),
@@ -418,7 +423,10 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
                     temperature.log_scale.grad /= dist.world_size
                 optimizer.step()
                 scheduler.step()
-                temperature.clamp_() if learnable else temperature.step()
+                if learnable:
+                    temperature.clamp_()
+                else:
+                    temperature.step()
                 step_in_epoch += 1
                 global_step += 1
                 dt = time.time() - t0
