@@ -141,7 +141,7 @@ def test_half_inputs_accumulate_in_float32(backend, dtype):
     assert out.dtype == torch.float32
     out.sum().backward()
     assert qq.grad.dtype == dtype and kk.grad.dtype == dtype
-    r64, dq64, dk64, _ = lse_grads(oracle_lse(), q, k, 0.5, torch.ones(70, dtype=torch.float64), False)
+    r64, dq64, dk64, _ = lse_grads(oracle_lse(), q.double(), k.double(), 0.5, torch.ones(70, dtype=torch.float64), False)
     # Inputs are exact in float64; only accumulation and the final cast add error.
     torch.testing.assert_close(out.double(), r64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(qq.grad.double(), dq64, rtol=1e-2, atol=1e-2)
