@@ -18,7 +18,7 @@ from infonce_kernels import reference
 # ------------------------------------------------------------------------------ private names
 # The only private names of the package the tests reach: re-point them here when the op layer
 # moves (a paired backward and the two-sided CLIP op are not public API).
-from infonce_kernels.ops import fused_lse_pair, paired_backward, unavailable_reason  # noqa: E402
+from infonce_kernels.ops import fused_lse_pair, paired_backward, unavailable_reason  # noqa: F401
 
 F64 = torch.float64
 HALF = (torch.float16, torch.bfloat16)
@@ -121,7 +121,8 @@ def sample_lse(m, n, d, dtype, *, symmetric=False, width=0, classes=0, scale=1.7
 # ------------------------------------------------------------------------------- the op's oracle
 def exclusion_mask(exclude, labels, m, n, device="cpu"):
     """(m, n) bool, True where row i leaves key j out: j in exclude[i] (-1: none), or labels
-    (row_labels, key_labels, positive) given, row_labels[i] == key_labels[j] and j != positive[i]. Computed by infonce_kernels.reference.excluded (checked pair by pair against
+    (row_labels, key_labels, positive) given, row_labels[i] == key_labels[j] and j != positive[i].
+    Computed by infonce_kernels.reference.excluded (checked pair by pair against
     :func:`pairwise_mask` in tests/test_op.py)."""
     if exclude is None:
         exclude = torch.empty(m, 0, dtype=torch.int64, device=device)

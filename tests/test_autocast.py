@@ -58,7 +58,8 @@ LOSSES = {
              lambda x, dt: textbook_dhel(*x, 0.3, dtype=dt)),
     "kcl": (2, lambda x, be: ik.kcl(*x, t=1.5, gamma=4.0, reduction="none", backend=be),
             lambda x, dt: textbook_kcl_rows(*x, 1.5, 4.0, dtype=dt)),
-    "hard_negative_nt_xent": (2, lambda x, be: ik.hard_negative_nt_xent(*x, 0.5, 1.0, 0.1, reduction="none", backend=be),
+    "hard_negative_nt_xent": (2, lambda x, be: ik.hard_negative_nt_xent(*x, 0.5, 1.0, 0.1, reduction="none",
+                                                                        backend=be),
                               lambda x, dt: textbook_hcl(*x, 0.5, 1.0, 0.1, dtype=dt)),
     "debiased_nt_xent": (2, lambda x, be: ik.debiased_nt_xent(*x, 0.5, 0.1, reduction="none", backend=be),
                          lambda x, dt: textbook_hcl(*x, 0.5, 0.0, 0.1, "debiased", dtype=dt)),
@@ -75,13 +76,25 @@ LOSSES = {
 PRIORITIZE = {"nt_xent", "dcl", "dclw", "hard_negative_nt_xent", "debiased_nt_xent"}
 
 
-def _param(name, be, in_dtype, ac):
-    marks = []
+# The Triton interpreter (TRITON_INTERPRET=1) returns wrong numbers for bfloat16 inputs, with or
+# without autocast (ik.lse(q, k, 1.0, backend="triton") on bfloat16 q, k gives values ~1e10; float32
+# is exact); 16-bit Triton is tested on a GPU (tests/gpu/).
+INTERPRETED_BF16 = pytest.mark.xfail(strict=True, reason=(
+    "the Triton interpreter computes bfloat16 inputs wrongly (~1e10 instead of ~3), autocast or not"))
+
+
+def _marks(name, be, in_dtype, ac):
+    if be == "triton" and in_dtype == torch.bfloat16:
+        return [INTERPRETED_BF16]
     if name in PRIORITIZE and in_dtype == torch.bfloat16 and ac == torch.float16:
-        marks = pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
+        return [pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
             "torch.cat of bfloat16 inputs under a float16 autocast region raises in "
-            "at::autocast::prioritize; the loss concatenates its inputs outside the op"))
-    return pytest.param(name, be, in_dtype, ac, marks=marks,
+            "at::autocast::prioritize; the loss concatenates its inputs outside the op"))]
+    return []
+
+
+def _param(name, be, in_dtype, ac):
+    return pytest.param(name, be, in_dtype, ac, marks=_marks(name, be, in_dtype, ac),
                         id=f"{name}-{be}-{str(in_dtype)[6:]}-autocast_{str(ac)[6:]}")
 
 
@@ -134,36 +147,37 @@ def test_loss_under_autocast(name, backend, in_dtype, ac):
            lambda t, dt: oracle(t + bank, dt), in_dtype, w)
 
 
-@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+@pytest.mark.parametrize("backend,in_dtype", [
+    pytest.param(be, dt, marks=_marks("lse", be, dt, None), id=f"{be}-{str(dt)[6:]}")
+    for be in ALL_CPU_BACKENDS for dt in INPUTS])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["general", "symmetric"])
-def test_lse_under_autocast(backend, symmetric):
+def test_lse_under_autocast(backend, in_dtype, symmetric):
     """ik.lse: (M,) float32 under autocast, dq/dk in the inputs' dtype, dscale float32."""
     m, n = 9, 13
     exclude = torch.arange(m)[:, None] if symmetric else torch.randint(-1, n, (m, 2))
     w = torch.randn(m)
-    for in_dtype in INPUTS:
-        q = torch.randn(m, D).to(in_dtype)
-        xs = [q] if symmetric else [q, torch.randn(n, D).to(in_dtype)]
-        scale = torch.tensor(1.3)
+    q = torch.randn(m, D).to(in_dtype)
+    xs = [q] if symmetric else [q, torch.randn(n, D).to(in_dtype)]
+    scale = torch.tensor(1.3)
 
-        def call(t, dtype=None):
-            k = t[0] if symmetric else t[1]
-            if dtype is None:
-                out = ik.lse(t[0], k, t[-1], exclude=exclude, symmetric=symmetric, backend=backend)
-                assert out.dtype == torch.float32 and out.shape == (m,), out.dtype
-            else:
-                out = dense_lse(t[0], k, t[-1], exclude, dtype=dtype)
-            return out
+    def call(t, dtype=None):
+        k = t[0] if symmetric else t[1]
+        if dtype is None:
+            out = ik.lse(t[0], k, t[-1], exclude=exclude, symmetric=symmetric, backend=backend)
+            assert out.dtype == torch.float32 and out.shape == (m,), out.dtype
+        else:
+            out = dense_lse(t[0], k, t[-1], exclude, dtype=dtype)
+        return out
 
-        for ac in AUTOCAST:
-            a = leaves(*xs, scale)
-            with torch.autocast("cpu", dtype=ac):
-                out = call(a)
-            _weighted(out, w).backward()
-            what = f"lse {in_dtype} under {ac}"
-            assert a[-1].grad.dtype == torch.float32, f"{what}: dscale is {a[-1].grad.dtype}"
-            _check(what, out.detach(), [x.grad for x in a[:-1]], xs + [scale],
-                   lambda t, dt: call(t, dt), in_dtype, w)
+    for ac in AUTOCAST:
+        a = leaves(*xs, scale)
+        with torch.autocast("cpu", dtype=ac):
+            out = call(a)
+        _weighted(out, w).backward()
+        what = f"lse {in_dtype} under {ac}"
+        assert a[-1].grad.dtype == torch.float32, f"{what}: dscale is {a[-1].grad.dtype}"
+        _check(what, out.detach(), [x.grad for x in a[:-1]], xs + [scale],
+               lambda t, dt: call(t, dt), in_dtype, w)
 
 
 # (the module, its function on (z1, z2, the two views stacked (B, 2, D) for SupCon))
@@ -175,7 +189,8 @@ MODULES = [
     (lambda: ik.DCLWLoss(0.2, 0.4), lambda a, b, v: ik.dclw(a, b, 0.2, 0.4)),
     (lambda: ik.DHELLoss(0.2, False), lambda a, b, v: ik.dhel(a, b, 0.2, False)),
     (lambda: ik.KCLLoss(1.0, 8.0), lambda a, b, v: ik.kcl(a, b, 1.0, 8.0)),
-    (lambda: ik.HardNegativeNTXentLoss(0.3, 2.0, 0.05), lambda a, b, v: ik.hard_negative_nt_xent(a, b, 0.3, 2.0, 0.05)),
+    (lambda: ik.HardNegativeNTXentLoss(0.3, 2.0, 0.05),
+     lambda a, b, v: ik.hard_negative_nt_xent(a, b, 0.3, 2.0, 0.05)),
     (lambda: ik.DebiasedNTXentLoss(0.3, 0.05), lambda a, b, v: ik.debiased_nt_xent(a, b, 0.3, 0.05)),
 ]
 
@@ -211,4 +226,5 @@ def test_modules_under_autocast(in_dtype):
             assert loss.dtype == torch.float32, f"{module!r} under {ac}: {loss.dtype}"
             assert torch.equal(loss.detach(), want), f"{module!r} under {ac}: {loss.item()} != {want.item()}"
             loss.backward()
-            assert all(x.grad.dtype == in_dtype and torch.isfinite(x.grad.float()).all() for x in a), repr(module)
+            for x in a:
+                assert x.grad.dtype == in_dtype and torch.isfinite(x.grad.float()).all(), repr(module)

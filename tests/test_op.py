@@ -110,8 +110,8 @@ def test_cpu_matches_float64_reference(m, n, d):
 def _check_against_reference(q, k, scale, exclude, g, symmetric, rtol=1e-5):
     """The cpu backend in float32: value and gradients by the 2x rule (baseline: the oracle in
     float32, which is what the reference backend computes)."""
-    check_lse(backend_lse(exclude, None, symmetric, "cpu"), lse_case(q, k, scale, exclude, None, g.double(), symmetric),
-              rtol=rtol, atol=rtol / 10)
+    case = lse_case(q, k, scale, exclude, None, g.double(), symmetric)
+    check_lse(backend_lse(exclude, None, symmetric, "cpu"), case, rtol=rtol, atol=rtol / 10)
 
 
 @pytest.mark.parametrize(
@@ -141,7 +141,8 @@ def test_half_inputs_accumulate_in_float32(backend, dtype):
     assert out.dtype == torch.float32
     out.sum().backward()
     assert qq.grad.dtype == dtype and kk.grad.dtype == dtype
-    r64, dq64, dk64, _ = lse_grads(oracle_lse(), q.double(), k.double(), 0.5, torch.ones(70, dtype=torch.float64), False)
+    ones = torch.ones(70, dtype=torch.float64)
+    r64, dq64, dk64, _ = lse_grads(oracle_lse(), q.double(), k.double(), 0.5, ones, False)
     # Inputs are exact in float64; only accumulation and the final cast add error.
     torch.testing.assert_close(out.double(), r64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(qq.grad.double(), dq64, rtol=1e-2, atol=1e-2)
