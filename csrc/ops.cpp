@@ -18,7 +18,8 @@
 //
 //   _lse_bwd_paired(grad, q, k, scale, exclude, labels, lse,
 //                   key_side = [key_grad, key_lse, key_exclude(, key_positive)], row_offset) -> (dq, dscale)
-//     The gradient on q when the keys are rows of a log-sum-exp too (DESIGN §1, §4):
+//     The gradient on q when the keys are rows of a log-sum-exp too (docs/design.md, The
+//     primitive, and The distributed scheme):
 //       dq_i = s sum_j (W_ij + V_ji) k_j,  V_ji = h_j exp(s <q_i, k_j> - rho_j)
 //     with h = key_grad, rho = key_lse (N,), and V_ji = 0 where key j, as a row, excludes row i:
 //     i + row_offset in key_exclude[j] (N, E), or, with the label rule, key_labels[j] ==
@@ -26,7 +27,10 @@
 //     The symmetric backward is the case k = q; a rank's rows against all-gathered rows, and
 //     the two directions of CLIP, are the others.
 //
-// Implementations register per dispatch key: CPU in csrc/cpu, CUDA in csrc/cuda.
+// Pair (i, j) is excluded by the rule of csrc/common/exclusion.h (the one C++ definition).
+// Implementations register per dispatch key, one small file each: csrc/cpu/register_cpu.cpp and
+// csrc/cuda/register_cuda.cpp, both through csrc/common/register_impls.h, which unpacks and checks
+// the arguments once (csrc/common/lse_args.h).
 #include <torch/library.h>
 
 TORCH_LIBRARY(infonce_kernels, m) {

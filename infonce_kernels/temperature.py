@@ -15,12 +15,14 @@
 
   ``temperature`` (alias ``value``) is tau at the current step (a float), ``scale`` is 1/tau,
   ``step()`` advances one step and returns the new tau, ``temperature_at(t)`` evaluates any step,
-  and ``state_dict()`` / ``load_state_dict()`` save and restore the step (and the settings).
+  and ``state_dict()`` / ``load_state_dict()`` save and restore the step (and the settings;
+  ``load_state_dict`` checks them as the constructor does).
 """
 
 import abc
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
 
@@ -49,6 +51,17 @@ def _count(name, value, minimum):
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def _optional_positive(name, value):
+    return None if value is None else _positive(name, value)
+
+
+def _cap(name, value, floor):
+    """An upper bound (inf allowed) that is >= ``floor``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= floor:
+        raise ValueError(f"{name} must be a number >= beta0 = {floor}, got {value!r}")
+    return float(value)
 
 
 class LearnableTemperature(torch.nn.Module):
@@ -110,8 +123,12 @@ class TemperatureSchedule(abc.ABC):
     """Base class: a temperature tau(t) of the step count t = 0, 1, 2, ...
 
     Subclasses define :meth:`temperature_at`. State: ``last_step`` (the number of ``step()``
-    calls) and the constructor's settings, all plain Python numbers.
+    calls) and the constructor's settings, all plain Python numbers. ``_checks`` maps each
+    attribute to the check ``(name, value) -> value`` that :meth:`load_state_dict` applies to it
+    (attributes of a subclass without a check are loaded as they are).
     """
+
+    _checks = {"last_step": lambda name, value: _count(name, value, 0)}
 
     def __init__(self):
         self.last_step = 0
@@ -144,11 +161,23 @@ class TemperatureSchedule(abc.ABC):
         return dict(self.__dict__)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the step and settings of :meth:`state_dict`; a key may be left out (it keeps
+        its value). Raises ValueError/TypeError, naming the key, for a value the constructor would
+        refuse (a temperature <= 0, ``total_steps`` 0, ...): nothing is changed then."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         unknown = set(state_dict) - set(self.__dict__)
         if unknown:
             raise ValueError(f"state_dict has keys {sorted(unknown)} unknown to {type(self).__name__}")
-        _count("last_step", state_dict.get("last_step", self.last_step), 0)
-        self.__dict__.update(state_dict)
+        state = dict(self.__dict__)
+        for key, value in state_dict.items():
+            check = self._checks.get(key)
+            state[key] = value if check is None else check(f"state_dict[{key!r}]", value)
+        self._check_together(state)
+        self.__dict__.update(state)
+
+    def _check_together(self, state: dict) -> None:
+        """Checks that involve several settings of ``state`` (a candidate ``__dict__``)."""
 
     def __repr__(self):
         settings = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
@@ -157,6 +186,8 @@ class TemperatureSchedule(abc.ABC):
 
 class ConstantTemperature(TemperatureSchedule):
     """tau(t) = temperature."""
+
+    _checks = {**TemperatureSchedule._checks, "base": _positive}
 
     def __init__(self, temperature=0.5):
         super().__init__()
@@ -168,6 +199,9 @@ class ConstantTemperature(TemperatureSchedule):
 
 class _Ramp(TemperatureSchedule):
     """A schedule from ``start`` to ``end`` over ``total_steps`` steps, then constant."""
+
+    _checks = {**TemperatureSchedule._checks, "start": _positive, "end": _positive,
+               "total_steps": lambda name, value: _count(name, value, 1)}
 
     def __init__(self, start, end, total_steps):
         super().__init__()
@@ -199,12 +233,15 @@ class StepTemperature(TemperatureSchedule):
     """tau(t) = start * gamma ** (t // step_size), stopped at ``final`` when given (a floor for
     gamma < 1, a ceiling for gamma > 1), like ``torch.optim.lr_scheduler.StepLR``."""
 
+    _checks = {**TemperatureSchedule._checks, "start": _positive, "gamma": _positive, "final": _optional_positive,
+               "step_size": lambda name, value: _count(name, value, 1)}
+
     def __init__(self, start, step_size, gamma=0.5, final=None):
         super().__init__()
         self.start = _positive("start", start)
         self.step_size = _count("step_size", step_size, 1)
         self.gamma = _positive("gamma", gamma)
-        self.final = None if final is None else _positive("final", final)
+        self.final = _optional_positive("final", final)
 
     def temperature_at(self, step):
         tau = self.start * self.gamma ** (max(step, 0) // self.step_size)
@@ -227,12 +264,15 @@ class LogarithmicAnnealing(TemperatureSchedule):
         beta_max: cap on the inverse temperature (default inf: no cap); must be >= beta0.
     """
 
+    _checks = {**TemperatureSchedule._checks, "beta0": _positive, "t0": _positive}
+
     def __init__(self, beta0, t0=1000.0, beta_max=math.inf):
         super().__init__()
         self.beta0, self.t0 = _positive("beta0", beta0), _positive("t0", t0)
-        if isinstance(beta_max, bool) or not isinstance(beta_max, numbers.Real) or not beta_max >= self.beta0:
-            raise ValueError(f"beta_max must be a number >= beta0 = {self.beta0}, got {beta_max!r}")
-        self.beta_max = float(beta_max)
+        self.beta_max = _cap("beta_max", beta_max, self.beta0)
+
+    def _check_together(self, state):
+        state["beta_max"] = _cap("state_dict['beta_max']", state["beta_max"], state["beta0"])
 
     @classmethod
     def from_temperatures(cls, initial, t0=1000.0, minimum=None):

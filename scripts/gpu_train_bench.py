@@ -12,7 +12,13 @@ materialising reference, and the largest batch each fits.
    and for the reference;
 3. the largest batch that trains, per backend: doubling from --batch up to --max-batch with the
    small CNN (so that the loss, not the encoder, sets the limit), a few steps each, until the
-   device runs out of memory.
+   device runs out of memory;
+4. the largest SimCLR batch of ResNet-18 at 32x32 (CIFAR stem, fused loss) that trains on the one
+   device, plain and with gradient caching (--grad-cache-chunk, chunks of --chunk images): the
+   same doubling search (the small CNN with --quick).
+
+--sections picks some of them (e.g. ``--sections grad_cache`` runs section 4 only, as
+scripts/gpu_check's gradcache step does).
 
 Writes DIR/gpu_train_bench.json: the machine (device, torch/triton/CUDA versions, commit; set
 INFONCE_COMMIT where the tree has no .git) and every figure. samples/s is the trainer's own
@@ -97,11 +103,18 @@ def main():
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--max-batch", type=int, default=65536)
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--chunk", type=int, default=512, help="section 4: images per gradient-caching chunk")
+    p.add_argument("--sections", default="digits,imagefolder,largest_batch,grad_cache",
+                   help="comma-separated sections to run (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a dry run of the code path")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_train_bench_out"))
     a = p.parse_args()
     if a.quick:
-        a.batch, a.max_batch, a.steps = 64, 128, 6
+        a.batch, a.max_batch, a.steps, a.chunk = 64, 128, 6, 16
+    sections = set(a.sections.split(","))
+    unknown = sections - {"digits", "imagefolder", "largest_batch", "grad_cache"}
+    if unknown:
+        p.error(f"--sections: unknown {sorted(unknown)}")
     cuda = a.device.startswith("cuda")
     fused = a.fused or ("triton" if cuda else "cpu")
     precision = "bf16" if cuda else "fp32"
@@ -110,15 +123,16 @@ def main():
     res = {"machine": describe(a.device), "args": vars(a), "fused_backend": fused, "precision": precision}
 
     # 1. digits, the default recipe
-    t = time.time()
-    digits = TrainConfig(device=a.device, backend=fused, precision=precision, progress=False, plot=False,
-                         output_dir=os.path.join(work, "digits"),
-                         **({"epochs": 1, "subset": 512, "few_shot": 0} if a.quick else {}))
-    summary, rates, peak = run(digits)
-    res["digits"] = {"random_init": summary["random_init"], "trained": summary["trained"],
-                     "samples_per_s": median_rate(rates), "steps": len(rates), "wall_s": time.time() - t,
-                     "peak_allocated_bytes": peak}
-    print("digits", json.dumps(res["digits"]), flush=True)
+    if "digits" in sections:
+        t = time.time()
+        digits = TrainConfig(device=a.device, backend=fused, precision=precision, progress=False, plot=False,
+                             output_dir=os.path.join(work, "digits"),
+                             **({"epochs": 1, "subset": 512, "few_shot": 0} if a.quick else {}))
+        summary, rates, peak = run(digits)
+        res["digits"] = {"random_init": summary["random_init"], "trained": summary["trained"],
+                         "samples_per_s": median_rate(rates), "steps": len(rates), "wall_s": time.time() - t,
+                         "peak_allocated_bytes": peak}
+        print("digits", json.dumps(res["digits"]), flush=True)
 
     # 2. synthetic ImageFolder at --batch: fused vs reference
     images = max(a.max_batch, a.batch)
@@ -127,7 +141,7 @@ def main():
     res["imagefolder"] = {"images": images, "write_s": time.time() - t, "batch": a.batch}
     steps_per_epoch = images // a.batch
     arch = "smallcnn" if a.quick else "resnet18"
-    for backend in (fused, "reference"):
+    for backend in (fused, "reference") if "imagefolder" in sections else ():
         cfg = TrainConfig(dataset="imagefolder", data_dir=root, image_size=32, arch=arch, device=a.device,
                           backend=backend, precision=precision, batch_size=a.batch,
                           epochs=a.steps // steps_per_epoch + 1, eval_every=0, probe=False, few_shot=0,
@@ -142,16 +156,15 @@ def main():
             res["imagefolder"][backend] = {"status": "OOM"}
         print("imagefolder", backend, json.dumps(res["imagefolder"][backend]), flush=True)
 
-    # 3. the largest batch that trains, per backend (small CNN: the loss sets the limit)
-    res["largest_batch"] = {}
-    for backend in (fused, "reference"):
+    def largest_batch(name: str, **options):
+        """Double the batch from --batch to --max-batch until a 3-step run runs out of memory."""
         tried = {}
         batch = a.batch
         while batch <= a.max_batch:
-            cfg = TrainConfig(dataset="imagefolder", data_dir=root, image_size=32, arch="smallcnn", device=a.device,
-                              backend=backend, precision=precision, batch_size=batch, epochs=4, eval_every=0,
-                              probe=False, few_shot=0, progress=False, plot=False,
-                              output_dir=os.path.join(work, f"largest_{backend}_{batch}"))
+            cfg = TrainConfig(dataset="imagefolder", data_dir=root, image_size=32, device=a.device,
+                              precision=precision, batch_size=batch, epochs=4, eval_every=0, probe=False,
+                              few_shot=0, progress=False, plot=False,
+                              output_dir=os.path.join(work, f"{name}_{batch}"), **options)
             try:
                 _, rates, peak = run(cfg, steps=3)
                 tried[batch] = {"samples_per_s": rates[-1], "peak_allocated_bytes": peak}
@@ -163,10 +176,23 @@ def main():
             batch *= 2
         fits = [b for b, r in tried.items() if "status" not in r]
         # "limit": whether the search hit the device's memory (else --max-batch capped it)
-        res["largest_batch"][backend] = {"largest": max(fits) if fits else None,
-                                         "limit": "out of memory" if len(fits) < len(tried) else "--max-batch",
-                                         "tried": tried}
-        print("largest batch", backend, res["largest_batch"][backend]["largest"], flush=True)
+        return {"largest": max(fits) if fits else None,
+                "limit": "out of memory" if len(fits) < len(tried) else "--max-batch", "tried": tried}
+
+    # 3. the largest batch that trains, per backend (small CNN: the loss sets the limit)
+    if "largest_batch" in sections:
+        res["largest_batch"] = {}
+        for backend in (fused, "reference"):
+            res["largest_batch"][backend] = largest_batch(f"largest_{backend}", arch="smallcnn", backend=backend)
+            print("largest batch", backend, res["largest_batch"][backend]["largest"], flush=True)
+
+    # 4. the largest ResNet-18 batch, plain and with gradient caching (the encoder sets the limit)
+    if "grad_cache" in sections:
+        res["grad_cache"] = {"arch": arch, "backend": fused, "chunk": a.chunk}
+        for mode, chunk in (("plain", None), ("grad_cache", a.chunk)):
+            res["grad_cache"][mode] = largest_batch(f"grad_cache_{mode}", arch=arch, backend=fused,
+                                                    grad_cache_chunk=chunk)
+            print("largest batch", arch, mode, res["grad_cache"][mode]["largest"], flush=True)
 
     path = os.path.join(a.out, "gpu_train_bench.json")
     with open(path, "w") as f:

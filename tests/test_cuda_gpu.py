@@ -1,15 +1,14 @@
 """GPU tests of the hand-written CUDA backend (csrc/cuda), backend="cuda".
 
 Skipped unless a CUDA device is available AND infonce_kernels was built with its CUDA kernels.
-Oracle: an fp64 computation that materialises L = s q k^T and the (M, N) exclusion mask pairwise
-(lists + label rule). Accuracy rule: the kernel's error is at most 2x the error of the same
-computation done by PyTorch in the input precision, plus a small tolerance (the kernels accumulate
-in fp32, so they are usually far better than that).
+Oracle: tests/harness.py dense_lse, an fp64 computation that materialises L = s q k^T and the
+(M, N) exclusion mask (lists + label rule). Accuracy rule (harness assert_within): the kernel's
+error is at most 2x the error of the same computation done by PyTorch in the input precision, plus
+a small tolerance (the kernels accumulate in fp32, so they are usually far better than that).
 """
-import math
-
 import pytest
 import torch
+from harness import assert_within, backend_lse, exclusion_mask, lse_grads, oracle_lse
 
 pytestmark = pytest.mark.gpu
 
@@ -41,63 +40,28 @@ def _acc(dtype):
 
 def _mask(exclude, M, N, device, labels=None):
     """(M, N) bool: True where (i, j) is excluded: j in row i's list, or (labels given)
-    row_labels[i] == key_labels[j] and j != positive[i]."""
-    m = torch.zeros(M, N, dtype=torch.bool, device=device)
-    if exclude is not None and exclude.numel():
-        rows = torch.arange(M, device=device).unsqueeze(1).expand_as(exclude)
-        ok = exclude >= 0
-        m[rows[ok], exclude[ok]] = True
-    if labels is not None:
-        row_labels, key_labels, positive = (t.to(device) for t in labels)
-        same = row_labels[:, None] == key_labels[None, :]
-        not_pos = positive[:, None] != torch.arange(N, device=device)[None, :]
-        m |= same & not_pos
-    return m
-
-
-def _lse_materialised(q, k, scale, exclude, symmetric, dtype, labels=None):
-    """lse and its autograd through a materialised L, computed in `dtype` (fp64 = oracle)."""
-    q = q.detach().to(dtype).requires_grad_(True)
-    k = q if symmetric else k.detach().to(dtype).requires_grad_(True)
-    s = scale.detach().to(dtype).requires_grad_(True)
-    L = s * (q @ k.T)
-    L = L.masked_fill(_mask(exclude, q.shape[0], k.shape[0], q.device, labels), float("-inf"))
-    return torch.logsumexp(L, dim=1), q, k, s
+    row_labels[i] == key_labels[j] and j != positive[i] (tests/harness.py exclusion_mask)."""
+    return exclusion_mask(exclude, labels, M, N, device)
 
 
 def _grads(q, k, scale, exclude, symmetric, g, dtype, labels=None):
-    r, qq, kk, ss = _lse_materialised(q, k, scale, exclude, symmetric, dtype, labels)
-    (r * g.to(r.dtype)).sum().backward()
-    return r.detach(), qq.grad, (None if symmetric else kk.grad), ss.grad
+    """lse and its autograd through a materialised L, computed in `dtype` (fp64 = oracle)."""
+    return lse_grads(oracle_lse(exclude, labels, dtype), q, k, scale, g, symmetric)
 
 
 def _run_cuda(q, k, scale, exclude, symmetric, g, labels=None):
-    q = q.detach().clone().requires_grad_(True)
-    k = q if symmetric else k.detach().clone().requires_grad_(True)
-    s = scale.detach().clone().requires_grad_(True)
     ex = exclude if exclude is not None and exclude.numel() else None
-    lab = {}
-    if labels is not None:
-        lab = dict(zip(("row_labels", "key_labels", "positive"), labels))
-    r = infonce_kernels.lse(q, k, s, exclude=ex, symmetric=symmetric, backend="cuda", **lab)
-    (r * g.to(r.dtype)).sum().backward()
-    return r.detach(), q.grad, (None if symmetric else k.grad), s.grad
+    return lse_grads(backend_lse(ex, labels, symmetric, "cuda"), q, k, scale, g, symmetric)
 
 
 def _no_labels():
     return (torch.empty(0, dtype=torch.int64, device=DEV),) * 3
 
 
-def _err(x, ref):
-    return (x.double() - ref.double()).abs().max().item()
-
-
 def _check(name, got, ref, same_prec, dtype):
+    """The 2x rule (tests/harness.py assert_within) with tol (1 + max|ref|)."""
     tol = {torch.float64: 1e-10, torch.float32: 2e-5}.get(dtype, 1e-3)
-    tol = tol * (1.0 + ref.double().abs().max().item())
-    e_k, e_t = _err(got, ref), _err(same_prec, ref)
-    assert math.isfinite(e_k), f"{name}: non-finite values"
-    assert e_k <= 2.0 * e_t + tol, f"{name}: kernel error {e_k:.3e} > 2 x torch {e_t:.3e} + {tol:.1e}"
+    assert_within(got, ref, same_prec, name, rtol=tol, atol=tol)
 
 
 def _inputs(M, N, d, dtype, E, symmetric, seed, scale=10.0, normalize=True):
@@ -430,6 +394,7 @@ def test_labels_all_excluded_tile_no_nan(dtype):
 # "same precision" baseline is the textbook formula below evaluated in the input dtype.
 # ------------------------------------------------------------------------------------------------
 from infonce_kernels import reference as _reference  # noqa: E402
+from infonce_kernels.ops import Exclusion  # noqa: E402
 
 
 def _key_mask(key_exclude, key_labels, row_labels, key_positive, row_offset, M, N, device,
@@ -551,7 +516,9 @@ def _paired_inputs(M, N, d, dtype, E, E_key, row_offset, labelled, seed, scale=5
 
 def _check_paired(p, dtype):
     got = torch.ops.infonce_kernels._lse_bwd_paired(*_paired_args(p))
-    ref = _reference.backward_paired(*_paired_args(p, dtype=torch.float64))
+    grad, q, k, scale, exclude, labels, lse, (kg, kl, kx, kp), offset = _paired_args(p, dtype=torch.float64)
+    spec = Exclusion.from_tensors(exclude, *labels)
+    ref = _reference.backward_paired(grad, q, k, scale, spec, lse, kg, kl, spec.keys_as_rows(kx, kp), offset)
     # The textbook masks agree with the reference's (fp64, same formula): guards the oracle.
     tb = _paired_textbook(p, torch.float64)
     torch.testing.assert_close(tb[0], ref[0], rtol=1e-10, atol=1e-10)

@@ -1,6 +1,6 @@
 """The loss family (SupCon, DCL, DCLW, DHEL, KCL, hard-negative and debiased NT-Xent, alignment,
-uniformity) against the papers' formulas written out here (materialised, float64, loops where the
-paper has a sum), values and gradients; fp64 gradchecks; a peer (pytorch-metric-learning) where
+uniformity) against the papers' formulas written out in tests/harness.py (materialised, float64, loops
+where the paper has a sum), values and gradients; fp64 gradchecks; a peer (pytorch-metric-learning) where
 importable; bad input."""
 
 import math
@@ -8,17 +8,27 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_BACKENDS
+from harness import (
+    ALL_CPU_BACKENDS,
+    CPU_BACKENDS,
+    F64,
+    grads_close,
+    leaves,
+    textbook_alignment,
+    textbook_dcl,
+    textbook_dhel,
+    textbook_hcl,
+    textbook_kcl,
+    textbook_kcl_rows,
+    textbook_supcon,
+    textbook_uniformity,
+)
 
 import infonce_kernels as ik
 
 # The Triton backend runs on CPU tensors only under TRITON_INTERPRET=1: tiny shapes there.
-BACKENDS = CPU_BACKENDS + (["triton"] if "triton" in ik.available_backends("cpu") else [])
-F64 = torch.float64
-
-
-def _leaves(*xs):
-    return [x.detach().clone().requires_grad_() for x in xs]
+BACKENDS = ALL_CPU_BACKENDS
+_leaves = leaves
 
 
 def _close(a, b, tol=1e-10):
@@ -26,8 +36,7 @@ def _close(a, b, tol=1e-10):
 
 
 def _grads_close(ours, theirs, tol=1e-9):
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol)
+    grads_close(ours, theirs, tol, tol)
 
 
 def _check_value_and_grad(ours_fn, ref_fn, inputs, tol=1e-10):
@@ -44,114 +53,6 @@ def _check_value_and_grad(ours_fn, ref_fn, inputs, tol=1e-10):
 
 def _pair(b, d):
     return torch.randn(b, d, dtype=F64), torch.randn(b, d, dtype=F64)
-
-
-# ------------------------------------------------------------------------------- textbook formulas
-def textbook_supcon(features, labels, tau, base_tau=None):
-    """Khosla et al. L_out, SupContrast-style: (B, V, d) -> anchors cat(unbind(features, 1)).
-    Returns (per-anchor losses, has-positive mask); loop over anchors and positives."""
-    z = F.normalize(torch.cat(torch.unbind(features.double(), dim=1)), dim=1)
-    y = labels.repeat(features.shape[1])
-    factor = 1.0 if base_tau is None else tau / base_tau
-    losses, has = [], []
-    for i in range(z.shape[0]):
-        others = [a for a in range(z.shape[0]) if a != i]
-        log_denom = torch.logsumexp(torch.stack([z[i] @ z[a] / tau for a in others]), 0)
-        positives = [p for p in others if y[p] == y[i]]
-        if not positives:
-            losses.append(torch.zeros((), dtype=F64))
-            has.append(False)
-            continue
-        log_probs = torch.stack([z[i] @ z[p] / tau - log_denom for p in positives])
-        losses.append(-factor * log_probs.mean())
-        has.append(True)
-    return torch.stack(losses), torch.tensor(has)
-
-
-def _simclr_rows(z1, z2):
-    z = F.normalize(torch.cat([z1, z2]).double(), dim=1)
-    b = z1.shape[0]
-    return z, b, [(i + b) % (2 * b) for i in range(2 * b)]
-
-
-def textbook_dcl(z1, z2, tau, sigma=None, detach=True):
-    """Yeh et al. Eq. 6: -<z_i, z_pos>/tau + log sum_{j not in {i, pos}} exp(<z_i, z_j>/tau);
-    DCLW weights w = 2 - exp(<z1_i,z2_i>/sigma) / mean_j exp(<z1_j,z2_j>/sigma)."""
-    z, b, pos = _simclr_rows(z1, z2)
-    n = 2 * b
-    if sigma is not None:
-        c = (z[:b] * z[b:]).sum(1)
-        c = c.detach() if detach else c
-        e = torch.exp(c / sigma)
-        w = 2 - e / e.mean()
-    losses = []
-    for i in range(n):
-        neg = torch.stack([z[i] @ z[j] / tau for j in range(n) if j not in (i, pos[i])])
-        weight = 1.0 if sigma is None else w[i % b]
-        losses.append(-weight * (z[i] @ z[pos[i]]) / tau + torch.logsumexp(neg, 0))
-    return torch.stack(losses)
-
-
-def textbook_dhel(z1, z2, tau, include_augs=True):
-    """The authors' DHEL: -log( exp(<u_i,v_i>/tau) / (sum_{j!=i} exp(<u_i,u_j>/tau) [* same for v]) )."""
-    u, v = F.normalize(z1.double(), dim=1), F.normalize(z2.double(), dim=1)
-    mask = torch.eye(u.shape[0], dtype=torch.bool)
-    pos = torch.exp((u * v).sum(1) / tau)
-    denom = torch.exp(u @ u.T / tau).masked_fill(mask, 0).sum(1)
-    if include_augs:
-        denom = denom * torch.exp(v @ v.T / tau).masked_fill(mask, 0).sum(1)
-    return -torch.log(pos / denom)
-
-
-def textbook_kcl(z1, z2, t, gamma):
-    """The authors' KCL (Gaussian): -2 mean exp(-t||u_i-v_i||^2) + gamma (pdist energies)."""
-    u, v = F.normalize(z1.double(), dim=1), F.normalize(z2.double(), dim=1)
-    energy = torch.pdist(u).pow(2).mul(-t).exp().mean() + torch.pdist(v).pow(2).mul(-t).exp().mean()
-    align = (u - v).norm(dim=1).pow(2).mul(-t).exp().mean()
-    return -2 * align + gamma * energy
-
-
-def textbook_kcl_rows(z1, z2, t, gamma):
-    u, v = F.normalize(z1.double(), dim=1), F.normalize(z2.double(), dim=1)
-    n = u.shape[0]
-    off = ~torch.eye(n, dtype=torch.bool)
-    ku = torch.exp(-t * torch.cdist(u, u).pow(2))
-    kv = torch.exp(-t * torch.cdist(v, v).pow(2))
-    e_u = (ku * off).sum(1) / (n - 1)
-    e_v = (kv * off).sum(1) / (n - 1)
-    return -2 * torch.exp(-t * ((u - v) ** 2).sum(1)) + gamma * (e_u + e_v)
-
-
-def textbook_hcl(z1, z2, tau, beta, tau_plus, estimator="hard"):
-    """Robinson et al. / Chuang et al. reference code (SimCLR 2B setting), per anchor."""
-    out = F.normalize(torch.cat([z1, z2]).double(), dim=1)
-    b = z1.shape[0]
-    neg = torch.exp(out @ out.T / tau)
-    mask = torch.ones(2 * b, 2 * b, dtype=torch.bool)
-    for i in range(b):
-        mask[i, i] = mask[i, i + b] = mask[i + b, i + b] = mask[i + b, i] = False
-    neg = neg.masked_select(mask).view(2 * b, -1)
-    pos = torch.exp((out[:b] * out[b:]).sum(-1) / tau)
-    pos = torch.cat([pos, pos])
-    n = 2 * b - 2
-    if estimator == "hard":
-        imp = (beta * neg.log()).exp()
-        reweight_neg = (imp * neg).sum(dim=-1) / imp.mean(dim=-1)
-        ng = (-tau_plus * n * pos + reweight_neg) / (1 - tau_plus)
-    else:  # debiased
-        ng = (-tau_plus * n * pos + neg.sum(dim=-1)) / (1 - tau_plus)
-    ng = torch.clamp(ng, min=n * math.e ** (-1 / tau))
-    return -torch.log(pos / (pos + ng))
-
-
-def textbook_alignment(x, y, alpha):
-    x, y = F.normalize(x.double(), dim=1), F.normalize(y.double(), dim=1)
-    return (x - y).norm(p=2, dim=1).pow(alpha)
-
-
-def textbook_uniformity(x, t):
-    x = F.normalize(x.double(), dim=1)
-    return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()
 
 
 # ------------------------------------------------------------------------------------------ SupCon

@@ -1,52 +1,21 @@
-"""NT-Xent, InfoNCE and CLIP against textbook formulas written out here (materialised, float64),
+"""NT-Xent, InfoNCE and CLIP against the textbook formulas of tests/harness.py (materialised, float64),
 gradchecks, extreme temperatures, non-contiguous inputs and stride-0 upstream gradients."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import CPU_BACKENDS
+from harness import (
+    CPU_BACKENDS,
+    grads_close,
+    leaves,
+    textbook_clip,
+    textbook_info_nce_bank,
+    textbook_info_nce_in_batch,
+    textbook_nt_xent,
+)
 
 import infonce_kernels as ik
 
-
-def textbook_nt_xent(z1, z2, tau):
-    """SimCLR over 2N anchors: -log exp(sim(i, pos)/tau) / sum_{k != i} exp(sim(i, k)/tau)."""
-    z = F.normalize(torch.cat([z1, z2]).double(), dim=1)
-    n = z1.shape[0]
-    sim = z @ z.T / tau
-    losses = []
-    for i in range(2 * n):
-        pos = (i + n) % (2 * n)
-        denom = torch.logsumexp(torch.cat([sim[i, :i], sim[i, i + 1:]]), 0)
-        losses.append(denom - sim[i, pos])
-    return torch.stack(losses)
-
-
-def textbook_clip(img, txt, s):
-    img, txt = F.normalize(img.double(), dim=1), F.normalize(txt.double(), dim=1)
-    logits = s * img @ txt.T
-    labels = torch.arange(img.shape[0])
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-
-
-def textbook_info_nce_bank(q, k, bank, tau):
-    q, k, bank = (F.normalize(x.double(), dim=1) for x in (q, k, bank))
-    pos = (q * k).sum(1) / tau
-    return torch.logaddexp(pos, torch.logsumexp(q @ bank.T / tau, 1)) - pos
-
-
-def textbook_info_nce_in_batch(q, k, tau):
-    q, k = F.normalize(q.double(), dim=1), F.normalize(k.double(), dim=1)
-    return F.cross_entropy(q @ k.T / tau, torch.arange(q.shape[0]), reduction="none")
-
-
-def _leaves(*xs):
-    return [x.detach().clone().requires_grad_() for x in xs]
-
-
-def _grads_close(ours, theirs, rtol=1e-9, atol=1e-9):
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+_leaves, _grads_close = leaves, grads_close
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -1,9 +1,26 @@
-"""The fused op itself: gradcheck, parity of the cpu backend with a float64 reference, opcheck,
-registration, exclusions and numerics."""
+"""The fused op itself: one suite of cases run on every backend (reference, cpu, triton under the
+interpreter, and the kernel backends of a CUDA device when there is one) against the float64
+oracle under the 2x same-precision rule; gradcheck, the cpu backend's tile edges, opcheck,
+registration, exclusions, the label rule and numerics."""
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, assert_within, random_exclude, reference_lse
+from harness import (
+    CPU_BACKENDS,
+    HALF,
+    backend_lse,
+    check_lse,
+    dense_lse,
+    device_backends,
+    fused_lse_pair,
+    lse_case,
+    lse_grads,
+    oracle_lse,
+    paired_backward,
+    pairwise_mask,
+    random_exclude,
+    sample_lse,
+)
 
 import infonce_kernels
 from infonce_kernels import lse
@@ -13,6 +30,43 @@ def _inputs(m, n, d, dtype, symmetric):
     q = torch.randn(m, d, dtype=dtype)
     k = q if symmetric else torch.randn(n, d, dtype=dtype)
     return q, k
+
+
+# (m, n, d, symmetric, exclusion width, label classes): odd shapes around the 16-row/16-key tiles
+# and the 32-wide d chunk of the Triton interpreter, duplicates and -1 in the lists, the label rule.
+OP_CASES = [
+    (1, 1, 1, False, 0, 0),
+    (15, 17, 3, False, 0, 0),
+    (17, 15, 33, False, 0, 0),        # d > chunk: the chunked-d path, d not a power of 2
+    (113, 37, 20, False, 0, 0),
+    (17, 19, 5, False, 1, 0),
+    (15, 33, 12, False, 2, 0),
+    (17, 17, 7, True, 1, 0),
+    (35, 35, 41, True, 2, 0),
+    (113, 113, 10, True, 1, 0),
+    (19, 33, 6, False, 1, 3),         # label rule: same-label keys skipped except the positive
+    (33, 33, 6, True, 1, 3),
+]
+
+
+def _dtypes(device):
+    return [torch.float32, torch.float64] + (list(HALF) if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("backend,device", device_backends(), ids=lambda v: str(v))
+@pytest.mark.parametrize("case", OP_CASES, ids=lambda c: "x".join(map(str, c[:3])) + ("-sym" if c[3] else "")
+                         + f"-E{c[4]}" + (f"-L{c[5]}" if c[5] else ""))
+def test_lse_matches_float64(backend, device, case):
+    """Values and every gradient of the public op against the float64 oracle on the same inputs,
+    each dtype the backend takes: float64 to 1e-12, lower precisions by the 2x rule."""
+    m, n, d, symmetric, width, classes = case
+    for dtype in _dtypes(device):
+        inputs = sample_lse(m, n, d, dtype, symmetric=symmetric, width=width, classes=classes, device=device)
+        fn = backend_lse(inputs["exclude"], inputs["labels"], symmetric, backend)
+        if dtype == torch.float64:
+            check_lse(fn, inputs, rtol=1e-12, atol=1e-12)
+        else:
+            check_lse(fn, inputs, rtol={torch.float32: 1e-5}.get(dtype, 1e-3), atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -35,22 +89,6 @@ def test_gradcheck(backend, symmetric, width):
     assert torch.autograd.gradcheck(f, (q, k, scale))
 
 
-def _reference_grads(q, k, scale, exclude, g, symmetric):
-    qq = q.double().clone().requires_grad_()
-    kk = qq if symmetric else k.double().clone().requires_grad_()
-    ss = torch.tensor(float(scale), dtype=torch.float64, requires_grad=True)
-    logits = ss * (qq @ kk.T)
-    if exclude is not None:
-        mask = torch.zeros_like(logits, dtype=torch.bool)
-        for e in range(exclude.shape[1]):
-            rows = torch.nonzero(exclude[:, e] >= 0).flatten()
-            mask[rows, exclude[rows, e]] = True
-        logits = logits.masked_fill(mask, float("-inf"))
-    r = torch.logsumexp(logits, 1)
-    (r * g.double()).sum().backward()
-    return r.detach(), qq.grad, (None if symmetric else kk.grad), ss.grad
-
-
 SIZES = [1, 2, 3, 17, 129, 1000]
 
 
@@ -70,24 +108,10 @@ def test_cpu_matches_float64_reference(m, n, d):
 
 
 def _check_against_reference(q, k, scale, exclude, g, symmetric, rtol=1e-5):
-    qq = q.clone().requires_grad_()
-    kk = qq if symmetric else k.clone().requires_grad_()
-    ss = torch.tensor(scale, requires_grad=True)
-    out = lse(qq, kk, ss, exclude=exclude, symmetric=symmetric, backend="cpu")
-    (out * g).sum().backward()
-    base = lse(q, k, scale, exclude=exclude, symmetric=symmetric, backend="reference")
-    r64, dq64, dk64, ds64 = _reference_grads(q, k, scale, exclude, g, symmetric)
-    assert out.dtype == torch.float32 and out.shape == (q.shape[0],)
-    assert_within(out, r64, base, rtol, "lse")
-    # The float32 PyTorch baseline for the gradients: the reference backend's backward.
-    qb = q.clone().requires_grad_()
-    kb = qb if symmetric else k.clone().requires_grad_()
-    sb = torch.tensor(scale, requires_grad=True)
-    (lse(qb, kb, sb, exclude=exclude, symmetric=symmetric, backend="reference") * g).sum().backward()
-    assert_within(qq.grad, dq64, qb.grad, rtol, "dq")
-    if not symmetric:
-        assert_within(kk.grad, dk64, kb.grad, rtol, "dk")
-    assert_within(ss.grad, ds64, sb.grad, rtol, "dscale")
+    """The cpu backend in float32: value and gradients by the 2x rule (baseline: the oracle in
+    float32, which is what the reference backend computes)."""
+    case = lse_case(q, k, scale, exclude, None, g.double(), symmetric)
+    check_lse(backend_lse(exclude, None, symmetric, "cpu"), case, rtol=rtol, atol=rtol / 10)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +141,8 @@ def test_half_inputs_accumulate_in_float32(backend, dtype):
     assert out.dtype == torch.float32
     out.sum().backward()
     assert qq.grad.dtype == dtype and kk.grad.dtype == dtype
-    r64, dq64, dk64, _ = _reference_grads(q, k, 0.5, None, torch.ones(70), False)
+    ones = torch.ones(70, dtype=torch.float64)
+    r64, dq64, dk64, _ = lse_grads(oracle_lse(), q.double(), k.double(), 0.5, ones, False)
     # Inputs are exact in float64; only accumulation and the final cast add error.
     torch.testing.assert_close(out.double(), r64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(qq.grad.double(), dq64, rtol=1e-2, atol=1e-2)
@@ -141,7 +166,7 @@ def test_cpu_fully_excluded_key_block():
     exclude = torch.tensor([[1024, 1025], [1025, -1], [-1, -1]])
     out = lse(q, k, 40.0, exclude=exclude, backend="cpu")
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), reference_lse(q, k, 40.0, exclude), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out.double(), dense_lse(q, k, 40.0, exclude), rtol=1e-6, atol=1e-5)
 
 
 def test_cpu_fully_masked_first_key_block():
@@ -178,7 +203,7 @@ def test_large_scale_is_finite(backend):
     out = lse(q, k, 100.0, backend=backend)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
-    torch.testing.assert_close(out.double(), reference_lse(q.detach(), k.detach(), 100.0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.double(), dense_lse(q.detach(), k.detach(), 100.0), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -259,14 +284,8 @@ def test_result_independent_of_thread_count():
 
 def _label_reference(q, k, scale, exclude, row_labels, key_labels, positive):
     """float64 logits with the lists and the label rule written out pair by pair."""
-    logits = scale * (q.double() @ k.double().T)
-    for i in range(q.shape[0]):
-        for j in range(k.shape[0]):
-            listed = exclude is not None and j in exclude[i].tolist()
-            by_label = bool(row_labels[i] == key_labels[j]) and int(positive[i]) != j
-            if listed or by_label:
-                logits[i, j] = float("-inf")
-    return logits
+    mask = pairwise_mask(exclude, (row_labels, key_labels, positive), q.shape[0], k.shape[0])
+    return (scale * (q.double() @ k.double().T)).masked_fill(mask, float("-inf"))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -364,8 +383,6 @@ def _paired_case(labelled, offset):
 def test_paired_backward_is_a_slice_of_the_symmetric_gradient(backend, labelled, offset):
     """Rows z[offset:offset+M] against all of z with both sides' statistics give exactly those
     rows of the symmetric gradient dz = s (W + W^T) z: what a rank computes under a gather."""
-    from infonce_kernels.ops import paired_backward
-
     z, exclude, lab, r, g, rows, args = _paired_case(labelled, offset)
     zz = z.clone().requires_grad_()
     extra = dict(row_labels=lab[0], positive=lab[2]) if labelled else {}
@@ -393,6 +410,4 @@ def test_opcheck_lse_pair(backend):
     b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.infonce_kernels._lse_pair.default, (a, b, scale, backend))
-    from infonce_kernels.ops import fused_lse_pair
-
     assert torch.autograd.gradcheck(lambda a, b, s: fused_lse_pair(a, b, s, backend), (a, b, scale))

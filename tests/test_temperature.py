@@ -200,3 +200,28 @@ def test_schedule_bad_settings():
         ik.LogarithmicAnnealing(2.0, t0=-1.0)
     with pytest.raises(ValueError, match="temperature"):
         ik.ConstantTemperature(float("nan"))
+
+
+@pytest.mark.parametrize("make,bad,match", [
+    (lambda: ik.ConstantTemperature(0.3), {"base": -0.1}, "state_dict\\['base'\\] must be positive"),
+    (lambda: ik.LinearTemperature(0.5, 0.1, 20), {"total_steps": 0}, "state_dict\\['total_steps'\\] must be >= 1"),
+    (lambda: ik.CosineTemperature(0.5, 0.1, 20), {"end": float("nan")}, "state_dict\\['end'\\]"),
+    (lambda: ik.CosineTemperature(0.5, 0.1, 20), {"last_step": -2}, "state_dict\\['last_step'\\] must be >= 0"),
+    (lambda: ik.StepTemperature(0.5, 4, 0.7), {"step_size": 0}, "state_dict\\['step_size'\\]"),
+    (lambda: ik.StepTemperature(0.5, 4, 0.7), {"final": 0.0}, "state_dict\\['final'\\]"),
+    (lambda: ik.LogarithmicAnnealing(2.0, 5.0, 12.0), {"t0": 0.0}, "state_dict\\['t0'\\]"),
+    (lambda: ik.LogarithmicAnnealing(2.0, 5.0, 12.0), {"beta0": 20.0}, "state_dict\\['beta_max'\\] .* >= beta0"),
+])
+def test_schedule_load_state_dict_validates(make, bad, match):
+    """load_state_dict refuses what the constructor refuses (before: a negative temperature was
+    accepted, total_steps=0 gave ZeroDivisionError at the next temperature), changing nothing."""
+    s = make()
+    s.step()
+    before = s.state_dict()
+    with pytest.raises(ValueError, match=match):
+        s.load_state_dict(dict(before, **bad))
+    assert s.state_dict() == before and s.temperature == make().temperature_at(1)
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        s.load_state_dict([("last_step", 3)])
+    with pytest.raises(TypeError, match="last_step"):
+        s.load_state_dict({"last_step": 2.5})

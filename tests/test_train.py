@@ -1,5 +1,6 @@
 """Tests of the SimCLR reference trainer (infonce_kernels.train): tiny end-to-end runs, bit-exact
-resume, every data loader on files written in the exact distributed formats, and bad options.
+resume, verified checkpoints, the output directory, every data loader on files written in the exact
+distributed formats, and bad options.
 
 Kept small (tiny subsets, width-8 CNN) so the file runs in well under two minutes on 2 CPU cores.
 """
@@ -9,6 +10,9 @@ import json
 import math
 import os
 import pickle
+import struct
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -19,12 +23,15 @@ pytest.importorskip("sklearn")
 
 import infonce_kernels  # noqa: E402
 from infonce_kernels.train import TrainConfig, TrainingInterrupted, train  # noqa: E402
-from infonce_kernels.train import cli  # noqa: E402
+from infonce_kernels.train import cli, trainer  # noqa: E402
+from infonce_kernels.train import temperature as train_temperature  # noqa: E402
+from infonce_kernels.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from infonce_kernels.train.data import DatasetError, load_dataset  # noqa: E402
 from infonce_kernels.train.losses import LOSSES, get_loss, register_loss  # noqa: E402
 from infonce_kernels.train.models import build_encoder, SimCLRModel  # noqa: E402
 from infonce_kernels.train.optim import LARS, build_optimizer, warmup_cosine  # noqa: E402
-from infonce_kernels.train.temperature import Temperature  # noqa: E402
+from infonce_kernels.train.outputs import plot_curves  # noqa: E402
+from infonce_kernels.train.temperature import build_temperature  # noqa: E402
 
 
 def tiny(tmp_path, name="run", **kw):
@@ -41,11 +48,38 @@ def quiet(*a, **k):
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def test_tiny_end_to_end(tmp_path):
-    s = train(tiny(tmp_path, plot=True, few_shot=2), log=quiet)
+def _png_width(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">I", head[16:20])[0]  # IHDR width
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def test_tiny_end_to_end(tmp_path, umask_027):
+    export = tmp_path / "exported" / "encoder.pt"
+    os.makedirs(export.parent)
+    s = train(tiny(tmp_path, plot=True, few_shot=2, export=str(export)), log=quiet)
     out = tmp_path / "run"
     for f in ("steps.csv", "epochs.csv", "metrics.json", "curves.png", "last.pt"):
         assert (out / f).is_file(), f
+    # every file gets the mode of the user's umask (not mkstemp's 0600)
+    for f in list(out.iterdir()) + [export]:
+        assert f.stat().st_mode & 0o777 == umask_027, f
+    # the checkpoint and the export load with torch.load's weights_only=True
+    ck = torch.load(out / "last.pt", weights_only=True)
+    enc = build_encoder("smallcnn", 1, 8, width=8)
+    exported = torch.load(export, weights_only=True)
+    enc.load_state_dict(exported)  # strict: exactly the encoder's keys
+    for k, v in exported.items():
+        assert torch.equal(v, ck["model"]["encoder." + k]), k
+    assert _png_width(out / "curves.png") == 1000  # a fixed temperature gets no panel of its own
     assert set(s["random_init"]) == {"knn", "linear", "linear_2shot"} == set(s["trained"])
     for v in list(s["random_init"].values()) + list(s["trained"].values()):
         assert 0.0 <= v <= 1.0
@@ -69,7 +103,7 @@ def test_cli_main_and_output(tmp_path, capsys):
 
 
 def _state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _assert_same_run(a, b):
@@ -77,8 +111,9 @@ def _assert_same_run(a, b):
     assert sa["global_step"] == sb["global_step"]
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k
+    assert sa["temperature"].keys() == sb["temperature"].keys()
     for k, v in sa["temperature"].items():
-        assert torch.equal(v, sb["temperature"][k]), k
+        assert torch.equal(v, sb["temperature"][k]) if torch.is_tensor(v) else v == sb["temperature"][k], k
     for pid, st in sa["optimizer"]["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
@@ -89,19 +124,57 @@ def _assert_same_run(a, b):
     assert la == lb
 
 
-@pytest.mark.parametrize("stop", [dict(stop_after_epochs=1), dict(stop_after_steps=4)],
-                         ids=["epoch-boundary", "mid-epoch"])
-def test_resume_is_bit_identical(tmp_path, stop):
-    # learnable temperature + SGD momentum: every kind of state must survive the checkpoint
-    kw = dict(epochs=2, probe=False, temperature_mode="learnable", optimizer="sgd", lr=0.05)
-    train(tiny(tmp_path, "full", **kw), log=quiet)
+_FULL_RUNS = {}
+
+
+def _full_run(tmp_path_factory, mode):
+    """last.pt of the uninterrupted 2-epoch run with this temperature mode (trained once per module)."""
+    if mode not in _FULL_RUNS:
+        d = tmp_path_factory.mktemp(f"full-{mode}")
+        train(tiny(d, **_RESUME_KW, temperature_mode=mode), log=quiet)
+        _FULL_RUNS[mode] = d / "run" / "last.pt"
+    return _FULL_RUNS[mode]
+
+
+# SGD momentum and a learnable temperature (or a schedule): every kind of state must survive
+_RESUME_KW = dict(epochs=2, probe=False, optimizer="sgd", lr=0.05)
+
+
+def _as_version_1(path):
+    """Rewrite a checkpoint the way the trainer wrote it before checksums: numpy RNG states (the
+    legacy tuple), no format or digest, no schedule state."""
+    ck = torch.load(path, weights_only=True)
+    del ck["format"], ck["sha256"]
+    ck["version"] = 1
+    for r in ck["rng"]:
+        n = r["numpy"]
+        r["numpy"] = (n["bit_generator"], n["state"]["key"].numpy().astype(np.uint32), n["state"]["pos"],
+                      n["has_gauss"], n["gauss"])
+    if ck["config"]["temperature_mode"] != "learnable":
+        ck["temperature"] = {}
+    torch.save(ck, path)
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)  # numpy arrays inside, as in the old files
+
+
+@pytest.mark.parametrize("stop,mode,legacy", [(dict(stop_after_epochs=1), "learnable", False),
+                                              (dict(stop_after_steps=4), "learnable", False),
+                                              (dict(stop_after_steps=4), "cosine", True)],
+                         ids=["epoch-boundary", "mid-epoch", "version-1-checkpoint"])
+def test_resume_is_bit_identical(tmp_path, tmp_path_factory, stop, mode, legacy):
+    full = _full_run(tmp_path_factory, mode)
+    kw = dict(_RESUME_KW, temperature_mode=mode)
     with pytest.raises(TrainingInterrupted) as ei:
         train(tiny(tmp_path, "split", **kw, **stop), log=quiet)
-    assert os.path.isfile(ei.value.checkpoint)
+    assert ei.value.requested and os.path.isfile(ei.value.checkpoint)
     first = _state(ei.value.checkpoint)["global_step"]
     assert 0 < first < 6
+    previous = tmp_path / "split" / "previous.pt"  # one checkpoint back, not a second copy of last.pt
+    assert not previous.exists() or _state(previous)["global_step"] < first
+    if legacy:
+        _as_version_1(ei.value.checkpoint)
     train(tiny(tmp_path, "split", **kw, resume="auto"), log=quiet)
-    _assert_same_run(tmp_path / "full" / "last.pt", tmp_path / "split" / "last.pt")
+    _assert_same_run(full, tmp_path / "split" / "last.pt")
     steps = list(csv.DictReader(open(tmp_path / "split" / "steps.csv")))
     assert [int(r["step"]) for r in steps] == list(range(1, 7))
 
@@ -123,6 +196,160 @@ def test_every_registered_loss_trains_by_name(tmp_path, loss):
     steps = list(csv.DictReader(open(tmp_path / "run" / "steps.csv")))
     assert len(steps) == 3 and all(math.isfinite(float(r["loss"])) for r in steps)
     assert s["trained"]["knn"] >= 0
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _payload(seed=0):
+    """A small checkpoint payload with every entry the trainer writes."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(config={"seed": seed, "temperature_mode": "fixed"},
+                model={"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g)},
+                temperature={"last_step": 3}, optimizer={"state": {}, "param_groups": []}, scheduler={"last_epoch": 3},
+                epoch=seed, step_in_epoch=0, global_step=3 * seed, history={"steps": [], "epochs": []},
+                baseline={"knn": 0.5}, rng=[{"torch": torch.get_rng_state()}])
+
+
+def _flip_tensor_byte(path, record_suffix="data/0", offset=7):
+    """Flip one byte inside a tensor's stored bytes (torch.save stores them uncompressed)."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(record_suffix))
+        assert info.compress_type == zipfile.ZIP_STORED
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        at = info.header_offset + 30 + name_len + extra_len + offset
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def test_checkpoint_round_trip_keeps_previous(tmp_path):
+    path = str(tmp_path / "last.pt")
+    save_checkpoint(_payload(1), path)
+    save_checkpoint(_payload(2), path)
+    last, prev = load_checkpoint(path), load_checkpoint(str(tmp_path / "previous.pt"))
+    assert last["epoch"] == 2 and prev["epoch"] == 1
+    assert torch.equal(last["model"]["w"], _payload(2)["model"]["w"])
+    assert torch.load(path, weights_only=True)["global_step"] == 6  # plain torch.load, default safety
+    save_checkpoint(_payload(3), path)
+    assert load_checkpoint(str(tmp_path / "previous.pt"))["epoch"] == 2  # the last two are kept
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "previous.pt"]
+    with pytest.raises(TypeError, match="numpy.float64"):
+        save_checkpoint(dict(_payload(), baseline={"knn": np.float64(0.5)}), path)  # would need a pickled class
+    assert load_checkpoint(path)["epoch"] == 3  # a refused write leaves the files alone
+
+
+def test_damaged_checkpoint_is_refused_and_previous_offered(tmp_path):
+    path = str(tmp_path / "last.pt")
+    save_checkpoint(_payload(1), path)
+    save_checkpoint(_payload(2), path)
+    _flip_tensor_byte(path)
+    damaged = torch.load(path, weights_only=True)  # torch itself reads the damaged values silently
+    assert not torch.equal(damaged["model"]["w"], _payload(2)["model"]["w"])
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(path)
+    msg = str(ei.value)
+    assert path in msg and "damaged" in msg and "--resume " + str(tmp_path / "previous.pt") in msg
+    assert "epoch 1" in msg and "\n" not in msg
+    _flip_tensor_byte(str(tmp_path / "previous.pt"))
+    with pytest.raises(CheckpointError, match="previous checkpoint is unusable too"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", ["empty", "truncated", "text", "foreign-dict", "tensor", "pickled-class",
+                                     "future-version"])
+def test_unusable_checkpoint_files_give_one_clear_error(tmp_path, content):
+    path = str(tmp_path / "ck.pt")
+    save_checkpoint(_payload(1), path)
+    data = open(path, "rb").read()
+    if content == "empty":
+        data = b""
+    elif content == "truncated":
+        data = data[:len(data) // 2]
+    elif content == "text":
+        data = b"epoch=3\n" * 20
+    if content in ("empty", "truncated", "text"):
+        open(path, "wb").write(data)
+    elif content == "foreign-dict":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    elif content == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif content == "pickled-class":
+        torch.save({"x": zipfile.ZipInfo("a")}, path)
+    elif content == "future-version":
+        torch.save(dict(load_checkpoint(path), version=99), path)
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(path)
+    assert str(ei.value).startswith(path) and "\n" not in str(ei.value)
+
+
+def test_damaged_checkpoint_through_the_command(tmp_path, capsys):
+    """A run of 2 epochs leaves last.pt and previous.pt; a damaged last.pt is refused by --resume with
+    one line (exit 2, no traceback) that offers previous.pt, from which the run continues."""
+    argv = ["--subset", "64", "--batch-size", "32", "--epochs", "2", "--width", "8", "--hidden-dim", "8",
+            "--proj-dim", "8", "--no-probe", "--no-plot", "--no-progress", "--eval-every", "0", "--knn-k", "3",
+            "--output-dir", str(tmp_path / "cli")]
+    assert cli.main(argv) == 0
+    last, prev = tmp_path / "cli" / "last.pt", tmp_path / "cli" / "previous.pt"
+    assert _state(last)["epoch"] == 2 and _state(prev)["epoch"] == 1
+    _flip_tensor_byte(str(last), offset=3)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        cli.main(argv + ["--resume"])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 2
+    assert str(last) in err and "damaged" in err and f"--resume {prev}" in err
+    assert cli.main(argv + ["--resume", str(prev)]) == 0
+    assert _state(last)["epoch"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- output directory
+
+
+def test_existing_run_is_not_overwritten_unless_asked(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for f in ("metrics.json", "previous.pt"):
+        (out / f).write_text("the other run's")
+    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("refused only after loading data"))
+    with pytest.raises(ValueError, match="--output-dir: .* holds another run .*--overwrite"):
+        train(tiny(tmp_path), log=quiet)
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["--no-progress", "--output-dir", str(out)])
+    assert ei.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == "the other run's"
+    monkeypatch.undo()
+    train(tiny(tmp_path, overwrite=True), log=quiet)
+    assert json.load(open(out / "metrics.json"))["summary"]["global_step"] == 3
+    assert not (out / "previous.pt").exists()  # the other run's files are gone, not mixed in
+    with pytest.raises(ValueError, match="--overwrite: cannot be combined with --resume"):
+        train(tiny(tmp_path, overwrite=True, resume="auto"), log=quiet)
+
+
+def test_unwritable_output_dir_is_found_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("checked only after loading data"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="--output-dir: cannot create directory"):
+        train(tiny(tmp_path, output_dir=str(blocker / "out")), log=quiet)
+    with pytest.raises(ValueError, match="--export: cannot create directory"):
+        train(tiny(tmp_path, export=str(blocker / "sub" / "enc.pt")), log=quiet)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_dir_is_found_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("checked only after loading data"))
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match="--output-dir: cannot write in"):
+            train(tiny(tmp_path, output_dir=str(ro)), log=quiet)
+    finally:
+        ro.chmod(0o755)
 
 
 # ---------------------------------------------------------------------------------------------- data loaders
@@ -290,7 +517,40 @@ def test_bad_options_are_argparse_errors(argv, option, capsys):
     with pytest.raises(SystemExit) as ei:
         cli.main(argv)
     assert ei.value.code == 2
-    assert option in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert option in err
+    # one line saying what is wrong, one pointing to --help; not the usage block
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "usage:" not in err and "--help" in lines[1], err
+
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["--help"])
+    assert ei.value.code == 0
+    text = capsys.readouterr().out
+    entries = text.split("\n  -")[1:]  # one per option (each starts on a line of its own)
+    assert len(entries) > 30
+    for entry in entries:
+        assert entry.count("default") <= 1, entry
+    assert "(default: None)" not in text and "--overwrite" in text and "--export" in text
+
+
+def test_stop_after_exits_zero_with_a_message(tmp_path, capsys):
+    rc = cli.main(["--subset", "64", "--batch-size", "32", "--epochs", "2", "--width", "8", "--hidden-dim", "8",
+                   "--proj-dim", "8", "--no-probe", "--no-plot", "--no-progress", "--eval-every", "0",
+                   "--knn-k", "3", "--stop-after-steps", "1", "--output-dir", str(tmp_path / "stop")])
+    assert rc == 0
+    assert "stopped as asked by --stop-after-steps" in capsys.readouterr().out
+    assert _state(tmp_path / "stop" / "last.pt")["global_step"] == 1
+
+
+def test_missing_train_extra_names_the_pip_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    assert cli.main(["--no-progress", "--output-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "scikit-learn" in err and "pip install 'infonce_kernels[train]'" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_bad_options_raising_late(tmp_path, capsys):
@@ -344,27 +604,44 @@ def test_loss_registry(monkeypatch):
         LOSSES.pop("my_loss")
 
 
-def test_temperature_modes():
-    assert Temperature("fixed", 0.3)(100) == 0.3
-    t = Temperature("log", 0.5, tau_min=0.1, t0=10)
-    assert t(0) == pytest.approx(0.5)
-    assert t(10) == pytest.approx(1 / (2 * math.log(math.e + 1)))
-    assert t(10**9) == pytest.approx(0.1)  # capped at beta_max = 1/tau_min
-    lin, cos = Temperature("linear", 0.5, tau_min=0.1, total_steps=8), Temperature("cosine", 0.5, tau_min=0.1, total_steps=8)
-    assert [lin(s) for s in (0, 4, 8, 20)] == pytest.approx([0.5, 0.3, 0.1, 0.1])
-    assert [cos(s) for s in (0, 4, 8, 20)] == pytest.approx([0.5, 0.3, 0.1, 0.1])
-    assert cos(2) == pytest.approx(0.1 + 0.4 * (1 + math.cos(math.pi / 4)) / 2)
-    lt = Temperature("learnable", 0.5, tau_min=0.05)
-    tau = lt(0)
-    assert torch.is_tensor(tau) and tau.requires_grad and float(tau.detach()) == pytest.approx(0.5)
+def test_temperature_modes_use_the_package_classes():
+    """One temperature implementation: the trainer builds the package's classes (issue 12)."""
+    assert not hasattr(train_temperature, "Temperature")
+    fixed = build_temperature("fixed", 0.3, tau_min=0.05, t0=1.0, total_steps=10)
+    assert isinstance(fixed, infonce_kernels.ConstantTemperature) and fixed.temperature_at(100) == 0.3
+    t = build_temperature("log", 0.5, tau_min=0.1, t0=10, total_steps=1)
+    assert isinstance(t, infonce_kernels.LogarithmicAnnealing)
+    assert t.temperature_at(0) == pytest.approx(0.5)
+    assert t.temperature_at(10) == pytest.approx(1 / (2 * math.log(math.e + 1)))
+    assert t.temperature_at(10**9) == pytest.approx(0.1)  # capped at beta_max = 1/tau_min
+    lin = build_temperature("linear", 0.5, tau_min=0.1, t0=1.0, total_steps=8)
+    cos = build_temperature("cosine", 0.5, tau_min=0.1, t0=1.0, total_steps=8)
+    assert [lin.temperature_at(s) for s in (0, 4, 8, 20)] == pytest.approx([0.5, 0.3, 0.1, 0.1])
+    assert [cos.temperature_at(s) for s in (0, 4, 8, 20)] == pytest.approx([0.5, 0.3, 0.1, 0.1])
+    assert cos.temperature_at(2) == pytest.approx(0.1 + 0.4 * (1 + math.cos(math.pi / 4)) / 2)
+    lt = build_temperature("learnable", 0.5, tau_min=0.05, t0=1.0, total_steps=1)
+    assert isinstance(lt, infonce_kernels.LearnableTemperature)
+    tau = lt()
+    assert tau.requires_grad and float(tau.detach()) == pytest.approx(0.5)
+    assert set(lt.state_dict()) == {"log_scale"}  # the key the trainer's checkpoints always had
     with torch.no_grad():
         lt.log_scale.fill_(10.0)
     lt.clamp_()
-    assert lt.value(0) == pytest.approx(0.05)
+    assert lt.value == pytest.approx(0.05)
     with pytest.raises(ValueError, match="--temperature-mode"):
-        Temperature("exponential", 0.5)
-    with pytest.raises(ValueError, match="--anneal-t0"):
-        Temperature("log", 0.5, t0=0.0)
+        build_temperature("exponential", 0.5, tau_min=0.1, t0=1.0, total_steps=1)
+
+
+def _history(taus):
+    steps = [dict(step=i + 1, epoch=1, loss=5.0 - 0.1 * i, temperature=t) for i, t in enumerate(taus)]
+    return {"steps": steps, "epochs": [dict(epoch=0, step=0, knn=0.5), dict(epoch=1, step=len(taus), knn=0.7)]}
+
+
+def test_plot_draws_the_temperature_only_when_it_changes(tmp_path):
+    plot_curves(str(tmp_path / "fixed.png"), _history([0.1] * 6), {"knn": 0.5})
+    plot_curves(str(tmp_path / "annealed.png"), _history([0.5, 0.4, 0.3, 0.2, 0.1, 0.1]), {"knn": 0.5})
+    assert _png_width(tmp_path / "fixed.png") == 1000  # two panels: loss, accuracy
+    assert _png_width(tmp_path / "annealed.png") == 1500  # three: loss, temperature, accuracy
 
 
 def test_lars_excludes_bias_and_norm_and_schedule():

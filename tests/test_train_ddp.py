@@ -38,7 +38,7 @@ def _worker(rank, world, port, out, loss):
 def test_ddp_two_processes(tmp_path, loss):
     out = str(tmp_path / "ddp")
     mp.spawn(_worker, args=(2, _free_port(), out, loss), nprocs=2, join=True)
-    ck = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)
     assert ck["global_step"] == 2 and len(ck["rng"]) == 2
     # each rank drew its own augmentations
     assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])

@@ -5,8 +5,10 @@ without it (or without triton) this module is skipped. The interpreter
 emulates bf16/fp16 arithmetic inexactly, so low precision is tested on GPU
 only (tests/gpu/). Kept small: the interpreter runs every tile op in numpy.
 
-The oracle is an fp64 materialised softmax/logsumexp of s * q k^T with the
-exclusion mask, differentiated by autograd.
+The oracle is the harness's fp64 materialised logsumexp of s * q k^T with the exclusion mask,
+differentiated by autograd. The value/gradient cases shared by every backend (odd shapes around
+the tiles, exclusions, symmetric, the label rule) run in tests/test_op.py::test_lse_matches_float64;
+this module keeps what is particular to the Triton kernels.
 """
 from __future__ import annotations
 
@@ -25,110 +27,45 @@ pytestmark = pytest.mark.skipif(
 
 import infonce_kernels  # noqa: E402
 import infonce_kernels.triton as tbackend  # noqa: E402
-from infonce_kernels.ops import Exclusion, paired_backward  # noqa: E402
+from harness import (  # noqa: E402
+    NO_LABELS,
+    assert_within,
+    backend_lse,
+    check_lse,
+    dense_lse,
+    paired_backward,
+    sample_exclude,
+    sample_lse,
+)
+from infonce_kernels.ops import Exclusion  # noqa: E402
 
 TILE = _config.INTERPRET_BLOCK          # 16: row and key tile under the interpreter
 DCHUNK = _config.INTERPRET_BLOCK_D      # 32: largest d chunk under the interpreter
 
 
-NO_LABELS = (torch.empty(0, dtype=torch.int64),) * 3  # the label rule off
-
-
 # ----------------------------------------------------------------------------- helpers
-def make_exclude(M: int, N: int, E: int, symmetric: bool, gen: torch.Generator) -> torch.Tensor:
-    """(M, E) int64: self index (symmetric) / a random key, then a random key or -1.
-
-    Duplicates and -1 entries occur; every row keeps at least one key (N >= 3 when E == 2).
-    """
-    ex = torch.full((M, E), -1, dtype=torch.int64)
-    if E >= 1:
-        ex[:, 0] = torch.arange(M) if symmetric else torch.randint(0, N, (M,), generator=gen)
-    if E >= 2:
-        ex[:, 1] = torch.randint(-1, N, (M,), generator=gen)
-        ex[::3, 1] = ex[::3, 0]      # duplicates
-    return ex
-
-
-def reference_lse(q, k, scale, exclude, labels=None):
-    """fp64, materialised: logsumexp_j of s <q_i, k_j> over non-excluded j.
-
-    labels = (row_labels, key_labels, positive): row i also drops every key of
-    its label except its positive.
-    """
-    L = scale.double() * (q.double() @ k.double().T)
-    M, N = L.shape
-    mask = torch.zeros(M, N, dtype=torch.bool)
-    for e in range(exclude.shape[1]):
-        col = exclude[:, e]
-        rows = torch.arange(M)[col >= 0]
-        mask[rows, col[col >= 0]] = True
-    if labels is not None:
-        rl, kl, pos = labels
-        mask |= (rl[:, None] == kl[None, :]) & (torch.arange(N)[None, :] != pos[:, None])
-    return torch.logsumexp(L.masked_fill(mask, float("-inf")), dim=1)
-
-
 def triton_lse(q, k, scale, exclude, symmetric, labels=None):
-    kw = {}
-    if labels is not None:
-        kw = dict(row_labels=labels[0], key_labels=labels[1], positive=labels[2])
-    return infonce_kernels.lse(q, q if symmetric else k, scale, exclude=exclude, symmetric=symmetric,
-                               backend="triton", **kw)
+    return backend_lse(exclude, labels, symmetric, "triton")(q, q if symmetric else k, scale)
 
 
 def assert_close(actual, expected, rtol, atol, what):
-    actual, expected = actual.double(), expected.double()
-    err = (actual - expected).abs().max().item()
-    bound = atol + rtol * expected.abs().max().item()
-    assert err <= bound, f"{what}: max abs err {err:.3e} > {bound:.3e}"
+    """max|actual - expected| <= atol + rtol max|expected| (the 2x rule with an exact baseline)."""
+    assert_within(actual, expected, expected, what, rtol=rtol, atol=atol)
 
 
 def inputs(M, N, d, dtype, symmetric, E, seed, scale=1.7):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(M, d, generator=gen, dtype=torch.float64).to(dtype)
-    k = q if symmetric else torch.randn(N, d, generator=gen, dtype=torch.float64).to(dtype)
-    s = torch.tensor(scale, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    ex = make_exclude(M, N, E, symmetric, gen)
-    g = torch.randn(M, generator=gen, dtype=torch.float64)
-    return q, k, s, ex, g
+    c = sample_lse(M, N, d, dtype, symmetric=symmetric, width=E, scale=scale, seed=seed)
+    ex = c["exclude"] if E else torch.empty(M, 0, dtype=torch.int64)
+    return c["q"], c["k"], c["scale"], ex, c["g"]
 
 
-def make_labels(M, N, classes, symmetric, gen):
-    """Labels with `classes` classes and a positive per row (some -1); every row keeps a key."""
-    rl = torch.randint(0, classes, (M,), generator=gen)
-    kl = rl.clone() if symmetric else torch.randint(0, classes, (N,), generator=gen)
-    kl[-1] = classes          # a key no row shares: no row loses every key
-    pos = torch.randint(-1, N, (M,), generator=gen)
-    return rl, kl, pos
-
-
-def check_values_and_grads(M, N, d, dtype, symmetric, E, seed=0, scale=1.7, classes=0):
-    q, k, s, ex, g = inputs(M, N, d, dtype, symmetric, E, seed, scale)
-    labels = make_labels(M, N, classes, symmetric, torch.Generator().manual_seed(seed + 1)) if classes else None
-    if labels is not None and symmetric:
-        ex = torch.cat([torch.arange(M)[:, None], ex[:, 1:]], 1) if E else torch.arange(M)[:, None]
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
-
-    q1 = q.clone().requires_grad_()
-    k1 = q1 if symmetric else k.clone().requires_grad_()
-    s1 = s.clone().requires_grad_()
-    out = triton_lse(q1, k1, s1, ex, symmetric, labels)
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert out.shape == (M,)
-    grads = torch.autograd.grad(out, [q1, s1] if symmetric else [q1, k1, s1], g.to(out.dtype))
-
-    q2 = q.double().requires_grad_()
-    k2 = q2 if symmetric else k.double().requires_grad_()
-    s2 = s.double().requires_grad_()
-    ref = reference_lse(q2, k2, s2, ex, labels)
-    rgrads = torch.autograd.grad(ref, [q2, s2] if symmetric else [q2, k2, s2], g)
-
-    assert_close(out, ref, what="lse", **tol)
-    names = ["dz", "dscale"] if symmetric else ["dq", "dk", "dscale"]
-    for name, a, b in zip(names, grads, rgrads):
-        assert a.dtype == (s.dtype if name == "dscale" else dtype), name
-        assert torch.isfinite(a).all(), name
-        assert_close(a, b, what=name, **tol)
+def check_values_and_grads(M, N, d, dtype, symmetric, E, seed=0, scale=1.7):
+    c = sample_lse(M, N, d, dtype, symmetric=symmetric, width=E, scale=scale, seed=seed)
+    fn = backend_lse(c["exclude"], None, symmetric, "triton")
+    if dtype == torch.float64:
+        check_lse(fn, c, rtol=1e-12, atol=1e-12)
+    else:
+        check_lse(fn, c, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- availability / contract
@@ -168,41 +105,6 @@ def test_backend_functions_contract(symmetric):
 
 
 # ----------------------------------------------------------------------------- values and gradients
-SHAPES = [
-    # (M, N, d): odd shapes around the 16-row/16-key tile and the 32-wide d chunk
-    (1, 1, 1),
-    (TILE - 1, TILE + 1, 3),
-    (TILE + 1, TILE - 1, DCHUNK + 1),   # d > chunk: the chunked-d path, d not a power of 2
-    (113, 37, 20),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("M,N,d", SHAPES, ids=lambda v: str(v))
-def test_general_no_exclusions(M, N, d, dtype):
-    check_values_and_grads(M, N, d, dtype, symmetric=False, E=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("M,N,d,E", [(TILE + 1, TILE + 3, 5, 1), (TILE - 1, 2 * TILE + 1, 12, 2)])
-def test_general_exclusions(M, N, d, E, dtype):
-    check_values_and_grads(M, N, d, dtype, symmetric=False, E=E)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("N,d,E", [(TILE + 1, 7, 1), (2 * TILE + 3, DCHUNK + 9, 2), (113, 10, 1)])
-def test_symmetric(N, d, E, dtype):
-    check_values_and_grads(N, N, d, dtype, symmetric=True, E=E)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("symmetric,M,N,E", [(False, TILE + 3, 2 * TILE + 1, 1), (True, 2 * TILE + 1, 2 * TILE + 1, 1)],
-                         ids=["general", "symmetric"])
-def test_label_rule(symmetric, M, N, E, dtype):
-    """row_labels/key_labels/positive: same-label keys skipped except the positive (whole tiles too)."""
-    check_values_and_grads(M, N, 6, dtype, symmetric=symmetric, E=E, classes=3)
-
-
 def test_large_d_chunks():
     """d = 1024 (general) and 101 (symmetric): many d chunks, several d-out programs in the backward."""
     check_values_and_grads(5, 6, 1024, torch.float64, symmetric=False, E=1, scale=0.05)
@@ -220,7 +122,7 @@ def test_fully_excluded_tile():
     s = torch.tensor(3.0, dtype=torch.float64)
     out = triton_lse(q, k, s, ex, False)
     assert torch.isfinite(out).all()
-    assert_close(out, reference_lse(q, k, s, ex), rtol=1e-12, atol=1e-12, what="lse")
+    assert_close(out, dense_lse(q, k, s, ex), rtol=1e-12, atol=1e-12, what="lse")
 
 
 def test_fully_excluded_first_tile(monkeypatch):
@@ -233,7 +135,7 @@ def test_fully_excluded_first_tile(monkeypatch):
     ex = torch.tensor([[0, 1], [1, 0], [2, 3]], dtype=torch.int64)
     s = torch.tensor(1.3, dtype=torch.float64)
     out = triton_lse(q, k, s, ex, False)
-    ref = reference_lse(q, k, s, ex)
+    ref = dense_lse(q, k, s, ex)
     assert_close(out, ref, rtol=1e-12, atol=1e-12, what="lse")
     g = torch.randn(3, dtype=torch.float64, generator=gen)
     a = torch.autograd.grad(out, [q, k], g)
@@ -322,7 +224,7 @@ def paired_case(M, N, d, dtype, E, KE, offset, classes=0, seed=0, gathered=True)
         if KE >= 2:
             kex[:, 1] = torch.randint(-1, N, (N,), generator=gen)
     else:
-        ex = make_exclude(M, N, E, False, gen)
+        ex = sample_exclude(M, N, E, False, gen)
         kex = torch.randint(-1, offset + M + 2, (N, KE), generator=gen)
     labels, key_positive = None, torch.empty(0, dtype=torch.int64)
     if classes:
@@ -343,8 +245,6 @@ def paired_case(M, N, d, dtype, E, KE, offset, classes=0, seed=0, gathered=True)
 
 
 def check_paired(args, dtype):
-    from infonce_kernels.ops import paired_backward
-
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     dq, ds = paired_backward(*args, backend="triton")
     rdq, rds = paired_backward(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
@@ -377,8 +277,6 @@ def test_paired_backward_matches_reference(M, N, d, E, KE, offset, classes, gath
 def test_paired_backward_symmetric_special_case(labelled):
     """k = q (as separate tensors), key side = row side, offset 0 gives the symmetric dz and dscale;
     and rows z[a:b] against all of z give exactly rows a:b of dz (a rank under a gather)."""
-    from infonce_kernels.ops import paired_backward
-
     n, d = 2 * TILE + 3, 6
     gen = torch.Generator().manual_seed(11)
     z = torch.randn(n, d, generator=gen, dtype=torch.float64)

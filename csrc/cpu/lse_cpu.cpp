@@ -1,4 +1,5 @@
-// CPU implementation of lse_fwd / lse_bwd (schema and math in csrc/ops.cpp).
+// CPU kernels of _lse_fwd / _lse_bwd / _lse_bwd_paired (schemas and maths in csrc/ops.cpp;
+// registered in csrc/cpu/register_cpu.cpp).
 //
 // Work is split into row blocks run in parallel with at::parallel_for; each row block meets the
 // keys one key block at a time. A (rows x cols) tile of logits is produced by BLAS (at::mm),
@@ -7,14 +8,13 @@
 // Inputs in float16/bfloat16 are widened to float32 once (O((M + N) d)); float64 stays float64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
 #include <tuple>
 #include <vector>
 
-#include "../op_checks.h"
+#include "lse_cpu.h"
 
 namespace infonce_kernels {
 namespace {
@@ -49,29 +49,24 @@ inline at::Tensor working_copy(const at::Tensor& t) {
   return t.detach().to(accumulate_type(t)).contiguous();
 }
 
-// The (row, key) pairs left out of a row's log-sum-exp: the explicit per-row lists, and, when
-// row_labels is set, every key sharing the row's label except the row's designated positive.
-// Keys are numbered from key_offset (the paired backward's key side, whose "keys" are rows of q
-// numbered in a gathered batch); labels are looked up by local index.
-struct Exclusions {
-  const int64_t* lists;  // (rows, E), -1 = none
-  int64_t E;
-  const int64_t* row_labels;  // (rows,), nullptr when the label rule is off
-  const int64_t* key_labels;  // (keys,)
-  const int64_t* positive;    // (rows,), -1 = none
-  int64_t key_offset;
-
-  bool by_label(int64_t row, int64_t key) const {
-    return row_labels[row] == key_labels[key] && positive[row] != key + key_offset;
-  }
-};
-
-// Sets tile(i, j) = value on every excluded pair of a (rows x cols) row-major tile.
-// Plain tiles hold query rows down and keys across: tile(i, j) is pair (rows.begin + i, cols.begin + j).
-// Transposed tiles hold keys down and query rows across: tile(i, j) is pair (cols.begin + j, rows.begin + i);
-// they serve dk and, in the symmetric backward, W^T_ij = W_ji (row j's exclusions).
+// Sets tile(i, j) = value on every excluded pair (csrc/common/exclusion.h) of a (rows x cols)
+// row-major tile. Plain tiles hold query rows down and keys across: tile(i, j) is pair
+// (rows.begin + i, cols.begin + j). Transposed tiles hold keys down and query rows across:
+// tile(i, j) is pair (cols.begin + j, rows.begin + i); they serve dk and, in the symmetric
+// backward, W^T_ij = W_ji (row j's exclusions).
 template <typename T>
-void mask_tile(T* tile, Span rows, Span cols, const Exclusions& ex, bool transposed, T value) {
+void mask_tile(T* tile, Span rows, Span cols, const ExclusionRule& ex, bool transposed, T value) {
+  if (ex.labelled()) {  // every pair is tested
+    for (int64_t i = 0; i < rows.size; ++i) {
+      for (int64_t j = 0; j < cols.size; ++j) {
+        const bool out = transposed ? ex.excluded(cols.begin + j, rows.begin + i)
+                                    : ex.excluded(rows.begin + i, cols.begin + j);
+        if (out) tile[i * cols.size + j] = value;
+      }
+    }
+    return;
+  }
+  // Lists only: visit each row's (at most two) entries instead of every pair.
   const Span qrows = transposed ? cols : rows;  // the rows whose lists apply
   const Span keys = transposed ? rows : cols;
   for (int64_t r = 0; r < qrows.size; ++r) {
@@ -81,23 +76,6 @@ void mask_tile(T* tile, Span rows, Span cols, const Exclusions& ex, bool transpo
       tile[transposed ? key * cols.size + r : r * cols.size + key] = value;
     }
   }
-  if (ex.row_labels == nullptr) return;
-  for (int64_t i = 0; i < rows.size; ++i) {
-    for (int64_t j = 0; j < cols.size; ++j) {
-      const bool out = transposed ? ex.by_label(cols.begin + j, rows.begin + i)
-                                  : ex.by_label(rows.begin + i, cols.begin + j);
-      if (out) tile[i * cols.size + j] = value;
-    }
-  }
-}
-
-Exclusions make_exclusions(const at::Tensor& exclude, const at::Tensor& row_labels,
-                           const at::Tensor& key_labels, const at::Tensor& positive, bool labelled,
-                           int64_t key_offset = 0) {
-  return {exclude.data_ptr<int64_t>(), exclude.size(1),
-          labelled ? row_labels.data_ptr<int64_t>() : nullptr,
-          labelled ? key_labels.data_ptr<int64_t>() : nullptr,
-          labelled ? positive.data_ptr<int64_t>() : nullptr, key_offset};
 }
 
 // The key side of a paired backward: each key j is itself a row with upstream gradient h_j,
@@ -105,7 +83,7 @@ Exclusions make_exclusions(const at::Tensor& exclude, const at::Tensor& row_labe
 struct KeySide {
   at::Tensor grad;  // (N,)
   at::Tensor lse;   // (N,)
-  Exclusions ex;
+  ExclusionRule ex;
 };
 
 // Rows of dq and the dscale partials, one row block at a time:
@@ -116,7 +94,7 @@ struct KeySide {
 // the row side (k is q) it is the one-pass symmetric backward dz = s (W + W^T) z.
 template <typename scalar_t>
 void dq_pass(const at::Tensor& qs, const at::Tensor& k, double s, const at::Tensor& g,
-             const at::Tensor& r, const Exclusions& ex, const KeySide* key_side, at::Tensor& dq,
+             const at::Tensor& r, const ExclusionRule& ex, const KeySide* key_side, at::Tensor& dq,
              std::vector<double>& dscale_parts) {
   const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   const int64_t M = qs.size(0), N = k.size(0);
@@ -157,19 +135,37 @@ at::Tensor ordered_sum(const std::vector<double>& partials, const at::Tensor& li
   return at::scalar_tensor(total, like.options());
 }
 
-at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& scale,
-                       const at::Tensor& exclude_in, const at::Tensor& row_labels_in,
-                       const at::Tensor& key_labels_in, const at::Tensor& positive_in, bool symmetric) {
-  check_lse_inputs(q_in, k_in, scale, exclude_in, symmetric);
-  const bool labelled = check_lse_labels(q_in, k_in, row_labels_in, key_labels_in, positive_in);
-  TORCH_CHECK(q_in.device().is_cpu(), "lse_fwd (cpu): q must be a CPU tensor");
-  const at::Tensor q = working_copy(q_in);
-  const at::Tensor k = symmetric ? q : working_copy(k_in);
-  const at::Tensor exclude = exclude_in.contiguous(), row_labels = row_labels_in.contiguous(),
-                   key_labels = key_labels_in.contiguous(), positive = positive_in.contiguous();
-  const Exclusions ex = make_exclusions(exclude, row_labels, key_labels, positive, labelled);
-  const int64_t M = q.size(0), N = k.size(0);
-  const at::Tensor qs = q.mul(scale.item<double>());  // pre-scaled rows: (s q) k^T are the logits
+// A CPU-side copy of the arguments: q and k widened and contiguous (working_copy), the index
+// tensors contiguous (the exclusion rule reads raw pointers).
+LseArgs cpu_args(const LseArgs& in, const char* op) {
+  TORCH_CHECK(in.q.device().is_cpu(), op, " (cpu): q must be a CPU tensor");
+  LseArgs a = in;
+  a.q = working_copy(in.q);
+  a.k = in.symmetric ? a.q : working_copy(in.k);
+  a.exclude = in.exclude.contiguous();
+  a.labels = {in.labels.row_labels.contiguous(), in.labels.key_labels.contiguous(),
+              in.labels.positive.contiguous()};
+  if (in.grad.defined()) {
+    a.grad = in.grad.detach().contiguous();
+    a.lse = in.lse.detach().contiguous();
+  }
+  if (in.paired) {
+    const KeySideTensors& ks = in.key_side;
+    a.key_side = {ks.grad.detach().contiguous(), ks.lse.detach().contiguous(), ks.exclude.contiguous(),
+                  ks.positive.contiguous()};
+  }
+  return a;
+}
+
+}  // namespace
+
+at::Tensor lse_forward_cpu(const LseArgs& args) {
+  const LseArgs a = cpu_args(args, "lse_fwd");
+  const ExclusionRule ex = a.row_rule();
+  const at::Tensor& q = a.q;
+  const at::Tensor& k = a.k;
+  const int64_t M = a.M(), N = a.N();
+  const at::Tensor qs = q.mul(a.scale.item<double>());  // pre-scaled rows: (s q) k^T are the logits
   at::Tensor out = at::empty({M}, q.options());
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_fwd_cpu", [&] {
@@ -186,9 +182,10 @@ at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at:
           at::Tensor t = at::mm(qb, k.narrow(0, cols.begin, cols.size).t());
           mask_tile(t.data_ptr<scalar_t>(), rows, cols, ex, false, neg_inf);
           const at::Tensor m_new = at::maximum(m, std::get<0>(t.max(1)));
-          // A row with every key of every tile so far excluded keeps m = -inf; shifting by 0
-          // instead keeps exp(-inf - (-inf)) = NaN out of the sums.
-          const at::Tensor shift = m_new.masked_fill(m_new == neg_inf, 0);
+          // Shift by 0 where m is infinite, keeping exp(inf - inf) = NaN out of the sums: a row
+          // with every key so far excluded keeps m = -inf and l = 0 (r = -inf); a row whose
+          // logits overflow to +inf gets l = +inf, so r = +inf as torch.logsumexp gives.
+          const at::Tensor shift = m_new.masked_fill(m_new.isinf(), 0);
           l.mul_((m - shift).exp_()).add_(t.sub_(shift.unsqueeze(1)).exp_().sum(1));
           m = m_new;
         }
@@ -199,27 +196,19 @@ at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at:
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
-    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& scale, const at::Tensor& exclude_in, const at::Tensor& row_labels_in,
-    const at::Tensor& key_labels_in, const at::Tensor& positive_in, bool symmetric,
-    const at::Tensor& lse_in) {
-  check_lse_inputs(q_in, k_in, scale, exclude_in, symmetric);
-  const bool labelled = check_lse_labels(q_in, k_in, row_labels_in, key_labels_in, positive_in);
-  check_lse_grad_inputs(grad_in, q_in, lse_in);
-  TORCH_CHECK(q_in.device().is_cpu(), "lse_bwd (cpu): q must be a CPU tensor");
-  const at::Tensor q = working_copy(q_in);
-  const at::Tensor k = symmetric ? q : working_copy(k_in);
-  const at::Tensor exclude = exclude_in.contiguous(), row_labels = row_labels_in.contiguous(),
-                   key_labels = key_labels_in.contiguous(), positive = positive_in.contiguous();
-  const Exclusions ex = make_exclusions(exclude, row_labels, key_labels, positive, labelled);
-  const at::Tensor g = grad_in.detach().contiguous();
-  const at::Tensor r = lse_in.detach().contiguous();
-  const int64_t M = q.size(0), N = k.size(0);
-  const double s = scale.item<double>();
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cpu(const LseArgs& args) {
+  const LseArgs a = cpu_args(args, "lse_bwd");
+  const ExclusionRule ex = a.row_rule();
+  const at::Tensor& q = a.q;
+  const at::Tensor& k = a.k;
+  const at::Tensor& g = a.grad;
+  const at::Tensor& r = a.lse;
+  const bool symmetric = a.symmetric;
+  const int64_t M = a.M(), N = a.N();
+  const double s = a.scale.item<double>();
   const int64_t row_blocks = num_blocks(M, kRows), key_blocks = num_blocks(N, kKeys);
   at::Tensor dq = at::empty_like(q);
-  at::Tensor dk = symmetric ? at::empty({0}, q_in.options()) : at::empty_like(k);
+  at::Tensor dk = symmetric ? at::empty({0}, args.q.options()) : at::empty_like(k);
   std::vector<double> dscale_parts(row_blocks, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_bwd_cpu", [&] {
@@ -250,71 +239,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu(
     });
   });
 
-  return {dq.to(q_in.scalar_type()), symmetric ? dk : dk.to(k_in.scalar_type()),
-          ordered_sum(dscale_parts, scale)};
+  return {dq.to(args.q.scalar_type()), symmetric ? dk : dk.to(args.k.scalar_type()),
+          ordered_sum(dscale_parts, a.scale)};
 }
 
-std::tuple<at::Tensor, at::Tensor> lse_bwd_paired_cpu(
-    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& scale, const at::Tensor& exclude_in, const at::Tensor& row_labels_in,
-    const at::Tensor& key_labels_in, const at::Tensor& positive_in, const at::Tensor& lse_in,
-    const at::Tensor& key_grad_in, const at::Tensor& key_lse_in, const at::Tensor& key_exclude_in,
-    const at::Tensor& key_positive_in, int64_t row_offset) {
-  check_lse_inputs(q_in, k_in, scale, exclude_in, false);
-  const bool labelled = check_lse_labels(q_in, k_in, row_labels_in, key_labels_in, positive_in);
-  check_lse_grad_inputs(grad_in, q_in, lse_in);
-  check_key_side(k_in, key_grad_in, key_lse_in, key_exclude_in, key_positive_in, labelled, row_offset);
-  TORCH_CHECK(q_in.device().is_cpu(), "lse_bwd_paired (cpu): q must be a CPU tensor");
-  const at::Tensor q = working_copy(q_in);
-  const at::Tensor k = working_copy(k_in);
-  const at::Tensor exclude = exclude_in.contiguous(), row_labels = row_labels_in.contiguous(),
-                   key_labels = key_labels_in.contiguous(), positive = positive_in.contiguous(),
-                   key_exclude = key_exclude_in.contiguous(), key_positive = key_positive_in.contiguous();
-  const Exclusions ex = make_exclusions(exclude, row_labels, key_labels, positive, labelled);
+std::tuple<at::Tensor, at::Tensor> lse_backward_paired_cpu(const LseArgs& args) {
+  const LseArgs a = cpu_args(args, "lse_bwd_paired");
+  const ExclusionRule ex = a.row_rule();
   // On the key side the roles swap: key j is the row, the rows of q (numbered from row_offset)
   // are its keys, and the labels are looked up the other way round.
-  const KeySide keys{key_grad_in.detach().contiguous(), key_lse_in.detach().contiguous(),
-                     make_exclusions(key_exclude, key_labels, row_labels, key_positive, labelled, row_offset)};
-  at::Tensor dq = at::empty_like(q);
-  std::vector<double> dscale_parts(num_blocks(q.size(0), kRows), 0.0);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_bwd_paired_cpu", [&] {
-    const double s = scale.item<double>();
-    dq_pass<scalar_t>(q.mul(s), k, s, grad_in.detach().contiguous(), lse_in.detach().contiguous(), ex, &keys, dq,
-                      dscale_parts);
+  const KeySide keys{a.key_side.grad, a.key_side.lse, a.key_rule()};
+  at::Tensor dq = at::empty_like(a.q);
+  std::vector<double> dscale_parts(num_blocks(a.M(), kRows), 0.0);
+  AT_DISPATCH_FLOATING_TYPES(a.q.scalar_type(), "lse_bwd_paired_cpu", [&] {
+    const double s = a.scale.item<double>();
+    dq_pass<scalar_t>(a.q.mul(s), a.k, s, a.grad, a.lse, ex, &keys, dq, dscale_parts);
   });
-  return {dq.to(q_in.scalar_type()), ordered_sum(dscale_parts, scale)};
-}
-
-// The registered schemas (csrc/ops.cpp) pass the label rule and the paired key side as lists.
-at::Tensor lse_fwd_cpu_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
-                       const at::Tensor& exclude, at::TensorList labels, bool symmetric) {
-  const LabelTensors lab = unpack_labels(labels, q);
-  return lse_fwd_cpu(q, k, scale, exclude, lab.row_labels, lab.key_labels, lab.positive, symmetric);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cpu_op(
-    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
-    const at::Tensor& exclude, at::TensorList labels, bool symmetric, const at::Tensor& lse) {
-  const LabelTensors lab = unpack_labels(labels, q);
-  return lse_bwd_cpu(grad, q, k, scale, exclude, lab.row_labels, lab.key_labels, lab.positive, symmetric, lse);
-}
-
-std::tuple<at::Tensor, at::Tensor> lse_bwd_paired_cpu_op(
-    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
-    const at::Tensor& exclude, at::TensorList labels, const at::Tensor& lse, at::TensorList key_side,
-    int64_t row_offset) {
-  const LabelTensors lab = unpack_labels(labels, q);
-  const KeySideTensors ks = unpack_key_side(key_side, k);
-  return lse_bwd_paired_cpu(grad, q, k, scale, exclude, lab.row_labels, lab.key_labels, lab.positive, lse,
-                           ks.grad, ks.lse, ks.exclude, ks.positive, row_offset);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(infonce_kernels, CPU, m) {
-  m.impl("_lse_fwd", &lse_fwd_cpu_op);
-  m.impl("_lse_bwd", &lse_bwd_cpu_op);
-  m.impl("_lse_bwd_paired", &lse_bwd_paired_cpu_op);
+  return {dq.to(args.q.scalar_type()), ordered_sum(dscale_parts, a.scale)};
 }
 
 }  // namespace infonce_kernels

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from .config import BACKENDS, DATASET_DEFAULTS, PRECISIONS, STEMS, TrainConfig, resolve
 from .data import DATASETS, DatasetError
+from .extras import MissingExtraError
 from .models import ARCHS
 from .optim import OPTIMIZERS
 from .temperature import TEMPERATURE_MODES
@@ -15,19 +16,38 @@ from .temperature import TEMPERATURE_MODES
 D = TrainConfig()
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help once: not when the help already states its
+    default, nor for a flag (off unless given) or a None default (the dataset's or a computed
+    default, which the help states)."""
+
+    def _get_help_string(self, action):
+        text = action.help
+        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line (what is wrong) plus a pointer to --help, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
 def _dflt(key: str) -> str:
     return "dataset default: " + ", ".join(f"{d} {v[key]}" for d, v in DATASET_DEFAULTS.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="infonce-train",
         description="SimCLR reference trainer for infonce_kernels. With no options it trains a small CNN on "
                     "scikit-learn's bundled 8x8 digits (a few minutes on a laptop CPU) and reports kNN and "
                     "linear-probe accuracy beside a randomly initialised encoder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default=D.dataset)
+    g.add_argument("--dataset", choices=DATASETS, default=D.dataset, help="training data")
     g.add_argument("--data-dir", default=None, help="dataset directory (all datasets except digits)")
     g.add_argument("--subset", type=int, default=None, help="keep at most N images per split (quick runs)")
     g.add_argument("--image-size", type=int, default=None, help="side of the augmented crops; " + _dflt("image_size"))
@@ -55,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=_dflt("optimizer"))
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: base lr x batch/256)")
     g.add_argument("--weight-decay", type=float, default=None, help=_dflt("weight_decay"))
-    g.add_argument("--momentum", type=float, default=D.momentum)
+    g.add_argument("--momentum", type=float, default=D.momentum, help="SGD and LARS momentum")
     g.add_argument("--epochs", type=int, default=None, help=_dflt("epochs"))
     g.add_argument("--warmup-epochs", type=float, default=None, help=_dflt("warmup_epochs"))
     g.add_argument("--batch-size", type=int, default=None, help="global batch size; " + _dflt("batch_size"))
@@ -65,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="SyncBatchNorm under DDP (default: on when WORLD_SIZE > 1 on CUDA)")
-    g.add_argument("--seed", type=int, default=D.seed)
+    g.add_argument("--grad-cache-chunk", type=int, default=None, metavar="N",
+                   help="gradient caching: train the whole --batch-size with the activations of N images "
+                        "(both views) at a time, one extra forward pass; exact gradients, BatchNorm "
+                        "statistics per chunk (docs/grad_cache.md; default: off)")
+    g.add_argument("--seed", type=int, default=D.seed, help="seed of the initialisation, split and augmentation")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (0: only start and end); "
                    + _dflt("eval_every"))
@@ -79,13 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default=None, help="default: runs/simclr-<dataset>")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default path: <output-dir>/last.pt)")
+                   help="continue from a checkpoint (default path: <output-dir>/last.pt; the one before it is "
+                        "<output-dir>/previous.pt)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (refused without it)")
+    g.add_argument("--export", default=None, metavar="PATH",
+                   help="at the end, write the trained encoder's state_dict to PATH (torch.save; loads with "
+                        "weights_only=True into the encoder built by infonce_kernels.train.models.build_encoder)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=D.progress, help="tqdm progress bar")
     g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=D.plot, help="write curves.png")
     g.add_argument("--stop-after-epochs", type=int, default=None,
-                   help="checkpoint and stop after this epoch as if interrupted (resume later)")
+                   help="checkpoint and stop after this epoch (exit status 0; continue with --resume)")
     g.add_argument("--stop-after-steps", type=int, default=None,
-                   help="checkpoint and stop after this global step as if interrupted")
+                   help="checkpoint and stop after this global step (exit status 0; continue with --resume)")
     return p
 
 
@@ -97,6 +127,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit status: 0 when the run completes or stops as asked by --stop-after-*; 130 after Ctrl-C
+    (checkpoint written); 2 for a bad option, dataset or checkpoint; 1 when the train extra is missing."""
     from .trainer import TrainingInterrupted, train
 
     parser = build_parser()
@@ -108,9 +140,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(str(e))
     try:
         train(cfg)
-    except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
-        return 130
+    except TrainingInterrupted as e:  # the trainer has said where the checkpoint is
+        return 0 if e.requested else 130
+    except MissingExtraError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
     except DatasetError as e:
         parser.error(str(e))
     except ValueError as e:

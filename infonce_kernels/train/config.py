@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import infonce_kernels
+
 from .data import DATASETS
 from .models import ARCHS
 from .optim import OPTIMIZERS
@@ -19,7 +21,7 @@ from .temperature import TEMPERATURE_MODES
 
 __all__ = ["TrainConfig", "DATASET_DEFAULTS", "resolve", "option_name"]
 
-BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+BACKENDS = ("auto",) + tuple(infonce_kernels.BACKENDS)
 PRECISIONS = ("auto", "fp32", "bf16")
 STEMS = ("auto", "cifar", "imagenet")
 
@@ -75,6 +77,7 @@ class TrainConfig:
     precision: str = "auto"
     compile: bool = False
     sync_bn: Optional[bool] = None  # default: on under DDP
+    grad_cache_chunk: Optional[int] = None  # gradient caching: images (both views) per chunk; None = off
     seed: int = 0
     # evaluation
     eval_every: Optional[int] = None  # epochs; 0 = only at the start (random init) and the end
@@ -85,6 +88,8 @@ class TrainConfig:
     # outputs
     output_dir: str = os.path.join("runs", "simclr")
     resume: Optional[str] = None  # path, or "auto" = <output_dir>/last.pt
+    overwrite: bool = False  # replace a run already in output_dir (refused otherwise)
+    export: Optional[str] = None  # write the trained encoder's state_dict there at the end
     progress: bool = True
     plot: bool = True
     stop_after_epochs: Optional[int] = None  # stop (checkpoint, exit) after this epoch as if interrupted
@@ -148,6 +153,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for k in ("hidden_dim", "subset", "probe_max_train", "stop_after_epochs", "stop_after_steps"):
         positive_int(k, allow_none=True)
     positive_int("eval_every", allow_zero=True)
+    positive_int("grad_cache_chunk", allow_none=True)
     positive_int("few_shot", allow_zero=True)
     if c.batch_size < 2:
         raise _err("batch_size", f"must be >= 2 (a contrastive batch needs negatives), got {c.batch_size}")
@@ -168,6 +174,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise _err("data_dir", "not used by --dataset digits (bundled with scikit-learn)")
     if c.dataset != "digits" and c.data_dir is None:
         raise _err("data_dir", f"required for --dataset {c.dataset}")
+    if c.overwrite and c.resume:
+        raise _err("overwrite", "cannot be combined with --resume (which continues the run in --output-dir)")
     if c.stop_after_epochs is not None and c.stop_after_epochs > c.epochs:
         raise _err("stop_after_epochs", f"{c.stop_after_epochs} is beyond --epochs {c.epochs}")
     if c.hidden_dim is None:

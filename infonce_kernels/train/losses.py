@@ -35,7 +35,7 @@ def _info_nce(fn, z1, z2, temperature, labels, backend, **gather):
 
 
 def _supcon(fn, z1, z2, temperature, labels, backend, **gather):
-    # multi-view SupCon: all 2B projections with their labels (DESIGN §2)
+    # multi-view SupCon: all 2B projections with their labels (docs/design.md, the loss family)
     z = torch.cat([z1, z2])
     return fn(z, torch.cat([labels, labels]), temperature=temperature, backend=backend, **gather)
 

@@ -3,39 +3,40 @@
 ``train(config)`` runs self-supervised training with a loss of :mod:`infonce_kernels`, evaluates the
 frozen encoder (kNN + linear probe) before training (the random-initialisation baseline, same seed
 and architecture) and during/after it, writes metrics (CSV, JSON, optional TensorBoard), a PNG plot,
-and atomic checkpoints; ``resume`` continues bit-identically.
+and verified atomic checkpoints (:mod:`.checkpoint`); ``resume`` continues bit-identically.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
-import math
 import os
 import random
 import signal
 import sys
-import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from infonce_kernels.temperature import LearnableTemperature
+
 from .augment import build_augmentation, build_eval_transform
+from .checkpoint import LAST, CheckpointError, load_checkpoint, numpy_rng_state, save_checkpoint, set_numpy_rng_state
 from .config import TrainConfig, resolve
 from .data import load_dataset
 from .evaluate import evaluate_encoder
+from .extras import require_train_extra
 from .losses import get_loss, loss_gathers, loss_needs_labels
 from .models import SimCLRModel, build_encoder
 from .optim import build_optimizer, warmup_cosine
-from .temperature import Temperature
+from .outputs import (check_export_path, check_output_dir, clear_run, export_state_dict, plot_curves, summary_line,
+                      write_metrics)
+from .temperature import build_temperature
 
 __all__ = ["train", "TrainingInterrupted"]
-
-CHECKPOINT_VERSION = 1
 
 
 class _Stop(Exception):
@@ -43,11 +44,13 @@ class _Stop(Exception):
 
 
 class TrainingInterrupted(Exception):
-    """Raised by :func:`train` after an interrupt (Ctrl-C / --stop-after-*) once the checkpoint is written."""
+    """Raised by :func:`train` after an interrupt (Ctrl-C / --stop-after-*) once the checkpoint is written;
+    ``requested`` is True for a stop asked by ``--stop-after-*`` (the command then exits 0, 130 after Ctrl-C)."""
 
-    def __init__(self, checkpoint: str, summary: Dict[str, Any]):
-        super().__init__(f"training interrupted; checkpoint written to {checkpoint}")
-        self.checkpoint, self.summary = checkpoint, summary
+    def __init__(self, checkpoint: str, summary: Dict[str, Any], requested: bool = False):
+        super().__init__(f"training {'stopped as asked' if requested else 'interrupted'}; checkpoint written to "
+                         f"{checkpoint}")
+        self.checkpoint, self.summary, self.requested = checkpoint, summary, requested
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,12 +116,33 @@ def _gather_with_grad(t: torch.Tensor) -> torch.Tensor:
         return torch.cat(all_gather(t))
 
 
+def _grad_cached_loss(fwd, x1: torch.Tensor, x2: torch.Tensor, pair_loss, chunk: int,
+                      amp_dtype: Optional[torch.dtype], device: torch.device) -> torch.Tensor:
+    """--grad-cache-chunk: forward and backward of ``pair_loss(z1, z2)`` over the two views (B, ...)
+    with the activations of ``chunk`` images at a time (:func:`infonce_kernels.grad_cache.cached_step`);
+    returns the detached loss, the gradients accumulated in ``.grad``."""
+    from ..grad_cache import cached_step
+
+    b = x1.shape[0]
+    # rows interleaved (image 0 view 1, image 0 view 2, image 1 view 1, ...): each chunk holds both
+    # views of its images, as the plain step's BatchNorm batch holds both views of the batch
+    x = torch.stack([x1, x2], 1).flatten(0, 1)
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        z = z.view(b, 2, -1)
+        with torch.autocast(device.type, enabled=False):  # the loss outside autocast, as in the plain step
+            return pair_loss(z[:, 0], z[:, 1])
+
+    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        return cached_step(fwd, x, loss, 2 * chunk).loss
+
+
 # ----------------------------------------------------------------------------------------------
 # RNG state
 
 
 def _rng_state(device: torch.device) -> Dict[str, Any]:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    s = {"python": random.getstate(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         s["cuda"] = torch.cuda.get_rng_state(device)
     return s
@@ -126,7 +150,7 @@ def _rng_state(device: torch.device) -> Dict[str, Any]:
 
 def _set_rng_state(s: Dict[str, Any], device: torch.device) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    set_numpy_rng_state(s["numpy"])
     torch.set_rng_state(s["torch"])
     if device.type == "cuda" and "cuda" in s:
         torch.cuda.set_rng_state(s["cuda"], device)
@@ -146,87 +170,6 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # outputs
-
-
-def atomic_save(obj, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _csv_text(rows: List[Dict[str, Any]]) -> str:
-    import io
-
-    keys: List[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
-def write_metrics(out: str, history: Dict[str, Any], summary: Dict[str, Any]) -> None:
-    _atomic_write_text(os.path.join(out, "steps.csv"), _csv_text(history["steps"]))
-    _atomic_write_text(os.path.join(out, "epochs.csv"), _csv_text(history["epochs"]))
-    _atomic_write_text(os.path.join(out, "metrics.json"),
-                       json.dumps({"summary": summary, "epochs": history["epochs"], "steps": history["steps"]},
-                                  indent=1, default=float))
-
-
-def plot_curves(path: str, history: Dict[str, Any], baseline: Dict[str, float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    steps = history["steps"]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    if steps:
-        s = [r["step"] for r in steps]
-        loss = np.array([r["loss"] for r in steps])
-        ax[0].plot(s, loss, lw=0.6, alpha=0.5, label="step")
-        w = max(1, len(loss) // 50)
-        if w > 1:
-            sm = np.convolve(loss, np.ones(w) / w, mode="valid")
-            ax[0].plot(s[w - 1:], sm, lw=1.5, label=f"mean of {w}")
-        ax[1].plot(s, [r["temperature"] for r in steps])
-    ax[0].set(title="training loss", xlabel="step")
-    ax[0].legend()
-    ax[1].set(title="temperature", xlabel="step")
-    ev = [r for r in history["epochs"] if "knn" in r]
-    keys = [kk for kk in baseline if kk == "knn" or kk.startswith("linear")]
-    for key in keys:
-        name = {"knn": "kNN", "linear": "linear probe"}.get(key, key.replace("_", " "))
-        pts = [(r["epoch"], r[key]) for r in ev if key in r]
-        if pts:
-            line, = ax[2].plot(*zip(*pts), marker="o", label=f"{name}")
-            if key in baseline:
-                ax[2].axhline(baseline[key], ls="--", color=line.get_color(), label=f"{name}, random init")
-    ax[2].set(title="evaluation accuracy (test split)", xlabel="epoch")
-    ax[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 class _Tensorboard:
@@ -289,10 +232,36 @@ def _format_table(baseline: Dict[str, float], final: Dict[str, float], k: int, n
     return "\n".join(lines)
 
 
+def _preflight(cfg: TrainConfig, dist: Dist) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """The checks made before any work: the output directory (writable, no other run in it unless
+    --overwrite or --resume) and --export's folder on rank 0, then the checkpoint to resume, read and
+    verified. Returns (path, checkpoint) or None."""
+    problem: Optional[ValueError] = None
+    if dist.main:
+        try:
+            check_output_dir(cfg.output_dir, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+            if cfg.export:
+                check_export_path(cfg.export)
+        except ValueError as e:
+            problem = e
+    if dist.any_flag(problem is not None):
+        raise problem or ValueError("--output-dir: refused by rank 0 (see its message)")
+    if not cfg.resume:
+        return None
+    path = os.path.join(cfg.output_dir, LAST) if cfg.resume == "auto" else cfg.resume
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume: no checkpoint at {path!r}")
+    try:
+        return path, load_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume: {e}") from None
+
+
 def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
     """Run (or resume) training; returns the summary dict also written to metrics.json."""
     t_start = time.time()
     cfg = resolve(config)
+    require_train_extra(plot=cfg.plot)
     dist = Dist()
     device = _pick_device(cfg, dist)
     dist.init(device.type)
@@ -303,7 +272,7 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
     loss_fn = get_loss(cfg.loss, cfg.backend)  # clear error for an unknown/unavailable loss, before any work
     amp_dtype = _autocast_dtype(cfg, device)
     out = cfg.output_dir
-    os.makedirs(out, exist_ok=True)
+    resume = _preflight(cfg, dist)
 
     # ---- data
     bundle = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size).subset(cfg.subset, cfg.seed)
@@ -331,9 +300,10 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         encoder = model.encoder
     model.to(device)
-    temperature = Temperature(cfg.temperature_mode, cfg.temperature, tau_min=cfg.tau_min, t0=cfg.anneal_t0,
-                              total_steps=total_steps).to(device)
-    params = nn.ModuleDict({"model": model, "temperature": temperature})
+    temperature = build_temperature(cfg.temperature_mode, cfg.temperature, tau_min=cfg.tau_min, t0=cfg.anneal_t0,
+                                    total_steps=total_steps)
+    learnable = isinstance(temperature, LearnableTemperature)  # else a schedule, stepped with the optimiser
+    params = nn.ModuleDict({"model": model, "temperature": temperature.to(device)} if learnable else {"model": model})
     optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.momentum)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
@@ -358,30 +328,32 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
     history: Dict[str, Any] = {"steps": [], "epochs": []}
     baseline: Dict[str, float] = {}
     epoch, step_in_epoch, global_step = 0, 0, 0
-    resume_path = None
-    if cfg.resume:
-        resume_path = os.path.join(out, "last.pt") if cfg.resume == "auto" else cfg.resume
-        if not os.path.isfile(resume_path):
-            raise ValueError(f"--resume: no checkpoint at {resume_path!r}")
     config_echo = {k: v for k, v in dataclasses.asdict(cfg).items()}
     log("infonce-train configuration:")
     log(json.dumps(config_echo, indent=1, default=str))
     log(f"data: {bundle.summary()}; {steps_per_epoch} steps/epoch; device {device}"
         f"{' bf16 autocast' if amp_dtype else ''}; world size {dist.world_size}; loss {cfg.loss} (backend {cfg.backend})")
+    if cfg.grad_cache_chunk:
+        per_rank = cfg.batch_size // dist.world_size
+        log(f"batch {cfg.batch_size} (gradient caching: {-(-per_rank // cfg.grad_cache_chunk)} chunks of "
+            f"<= {min(cfg.grad_cache_chunk, per_rank)} images{' per rank' if dist.enabled else ''}, both views each)")
 
-    if resume_path:
-        ck = torch.load(resume_path, map_location="cpu", weights_only=False)
-        if ck.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"--resume: {resume_path!r} is not a checkpoint of this trainer (version {ck.get('version')})")
+    if resume:
+        resume_path, ck = resume
         changed = [key for key in ("dataset", "arch", "loss", "seed", "batch_size", "epochs", "optimizer", "lr",
                                    "temperature", "temperature_mode", "subset", "image_size", "width", "proj_dim")
                    if ck["config"].get(key) != config_echo.get(key)]
         if changed:
             log(f"warning: resuming with changed options {changed}; the run will not match an uninterrupted one")
-        model.load_state_dict(ck["model"])
-        temperature.load_state_dict(ck["temperature"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
+        try:
+            model.load_state_dict(ck["model"])
+            temperature.load_state_dict(ck["temperature"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"--resume: {resume_path} does not fit these options"
+                                  f"{' (changed: ' + ', '.join(changed) + ')' if changed else ''}: {why}") from None
         epoch, step_in_epoch, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
         history, baseline = ck["history"], ck["baseline"]
         rngs = ck["rng"]
@@ -394,15 +366,24 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
             log("random-init encoder: " + ", ".join(f"{kk} {100 * v:.1f}%" for kk, v in baseline.items()))
         # augmentation randomness starts from the seed (+ rank so ranks draw different crops)
         _seed_all(cfg.seed + 1 + dist.rank)
+        if cfg.overwrite and dist.main:
+            removed = clear_run(out)
+            if removed:
+                log(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
+
+    saved_at = {"step": None}  # the global step of the last checkpoint written by this process
 
     def checkpoint() -> str:
-        path = os.path.join(out, "last.pt")
+        path = os.path.join(out, LAST)
+        if saved_at["step"] == global_step:  # already written here: keep previous.pt one checkpoint back
+            return path
+        saved_at["step"] = global_step
         rngs = dist.gather_objects(_rng_state(device))
         if dist.main:
-            atomic_save(dict(version=CHECKPOINT_VERSION, config=config_echo, model=model.state_dict(),
-                             temperature=temperature.state_dict(), optimizer=optimizer.state_dict(),
-                             scheduler=scheduler.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch,
-                             global_step=global_step, history=history, baseline=baseline, rng=rngs), path)
+            save_checkpoint(dict(config=config_echo, model=model.state_dict(), temperature=temperature.state_dict(),
+                                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
+                                 step_in_epoch=step_in_epoch, global_step=global_step, history=history,
+                                 baseline=baseline, rng=rngs), path)
         dist.barrier()
         return path
 
@@ -411,14 +392,15 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
                     knn_k=k, n_test=len(bundle.test_y), random_init=baseline, trained=final,
                     wall_time_s=time.time() - t_start, output_dir=out)
 
-    # ---- Ctrl-C: finish the current step, checkpoint, exit; a second Ctrl-C aborts at once
-    stop = {"flag": False}
+    # ---- Ctrl-C: finish the current step, checkpoint, exit; a second Ctrl-C aborts at once.
+    # "asked": --stop-after-* was reached (the same on every rank)
+    stop = {"signal": False, "asked": False}
     prev_handler = None
 
     def on_sigint(signum, frame):
-        if stop["flag"]:
+        if stop["signal"]:
             raise KeyboardInterrupt
-        stop["flag"] = True
+        stop["signal"] = True
         log("\ninterrupt: finishing the current step and writing a checkpoint (Ctrl-C again to abort)",
             file=sys.stderr)
 
@@ -435,7 +417,8 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
         model.train()
         while epoch < cfg.epochs:
             perm = epoch_permutation(n, cfg.seed, epoch)
-            bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}"
+                       + (f" batch {cfg.batch_size} (grad cache)" if cfg.grad_cache_chunk else ""),
                        disable=not (cfg.progress and dist.main), dynamic_ncols=True, leave=True)
             losses_epoch = [r["loss"] for r in history["steps"] if r["epoch"] == epoch + 1]
             t_epoch = time.time()
@@ -445,33 +428,45 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
                 idx = idx[dist.rank::dist.world_size]
                 x = bundle.ssl_x[idx].to(device, non_blocking=True)
                 x1, x2 = augment(x), augment(x)
-                tau = temperature(global_step)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    z = fwd(torch.cat([x1, x2]))
-                z1, z2 = z.chunk(2)
+                tau = temperature() if learnable else temperature.temperature
                 y = bundle.ssl_y[idx].to(device) if labels_needed else None
-                if dist.enabled and not gathering_loss:
-                    z1, z2 = _gather_with_grad(z1), _gather_with_grad(z2)
-                    if y is not None:
-                        y = _gather_with_grad(y)
-                loss = loss_fn(z1, z2, tau, y, gather_distributed=dist.enabled and gathering_loss)
+
+                def pair_loss(z1, z2):
+                    y_all = y
+                    if dist.enabled and not gathering_loss:
+                        z1, z2 = _gather_with_grad(z1), _gather_with_grad(z2)
+                        if y is not None:
+                            y_all = _gather_with_grad(y)
+                    return loss_fn(z1, z2, tau, y_all, gather_distributed=dist.enabled and gathering_loss)
+
+                if cfg.grad_cache_chunk:  # forward and backward here, chunk by chunk
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = _grad_cached_loss(fwd, x1, x2, pair_loss, cfg.grad_cache_chunk, amp_dtype, device)
+                else:
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                        z = fwd(torch.cat([x1, x2]))
+                    loss = pair_loss(*z.chunk(2))
                 batch_loss = dist.mean(loss.detach())  # every rank's loss; their mean is the batch's
                 if not torch.isfinite(batch_loss):
                     raise FloatingPointError(f"loss is {batch_loss.item()} at step {global_step}; "
                                              "lower --lr or raise --temperature")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if dist.enabled and temperature.mode == "learnable" and temperature.log_scale.grad is not None:
+                if not cfg.grad_cache_chunk:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                if dist.enabled and learnable and temperature.log_scale.grad is not None:
                     torch.distributed.all_reduce(temperature.log_scale.grad)
                     temperature.log_scale.grad /= dist.world_size
                 optimizer.step()
                 scheduler.step()
-                temperature.clamp_()
+                if learnable:
+                    temperature.clamp_()
+                else:
+                    temperature.step()
                 step_in_epoch += 1
                 global_step += 1
                 dt = time.time() - t0
                 row = dict(step=global_step, epoch=epoch + 1, loss=float(batch_loss),
-                           temperature=temperature.value(global_step - 1), lr=optimizer.param_groups[0]["lr"],
+                           temperature=float(tau.detach()) if learnable else tau, lr=optimizer.param_groups[0]["lr"],
                            samples_per_s=cfg.batch_size / max(dt, 1e-9))
                 history["steps"].append(row)
                 losses_epoch.append(row["loss"])
@@ -480,8 +475,8 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
                                 samples_s=f"{row['samples_per_s']:.0f}")
                 bar.update(1)
                 if cfg.stop_after_steps is not None and global_step >= cfg.stop_after_steps:
-                    stop["flag"] = True
-                if dist.any_flag(stop["flag"]):
+                    stop["asked"] = True
+                if dist.any_flag(stop["signal"] or stop["asked"]):
                     break
             bar.close()
             if step_in_epoch < steps_per_epoch:  # interrupted mid-epoch
@@ -489,7 +484,7 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
             epoch += 1
             step_in_epoch = 0
             erow = dict(epoch=epoch, step=global_step, loss=float(np.mean(losses_epoch)) if losses_epoch else float("nan"),
-                        temperature=temperature.value(global_step), lr=optimizer.param_groups[0]["lr"],
+                        temperature=temperature.value, lr=optimizer.param_groups[0]["lr"],
                         epoch_time_s=time.time() - t_epoch)
             if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
                 erow.update(evaluate())
@@ -500,16 +495,20 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
             checkpoint()
             if dist.main:
                 write_metrics(out, history, summary({}))
-            if dist.any_flag(stop["flag"]) or (
-                    cfg.stop_after_epochs is not None and cfg.stop_after_epochs <= epoch < cfg.epochs):
+            if cfg.stop_after_epochs is not None and cfg.stop_after_epochs <= epoch:
+                stop["asked"] = True
+            if dist.any_flag(stop["signal"] or stop["asked"]) and epoch < cfg.epochs:
                 raise _Stop
     except _Stop:
         path = checkpoint()
         s = summary({})
         if dist.main:
             write_metrics(out, history, s)
-        log(f"stopped at epoch {epoch} step {global_step}; checkpoint {path}; continue with --resume")
-        raise TrainingInterrupted(path, s) from None
+        requested = not dist.any_flag(stop["signal"])
+        how = ("stopped as asked by --stop-after-" + ("steps" if cfg.stop_after_steps is not None else "epochs")
+               if requested else "interrupted")
+        log(f"{how} at epoch {epoch} step {global_step}; checkpoint {path}; continue with --resume")
+        raise TrainingInterrupted(path, s, requested=requested) from None
     finally:
         tb.close()
         if prev_handler is not None:
@@ -521,7 +520,8 @@ def train(config: TrainConfig, *, log=print) -> Dict[str, Any]:
         write_metrics(out, history, s)
         if cfg.plot:
             plot_curves(os.path.join(out, "curves.png"), history, baseline)
+        if cfg.export:
+            export_state_dict(encoder.state_dict(), cfg.export)
         log(_format_table(baseline, final, k, len(bundle.test_y)))
-        log(f"outputs in {out}: steps.csv epochs.csv metrics.json{' curves.png' if cfg.plot else ''} last.pt; "
-            f"wall time {s['wall_time_s']:.1f} s")
+        log(f"{summary_line(out, cfg.plot, cfg.export)}; wall time {s['wall_time_s']:.1f} s")
     return s

@@ -6,17 +6,16 @@ and extreme-temperature tests also run the ``cuda`` backend when it is built. Ru
 whole file takes well under a minute on an H100 apart from the 2B = 262,144
 case (~10-30 s of fp64 reference work).
 
-Accuracy rule (after flash-attention): against an fp64 reference computed on
-the *same* (rounded) inputs, the kernel's max abs error must be at most twice
-the error of the same-precision plain PyTorch computation, plus a small
-tolerance relative to the reference's magnitude.
+Accuracy rule (after flash-attention, tests/harness.py assert_within): against an fp64 reference
+computed on the *same* (rounded) inputs, the kernel's max abs error must be at most twice the error
+of the same-precision plain PyTorch computation, plus a small tolerance relative to the reference's
+magnitude.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from harness import assert_within, backend_lse, dense_lse, lse_grads, paired_backward, unavailable_reason
 
 import infonce_kernels
 import infonce_kernels.triton as tbackend
@@ -42,46 +41,19 @@ def _triton_on_cuda():
 
 
 # ----------------------------------------------------------------------------- helpers
-def _mask(M, N, exclude, device):
-    mask = torch.zeros(M, N, dtype=torch.bool, device=device)
-    rows = torch.arange(M, device=device)
-    for e in range(exclude.shape[1]):
-        col = exclude[:, e]
-        ok = col >= 0
-        mask[rows[ok], col[ok]] = True
-    return mask
-
-
+# The oracle, the same-precision baseline (tests/harness.py dense_lse in float64 / the input dtype:
+# logits rounded once to 16 bits, the scale applied in fp32) and the 2x rule come from the harness.
 def torch_lse(q, k, scale, exclude, compute_dtype):
-    """Materialised PyTorch LSE at ``compute_dtype`` (differentiable).
-
-    The logits are stored in ``compute_dtype`` (one rounding of s * q k^T); the
-    scale itself is applied in fp32 so that it is not rounded to 16 bits.
-    """
-    dots = q.to(compute_dtype) @ k.to(compute_dtype).T
-    if compute_dtype in (torch.float16, torch.bfloat16):
-        L = (dots.float() * scale.float()).to(compute_dtype)
-    else:
-        L = dots * scale.to(compute_dtype)
-    L = L.masked_fill(_mask(q.shape[0], k.shape[0], exclude, q.device), float("-inf"))
-    return torch.logsumexp(L, dim=1)
+    return dense_lse(q, k, scale, exclude, None, compute_dtype)
 
 
 def lse_and_grads(fn, q, k, scale, exclude, g, symmetric):
     """Run ``fn`` (q, k, scale) -> lse and return (lse, dq, dk-or-None, dscale)."""
-    q = q.detach().clone().requires_grad_()
-    k = q if symmetric else k.detach().clone().requires_grad_()
-    s = scale.detach().clone().requires_grad_()
-    out = fn(q, k, s)
-    wrt = [q, s] if symmetric else [q, k, s]
-    grads = torch.autograd.grad(out, wrt, g.to(out.dtype))
-    if symmetric:
-        return out.detach(), grads[0], None, grads[1]
-    return out.detach(), *grads
+    return lse_grads(fn, q, k, scale, g, symmetric)
 
 
 def triton_fn(exclude, symmetric, backend="triton"):
-    return lambda q, k, s: infonce_kernels.lse(q, k, s, exclude=exclude, symmetric=symmetric, backend=backend)
+    return backend_lse(exclude, None, symmetric, backend)
 
 
 # The scale, determinism and extreme-temperature tests run the cuda backend too, when it is built.
@@ -89,18 +61,13 @@ KERNEL_BACKENDS = ["triton", "cuda"]
 
 
 def _needs(backend):
-    why = infonce_kernels.ops.unavailable_reason(backend, torch.device(DEV))
+    why = unavailable_reason(backend, torch.device(DEV))
     if why:
         pytest.skip(f"{backend} backend unavailable: {why}")
 
 
 def check_rule(actual, expected, baseline, rtol, what):
-    expected = expected.double()
-    err = (actual.double() - expected).abs().max().item()
-    base = (baseline.double() - expected).abs().max().item()
-    tol = rtol * max(expected.abs().max().item(), 1e-30)
-    assert math.isfinite(err), f"{what}: non-finite"
-    assert err <= 2 * base + tol, f"{what}: error {err:.3e} > 2 x torch error {base:.3e} + {tol:.3e}"
+    assert_within(actual, expected, baseline, what, rtol=rtol)
 
 
 def make_inputs(M, N, d, dtype, symmetric, E, scale, normalize=False, seed=0):
@@ -288,8 +255,6 @@ def test_nt_xent_through_loss():
 def test_paired_backward_gathered_rows(dtype, labelled):
     """A rank's rows z[off:off+m] against all rows z (NT-Xent exclusions on both sides, key side
     in z's numbering): dq against the fp64 reference backend, and against rows of the symmetric dz."""
-    from infonce_kernels.ops import paired_backward
-
     n, m, off, d = 4096, 1000, 2048, 128
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")

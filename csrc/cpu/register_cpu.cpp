@@ -1,0 +1,12 @@
+// The CPU dispatch key of the private ops (schemas in csrc/ops.cpp): the kernels of
+// csrc/cpu/lse_cpu.cpp behind the shared argument checks (csrc/common/register_impls.h).
+#include "../common/register_impls.h"
+#include "lse_cpu.h"
+
+namespace infonce_kernels {
+
+TORCH_LIBRARY_IMPL(infonce_kernels, CPU, m) {
+  OpImpls<lse_forward_cpu, lse_backward_cpu, lse_backward_paired_cpu>::register_all(m);
+}
+
+}  // namespace infonce_kernels
