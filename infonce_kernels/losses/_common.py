@@ -88,7 +88,10 @@ def two_views(name, z1, z2, temperature, normalize, reduction, gather_distribute
     check_views(name, z1, z2, reduction, gather_distributed)
     tau, scale = inverse_temperature(temperature, z1)
     v.check_values({"z1": z1, "z2": z2}, inverse={"temperature": tau})
-    z = torch.cat([z1, z2])
+    # Autocast off: under a float16 region, autocast's cat refuses two bfloat16 views (and would
+    # recast them); the views keep their dtype, as the op does.
+    with torch.autocast(z1.device.type, enabled=False):
+        z = torch.cat([z1, z2])
     return (l2_normalize(z) if normalize else z), z1.shape[0], scale
 
 

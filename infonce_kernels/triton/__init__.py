@@ -86,9 +86,14 @@ def available(device) -> Tuple[bool, str]:
     return False, f"triton backend does not support device type {dev.type!r}"
 
 
-def _load():
-    """Import (and thereby decorate) the kernel modules; remember the interpret mode."""
+def _load(q: torch.Tensor):
+    """Import (and thereby decorate) the kernel modules; remember the interpret mode. Refuses
+    bfloat16 under the interpreter, whose numpy emulation of bfloat16 gives wrong results."""
     global _kernels_mode
+    if q.dtype == torch.bfloat16 and _interpret():
+        raise TypeError("the triton backend cannot run bfloat16 inputs under the Triton interpreter "
+                        "(TRITON_INTERPRET=1): its numpy emulation of bfloat16 gives wrong results; use float16, "
+                        "float32 or float64 there, or the cpu backend")
     from . import _backward, _forward  # noqa: PLC0415
     if _kernels_mode is None:
         _kernels_mode = _interpret()
@@ -108,7 +113,7 @@ def forward(q, k, scale, spec) -> torch.Tensor:
     q (M, d), k (N, d) same dtype (``k is q`` when symmetric; the forward is the same in both
     cases), scale () fp32 (fp64 for fp64). Returns fp32 (fp64 for fp64 inputs).
     """
-    fwd, _ = _load()
+    fwd, _ = _load(q)
     with _device_guard(q):
         return fwd.lse_forward(q, k, scale, spec)
 
@@ -119,7 +124,7 @@ def backward(grad, q, k, scale, spec, lse):
     dq (M, d) in q.dtype; dk (N, d) in k.dtype, or ``q.new_empty(0)`` when ``spec.symmetric``
     (dq then holds the whole gradient on z = q = k); dscale () in scale.dtype.
     """
-    _, bwd = _load()
+    _, bwd = _load(q)
     with _device_guard(q):
         return bwd.lse_backward(grad.to(lse.dtype), q, k, scale, spec, lse)
 
@@ -135,7 +140,7 @@ def backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, r
     backward is the case k = q, key side = row side, row_offset 0. dq in q.dtype, dscale () in
     scale.dtype.
     """
-    _, bwd = _load()
+    _, bwd = _load(q)
     with _device_guard(q):
         return bwd.lse_backward_paired(grad.to(lse.dtype), q, k, scale, spec, lse, key_grad.to(lse.dtype),
                                        key_lse.to(lse.dtype), key_spec, int(row_offset))
