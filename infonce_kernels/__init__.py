@@ -7,6 +7,7 @@ Every loss is a thin composition over one primitive, the masked, scaled row log-
 from .losses import ClipLoss, InfoNCELoss, NTXentLoss, clip_loss, info_nce, nt_xent
 from .losses import (DCLLoss, DCLWLoss, DebiasedNTXentLoss, DHELLoss, HardNegativeNTXentLoss, KCLLoss, SupConLoss,
                      alignment, dcl, dclw, debiased_nt_xent, dhel, hard_negative_nt_xent, kcl, supcon, uniformity)
+from .grad_cache import CachedStepOutput, cached_step
 from .ops import BACKENDS, available_backends, lse, resolve_backend
 
 __version__ = "0.1.0"
@@ -22,6 +23,8 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "resolve_backend",
+    "cached_step",
+    "CachedStepOutput",
 ]
 
 from .temperature import (
