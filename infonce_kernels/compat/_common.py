@@ -1,10 +1,14 @@
 """Helpers shared by the adapters (not public)."""
 
+import functools
 import inspect
 
 import torch
 
 import infonce_kernels as ik
+# The package's private helpers the adapters use (re-pointed here when the package is reorganised):
+# the dtype the losses accumulate in, and the checked (z, B, 1/tau) of a two-view loss.
+from infonce_kernels.losses import two_views  # noqa: F401  (re-exported for lightly's DCL)
 from infonce_kernels.ops import _lse_dtype
 
 # The op's label rule (row_labels / key_labels / positive): skip every key of the row's class.
@@ -23,6 +27,29 @@ def acc(x: torch.Tensor) -> torch.Tensor:
 
 def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (acc(a) * acc(b)).sum(-1)
+
+
+def autocast_off(forward):
+    """Run an adapter's ``forward`` with autocast disabled on the device of its first tensor
+    argument: the op already computes on the dtypes it receives (fp32 accumulation), and the
+    adapters' own small matmuls (PML's per-class blocks, info-nce's paired negatives, a SupContrast
+    mask) then stay in float32 as well, so every adapter returns float32 under torch.autocast."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if x is None or not torch.is_autocast_enabled(x.device.type):
+            return forward(self, *args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+def precise_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean accumulated in float64, returned in x's dtype: a float32 mean of 2B near-equal
+    values loses about log2(2B) bits, more than the per-row losses themselves carry."""
+    return x.mean(dtype=torch.float64).to(x.dtype)
 
 
 def world_size() -> int:
