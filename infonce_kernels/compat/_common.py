@@ -16,8 +16,11 @@ HAS_LABEL_OP = "row_labels" in inspect.signature(ik.lse).parameters
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """``torch.nn.functional.normalize(x, dim=-1)``, as the peer libraries call it (eps 1e-12)."""
-    return torch.nn.functional.normalize(x, dim=-1)
+    """``torch.nn.functional.normalize(x, dim=-1)``, as the peer libraries call it (eps 1e-12),
+    with the norm and the division in the accumulation dtype and the result in x's dtype: a
+    float16/bfloat16 norm would scale whole rows by its rounding error (what the peers avoid under
+    autocast, which computes the norm in float32)."""
+    return torch.nn.functional.normalize(acc(x), dim=-1).to(x.dtype)
 
 
 def acc(x: torch.Tensor) -> torch.Tensor:
@@ -29,17 +32,27 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (acc(a) * acc(b)).sum(-1)
 
 
+def _float32(x):
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.element_size() < 4:
+        return x.float()
+    return x
+
+
 def autocast_off(forward):
-    """Run an adapter's ``forward`` with autocast disabled on the device of its first tensor
-    argument: the op already computes on the dtypes it receives (fp32 accumulation), and the
-    adapters' own small matmuls (PML's per-class blocks, info-nce's paired negatives, a SupContrast
-    mask) then stay in float32 as well, so every adapter returns float32 under torch.autocast."""
+    """Run an adapter's ``forward`` as the peers run under ``torch.autocast``: autocast computes
+    their normalisation and log-sum-exp in float32 (only their matmuls round to float16/bfloat16),
+    so the adapter takes its float16/bfloat16 tensor arguments to float32 (the gradients flow
+    back in their dtype) and runs with autocast disabled on their device: every adapter returns a
+    float32 loss under autocast, at least as precise as the peer's. Without autocast the inputs
+    are used in their dtype."""
 
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
         x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if x is None or not torch.is_autocast_enabled(x.device.type):
             return forward(self, *args, **kwargs)
+        args = [_float32(a) for a in args]
+        kwargs = {k: _float32(v) for k, v in kwargs.items()}
         with torch.autocast(x.device.type, enabled=False):
             return forward(self, *args, **kwargs)
 
