@@ -7,7 +7,8 @@ the way as empty namespaces (their ``__path__`` only), so no package ``__init__`
 already ran. lightly's ``lightly/models/utils.py`` (its memory bank's gather helper) imports
 ``torchvision.ops.StochasticDepth`` at module level without using it for the losses: when
 torchvision is absent, a placeholder ``torchvision.ops`` whose ``StochasticDepth`` raises on use
-is registered for that import. Returns None when the peer is not installed.
+is registered for that import (also when an installed torchvision fails to import: a build for
+another torch). Returns None when the peer is not installed.
 """
 
 import importlib
@@ -44,8 +45,14 @@ class _NoTorchvision:
 
 
 def _torchvision_placeholder() -> None:
-    if importlib.util.find_spec("torchvision") is not None or "torchvision" in sys.modules:
+    """Register the placeholder unless torchvision imports (a torchvision built for another torch
+    raises RuntimeError on import: that counts as absent)."""
+    try:
+        import torchvision.ops  # noqa: F401
         return
+    except Exception:  # ImportError, or a torchvision whose C++ ops do not match this torch
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
     tv, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
     tv.__path__, tv.ops, ops.StochasticDepth = [], ops, _NoTorchvision
     sys.modules.update({"torchvision": tv, "torchvision.ops": ops})
@@ -55,8 +62,10 @@ def module(name: str):
     """The module ``name`` (e.g. ``"lightly.loss.dcl_loss"``), or None when it is not installed."""
     try:
         return importlib.import_module(name)
-    except ImportError:
-        pass
+    except Exception:  # ImportError, or the RuntimeError of a torchvision built for another torch
+        top = name.partition(".")[0]
+        for half_imported in [m for m in sys.modules if m.startswith(top + ".")]:
+            del sys.modules[half_imported]
     parent = name.rpartition(".")[0]
     try:
         if not _namespace(parent):
