@@ -41,6 +41,21 @@ from ._common import acc, autocast_off, row_dot
 __all__ = ["ClipLoss"]
 
 
+class _MeanGradOverRanks(torch.autograd.Function):
+    """Identity whose backward averages the gradient over the ranks: every rank then holds the
+    gradient of the whole batch's loss, as open_clip's ``local_loss=False`` gives each rank."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad / dist.get_world_size()
+
+
 def _any_sign_clip_loss(img, txt, logit_scale, backend):
     """open_clip's loss for a ``logit_scale`` of any sign (open_clip computes a finite loss for
     s <= 0 too): s <img_i, txt_j> = |s| <-img_i, txt_j>, so s < 0 is the positive scale on the
@@ -138,6 +153,10 @@ class ClipLoss(nn.Module):
                 loss = ik.clip_loss(all_img, all_txt, logit_scale, normalize=False, backend=self.backend)
         else:
             # (world / N) * sum over this rank's pairs: open_clip's local loss for equal batches.
+            if not self.local_loss and isinstance(logit_scale, torch.Tensor) and logit_scale.requires_grad:
+                # this rank's pairs give their part of d loss / d scale; open_clip's rank computes
+                # the whole batch's loss, so each rank gets the gradient of all pairs
+                logit_scale = _MeanGradOverRanks.apply(logit_scale)
             loss = ik.clip_loss(image_features, text_features, logit_scale, normalize=False, backend=self.backend,
                                 gather_distributed=True)
             if not self.local_loss:  # the whole batch's loss on every rank, same gradients
