@@ -126,10 +126,18 @@ class NTXentLoss(nn.Module):
         """Deprecated alias of ``memory_bank.bank`` (lightly's attribute)."""
         return self.memory_bank.bank
 
+    @bank.setter
+    def bank(self, value: Tensor) -> None:
+        self.memory_bank.bank = value
+
     @property
     def bank_ptr(self) -> Tensor:
         """Deprecated alias of ``memory_bank.bank_ptr``."""
         return self.memory_bank.bank_ptr
+
+    @bank_ptr.setter
+    def bank_ptr(self, value: Tensor) -> None:
+        self.memory_bank.bank_ptr = value
 
     @autocast_off
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
