@@ -49,18 +49,23 @@ if for_tests and importlib.util.find_spec("triton") is None:
 requirements = list(project["dependencies"])
 for extra in extras:
     requirements += project["optional-dependencies"][extra]
+# Peers whose package __init__ needs torchvision (none matches every torch): installed without
+# their dependencies; the tests load their loss modules from the files (tests/peers/load.py).
+no_deps = tomllib.load(open("pyproject.toml", "rb"))["tool"]["infonce_kernels"]["test-without-dependencies"]
+no_deps = no_deps if for_tests else []
 
 common = [sys.executable, importlib.metadata.version("torch")]
-requirements_key = hashlib.sha256("\n".join(common + requirements).encode()).hexdigest()
+requirements_key = hashlib.sha256("\n".join(common + requirements + ["--no-deps"] + no_deps).encode()).hexdigest()
 build = hashlib.sha256("\n".join(common + [os.environ.get(v, "") for v in ("INFONCE_NO_CUDA", "INFONCE_CUDA_ARCHS")]).encode())
 files = ["setup.py", "pyproject.toml", "infonce_kernels/_build_spec.py"]
 files += sorted(p for p in glob.glob("csrc/**/*", recursive=True) if os.path.isfile(p))
 for path in files:
     build.update(path.encode() + b"\0" + open(path, "rb").read() + b"\0")
 print(requirements_key, build.hexdigest(), *requirements)
+print(*no_deps)
 EOF
 )
-read -r requirements_key build_key requirements <<<"$state"
+{ read -r requirements_key build_key requirements; read -r no_deps || true; } <<<"$state"
 
 stamps=build/setup-stamps
 mkdir -p "$stamps"
@@ -68,6 +73,10 @@ changed=0
 if [ "$(cat "$stamps/requirements" 2>/dev/null)" != "$requirements_key" ]; then
   # shellcheck disable=SC2086  # one word per requirement
   "$PY" -m pip install -q $requirements
+  if [ -n "$no_deps" ]; then
+    # shellcheck disable=SC2086  # one word per requirement
+    "$PY" -m pip install -q --no-deps $no_deps
+  fi
   echo "$requirements_key" >"$stamps/requirements"
   changed=1
 fi

@@ -79,7 +79,7 @@ def test_lightly_ntxent(backend):
 def test_lightly_ntxent_memory_bank(backend):
     torch.manual_seed(1)
     ours = c_lightly.NTXentLoss(0.3, memory_bank_size=(7, 5), backend=backend).double()
-    bank = ours.bank.clone()
+    bank = ours.memory_bank.bank.clone()
     assert bank.shape == (7, 5) and torch.allclose(bank.norm(dim=1), torch.ones(7, dtype=torch.float64))
     for step in range(3):  # 4 + 4 > 7: the ring buffer wraps and drops the rest of the batch
         out0, out1 = leaves((4, 5), (4, 5))
@@ -89,7 +89,7 @@ def test_lightly_ntxent_memory_bank(backend):
             logits = torch.cat([(a * b).sum(1, keepdim=True), a @ bank.T], 1) / 0.3
             return F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
 
-        ptr = int(ours.bank_ptr)
+        ptr = int(ours.memory_bank.bank_ptr)
         check(lambda a, b: ours(a, b), expected, [out0, out1])
         # check() called the adapter once: one enqueue of the normalised out1
         new = F.normalize(out1.detach(), dim=1)
@@ -99,18 +99,18 @@ def test_lightly_ntxent_memory_bank(backend):
         else:
             bank[ptr: ptr + 4] = new
             ptr += 4
-        torch.testing.assert_close(ours.bank, bank)
-        assert int(ours.bank_ptr) == ptr
+        torch.testing.assert_close(ours.memory_bank.bank, bank)
+        assert int(ours.memory_bank.bank_ptr) == ptr
     # no update without gradient
-    before = ours.bank.clone()
+    before = ours.memory_bank.bank.clone()
     ours(torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64))
-    torch.testing.assert_close(ours.bank, before)
+    torch.testing.assert_close(ours.memory_bank.bank, before)
 
 
 def test_lightly_ntxent_int_bank_and_errors():
     loss = c_lightly.NTXentLoss(memory_bank_size=16)
     out = loss(torch.randn(4, 8, requires_grad=True), torch.randn(4, 8))
-    assert loss.bank.shape == (16, 8) and torch.isfinite(out)
+    assert loss.memory_bank.bank.shape == (16, 8) and torch.isfinite(out)
     with pytest.raises(ValueError):
         c_lightly.NTXentLoss(temperature=0.0)
 

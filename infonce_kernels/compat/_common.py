@@ -1,10 +1,14 @@
 """Helpers shared by the adapters (not public)."""
 
+import functools
 import inspect
 
 import torch
 
 import infonce_kernels as ik
+# The package's private helpers the adapters use: the dtype the losses accumulate in, and the
+# checked (z, B, 1/tau) of a two-view loss.
+from infonce_kernels.losses._common import two_views  # noqa: F401  (re-exported for lightly's DCL)
 from infonce_kernels.ops import accumulation_dtype as _lse_dtype
 
 # The op's label rule (row_labels / key_labels / positive): skip every key of the row's class.
@@ -12,8 +16,11 @@ HAS_LABEL_OP = "row_labels" in inspect.signature(ik.lse).parameters
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """``torch.nn.functional.normalize(x, dim=-1)``, as the peer libraries call it (eps 1e-12)."""
-    return torch.nn.functional.normalize(x, dim=-1)
+    """``torch.nn.functional.normalize(x, dim=-1)``, as the peer libraries call it (eps 1e-12),
+    with the norm and the division in the accumulation dtype and the result in x's dtype: a
+    float16/bfloat16 norm would scale whole rows by its rounding error (what the peers avoid under
+    autocast, which computes the norm in float32)."""
+    return torch.nn.functional.normalize(acc(x), dim=-1).to(x.dtype)
 
 
 def acc(x: torch.Tensor) -> torch.Tensor:
@@ -23,6 +30,39 @@ def acc(x: torch.Tensor) -> torch.Tensor:
 
 def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (acc(a) * acc(b)).sum(-1)
+
+
+def _float32(x):
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.element_size() < 4:
+        return x.float()
+    return x
+
+
+def autocast_off(forward):
+    """Run an adapter's ``forward`` as the peers run under ``torch.autocast``: autocast computes
+    their normalisation and log-sum-exp in float32 (only their matmuls round to float16/bfloat16),
+    so the adapter takes its float16/bfloat16 tensor arguments to float32 (the gradients flow
+    back in their dtype) and runs with autocast disabled on their device: every adapter returns a
+    float32 loss under autocast, at least as precise as the peer's. Without autocast the inputs
+    are used in their dtype."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if x is None or not torch.is_autocast_enabled(x.device.type):
+            return forward(self, *args, **kwargs)
+        args = [_float32(a) for a in args]
+        kwargs = {k: _float32(v) for k, v in kwargs.items()}
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+def precise_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean accumulated in float64, returned in x's dtype: a float32 mean of 2B near-equal
+    values loses about log2(2B) bits, more than the per-row losses themselves carry."""
+    return x.mean(dtype=torch.float64).to(x.dtype)
 
 
 def world_size() -> int:

@@ -20,7 +20,7 @@ from torch import nn
 
 import infonce_kernels as ik
 
-from ._common import acc, normalize, row_dot
+from ._common import acc, autocast_off, normalize, row_dot
 
 __all__ = ["InfoNCE", "info_nce"]
 
@@ -37,6 +37,11 @@ def _reduce(loss, reduction):
 
 def info_nce(query, positive_key, negative_keys=None, temperature=0.1, reduction="mean",
              negative_mode="unpaired", *, backend="auto"):
+    """info-nce-pytorch's ``info_nce`` (under autocast: float32, see ``InfoNCE``)."""
+    return InfoNCE(temperature, reduction, negative_mode, backend=backend)(query, positive_key, negative_keys)
+
+
+def _info_nce(query, positive_key, negative_keys, temperature, reduction, negative_mode, backend):
     if query.dim() != 2:
         raise ValueError("<query> must have 2 dimensions.")
     if positive_key.dim() != 2:
@@ -79,6 +84,7 @@ class InfoNCE(nn.Module):
         self.temperature, self.reduction, self.negative_mode, self.backend = (
             temperature, reduction, negative_mode, backend)
 
+    @autocast_off
     def forward(self, query, positive_key, negative_keys=None):
-        return info_nce(query, positive_key, negative_keys, temperature=self.temperature,
-                        reduction=self.reduction, negative_mode=self.negative_mode, backend=self.backend)
+        return _info_nce(query, positive_key, negative_keys, self.temperature, self.reduction, self.negative_mode,
+                         self.backend)

@@ -27,6 +27,8 @@ process's) the loss runs over every rank's features, with open_clip's values and
 Horovod is not supported.
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -34,9 +36,39 @@ from torch import nn
 import infonce_kernels as ik
 from infonce_kernels import distributed
 
-from ._common import row_dot
+from ._common import acc, autocast_off, row_dot
 
 __all__ = ["ClipLoss"]
+
+
+class _MeanGradOverRanks(torch.autograd.Function):
+    """Identity whose backward averages the gradient over the ranks: every rank then holds the
+    gradient of the whole batch's loss, as open_clip's ``local_loss=False`` gives each rank."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad / dist.get_world_size()
+
+
+def _any_sign_clip_loss(img, txt, logit_scale, backend):
+    """open_clip's loss for a ``logit_scale`` of any sign (open_clip computes a finite loss for
+    s <= 0 too): s <img_i, txt_j> = |s| <-img_i, txt_j>, so s < 0 is the positive scale on the
+    negated images; at s = 0 every logit is 0 and the loss is log B + s (<mean img, mean txt> -
+    mean_i <img_i, txt_i>), which carries open_clip's gradient for s (zero for the features)."""
+    s = torch.as_tensor(logit_scale)
+    if bool((s > 0).all()):
+        return ik.clip_loss(img, txt, logit_scale, normalize=False, backend=backend)
+    if bool((s < 0).all()):
+        return ik.clip_loss(-img, txt, -logit_scale, normalize=False, backend=backend)
+    a, t = acc(img), acc(txt)
+    slope = (a.mean(0) * t.mean(0)).sum() - row_dot(img, txt).mean()
+    return math.log(img.shape[0]) + acc(s).reshape(()) * slope
 
 
 class ClipLoss(nn.Module):
@@ -70,6 +102,35 @@ class ClipLoss(nn.Module):
             everyone = torch.cat([everyone[:lo], x, everyone[hi:]])
         return everyone, lo
 
+    def get_ground_truth(self, device, num_logits) -> torch.Tensor:
+        """open_clip's labels: ``arange(num_logits)``, offset by ``num_logits * rank`` for the
+        local loss over several processes."""
+        labels = torch.arange(num_logits, device=device, dtype=torch.long)
+        if self.world_size > 1 and self.local_loss:
+            labels = labels + num_logits * self.rank
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's ``(logits_per_image, logits_per_text)``: this materialises the logits, as
+        open_clip returns them (for logging or retrieval accuracy); the loss never does. Over
+        several processes, this rank's rows against every rank's (``local_loss``) or the whole
+        batch's logits, gathered without gradient from the other ranks."""
+        img, txt = image_features, text_features
+        if self.world_size > 1:
+            self._check_group()
+            all_img, _ = self._gather_without_grad(img)
+            all_txt, _ = self._gather_without_grad(txt)
+            if not self.local_loss:
+                img, txt = all_img, all_txt
+        else:
+            all_img, all_txt = img, txt
+        logits_per_image = logit_scale * img @ all_txt.T
+        logits_per_text = logit_scale * txt @ all_img.T
+        if logit_bias is not None:
+            logits_per_image, logits_per_text = logits_per_image + logit_bias, logits_per_text + logit_bias
+        return logits_per_image, logits_per_text
+
+    @autocast_off
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         if logit_bias is not None and torch.as_tensor(logit_bias).numel() != 1:
             raise ValueError("logit_bias: only a scalar bias is supported (it cancels in the cross-entropies); "
@@ -77,7 +138,7 @@ class ClipLoss(nn.Module):
         if self.world_size > 1:
             self._check_group()
         if self.world_size == 1:
-            loss = ik.clip_loss(image_features, text_features, logit_scale, normalize=False, backend=self.backend)
+            loss = _any_sign_clip_loss(image_features, text_features, logit_scale, self.backend)
         elif not self.gather_with_grad:
             all_img, lo = self._gather_without_grad(image_features)
             all_txt, _ = self._gather_without_grad(text_features)
@@ -92,6 +153,10 @@ class ClipLoss(nn.Module):
                 loss = ik.clip_loss(all_img, all_txt, logit_scale, normalize=False, backend=self.backend)
         else:
             # (world / N) * sum over this rank's pairs: open_clip's local loss for equal batches.
+            if not self.local_loss and isinstance(logit_scale, torch.Tensor) and logit_scale.requires_grad:
+                # this rank's pairs give their part of d loss / d scale; open_clip's rank computes
+                # the whole batch's loss, so each rank gets the gradient of all pairs
+                logit_scale = _MeanGradOverRanks.apply(logit_scale)
             loss = ik.clip_loss(image_features, text_features, logit_scale, normalize=False, backend=self.backend,
                                 gather_distributed=True)
             if not self.local_loss:  # the whole batch's loss on every rank, same gradients

@@ -25,7 +25,7 @@ from torch import nn
 
 import infonce_kernels as ik
 
-from ._common import acc, row_dot
+from ._common import acc, autocast_off, row_dot
 
 __all__ = ["SupConLoss"]
 
@@ -38,6 +38,7 @@ class SupConLoss(nn.Module):
         self.temperature, self.contrast_mode, self.base_temperature = temperature, contrast_mode, base_temperature
         self.backend = backend
 
+    @autocast_off
     def forward(self, features, labels=None, mask=None):
         if features.dim() < 3:
             raise ValueError("`features` needs to be [bsz, n_views, ...], at least 3 dimensions are required")
@@ -73,7 +74,7 @@ class SupConLoss(nn.Module):
             diag = torch.ones(rows, dtype=pos_sum.dtype, device=device)
             n_pos = views * torch.bincount(inv, minlength=uk.numel())[inv[sample]].to(pos_sum.dtype) - diag
         else:
-            mask = acc(mask.to(device))
+            mask = mask.to(device=device, dtype=view_sum.dtype)  # float, int or bool weights
             if mask.shape != (bsz, bsz):
                 raise ValueError(f"mask must be ({bsz}, {bsz}), got {tuple(mask.shape)}")
             pos_sum = (mask @ view_sum)[sample]
