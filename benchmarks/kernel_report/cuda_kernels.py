@@ -1,6 +1,6 @@
 """Compile the hand-written CUDA kernels (csrc/cuda/*.cu) for one architecture and read them.
 
-``nvcc -cubin`` (and ``-ptx``) with the flags setup.py passes (-O3 -std=c++20 -lineinfo
+``nvcc -ptx`` then ``ptxas`` (as ``nvcc -cubin`` does) with the flags setup.py passes (-O3 -std=c++20 -lineinfo
 --expt-relaxed-constexpr, torch's -D__CUDA_NO_* defines), every directory under csrc/ on the
 include path, ``-Xptxas -v`` for registers / spills / shared memory per kernel; the cubin is
 disassembled with cuobjdump for the SASS counts of :mod:`.sass`.
@@ -130,15 +130,20 @@ def compile_arch(root: str, cap: int, out_dir: str, nvcc: str | None = None) -> 
     kernels: dict[str, dict] = {}
     for src in sources(root):
         stem = os.path.splitext(os.path.basename(src))[0]
+        # nvcc -ptx (front end, the flags of setup.py), then the toolkit's ptxas -v on that PTX: the
+        # cubin nvcc -cubin would build (nvcc passes -O3 and -lineinfo on to ptxas), compiled once
+        ptx = os.path.join(out_dir, f"{stem}.sm{cap}.ptx")
         cubin = os.path.join(out_dir, f"{stem}.sm{cap}.cubin")
-        r = subprocess.run([nvcc, *FLAGS, *incs, "-Xptxas", "-v", "-cubin", f"-arch=sm_{cap}", src, "-o", cubin],
-                           capture_output=True, text=True)
+        r = subprocess.run([nvcc, *FLAGS, *incs, "-ptx", f"-arch=sm_{cap}", src, "-o", ptx], capture_output=True,
+                           text=True)
         if r.returncode != 0:
             raise RuntimeError(f"nvcc failed on {os.path.relpath(src, root)} for sm_{cap}:\n{r.stderr[-3000:]}")
+        ptxas = os.path.join(os.path.dirname(nvcc), "ptxas")
+        r = subprocess.run([ptxas, "-v", "-O3", "-lineinfo", f"--gpu-name=sm_{cap}", ptx, "-o", cubin],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"ptxas failed on {os.path.relpath(src, root)} for sm_{cap}:\n{r.stderr[-3000:]}")
         res = parse_ptxas(r.stderr + r.stdout)
-        ptx = os.path.join(out_dir, f"{stem}.sm{cap}.ptx")
-        subprocess.run([nvcc, *FLAGS, *incs, "-ptx", f"-arch=sm_{cap}", src, "-o", ptx], capture_output=True,
-                       check=True)
         ptx_text = open(ptx).read()
         funcs = {}
         if cuobjdump:
@@ -175,7 +180,7 @@ def per_element(ins, short: str, consts: dict[str, int]):
     rows, keys, threads = geo
     body = sass.main_loop(ins)
     if body is None:
-        return {"unavailable": "no loop holding MUFU.EX2"}
+        return {"unavailable": "no loop"}
     c = sass.count_body(ins, body, 1)
     elems = rows * keys
     return dict(method="static main-loop body x threads / tile elements; inner loops and both sides of "

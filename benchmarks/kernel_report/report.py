@@ -17,7 +17,7 @@ METHOD = {
             "of the CUDA tensor-core kernels is set at launch and not shown)",
     "tensor_core": "from SASS: wgmma = HGMMA present, mma.sync = HMMA/DMMA present, none = FMA only",
     "per_element": (
-        "main loop = outermost backward-branch loop holding MUFU.EX2 (the key-block loop); its body is counted "
+        "main loop = outermost backward-branch loop holding MUFU.EX2 (the key-block loop; fp64: the longest outermost loop); its body is counted "
         "statically per thread (every instruction once, predicated-off ones too; inner loops x their trip count: "
         "Triton ceil(d / BLOCK_D), CUDA 1); per unique element = count x threads per program / (BLOCK_M x BLOCK_N) "
         "x programs per tile (grid dimensions after the first: d-out chunks that recompute the same tile). "

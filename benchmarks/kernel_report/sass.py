@@ -5,7 +5,8 @@ Method (the numbers in the kernel report):
 * a **loop** is a backward branch ``BRA target`` at address ``a`` with ``target <= a``; its body is
   ``[target, a]``; loops nest by address containment;
 * the **main loop** is the outermost loop whose body holds a ``MUFU.EX2`` (the loop over key
-  blocks, where the exponentials of the tile are taken); a kernel without one has no main loop;
+  blocks, where the exponentials of the tile are taken); in a kernel without MUFU.EX2 (fp64, whose
+  exp is computed in software) the outermost loop with the longest body;
 * one main-loop iteration is counted **statically**: every instruction of the body once (both
   sides of a branch inside it, predicated-off instructions too: they still issue), each inner loop
   multiplied by a trip count the caller gives (the Triton kernels' only inner loop is the d-chunk
@@ -68,12 +69,15 @@ def _inside(inner, outer) -> bool:
 
 
 def main_loop(ins: list[Ins]):
-    """The outermost loop holding a MUFU.EX2 -> (first, last), or None."""
+    """The outermost loop holding a MUFU.EX2 -> (first, last); without any MUFU.EX2 (fp64: exp in
+    software) the outermost loop with the most instructions; None without loops."""
     ex2 = [i.addr for i in ins if i.op.startswith("MUFU.EX2")]
-    cands = [lp for lp in loops(ins) if any(lp[0] <= a <= lp[1] for a in ex2)]
+    every = loops(ins)
+    cands = [lp for lp in every if any(lp[0] <= a <= lp[1] for a in ex2)]
     outer = [lp for lp in cands if not any(_inside(lp, o) for o in cands)]
     if not outer:
-        return None
+        tops = [lp for lp in every if not any(_inside(lp, o) for o in every)]
+        return max(tops, key=lambda lp: lp[1] - lp[0]) if tops else None
     # several disjoint candidates (e.g. peeled copies): the one with the most exponentials
     return max(outer, key=lambda lp: sum(lp[0] <= a <= lp[1] for a in ex2))
 

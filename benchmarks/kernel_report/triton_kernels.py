@@ -47,6 +47,7 @@ class Launch:
     grid: tuple
     args: tuple
     kwargs: dict
+    phase: str = ""           # "forward" or "backward": which call of the loss launched it
 
     @property
     def name(self) -> str:
@@ -146,12 +147,14 @@ def record_scenario(sc: Scenario, cap: int) -> list[Launch]:
             ex = _meta(M, 1, dtype=i64)
             lab = (_meta(M, dtype=i64),) * 3 if sc.labels else (no_lab,) * 3
             lse = tb.forward(z, z, scale, ex, *lab, True)
+            n_fwd = len(rec)
             tb.backward(_meta(M, dtype=acc), z, z, scale, ex, *lab, True, lse)
         elif sc.name == "general":    # InfoNCE-style: q against separate keys, one exclusion
             q, k = _meta(M, sc.d, dtype=dt), _meta(M, sc.d, dtype=dt)
             ex = _meta(M, 1, dtype=i64)
             lab = (_meta(M, dtype=i64),) * 3 if sc.labels else (no_lab,) * 3
             lse = tb.forward(q, k, scale, ex, *lab, False)
+            n_fwd = len(rec)
             tb.backward(_meta(M, dtype=acc), q, k, scale, ex, *lab, False, lse)
         elif sc.name == "clip":       # two row LSEs (image->text, text->image), paired backward
             a, b = _meta(M, sc.d, dtype=dt), _meta(M, sc.d, dtype=dt)
@@ -160,11 +163,14 @@ def record_scenario(sc: Scenario, cap: int) -> list[Launch]:
             kpos = _meta(M, dtype=i64) if sc.labels else no_lab
             ra = tb.forward(a, b, scale, ex, *lab, False)
             rb = tb.forward(b, a, scale, ex, *lab, False)
+            n_fwd = len(rec)
             g = _meta(M, dtype=acc)
             tb.backward_paired(g, a, b, scale, ex, *lab, ra, g, rb, ex, kpos, 0)
             tb.backward_paired(g, b, a, scale, ex, *lab, rb, g, ra, ex, kpos, 0)
         else:
             raise ValueError(f"unknown scenario {sc.name!r}")
+    for i, launch in enumerate(rec):
+        launch.phase = "forward" if i < n_fwd else "backward"
     sc.launches = rec
     return rec
 

@@ -82,7 +82,7 @@ def per_element(ins, rec: dict, cx: dict, d: int):
     bm, bn = cx.get("BLOCK_M"), cx.get("BLOCK_N")
     body = sass.main_loop(ins)
     if not (bm and bn) or body is None:
-        return {"unavailable": "no BLOCK_M/BLOCK_N constexpr" if body is not None else "no loop holding MUFU.EX2"}
+        return {"unavailable": "no BLOCK_M/BLOCK_N constexpr" if body is not None else "no loop"}
     trips = math.ceil(d / cx["BLOCK_D"]) if cx.get("BLOCK_D") else 1
     c = sass.count_body(ins, body, trips)
     threads = rec["num_warps"] * 32
@@ -113,13 +113,15 @@ def collect(caps, dtypes, ds, labels=(False, True), scenarios=tuple(SCENARIOS), 
                         sc = Scenario(name, dt, d, lab, rows=rows)
                         for launch in record_scenario(sc, cap):
                             key = (cap, dt, d) + launch_key(launch, cap)
-                            if key in out:
-                                if name not in out[key]["scenarios"]:
-                                    out[key]["scenarios"].append(name)
-                                continue
-                            rec = kernel_record(launch, cap, d, sass_dir)
-                            rec.update(dtype=dt, labels=lab, scenarios=[name])
-                            out[key] = rec
-                            if progress:
-                                progress(rec)
+                            if key not in out:
+                                out[key] = kernel_record(launch, cap, d, sass_dir)
+                                out[key].update(dtype=dt, labels=lab, scenarios=[], uses={})
+                                if progress:
+                                    progress(out[key])
+                            rec = out[key]
+                            if name not in rec["scenarios"]:
+                                rec["scenarios"].append(name)
+                            # launches per (scenario, phase), for this label setting
+                            use = f"{name}/{launch.phase}/{'labels' if lab else 'nolabels'}"
+                            rec["uses"][use] = rec["uses"].get(use, 0) + 1
     return list(out.values())
