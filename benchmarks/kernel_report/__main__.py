@@ -25,6 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--labels", choices=["off", "on", "both"], default="both")
     p.add_argument("--scenarios", nargs="+", default=["nt_xent", "general", "clip"])
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernels")
+    p.add_argument("--cuda-caps", nargs="+", type=int, default=[90, 80], help="CUDA architectures")
     p.add_argument("--small", action="store_true",
                    help="the CI subset: sm_90, bf16, d = 128, labels off, nt_xent + general, no sm_80, no CUDA")
     p.add_argument("--jobs", type=int, default=1, help="processes compiling in parallel")
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         else:
             nvcc_ver = cuda_kernels.nvcc_version(nvcc)
             import tempfile  # noqa: PLC0415
-            for cap in (90, 80):
+            for cap in a.cuda_caps:
                 t0 = time.time()
                 with tempfile.TemporaryDirectory() as tmp:
                     try:
