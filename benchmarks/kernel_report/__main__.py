@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     else:
         groups = [_group(j) for j in jobs]
     triton_records = [r for g in groups for r in g]
-    command = "python -m benchmarks.kernel_report " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    command = "python -m benchmarks.kernel_report " + " ".join(shlex.quote(x) for x in _public_args(argv, a.output))
     base = os.path.join(a.output, f"kernel_report_{a.tag}")
     os.makedirs(a.output, exist_ok=True)
 
@@ -90,6 +90,14 @@ def main(argv=None) -> int:
     write(base, report.document(a.label, ROOT, triton_records, cuda, nvcc_ver, command))
     print(f"[kernel_report] wrote {base}.json and {base}.md", file=sys.stderr)
     return 0
+
+
+def _public_args(argv, output: str) -> list[str]:
+    """The command line as recorded: an output folder outside the repository reads as DIR."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    rel = os.path.relpath(os.path.abspath(output), ROOT)
+    shown = rel if not rel.startswith("..") else "DIR"
+    return [shown if x == output else x for x in args]
 
 
 def write(base: str, doc: dict) -> None:
