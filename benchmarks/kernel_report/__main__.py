@@ -1,0 +1,112 @@
+"""``python -m benchmarks.kernel_report``: compile the kernels, write kernel_report_<tag>.{json,md}."""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shlex
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DTYPES = ["bf16", "fp16", "fp32", "fp32-tf32", "fp64"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_report", description=__doc__)
+    p.add_argument("--output", required=True, help="folder for kernel_report_<tag>.json and .md")
+    p.add_argument("--tag", default="sm90", help="file name tag (default sm90)")
+    p.add_argument("--label", default="before", help="what the report describes, e.g. 'before' / 'after'")
+    p.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES, help="sm_90 dtypes")
+    p.add_argument("--ds", nargs="+", type=int, default=[64, 128, 256, 512], help="sm_90 feature dimensions")
+    p.add_argument("--sm80-dtypes", nargs="*", default=["bf16", "fp32"], choices=DTYPES)
+    p.add_argument("--sm80-ds", nargs="*", type=int, default=[128, 512])
+    p.add_argument("--labels", choices=["off", "on", "both"], default="both")
+    p.add_argument("--scenarios", nargs="+", default=["nt_xent", "general", "clip"])
+    p.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernels")
+    p.add_argument("--cuda-caps", nargs="+", type=int, default=[90, 80], help="CUDA architectures")
+    p.add_argument("--small", action="store_true",
+                   help="the CI subset: sm_90, bf16, d = 128, labels off, nt_xent + general, no sm_80, no CUDA")
+    p.add_argument("--jobs", type=int, default=1, help="processes compiling in parallel")
+    p.add_argument("--sass-dir", default=None, help="also keep each Triton kernel's SASS here")
+    a = p.parse_args(argv)
+    if a.small:
+        a.dtypes, a.ds, a.sm80_dtypes, a.sm80_ds, a.labels, a.no_cuda = ["bf16"], [128], [], [], "off", True
+        a.scenarios = ["nt_xent", "general"]
+    return a
+
+
+def _group(job):
+    cap, dt, ds, labels, scenarios, sass_dir = job
+    from .triton_report import collect  # noqa: PLC0415
+    t0 = time.time()
+    recs = collect([cap], [dt], ds, labels=labels, scenarios=scenarios, sass_dir=sass_dir)
+    print(f"[kernel_report] sm_{cap} {dt}: {len(recs)} variants in {time.time() - t0:.0f} s", file=sys.stderr,
+          flush=True)
+    return recs
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off"):
+        print("kernel_report: unset TRITON_INTERPRET (the report compiles the kernels)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # what gpu_check and the GPU run use
+    os.environ.pop("INFONCE_TRITON_AUTOTUNE", None)           # the default configurations
+    from . import cuda_kernels, report  # noqa: PLC0415
+    labels = {"off": (False,), "on": (True,), "both": (False, True)}[a.labels]
+    jobs = [(90, dt, a.ds, labels, a.scenarios, a.sass_dir) for dt in a.dtypes]
+    jobs += [(80, dt, a.sm80_ds, labels, a.scenarios, a.sass_dir) for dt in a.sm80_dtypes]
+    if a.jobs > 1:
+        with multiprocessing.get_context("fork").Pool(a.jobs) as pool:
+            groups = pool.map(_group, jobs, chunksize=1)
+    else:
+        groups = [_group(j) for j in jobs]
+    triton_records = [r for g in groups for r in g]
+    command = "python -m benchmarks.kernel_report " + " ".join(shlex.quote(x) for x in _public_args(argv, a.output))
+    base = os.path.join(a.output, f"kernel_report_{a.tag}")
+    os.makedirs(a.output, exist_ok=True)
+
+    cuda, nvcc_ver = {}, None
+    if not a.no_cuda:
+        # the Triton part first, so that a failure in the CUDA part leaves it on disk
+        write(base, report.document(a.label, ROOT, triton_records, {"pending": "CUDA part running"}, None, command))
+        nvcc = cuda_kernels.nvcc_path()
+        if nvcc is None:
+            cuda = {"error": "nvcc not found"}
+        else:
+            nvcc_ver = cuda_kernels.nvcc_version(nvcc)
+            import tempfile  # noqa: PLC0415
+            for cap in a.cuda_caps:
+                t0 = time.time()
+                with tempfile.TemporaryDirectory() as tmp:
+                    try:
+                        cuda[str(cap)] = cuda_kernels.compile_arch(ROOT, cap, tmp, nvcc)
+                    except Exception as e:  # noqa: BLE001  (recorded in the report, the Triton part stays)
+                        cuda[str(cap)] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                print(f"[kernel_report] CUDA sm_{cap} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    write(base, report.document(a.label, ROOT, triton_records, cuda, nvcc_ver, command))
+    print(f"[kernel_report] wrote {base}.json and {base}.md", file=sys.stderr)
+    return 0
+
+
+def _public_args(argv, output: str) -> list[str]:
+    """The command line as recorded: an output folder outside the repository reads as DIR."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    rel = os.path.relpath(os.path.abspath(output), ROOT)
+    shown = rel if not rel.startswith("..") else "DIR"
+    return [shown if x == output else x for x in args]
+
+
+def write(base: str, doc: dict) -> None:
+    from . import report  # noqa: PLC0415
+    with open(base + ".json", "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    with open(base + ".md", "w") as f:
+        f.write(report.markdown(doc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

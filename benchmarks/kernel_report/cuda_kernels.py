@@ -1,0 +1,191 @@
+"""Compile the hand-written CUDA kernels (csrc/cuda/*.cu) for one architecture and read them.
+
+``nvcc -ptx`` then ``ptxas`` (as ``nvcc -cubin`` does) with the flags setup.py passes (-O3 -std=c++20 -lineinfo
+--expt-relaxed-constexpr, torch's -D__CUDA_NO_* defines), every directory under csrc/ on the
+include path, ``-Xptxas -v`` for registers / spills / shared memory per kernel; the cubin is
+disassembled with cuobjdump for the SASS counts of :mod:`.sass`.
+
+Tile geometry (rows x keys of one CTA's tile, threads per CTA) comes from the sources' constants
+(``kBM``, ``kBN``, ``kMmaThreads`` for the tensor-core kernels, ``16 * TM`` and ``kSimtThreads``
+for the SIMT ones, TM being the kernel's second template argument); a kernel of another family
+gets no per-element figures (``per_element: null`` with the reason).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+from . import sass
+
+FLAGS = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr",
+         "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+         "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'")
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_SMEM = re.compile(r"(\d+) bytes smem")
+_CONST = re.compile(r"constexpr\s+(?:int|size_t|unsigned)\s+(k\w+)\s*=\s*([0-9]+)\s*;")
+
+
+def nvcc_path() -> str | None:
+    p = shutil.which("nvcc")
+    if p:
+        return p
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    p = os.path.join(home, "bin", "nvcc")
+    return p if os.path.exists(p) else None
+
+
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return out[-1] if out else "?"
+
+
+def sources(root: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")))
+
+
+def include_dirs(root: str) -> list[str]:
+    base = os.path.join(root, "csrc")
+    return [base] + sorted(d for d in glob.glob(os.path.join(base, "**", ""), recursive=True)
+                           if os.path.isdir(d) and os.path.normpath(d) != os.path.normpath(base))
+
+
+def source_constants(root: str) -> dict[str, int]:
+    """``constexpr int kName = value;`` of every file under csrc/cuda."""
+    out: dict[str, int] = {}
+    for f in sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*"))):
+        if f.endswith((".cu", ".cuh", ".h", ".hpp")):
+            for name, val in _CONST.findall(open(f).read()):
+                out.setdefault(name, int(val))
+    return out
+
+
+def parse_ptxas(log: str) -> dict[str, dict]:
+    """ptxas -v log -> {mangled name: regs, stack, spill_stores, spill_loads, smem}."""
+    res: dict[str, dict] = {}
+    cur = None
+    for line in log.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            cur = res.setdefault(m.group(1), {})
+            continue
+        if cur is None:
+            continue
+        if (m := _SPILL.search(line)):
+            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        if (m := _REGS.search(line)):
+            cur["regs"] = int(m.group(1))
+            sm = _SMEM.search(line)
+            cur["smem_static"] = int(sm.group(1)) if sm else 0
+    return res
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    filt = shutil.which("c++filt") or shutil.which("cu++filt")
+    if not filt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def short_name(demangled: str) -> str:
+    """'void ns::(anonymous namespace)::lse_fwd_mma_kernel<ns::(anonymous namespace)::BF16Tag, false>(...)'
+    -> 'lse_fwd_mma_kernel<BF16Tag, false>'."""
+    s = re.sub(r"\(anonymous namespace\)::|\w+::", "", demangled)
+    s = s[5:] if s.startswith("void ") else s
+    return s.split("(", 1)[0].strip()
+
+
+def geometry(short: str, consts: dict[str, int]):
+    """(rows, keys, threads) of one CTA tile, or (None, reason)."""
+    if "_mma_kernel" in short:
+        need = ("kBM", "kBN", "kMmaThreads")
+        if all(k in consts for k in need):
+            return consts["kBM"], consts["kBN"], consts["kMmaThreads"]
+        return None, f"constants {need} not found in csrc/cuda"
+    if "_simt_kernel" in short:
+        m = re.search(r"<\w+, (\d+)", short)
+        if m and "kSimtThreads" in consts:
+            b = 16 * int(m.group(1))
+            return b, b, consts["kSimtThreads"]
+        return None, "TM template argument or kSimtThreads not found"
+    return None, "not a tiled main kernel"
+
+
+def compile_arch(root: str, cap: int, out_dir: str, nvcc: str | None = None) -> dict:
+    """Compile every csrc/cuda/*.cu for sm_``cap`` -> {short kernel name: record}."""
+    nvcc = nvcc or nvcc_path()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found")
+    os.makedirs(out_dir, exist_ok=True)
+    incs = [f"-I{d}" for d in include_dirs(root)]
+    consts = source_constants(root)
+    from .triton_kernels import cuobjdump_path  # noqa: PLC0415
+    cuobjdump = cuobjdump_path()
+    kernels: dict[str, dict] = {}
+    for src in sources(root):
+        stem = os.path.splitext(os.path.basename(src))[0]
+        # nvcc -ptx (front end, the flags of setup.py), then the toolkit's ptxas -v on that PTX: the
+        # cubin nvcc -cubin would build (nvcc passes -O3 and -lineinfo on to ptxas), compiled once
+        ptx = os.path.join(out_dir, f"{stem}.sm{cap}.ptx")
+        cubin = os.path.join(out_dir, f"{stem}.sm{cap}.cubin")
+        r = subprocess.run([nvcc, *FLAGS, *incs, "-ptx", f"-arch=sm_{cap}", src, "-o", ptx], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {os.path.relpath(src, root)} for sm_{cap}:\n{r.stderr[-3000:]}")
+        ptxas = os.path.join(os.path.dirname(nvcc), "ptxas")
+        r = subprocess.run([ptxas, "-v", "-O3", "-lineinfo", f"--gpu-name=sm_{cap}", ptx, "-o", cubin],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"ptxas failed on {os.path.relpath(src, root)} for sm_{cap}:\n{r.stderr[-3000:]}")
+        res = parse_ptxas(r.stderr + r.stdout)
+        ptx_text = open(ptx).read()
+        funcs = {}
+        if cuobjdump:
+            funcs = sass.split_functions(subprocess.run([cuobjdump, "-sass", cubin], capture_output=True,
+                                                        text=True, check=True).stdout)
+        names = demangle(sorted(res))
+        for mangled, info in res.items():
+            short = short_name(names[mangled])
+            ins = funcs.get(mangled, [])
+            rec = dict(source=os.path.relpath(src, root), mangled=mangled, **info,
+                       tensor_core=sass.tensor_kind(ins) if ins else None,
+                       ptx_mma_sync=ptx_count(ptx_text, mangled, "mma.sync"),
+                       ptx_ex2_approx=ptx_count(ptx_text, mangled, "ex2.approx"),
+                       ptx_cp_async=ptx_count(ptx_text, mangled, "cp.async"))
+            rec["per_element"] = per_element(ins, short, consts) if ins else None
+            kernels[short] = rec
+    return kernels
+
+
+def ptx_count(ptx: str, mangled: str, needle: str) -> int:
+    """Occurrences of ``needle`` in the PTX body of entry ``mangled``."""
+    i = ptx.find(f".entry {mangled}(")
+    if i < 0:
+        return 0
+    j = ptx.find(".entry ", i + 1)
+    return ptx[i:j if j > 0 else len(ptx)].count(needle)
+
+
+def per_element(ins, short: str, consts: dict[str, int]):
+    """Main-loop counts per element of the CTA tile (d <= one feature chunk: inner loops once)."""
+    geo = geometry(short, consts)
+    if geo[0] is None:
+        return {"unavailable": geo[1]}
+    rows, keys, threads = geo
+    body = sass.main_loop(ins)
+    if body is None:
+        return {"unavailable": "no loop"}
+    c = sass.count_body(ins, body, 1)
+    elems = rows * keys
+    return dict(method="static main-loop body x threads / tile elements; inner loops and both sides of "
+                       "branches counted once", tile=[rows, keys], threads=threads,
+                body_per_thread=c["total"], by_class=c["by_class"],
+                instr=round(c["total"] * threads / elems, 2),
+                mufu=round(c["by_class"].get("mufu", 0) * threads / elems, 3),
+                mma_flops=round(c["mma_flops_per_warp"] * threads / 32 / elems, 1))

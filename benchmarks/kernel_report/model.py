@@ -1,0 +1,74 @@
+"""Modelled GPU time of the headline cases from the compiled kernels' counts (not a measurement).
+
+Model (H100/H200 SXM, bf16; every figure in the output is labelled "modelled"):
+
+* issue: 132 SMs x 4 schedulers x 1 warp-instruction per clock x 32 threads x 1.98 GHz
+  = 33.4e12 thread-instructions/s;
+* tensor cores: 790e12 dense bf16 FLOP/s (what large wgmma GEMMs reach; 989e12 is the peak);
+* MUFU: 132 SMs x 16 lanes x 1.98 GHz x ~0.93 = 3.9e12 operations/s;
+* a launch over E unique tile elements takes  max(I E / issue + F E / tensor,  U E / mufu)
+  with I, F, U the thread-instructions, tensor FLOPs and MUFU operations per unique element read
+  from the SASS (replication included): the product is waited on before the softmax starts, so
+  the instruction stream and the tensor cores do **not** overlap; the MUFU pipe overlaps with both.
+  Memory traffic, launch overhead and tail effects are ignored (O(N d) bytes against O(N^2 d) FLOPs).
+* the floor of a loss: per pass, max(ideal FLOPs / tensor, ideal exponentials / mufu), summed.
+"""
+from __future__ import annotations
+
+ISSUE_RATE = 132 * 4 * 32 * 1.98e9          # thread-instructions / s
+TENSOR_RATE = 790e12                          # bf16 FLOP / s
+MUFU_RATE = 3.9e12                            # MUFU operations / s
+
+MODEL_TEXT = (
+    "modelled, not measured: H100/H200 SXM, issue 33.4e12 thread-instr/s (132 SMs x 4 schedulers x 32 x "
+    "1.98 GHz), tensor 790e12 bf16 FLOP/s, MUFU 3.9e12 op/s; launch time = max(instr/issue + mma_flops/tensor, "
+    "mufu/MUFU) over the unique tile elements (no overlap of the instruction stream with the tensor-core "
+    "product, MUFU overlapped); memory traffic, launch overhead and tails ignored")
+
+#: headline cases; ideal: (pass, FLOPs per element / d, exponentials per element)
+HEADLINE = {
+    "nt_xent_2B65536_d128_bf16": dict(scenario="nt_xent", rows=65536, d=128, dtype="bf16",
+                                      ideal=[("forward", 2, 1), ("backward", 4, 2)]),
+    "clip_B32768_d512_bf16": dict(scenario="clip", rows=32768, d=512, dtype="bf16",
+                                  ideal=[("forward", 2, 2), ("backward", 6, 2)]),
+}
+
+
+def launch_time(pe: dict, elements: float) -> dict:
+    """Modelled seconds of one launch from its per-element counts."""
+    t_issue = pe["instr"] * elements / ISSUE_RATE
+    t_mma = pe["mma_flops"] * elements / TENSOR_RATE
+    t_mufu = pe["mufu"] * elements / MUFU_RATE
+    return dict(issue_ms=t_issue * 1e3, mma_ms=t_mma * 1e3, mufu_ms=t_mufu * 1e3,
+                ms=max(t_issue + t_mma, t_mufu) * 1e3)
+
+
+def floor_ms(case: dict) -> float:
+    """Tensor/MUFU floor of the loss with ideal work (one S per tile, one pass per LSE side)."""
+    e = float(case["rows"]) ** 2
+    return sum(max(fl * case["d"] * e / TENSOR_RATE, ex * e / MUFU_RATE) for _, fl, ex in case["ideal"]) * 1e3
+
+
+def headline(records: list[dict], cap: int = 90) -> dict:
+    """Modelled time of each headline case: every launch the loss makes (records' ``uses``)."""
+    out = {}
+    for name, case in HEADLINE.items():
+        e = float(case["rows"]) ** 2
+        passes, total, missing = [], 0.0, []
+        for phase in ("forward", "backward"):
+            use = f"{case['scenario']}/{phase}/nolabels"
+            for r in records:
+                if (r["cap"], r["dtype"], r["d"]) != (cap, case["dtype"], case["d"]) or use not in r.get("uses", {}):
+                    continue
+                n = r["uses"][use]
+                pe = r.get("per_element") or {}
+                if "instr" not in pe:
+                    missing.append(r["kernel"])
+                    continue
+                t = launch_time(pe, e)
+                passes.append(dict(name=phase, kernel=r["kernel"], launches=n,
+                                   **{k: round(v * n, 3) for k, v in t.items()}))
+                total += t["ms"] * n
+        out[name] = dict(modelled_ms=round(total, 2) if passes else None, floor_ms=round(floor_ms(case), 2),
+                         passes=passes, not_modelled=missing, rows=case["rows"], d=case["d"], dtype=case["dtype"])
+    return out

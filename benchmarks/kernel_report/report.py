@@ -1,0 +1,107 @@
+"""Assemble the kernel report (JSON document) and render its markdown tables."""
+from __future__ import annotations
+
+import platform
+import subprocess
+
+from . import model
+
+METHOD = {
+    "triton_specialisation": (
+        "the backend's public functions are called with meta tensors (contiguous, data_ptr 0: 16-byte aligned) "
+        "and the capability pinned to the target; every kernel[grid](...) launch is recorded and specialised by "
+        "Triton's own binder (pointers and ints divisible by 16 get tt.divisibility=16), then triton.compile for "
+        "GPUTarget('cuda', cap, 32) with the launch's constexprs, num_warps and num_stages; rows = keys = 4096"),
+    "registers_spills": "ptxas -v log of the compile that produced the cubin (Triton: its own ptxas call)",
+    "smem": "Triton: CompiledKernel.metadata.shared (dynamic, bytes); CUDA: ptxas static smem (dynamic smem "
+            "of the CUDA tensor-core kernels is set at launch and not shown)",
+    "tensor_core": "from SASS: wgmma = HGMMA present, mma.sync = HMMA/DMMA present, none = FMA only",
+    "per_element": (
+        "main loop = outermost backward-branch loop holding MUFU.EX2 (the key-block loop; fp64: the longest outermost loop); its body is counted "
+        "statically per thread (every instruction once, predicated-off ones too; inner loops x their trip count: "
+        "Triton ceil(d / BLOCK_D), CUDA 1); per unique element = count x threads per program / (BLOCK_M x BLOCK_N) "
+        "x programs per tile (grid dimensions after the first: d-out chunks that recompute the same tile). "
+        "mma_flops: tensor FLOPs from the HGMMA/HMMA shapes (HGMMA once per warpgroup). Ideal per element: "
+        "forward 2d FLOPs and 1 exp; symmetric backward 4d FLOPs and 2 exps; CUDA figures count both sides of "
+        "the vector/scalar load branches, so they overstate the instructions of the vector path"),
+}
+
+
+def git_commit(root: str) -> str | None:
+    r = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "infonce_kernels", "csrc"],
+                           capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def versions(nvcc_version: str | None) -> dict:
+    import torch  # noqa: PLC0415
+    import triton  # noqa: PLC0415
+    return dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
+                nvcc=nvcc_version,
+                note="the GPU image runs triton 3.6: its compiled code may differ from this triton's "
+                     "(e.g. registers); re-run this report there to compare")
+
+
+def document(label: str, root: str, triton_records: list[dict], cuda: dict, nvcc_version: str | None,
+             command: str) -> dict:
+    return dict(schema=1, label=label, command=command, commit=git_commit(root), versions=versions(nvcc_version),
+                method=METHOD, model=model.MODEL_TEXT,
+                headline_modelled=model.headline(triton_records, 90) if triton_records else {},
+                triton=triton_records, cuda=cuda)
+
+
+def _cfg(r: dict) -> str:
+    c = r["config"]
+    return f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}x{c.get('BLOCK_D')}/{r['num_warps']}w{r['num_stages']}s"
+
+
+def _pe(r: dict, k: str):
+    pe = r.get("per_element") or {}
+    v = pe.get(k)
+    return "-" if v is None else f"{v:g}"
+
+
+def markdown(doc: dict) -> str:
+    v = doc["versions"]
+    lines = [f"# Kernel report ({doc['label']}), commit {doc['commit']}", "",
+             f"triton {v['triton']}, torch {v['torch']}, nvcc: {v['nvcc']}. Compiled on CPU, no GPU: every "
+             "figure is a compiled fact (registers, spills, shared memory, instruction counts) or **modelled**.",
+             f"Command: `{doc['command']}`.", "", "Method:", ""]
+    lines += [f"- {k}: {t}" for k, t in doc["method"].items()]
+    if doc["headline_modelled"]:
+        lines += ["", "## Headline cases, sm_90, bf16 (modelled, not measured)", "", f"Model: {doc['model']}.", "",
+                  "| case | pass | kernel | launches | issue ms | tensor ms | MUFU ms | modelled ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, h in doc["headline_modelled"].items():
+            for p in h["passes"]:
+                lines.append(f"| {name} | {p['name']} | {p['kernel']} | {p['launches']} | {p['issue_ms']:.2f} | "
+                             f"{p['mma_ms']:.2f} | {p['mufu_ms']:.2f} | {p['ms']:.2f} |")
+            lines.append(f"| **{name}** | total | | | | | | **{h['modelled_ms']} ms** (floor {h['floor_ms']} ms) |")
+    for cap in sorted({r["cap"] for r in doc["triton"]}, reverse=True):
+        lines += ["", f"## Triton kernels, sm_{cap}", "",
+                  "| kernel | dtype | d | labels | E | scenarios | tile BMxBNxBD/warps,stages | programs/tile | regs | "
+                  "spills st/ld B | smem B | tensor core | MUFU/elem | instr/elem | MMA FLOP/elem |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = sorted((r for r in doc["triton"] if r["cap"] == cap),
+                      key=lambda r: (r["dtype"], r["d"], r["labels"], r["kernel"], r["config"].get("E", 0)))
+        for r in rows:
+            lines.append(
+                f"| {r['kernel']} | {r['dtype']} | {r['d']} | {'on' if r['labels'] else 'off'} | "
+                f"{r['config'].get('E', '-')} | {', '.join(r['scenarios'])} | {_cfg(r)} | {r['programs_per_tile']} | "
+                f"{r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['smem']} | {r['tensor_core']} | "
+                f"{_pe(r, 'mufu')} | {_pe(r, 'instr')} | {_pe(r, 'mma_flops')} |")
+    for cap, ks in sorted(doc["cuda"].items(), reverse=True):
+        if not isinstance(ks, dict) or "error" in ks:
+            lines += ["", f"## CUDA kernels, sm_{cap}", "", f"not compiled: {ks}"]
+            continue
+        lines += ["", f"## CUDA kernels, sm_{cap} (per element: d <= 128, one feature chunk)", "",
+                  "| kernel | regs | spills st/ld B | static smem B | tensor core | MUFU/elem | instr/elem | "
+                  "MMA FLOP/elem |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in sorted(ks.items()):
+            lines.append(f"| `{name}` | {r.get('regs')} | {r.get('spill_stores')}/{r.get('spill_loads')} | "
+                         f"{r.get('smem_static')} | {r.get('tensor_core')} | {_pe(r, 'mufu')} | {_pe(r, 'instr')} | "
+                         f"{_pe(r, 'mma_flops')} |")
+    return "\n".join(lines) + "\n"

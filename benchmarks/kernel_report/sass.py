@@ -1,0 +1,165 @@
+"""Read a kernel's SASS (``cuobjdump -sass``): instructions, loops, counts by class.
+
+Method (the numbers in the kernel report):
+
+* a **loop** is a backward branch ``BRA target`` at address ``a`` with ``target <= a``; its body is
+  ``[target, a]``; loops nest by address containment;
+* the **main loop** is the outermost loop whose body holds a ``MUFU.EX2`` (the loop over key
+  blocks, where the exponentials of the tile are taken); in a kernel without MUFU.EX2 (fp64, whose
+  exp is computed in software) the outermost loop with the longest body;
+* one main-loop iteration is counted **statically**: every instruction of the body once (both
+  sides of a branch inside it, predicated-off instructions too: they still issue), each inner loop
+  multiplied by a trip count the caller gives (the Triton kernels' only inner loop is the d-chunk
+  loop of the score product: ``ceil(D / BLOCK_D)``); counts are per thread (SASS is per warp,
+  every lane of a warp issues each instruction once).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+_INS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_FUNC = re.compile(r"Function : (\S+)")
+_BRA = re.compile(r"^BRA(?:\.\S+)?\s+(?:`\()?(0x[0-9a-f]+)")
+_SHAPE = re.compile(r"^(HGMMA|HMMA|DMMA|IMMA)\.(\d+)x?(\d+)?x?(\d+)?")
+
+
+@dataclass(frozen=True)
+class Ins:
+    addr: int
+    pred: str
+    op: str      # full opcode with modifiers, e.g. HGMMA.64x128x16.F32.BF16
+    text: str
+
+
+def split_functions(sass: str) -> dict[str, list[Ins]]:
+    """``cuobjdump -sass`` text -> {mangled function name: instructions in address order}."""
+    funcs: dict[str, list[Ins]] = {}
+    cur = None
+    for line in sass.splitlines():
+        fm = _FUNC.search(line)
+        if fm:
+            cur = funcs.setdefault(fm.group(1), [])
+            continue
+        m = _INS.search(line)
+        if m and cur is not None:
+            txt = m.group(2).strip()
+            pred = ""
+            if txt.startswith("@"):
+                pred, txt = txt.split(None, 1)
+            cur.append(Ins(int(m.group(1), 16), pred, txt.split()[0], txt))
+    return funcs
+
+
+def loops(ins: list[Ins]) -> list[tuple[int, int]]:
+    """(first, last) addresses of every loop body (backward branches), outermost first."""
+    out = []
+    for i in ins:
+        m = _BRA.match(i.text)
+        if m:
+            t = int(m.group(1), 16)
+            if t <= i.addr:
+                out.append((t, i.addr))
+    return sorted(set(out), key=lambda r: (r[0], -r[1]))
+
+
+def _inside(inner, outer) -> bool:
+    return outer[0] <= inner[0] and inner[1] <= outer[1] and inner != outer
+
+
+def main_loop(ins: list[Ins]):
+    """The outermost loop holding a MUFU.EX2 -> (first, last); without any MUFU.EX2 (fp64: exp in
+    software) the outermost loop with the most instructions; None without loops."""
+    ex2 = [i.addr for i in ins if i.op.startswith("MUFU.EX2")]
+    every = loops(ins)
+    cands = [lp for lp in every if any(lp[0] <= a <= lp[1] for a in ex2)]
+    outer = [lp for lp in cands if not any(_inside(lp, o) for o in cands)]
+    if not outer:
+        tops = [lp for lp in every if not any(_inside(lp, o) for o in every)]
+        return max(tops, key=lambda lp: lp[1] - lp[0]) if tops else None
+    # several disjoint candidates (e.g. peeled copies): the one with the most exponentials
+    return max(outer, key=lambda lp: sum(lp[0] <= a <= lp[1] for a in ex2))
+
+
+def classify(op: str) -> str:
+    """Instruction class for the counts (tensor, mufu, smem, gmem, fp, int, control, other)."""
+    o = op.split(".")[0]
+    if o in ("HGMMA", "HMMA", "DMMA", "IMMA", "WARPGROUP", "BGMMA"):
+        return "tensor"
+    if o == "MUFU":
+        return "mufu"
+    if o in ("LDS", "STS", "LDSM", "STSM", "ATOMS"):
+        return "smem"
+    if o in ("LDG", "STG", "LDGSTS", "LDGDEPBAR", "DEPBAR", "UBLKCP", "UTMALDG", "UTMASTG", "SYNCS", "RED", "ATOMG",
+             "LD", "ST", "LDC", "ULDC", "LDL", "STL"):
+        return "memory"
+    if o in ("FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSETP", "FCHK", "FSWZADD", "F2F", "F2FP", "HADD2", "HMUL2",
+             "HFMA2", "HMNMX2", "DADD", "DMUL", "DFMA", "DSETP", "DMNMX", "FRND"):
+        return "float"
+    if o in ("BRA", "BAR", "BSSY", "BSYNC", "WARPSYNC", "EXIT", "NOP", "RET", "CALL", "YIELD", "ELECT", "FENCE",
+             "MEMBAR", "ERRBAR", "CCTL", "ARRIVES", "BREAK", "BPT", "JMP", "KILL"):
+        return "control"
+    if o == "SHFL":
+        return "shuffle"
+    return "int_logic_move"   # IMAD, ISETP, LOP3, SHF, LEA, SEL, MOV, PRMT, I2F, uniform ops, ...
+
+
+def mma_flops(op: str) -> int:
+    """FLOPs of one issue of a tensor instruction, for the unit that issues it.
+
+    HGMMA.MxNxK: one warpgroup-wide product (issued by each of its 4 warps: counted once per
+    warpgroup by dividing by 4 in :func:`count_body`); HMMA.MNK (16816, 1688, ...) and DMMA: one warp.
+    """
+    m = _SHAPE.match(op)
+    if not m:
+        return 0
+    kind = m.group(1)
+    if kind == "HGMMA":
+        M, N, K = int(m.group(2)), int(m.group(3)), int(m.group(4))
+        return 2 * M * N * K
+    digits = m.group(2)          # HMMA.16816 -> 16, 8, 16; HMMA.1688 -> 16, 8, 8; DMMA.884 -> 8, 8, 4
+    shapes = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4), "8816": (8, 8, 16), "16832": (16, 8, 32),
+              "1684": (16, 8, 4), "168": (16, 8, 8)}
+    M, N, K = shapes.get(digits, (0, 0, 0))
+    return 2 * M * N * K
+
+
+def count_body(ins: list[Ins], body: tuple[int, int], inner_trips: int = 1) -> dict:
+    """Per-thread instruction counts of one iteration of loop ``body``.
+
+    Inner loops (nested backward branches) count ``inner_trips`` times. Returns counts by class, the
+    total, the opcodes of the tensor instructions, and ``mma_flops_per_warp``: tensor FLOPs one warp
+    accounts for (HGMMA divided among the 4 warps of its warpgroup).
+    """
+    inner = [lp for lp in loops(ins) if _inside(lp, body)]
+    top_inner = [lp for lp in inner if not any(_inside(lp, o) for o in inner)]
+    by_class, ops = Counter(), Counter()
+    flops = 0.0
+    total = 0
+    for i in ins:
+        if not body[0] <= i.addr <= body[1]:
+            continue
+        w = inner_trips if any(lp[0] <= i.addr <= lp[1] for lp in top_inner) else 1
+        c = classify(i.op)
+        by_class[c] += w
+        total += w
+        if c == "tensor":
+            ops[i.op] += w
+            f = mma_flops(i.op)
+            flops += w * (f / 4 if i.op.startswith("HGMMA") else f)
+        elif c == "mufu":
+            ops[i.op] += w
+    return dict(total=total, by_class=dict(by_class), ops=dict(ops), mma_flops_per_warp=flops,
+                inner_loops=len(top_inner), inner_trips=inner_trips if top_inner else 0,
+                body=[hex(body[0]), hex(body[1])])
+
+
+def tensor_kind(ins: list[Ins]) -> str:
+    """'wgmma' (HGMMA), 'mma.sync' (HMMA / DMMA) or 'none' (FMA only)."""
+    ops = {i.op.split(".")[0] for i in ins}
+    if "HGMMA" in ops:
+        return "wgmma"
+    if ops & {"HMMA", "DMMA", "IMMA"}:
+        return "mma.sync"
+    return "none"

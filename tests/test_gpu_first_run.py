@@ -1,0 +1,65 @@
+"""CPU dry run of scripts/gpu_first_run (the first-run GPU check of issue 16).
+
+On CPU every stage either runs with tiny sizes (env, the cpu backend's correctness against
+float64, the headline benchmark's CLI) or writes a file saying it needs a GPU (build, CUDA
+tests); every stage leaves its line in stages.jsonl as it finishes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_first_run")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("bash and coreutils' timeout are needed to run scripts/gpu_first_run")
+    out = tmp_path_factory.mktemp("gpu_first_run")
+    env = dict(os.environ)
+    r = subprocess.run([SCRIPT, "--dry-run", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
+    return r, out, {s["stage"]: s for s in stages}
+
+
+def test_every_stage_reports(dry_run):
+    r, out, stages = dry_run
+    assert list(stages) == ["env", "build", "correctness_cpu", "bench_nt_xent", "bench_clip", "cuda_tests"], stages
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("build", "cuda_tests"):                 # what a CPU cannot do is said, in its own file
+        assert stages[name]["needs_gpu"] is True
+        assert json.loads((out / f"{name}.json").read_text())["status"] == "NEEDS_GPU"
+
+
+def test_env_records_versions_and_commit(dry_run):
+    _, out, _ = dry_run
+    env = json.loads((out / "env.json").read_text())
+    import torch  # noqa: PLC0415
+    assert env["torch"] == torch.__version__ and env["dry_run"] is True
+    assert env["commit"] and "triton" in env and "nvidia_smi" in env
+
+
+def test_correctness_against_float64(dry_run):
+    _, out, stages = dry_run
+    recs = [json.loads(line) for line in (out / "correctness.jsonl").read_text().splitlines()]
+    cases = {r["case"] for r in recs}
+    assert cases == {"symmetric_odd_E1", "general_d200_E2", "general_tau0.01", "clip_d512", "clip_odd_B999"}
+    assert all(r["status"] == "ok" for r in recs), [r for r in recs if r["status"] != "ok"]
+    assert stages["correctness_cpu"]["rc"] == 0
+    odd = next(r for r in recs if r["case"] == "clip_odd_B999")
+    assert odd["B"] % 2 == 1
+
+
+def test_bench_results_written(dry_run):
+    _, out, stages = dry_run
+    for kind in ("nt_xent", "clip"):
+        assert stages[f"bench_{kind}"]["rc"] == 0
+        results = json.loads((out / f"bench_{kind}" / "cpu.json").read_text())
+        assert results, kind
