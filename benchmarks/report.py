@@ -98,6 +98,7 @@ def plots(data, out_dir, prefix):
     for (kind, mode, dtype, dim), rs in sorted(groups(data["results"]).items()):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        any_memory = False  # a log axis needs a positive value: without one the memory panel stays linear
         for i, p in enumerate(dict.fromkeys(r["provider"] for r in rs)):
             series = sorted((r for r in rs if r["provider"] == p), key=lambda r: r["rows"])
             ok = [r for r in series if r["status"] == "ok"]
@@ -107,6 +108,7 @@ def plots(data, out_dir, prefix):
                 xs = [r["rows"] for r in ok]
                 axes[0].plot(xs, [r["seconds"] for r in ok], style, label=p, color=color)
                 measured = [r for r in ok if r["peak_bytes"] > 0]  # 0: below what RSS resolves
+                any_memory = any_memory or bool(measured)
                 axes[1].plot([r["rows"] for r in measured], [r["peak_bytes"] / 2**20 for r in measured], style,
                              label=p, color=color)
             if failed:
@@ -116,9 +118,9 @@ def plots(data, out_dir, prefix):
                     ax.annotate(f"{p}: {failed['status']}", (failed["rows"], 0.98),
                                 xycoords=ax.get_xaxis_transform(), rotation=90, va="top", ha="right",
                                 fontsize=7, color=color)
-        for ax, ylabel in zip(axes, ("median time per step (s)", "peak extra memory (MiB)")):
+        for ax, ylabel, log in zip(axes, ("median time per step (s)", "peak extra memory (MiB)"), (True, any_memory)):
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            ax.set_yscale("log" if log else "linear")
             ax.set_xlabel(_rows_label(kind))
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
