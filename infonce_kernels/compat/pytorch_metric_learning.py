@@ -105,10 +105,27 @@ def _segment_lse(values, index, rows):
 def _all_different(labels, k_labels, a2, n):
     """Whether the negative pairs (a2, n) are exactly every pair of different labels (then their
     log-sum-exp is the fused op's label rule)."""
-    total = labels.shape[0] * k_labels.shape[0] - int(_class_counts(labels, k_labels).sum())
+    total = _n_negative_pairs(labels, k_labels)
     if a2.numel() != total or not bool((labels[a2] != k_labels[n]).all()):
         return False
     return torch.unique(a2 * k_labels.shape[0] + n).numel() == total
+
+
+def _cosine_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels, owner):
+    """Checks the arguments (see ``_check``) and normalises: returns (q, labels, k, k_labels,
+    symmetric, drop_self, pairs) with q (M, d) the unit embeddings and k (N, d) the unit keys,
+    q itself (with labels) when no ref_emb is given."""
+    labels, ref_emb, ref_labels, drop_self, pairs = _check(embeddings, labels, indices_tuple, ref_emb,
+                                                           ref_labels, owner)
+    symmetric = ref_emb is None
+    q = normalize(embeddings)
+    k, k_labels = (q, labels) if symmetric else (normalize(ref_emb), ref_labels)
+    return q, labels, k, k_labels, symmetric, drop_self, pairs
+
+
+def _too_few_pairs(n_positive, n_negative):
+    """PML returns 0 without positive or negative pair, and when there is at most one of each."""
+    return n_positive == 0 or n_negative == 0 or (n_positive <= 1 and n_negative <= 1)
 
 
 def _zero(embeddings):
@@ -144,18 +161,14 @@ class NTXentLoss(nn.Module):
 
     @autocast_off
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        labels, ref_emb, ref_labels, drop_self, pairs = _check(embeddings, labels, indices_tuple, ref_emb,
-                                                               ref_labels, "NTXentLoss")
-        symmetric = ref_emb is None
-        q = normalize(embeddings)
-        k, k_labels = (q, labels) if symmetric else (normalize(ref_emb), ref_labels)
+        q, labels, k, k_labels, symmetric, drop_self, pairs = _cosine_pairs(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, "NTXentLoss")
         scale = 1.0 / self.temperature
         if pairs is not None:
             return self._given_pairs(q, labels, k, k_labels, pairs, scale, symmetric)
         counts = _class_counts(labels, k_labels) - (1 if drop_self else 0)  # positives per anchor
-        n_pairs, n_neg = int(counts.sum()), _n_negative_pairs(labels, k_labels)
-        # PML returns 0 without positive or negative pair, and when there is at most one of each
-        if n_pairs == 0 or n_neg == 0 or (n_pairs <= 1 and n_neg <= 1):
+        n_pairs = int(counts.sum())
+        if _too_few_pairs(n_pairs, _n_negative_pairs(labels, k_labels)):
             return _zero(embeddings)
         neg = different_label_lse(q, labels, k, k_labels, scale, symmetric=symmetric, backend=self.backend)
         total = acc(q).new_zeros(())
@@ -180,7 +193,7 @@ class NTXentLoss(nn.Module):
         negative pairs (a2, n) of its anchor: the fused op's label rule when those are every
         different-label pair (CrossBatchMemory without miner), else their explicit log-sum-exp."""
         a1, p, a2, n = pairs
-        if a1.numel() == 0 or a2.numel() == 0 or (a1.numel() <= 1 and a2.numel() <= 1):
+        if _too_few_pairs(a1.numel(), a2.numel()):
             return _zero(q)
         if _all_different(labels, k_labels, a2, n):
             neg = different_label_lse(q, labels, k, k_labels, scale, symmetric=symmetric, backend=self.backend)
@@ -219,17 +232,13 @@ class SupConLoss(nn.Module):
 
     @autocast_off
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        labels, ref_emb, ref_labels, drop_self, pairs = _check(embeddings, labels, indices_tuple, ref_emb,
-                                                               ref_labels, "SupConLoss")
-        symmetric = ref_emb is None
-        q = normalize(embeddings)
-        k, k_labels = (q, labels) if symmetric else (normalize(ref_emb), ref_labels)
+        q, labels, k, k_labels, symmetric, drop_self, pairs = _cosine_pairs(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, "SupConLoss")
         scale = 1.0 / self.temperature
         if pairs is not None:
             return self._given_pairs(q, k, pairs, scale)
         counts = _class_counts(labels, k_labels) - (1 if drop_self else 0)
-        n_pairs, n_neg = int(counts.sum()), _n_negative_pairs(labels, k_labels)
-        if n_pairs == 0 or n_neg == 0 or (n_pairs <= 1 and n_neg <= 1):
+        if _too_few_pairs(int(counts.sum()), _n_negative_pairs(labels, k_labels)):
             return _zero(embeddings)
         own = torch.arange(q.shape[0], device=q.device)[:, None]
         if symmetric:
@@ -252,7 +261,7 @@ class SupConLoss(nn.Module):
         """PML's mask-based SupCon over the pairs of ``indices_tuple``: row i's denominator is
         its positive and negative pairs, its loss the mean -log p over its positive pairs."""
         a1, p, a2, n = pairs
-        if (a1.numel() <= 1 and a2.numel() <= 1) or a1.numel() == 0 or a2.numel() == 0:
+        if _too_few_pairs(a1.numel(), a2.numel()):
             return _zero(q)
         a1, p = _unique_pairs(a1, p, k.shape[0])
         a2, n = _unique_pairs(a2, n, k.shape[0])
