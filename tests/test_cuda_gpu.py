@@ -630,23 +630,19 @@ def test_paired_bad_inputs_name_the_argument():
         return ops._lse_bwd_paired(*_packed([q[n] for n in _PAIRED_ORDER]))
 
     call()  # valid
-    with pytest.raises(RuntimeError, match="key_grad must have shape"):
-        call(key_grad=p["key_grad"][:5])
-    with pytest.raises(RuntimeError, match="key_lse must have shape"):
-        call(key_lse=p["key_lse"].double())
-    with pytest.raises(RuntimeError, match="key_exclude must be int64"):
-        call(key_exclude=p["key_exclude"].int())
-    with pytest.raises(RuntimeError, match="key_positive must have shape"):
-        call(key_positive=p["key_positive"][:3])
-    with pytest.raises(RuntimeError, match="row_offset must be >= 0"):
-        call(row_offset=-1)
-    with pytest.raises(RuntimeError, match="key_exclude must be contiguous"):
-        call(key_exclude=torch.zeros(9, 2, dtype=torch.int64, device=DEV)[:, :1])
-    with pytest.raises(RuntimeError, match="key_grad must be contiguous"):
-        call(key_grad=torch.zeros(18, device=DEV)[::2])
-    with pytest.raises(RuntimeError, match="key-side tensors must be on the device of k"):
-        call(key_lse=p["key_lse"].cpu())
-    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
-        call(q=p["q"].cpu())
-    with pytest.raises(RuntimeError, match="lse must be the"):
-        call(lse=p["lse"][:2])
+    bad = [  # (message, the one argument changed)
+        ("key_grad must have shape", dict(key_grad=p["key_grad"][:5])),
+        ("key_lse must have shape", dict(key_lse=p["key_lse"].double())),
+        ("key_exclude must be int64", dict(key_exclude=p["key_exclude"].int())),
+        ("key_positive must have shape", dict(key_positive=p["key_positive"][:3])),
+        ("row_offset must be >= 0", dict(row_offset=-1)),
+        ("key_exclude must be contiguous",
+         dict(key_exclude=torch.zeros(9, 2, dtype=torch.int64, device=DEV)[:, :1])),
+        ("key_grad must be contiguous", dict(key_grad=torch.zeros(18, device=DEV)[::2])),
+        ("key-side tensors must be on the device of k", dict(key_lse=p["key_lse"].cpu())),
+        ("q must be a CUDA tensor", dict(q=p["q"].cpu())),
+        ("lse must be the", dict(lse=p["lse"][:2])),
+    ]
+    for message, over in bad:
+        with pytest.raises(RuntimeError, match=message):
+            call(**over)
