@@ -149,21 +149,32 @@ def _unique_pairs(a, p, keys):
     return code // keys, code % keys
 
 
-class NTXentLoss(nn.Module):
+class _CosineLabelLoss(nn.Module):
+    """What the PML adapters below share: the constructor (temperature, backend, PML's distance
+    and reducer options) and ``forward``'s arguments, checked and normalised by ``_cosine_pairs``
+    before the subclass's ``_loss`` sees them."""
+
+    def __init__(self, name, reducer, temperature, backend, kwargs):
+        super().__init__()
+        _options(name, kwargs, reducer)
+        self._name = name
+        self.temperature, self.backend = temperature, backend
+
+    @autocast_off
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        batch = _cosine_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels, self._name)
+        return self._loss(embeddings, *batch, 1.0 / self.temperature)
+
+
+class NTXentLoss(_CosineLabelLoss):
     """pytorch-metric-learning's ``NTXentLoss(temperature=0.07, **kwargs)`` (cosine similarity,
     ``MeanReducer``; ``distance=CosineSimilarity()``, ``reducer=MeanReducer()`` written out are
     accepted, other distances and reducers raise ``TypeError``)."""
 
     def __init__(self, temperature=0.07, *, backend="auto", **kwargs):
-        super().__init__()
-        _options("NTXentLoss", kwargs, "MeanReducer")
-        self.temperature, self.backend = temperature, backend
+        super().__init__("NTXentLoss", "MeanReducer", temperature, backend, kwargs)
 
-    @autocast_off
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        q, labels, k, k_labels, symmetric, drop_self, pairs = _cosine_pairs(
-            embeddings, labels, indices_tuple, ref_emb, ref_labels, "NTXentLoss")
-        scale = 1.0 / self.temperature
+    def _loss(self, embeddings, q, labels, k, k_labels, symmetric, drop_self, pairs, scale):
         if pairs is not None:
             return self._given_pairs(q, labels, k, k_labels, pairs, scale, symmetric)
         counts = _class_counts(labels, k_labels) - (1 if drop_self else 0)  # positives per anchor
@@ -221,20 +232,14 @@ class NTXentLoss(nn.Module):
         return a, p
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(_CosineLabelLoss):
     """pytorch-metric-learning's ``SupConLoss(temperature=0.1, **kwargs)`` (cosine similarity,
     ``AvgNonZeroReducer``; those written out are accepted, others raise ``TypeError``)."""
 
     def __init__(self, temperature=0.1, *, backend="auto", **kwargs):
-        super().__init__()
-        _options("SupConLoss", kwargs, "AvgNonZeroReducer")
-        self.temperature, self.backend = temperature, backend
+        super().__init__("SupConLoss", "AvgNonZeroReducer", temperature, backend, kwargs)
 
-    @autocast_off
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        q, labels, k, k_labels, symmetric, drop_self, pairs = _cosine_pairs(
-            embeddings, labels, indices_tuple, ref_emb, ref_labels, "SupConLoss")
-        scale = 1.0 / self.temperature
+    def _loss(self, embeddings, q, labels, k, k_labels, symmetric, drop_self, pairs, scale):
         if pairs is not None:
             return self._given_pairs(q, k, pairs, scale)
         counts = _class_counts(labels, k_labels) - (1 if drop_self else 0)
