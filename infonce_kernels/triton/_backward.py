@@ -73,6 +73,19 @@ def _store_chunk(out_ptr, idx, idx_ok, do0, D, val, BLOCK_DO: tl.constexpr):
 
 
 @triton.jit
+def _accumulate(acc, w, ptr, idx, idx_bound, tile_t, do0, D,
+                ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr):
+    """acc + w @ V: w (BLOCK, BLOCK_R) the weight tile, cast to the input dtype; V (BLOCK_R, BLOCK_DO)
+    the d-out chunk of rows ``idx`` of the contiguous (R, D) input: with SINGLE_D the transpose of
+    ``tile_t``, the (BLOCK_D, BLOCK_R) tile ``score_tile`` loaded, else loaded here."""
+    if SINGLE_D:
+        v = tl.trans(tile_t)
+    else:
+        v = load_tile(ptr, idx, idx_bound, do0, D, BLOCK_R, BLOCK_DO)
+    return tl.dot(w.to(v.dtype), v, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
 def _dq_kernel(
     q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr, dq_ptr, part_ptr,
     M, N, D,
@@ -95,16 +108,13 @@ def _dq_kernel(
         # the forward's score tile, bit for bit
         dots, k_tile_t = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_tile,
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
-        if SINGLE_D:
-            k_tile = tl.trans(k_tile_t)                                     # (BLOCK_N, BLOCK_D)
         klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
         keep = row_ok[:, None] & (cols[None, :] < N) & kept(cols[None, :], ex0[:, None], ex1[:, None], rlab[:, None],
                                                             klab[None, :], pos[:, None], HAS_LABELS)
         p = tl.exp2(tl.where(keep, (dots * s - lse[:, None]) * LOG2E, float("-inf")))   # P_ij; 0 if excluded
         pl += tl.sum(p * dots, axis=1)
-        if not SINGLE_D:
-            k_tile = load_tile(k_ptr, cols, N, do0, D, BLOCK_N, BLOCK_DO)  # (BLOCK_N, BLOCK_DO)
-        acc = tl.dot(p.to(k_tile.dtype), k_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = _accumulate(acc, p, k_ptr, cols, N, k_tile_t, do0, D,
+                          ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_DO, SINGLE_D)
 
     # dq_i = s g_i sum_j P_ij k_j
     _store_chunk(dq_ptr, rows, row_ok, do0, D, acc * (s * g)[:, None], BLOCK_DO)
@@ -141,11 +151,8 @@ def _dk_kernel(
         keep = col_ok[:, None] & row_ok[None, :] & kept(cols[:, None], ex0[None, :], ex1[None, :], rlab[None, :],
                                                         klab[:, None], pos[None, :], HAS_LABELS)
         w = tl.exp2(tl.where(keep, (dots * s - lse[None, :]) * LOG2E, float("-inf"))) * g[None, :]  # W^T/gs
-        if SINGLE_D:
-            q_tile = tl.trans(q_tile_t)
-        else:
-            q_tile = load_tile(q_ptr, rows, M, do0, D, BLOCK_M, BLOCK_DO)        # (BLOCK_M, BLOCK_DO)
-        acc = tl.dot(w.to(q_tile.dtype), q_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = _accumulate(acc, w, q_ptr, rows, M, q_tile_t, do0, D,
+                          ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_DO, SINGLE_D)
 
     _store_chunk(dk_ptr, cols, col_ok, do0, D, acc * (s * gs), BLOCK_DO)
 
@@ -190,8 +197,6 @@ def _dq_paired_kernel(
         h_c = tl.load(kg_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE) / gs
         dots, k_cols_t = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_rows,
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
-        if SINGLE_D:
-            k_cols = tl.trans(k_cols_t)
         both = row_ok[:, None] & col_ok[None, :]
         klab_c = load_labels(klab_ptr, cols, N, HAS_LABELS)
         keep_ij = both & kept(cols[None, :], exr0[:, None], exr1[:, None], rlab_r[:, None], klab_c[None, :],
@@ -203,9 +208,8 @@ def _dq_paired_kernel(
         q_ji = tl.exp2(tl.where(keep_ji, (x - lse_c[None, :]) * LOG2E, float("-inf")))
         pl += tl.sum(p_ij * dots, axis=1)
         w = g_r[:, None] * p_ij + h_c[None, :] * q_ji              # (W_ij + V_ji) / gs
-        if not SINGLE_D:
-            k_cols = load_tile(k_ptr, cols, N, do0, D, BLOCK_N, BLOCK_DO)
-        acc = tl.dot(w.to(k_cols.dtype), k_cols, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = _accumulate(acc, w, k_ptr, cols, N, k_cols_t, do0, D,
+                          ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_DO, SINGLE_D)
 
     _store_chunk(dq_ptr, rows, row_ok, do0, D, acc * (s * gs), BLOCK_DO)
     if do0 == 0:  # d-chunk 0

@@ -61,7 +61,8 @@ def row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E: tl.constexpr, HAS_LABELS: tl
 
 
 @triton.jit
-def resident_tile(ptr, idx, idx_bound, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+def resident_tile(ptr, idx, idx_bound, D,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
     """With SINGLE_D (all of d in one BLOCK_D chunk) the (BLOCK_R, BLOCK_D) tile of rows ``idx``,
     loaded once and held for a program's whole walk; else 0 (``scores`` reads d by chunks)."""
     if SINGLE_D:
