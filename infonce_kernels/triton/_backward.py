@@ -73,8 +73,23 @@ def _store_chunk(out_ptr, idx, idx_ok, do0, D, val, BLOCK_DO: tl.constexpr):
 
 
 @triton.jit
+def _lse_rows(start, BLOCK: tl.constexpr, bound, ex_ptr, lab_ptr, pos_ptr, lse_ptr, g_ptr, gs,
+              E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Rows ``start + [0, BLOCK)`` of a log-sum-exp side with ``bound`` rows, as an inner loop
+    walks them: (idx, ok, ex0, ex1, label, positive, lse, g / gs), each (BLOCK,): the indices and
+    their in-range mask, their side of the exclusion rule (``row_rule``), their LSE and their
+    upstream gradient divided by the range scale gs, in ACC_DTYPE."""
+    idx, ok = block_range(start, BLOCK, bound)
+    ex0, ex1, lab, pos = row_rule(ex_ptr, lab_ptr, pos_ptr, idx, bound, E, HAS_LABELS)
+    lse = tl.load(lse_ptr + idx, mask=ok, other=0.0).to(ACC_DTYPE)
+    g = tl.load(g_ptr + idx, mask=ok, other=0.0).to(ACC_DTYPE) / gs
+    return idx, ok, ex0, ex1, lab, pos, lse, g
+
+
+@triton.jit
 def _accumulate(acc, w, ptr, idx, idx_bound, tile_t, do0, D,
-                ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr):
+                ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr):
     """acc + w @ V: w (BLOCK, BLOCK_R) the weight tile, cast to the input dtype; V (BLOCK_R, BLOCK_DO)
     the d-out chunk of rows ``idx`` of the contiguous (R, D) input: with SINGLE_D the transpose of
     ``tile_t``, the (BLOCK_D, BLOCK_R) tile ``score_tile`` loaded, else loaded here."""
@@ -141,10 +156,8 @@ def _dk_kernel(
 
     acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC_DTYPE)   # sum_i (g_i/gs) P_ij q_i
     for m0 in range(0, M, BLOCK_M):
-        rows, row_ok = block_range(m0, BLOCK_M, M)
-        ex0, ex1, rlab, pos = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)
-        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE) / gs
+        rows, row_ok, ex0, ex1, rlab, pos, lse, g = _lse_rows(
+            m0, BLOCK_M, M, ex_ptr, rlab_ptr, pos_ptr, lse_ptr, g_ptr, gs, E, HAS_LABELS, ACC_DTYPE)
         # <k_j, q_i>  (BLOCK_N, BLOCK_M); q_tile_t (BLOCK_D, BLOCK_M)
         dots, q_tile_t = score_tile(k_ptr, q_ptr, cols, rows, N, M, D, k_tile,
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_D)
@@ -190,11 +203,9 @@ def _dq_paired_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC_DTYPE)
     pl = tl.zeros((BLOCK_M,), ACC_DTYPE)             # sum_j P_ij <q_i, k_j>  (for dscale)
     for n0 in range(0, N, BLOCK_N):
-        cols, col_ok = block_range(n0, BLOCK_N, N)
-        # key j's own rule as a row (its list numbers the rows of q from row_offset)
-        exc0, exc1, krlab_c, kpos_c = row_rule(kex_ptr, krlab_ptr, kpos_ptr, cols, N, KE, HAS_LABELS)
-        lse_c = tl.load(klse_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
-        h_c = tl.load(kg_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE) / gs
+        # the keys as rows of their own LSE (key j's list numbers the rows of q from row_offset)
+        cols, col_ok, exc0, exc1, krlab_c, kpos_c, lse_c, h_c = _lse_rows(
+            n0, BLOCK_N, N, kex_ptr, krlab_ptr, kpos_ptr, klse_ptr, kg_ptr, gs, KE, HAS_LABELS, ACC_DTYPE)
         dots, k_cols_t = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_rows,
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         both = row_ok[:, None] & col_ok[None, :]
