@@ -213,14 +213,19 @@ def test_info_nce_pytorch(backend, reduction):
 
 # ---------------------------------------------------------------- pytorch-metric-learning
 
-def pml_ntxent(emb, labels, t, ref_emb=None, ref_labels=None):
-    """PML NTXentLoss written out: mean over positive pairs of -log(e^s_ap / (e^s_ap + sum_n e^s_an))."""
+def _pml_similarities(emb, labels, t, ref_emb, ref_labels):
+    """PML's pair set-up: (sym, s, same) with s = cos(emb_i, key_j) / t (M, N) and same (M, N) the
+    equal-label mask; the keys are emb itself (sym) or ref_emb."""
     sym = ref_emb is None
     q = F.normalize(emb, dim=1)
     k, kl = (q, labels) if sym else (F.normalize(ref_emb, dim=1), ref_labels)
-    s = q @ k.T / t
-    same = labels[:, None] == kl[None, :]
-    pos = same & ~torch.eye(len(q), dtype=torch.bool) if sym else same
+    return sym, q @ k.T / t, labels[:, None] == kl[None, :]
+
+
+def pml_ntxent(emb, labels, t, ref_emb=None, ref_labels=None):
+    """PML NTXentLoss written out: mean over positive pairs of -log(e^s_ap / (e^s_ap + sum_n e^s_an))."""
+    sym, s, same = _pml_similarities(emb, labels, t, ref_emb, ref_labels)
+    pos = same & ~torch.eye(len(emb), dtype=torch.bool) if sym else same
     neg_lse = torch.logsumexp(s.masked_fill(same, float("-inf")), 1)
     a, p = pos.nonzero(as_tuple=True)
     if len(a) == 0 or not (~same).any():
@@ -229,12 +234,8 @@ def pml_ntxent(emb, labels, t, ref_emb=None, ref_labels=None):
 
 
 def pml_supcon(emb, labels, t, ref_emb=None, ref_labels=None):
-    sym = ref_emb is None
-    q = F.normalize(emb, dim=1)
-    k, kl = (q, labels) if sym else (F.normalize(ref_emb, dim=1), ref_labels)
-    s = q @ k.T / t
-    same = labels[:, None] == kl[None, :]
-    keep = ~torch.eye(len(q), dtype=torch.bool) if sym else torch.ones_like(same)
+    sym, s, same = _pml_similarities(emb, labels, t, ref_emb, ref_labels)
+    keep = ~torch.eye(len(emb), dtype=torch.bool) if sym else torch.ones_like(same)
     pos = (same & keep).double()
     if not pos.any() or not (~same).any():
         return (emb * 0).sum()

@@ -124,6 +124,11 @@ def _labels(M, N, exclude, symmetric, seed, classes=3):
     return rl, (rl if symmetric else key_labels.to(DEV)), positive.to(DEV)
 
 
+def _shape_id(shape):
+    """Test id of an (M, N, d) or (M, d) shape: "MxNxd"."""
+    return "x".join(map(str, shape))
+
+
 SHAPES = [  # (M, N, d)
     (1, 1, 1),
     (7, 13, 3),
@@ -136,7 +141,7 @@ SHAPES = [  # (M, N, d)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("E", [0, 1, 2])
 def test_lse_general(dtype, shape, E):
     M, N, d = shape
@@ -151,7 +156,7 @@ def test_lse_general(dtype, shape, E):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 5), (9, 3), (64, 32), (130, 130), (257, 64), (96, 300)],
-                         ids=lambda s: "x".join(map(str, s)))
+                         ids=_shape_id)
 @pytest.mark.parametrize("E", [1, 2])
 def test_lse_symmetric(dtype, shape, E):
     M, d = shape
@@ -274,18 +279,18 @@ def test_current_stream_and_other_device():
 # Every kernel has a labelled instantiation (LBL = true): forward mma / simt, backward kRow (dq),
 # kCol (dk: the excluding row is the column-side index) and kSym (W^T uses row j's rule).
 # ------------------------------------------------------------------------------------------------
-LABEL_SHAPES = [  # (M, N, d): 1-row / 1-key tiles, tile edges, several key tiles, d > 128
+TILE_EDGE_SHAPES = [  # (M, N, d): 1-row / 1-key tiles, tile edges, several key tiles, d > 128
     (1, 1, 4),
     (7, 13, 3),
     (64, 64, 64),
     (65, 130, 32),
     (100, 257, 130),
-    (200, 300, 128),
 ]
+LABEL_SHAPES = TILE_EDGE_SHAPES + [(200, 300, 128)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", LABEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", LABEL_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("E", [0, 2])
 def test_labels_general(dtype, shape, E):
     M, N, d = shape
@@ -300,8 +305,7 @@ def test_labels_general(dtype, shape, E):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(5, 8), (64, 32), (130, 130), (257, 64)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(5, 8), (64, 32), (130, 130), (257, 64)], ids=_shape_id)
 @pytest.mark.parametrize("E", [1, 2])
 def test_labels_symmetric(dtype, shape, E):
     M, d = shape
@@ -530,14 +534,7 @@ def _check_paired(p, dtype):
     return got
 
 
-PAIRED_SHAPES = [  # (M, N, d): tiny, tile edges, several row / key tiles, d > 128, M > N
-    (1, 1, 4),
-    (7, 13, 3),
-    (64, 64, 64),
-    (65, 130, 32),
-    (100, 257, 130),
-    (200, 70, 256),
-]
+PAIRED_SHAPES = TILE_EDGE_SHAPES + [(200, 70, 256)]  # and several row tiles with M > N
 PAIRED_SIDES = [  # (E, E_key, row_offset, labelled)
     (0, 0, 0, False),
     (2, 1, 0, True),
@@ -546,10 +543,15 @@ PAIRED_SIDES = [  # (E, E_key, row_offset, labelled)
 ]
 
 
+def _sides_id(sides):
+    """Test id of a PAIRED_SIDES entry: "E2-Ek1-off0-lbl"."""
+    E, E_key, off, labelled = sides
+    return "E{}-Ek{}-off{}-{}".format(E, E_key, off, "lbl" if labelled else "nolbl")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", PAIRED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("sides", PAIRED_SIDES, ids=lambda c: "E{}-Ek{}-off{}-{}".format(
-    c[0], c[1], c[2], "lbl" if c[3] else "nolbl"))
+@pytest.mark.parametrize("shape", PAIRED_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("sides", PAIRED_SIDES, ids=_sides_id)
 def test_paired_vs_reference(dtype, shape, sides):
     M, N, d = shape
     E, E_key, off, labelled = sides
@@ -557,10 +559,8 @@ def test_paired_vs_reference(dtype, shape, sides):
     _check_paired(p, dtype)
 
 
-@pytest.mark.parametrize("shape", [(7, 13, 3), (65, 130, 32), (100, 257, 130)],
-                         ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("sides", PAIRED_SIDES, ids=lambda c: "E{}-Ek{}-off{}-{}".format(
-    c[0], c[1], c[2], "lbl" if c[3] else "nolbl"))
+@pytest.mark.parametrize("shape", [(7, 13, 3), (65, 130, 32), (100, 257, 130)], ids=_shape_id)
+@pytest.mark.parametrize("sides", PAIRED_SIDES, ids=_sides_id)
 def test_paired_fp64_matches_cpu_op(shape, sides):
     M, N, d = shape
     E, E_key, off, labelled = sides
@@ -630,23 +630,19 @@ def test_paired_bad_inputs_name_the_argument():
         return ops._lse_bwd_paired(*_packed([q[n] for n in _PAIRED_ORDER]))
 
     call()  # valid
-    with pytest.raises(RuntimeError, match="key_grad must have shape"):
-        call(key_grad=p["key_grad"][:5])
-    with pytest.raises(RuntimeError, match="key_lse must have shape"):
-        call(key_lse=p["key_lse"].double())
-    with pytest.raises(RuntimeError, match="key_exclude must be int64"):
-        call(key_exclude=p["key_exclude"].int())
-    with pytest.raises(RuntimeError, match="key_positive must have shape"):
-        call(key_positive=p["key_positive"][:3])
-    with pytest.raises(RuntimeError, match="row_offset must be >= 0"):
-        call(row_offset=-1)
-    with pytest.raises(RuntimeError, match="key_exclude must be contiguous"):
-        call(key_exclude=torch.zeros(9, 2, dtype=torch.int64, device=DEV)[:, :1])
-    with pytest.raises(RuntimeError, match="key_grad must be contiguous"):
-        call(key_grad=torch.zeros(18, device=DEV)[::2])
-    with pytest.raises(RuntimeError, match="key-side tensors must be on the device of k"):
-        call(key_lse=p["key_lse"].cpu())
-    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
-        call(q=p["q"].cpu())
-    with pytest.raises(RuntimeError, match="lse must be the"):
-        call(lse=p["lse"][:2])
+    bad = [  # (message, the one argument changed)
+        ("key_grad must have shape", dict(key_grad=p["key_grad"][:5])),
+        ("key_lse must have shape", dict(key_lse=p["key_lse"].double())),
+        ("key_exclude must be int64", dict(key_exclude=p["key_exclude"].int())),
+        ("key_positive must have shape", dict(key_positive=p["key_positive"][:3])),
+        ("row_offset must be >= 0", dict(row_offset=-1)),
+        ("key_exclude must be contiguous",
+         dict(key_exclude=torch.zeros(9, 2, dtype=torch.int64, device=DEV)[:, :1])),
+        ("key_grad must be contiguous", dict(key_grad=torch.zeros(18, device=DEV)[::2])),
+        ("key-side tensors must be on the device of k", dict(key_lse=p["key_lse"].cpu())),
+        ("q must be a CUDA tensor", dict(q=p["q"].cpu())),
+        ("lse must be the", dict(lse=p["lse"][:2])),
+    ]
+    for message, over in bad:
+        with pytest.raises(RuntimeError, match=message):
+            call(**over)

@@ -106,6 +106,19 @@ def _centered_nt_xent(out0: Tensor, out1: Tensor, temperature: float, backend: s
     return precise_mean(r - pos)
 
 
+def _memory_bank_alias(name: str) -> property:
+    """A read-write property forwarding to ``self.memory_bank.<name>``: lightly's NTXentLoss has
+    ``bank`` and ``bank_ptr`` itself; here they are deprecated aliases."""
+
+    def get(self) -> Tensor:
+        return getattr(self.memory_bank, name)
+
+    def set_(self, value: Tensor) -> None:
+        setattr(self.memory_bank, name, value)
+
+    return property(get, set_, doc="Deprecated alias of ``memory_bank.{}`` (lightly's attribute).".format(name))
+
+
 class NTXentLoss(nn.Module):
     """lightly's ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distributed=False)``."""
 
@@ -121,23 +134,8 @@ class NTXentLoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.backend = backend
 
-    @property
-    def bank(self) -> Tensor:
-        """Deprecated alias of ``memory_bank.bank`` (lightly's attribute)."""
-        return self.memory_bank.bank
-
-    @bank.setter
-    def bank(self, value: Tensor) -> None:
-        self.memory_bank.bank = value
-
-    @property
-    def bank_ptr(self) -> Tensor:
-        """Deprecated alias of ``memory_bank.bank_ptr``."""
-        return self.memory_bank.bank_ptr
-
-    @bank_ptr.setter
-    def bank_ptr(self, value: Tensor) -> None:
-        self.memory_bank.bank_ptr = value
+    bank = _memory_bank_alias("bank")
+    bank_ptr = _memory_bank_alias("bank_ptr")
 
     @autocast_off
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:

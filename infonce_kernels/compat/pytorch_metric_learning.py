@@ -105,10 +105,27 @@ def _segment_lse(values, index, rows):
 def _all_different(labels, k_labels, a2, n):
     """Whether the negative pairs (a2, n) are exactly every pair of different labels (then their
     log-sum-exp is the fused op's label rule)."""
-    total = labels.shape[0] * k_labels.shape[0] - int(_class_counts(labels, k_labels).sum())
+    total = _n_negative_pairs(labels, k_labels)
     if a2.numel() != total or not bool((labels[a2] != k_labels[n]).all()):
         return False
     return torch.unique(a2 * k_labels.shape[0] + n).numel() == total
+
+
+def _cosine_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels, owner):
+    """Checks the arguments (see ``_check``) and normalises: returns (q, labels, k, k_labels,
+    symmetric, drop_self, pairs) with q (M, d) the unit embeddings and k (N, d) the unit keys,
+    q itself (with labels) when no ref_emb is given."""
+    labels, ref_emb, ref_labels, drop_self, pairs = _check(embeddings, labels, indices_tuple, ref_emb,
+                                                           ref_labels, owner)
+    symmetric = ref_emb is None
+    q = normalize(embeddings)
+    k, k_labels = (q, labels) if symmetric else (normalize(ref_emb), ref_labels)
+    return q, labels, k, k_labels, symmetric, drop_self, pairs
+
+
+def _too_few_pairs(n_positive, n_negative):
+    """PML returns 0 without positive or negative pair, and when there is at most one of each."""
+    return n_positive == 0 or n_negative == 0 or (n_positive <= 1 and n_negative <= 1)
 
 
 def _zero(embeddings):
@@ -132,30 +149,37 @@ def _unique_pairs(a, p, keys):
     return code // keys, code % keys
 
 
-class NTXentLoss(nn.Module):
+class _CosineLabelLoss(nn.Module):
+    """What the PML adapters below share: the constructor (temperature, backend, PML's distance
+    and reducer options) and ``forward``'s arguments, checked and normalised by ``_cosine_pairs``
+    before the subclass's ``_loss`` sees them."""
+
+    def __init__(self, name, reducer, temperature, backend, kwargs):
+        super().__init__()
+        _options(name, kwargs, reducer)
+        self._name = name
+        self.temperature, self.backend = temperature, backend
+
+    @autocast_off
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        batch = _cosine_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels, self._name)
+        return self._loss(embeddings, *batch, 1.0 / self.temperature)
+
+
+class NTXentLoss(_CosineLabelLoss):
     """pytorch-metric-learning's ``NTXentLoss(temperature=0.07, **kwargs)`` (cosine similarity,
     ``MeanReducer``; ``distance=CosineSimilarity()``, ``reducer=MeanReducer()`` written out are
     accepted, other distances and reducers raise ``TypeError``)."""
 
     def __init__(self, temperature=0.07, *, backend="auto", **kwargs):
-        super().__init__()
-        _options("NTXentLoss", kwargs, "MeanReducer")
-        self.temperature, self.backend = temperature, backend
+        super().__init__("NTXentLoss", "MeanReducer", temperature, backend, kwargs)
 
-    @autocast_off
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        labels, ref_emb, ref_labels, drop_self, pairs = _check(embeddings, labels, indices_tuple, ref_emb,
-                                                               ref_labels, "NTXentLoss")
-        symmetric = ref_emb is None
-        q = normalize(embeddings)
-        k, k_labels = (q, labels) if symmetric else (normalize(ref_emb), ref_labels)
-        scale = 1.0 / self.temperature
+    def _loss(self, embeddings, q, labels, k, k_labels, symmetric, drop_self, pairs, scale):
         if pairs is not None:
             return self._given_pairs(q, labels, k, k_labels, pairs, scale, symmetric)
         counts = _class_counts(labels, k_labels) - (1 if drop_self else 0)  # positives per anchor
-        n_pairs, n_neg = int(counts.sum()), _n_negative_pairs(labels, k_labels)
-        # PML returns 0 without positive or negative pair, and when there is at most one of each
-        if n_pairs == 0 or n_neg == 0 or (n_pairs <= 1 and n_neg <= 1):
+        n_pairs = int(counts.sum())
+        if _too_few_pairs(n_pairs, _n_negative_pairs(labels, k_labels)):
             return _zero(embeddings)
         neg = different_label_lse(q, labels, k, k_labels, scale, symmetric=symmetric, backend=self.backend)
         total = acc(q).new_zeros(())
@@ -180,7 +204,7 @@ class NTXentLoss(nn.Module):
         negative pairs (a2, n) of its anchor: the fused op's label rule when those are every
         different-label pair (CrossBatchMemory without miner), else their explicit log-sum-exp."""
         a1, p, a2, n = pairs
-        if a1.numel() == 0 or a2.numel() == 0 or (a1.numel() <= 1 and a2.numel() <= 1):
+        if _too_few_pairs(a1.numel(), a2.numel()):
             return _zero(q)
         if _all_different(labels, k_labels, a2, n):
             neg = different_label_lse(q, labels, k, k_labels, scale, symmetric=symmetric, backend=self.backend)
@@ -208,28 +232,18 @@ class NTXentLoss(nn.Module):
         return a, p
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(_CosineLabelLoss):
     """pytorch-metric-learning's ``SupConLoss(temperature=0.1, **kwargs)`` (cosine similarity,
     ``AvgNonZeroReducer``; those written out are accepted, others raise ``TypeError``)."""
 
     def __init__(self, temperature=0.1, *, backend="auto", **kwargs):
-        super().__init__()
-        _options("SupConLoss", kwargs, "AvgNonZeroReducer")
-        self.temperature, self.backend = temperature, backend
+        super().__init__("SupConLoss", "AvgNonZeroReducer", temperature, backend, kwargs)
 
-    @autocast_off
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        labels, ref_emb, ref_labels, drop_self, pairs = _check(embeddings, labels, indices_tuple, ref_emb,
-                                                               ref_labels, "SupConLoss")
-        symmetric = ref_emb is None
-        q = normalize(embeddings)
-        k, k_labels = (q, labels) if symmetric else (normalize(ref_emb), ref_labels)
-        scale = 1.0 / self.temperature
+    def _loss(self, embeddings, q, labels, k, k_labels, symmetric, drop_self, pairs, scale):
         if pairs is not None:
             return self._given_pairs(q, k, pairs, scale)
         counts = _class_counts(labels, k_labels) - (1 if drop_self else 0)
-        n_pairs, n_neg = int(counts.sum()), _n_negative_pairs(labels, k_labels)
-        if n_pairs == 0 or n_neg == 0 or (n_pairs <= 1 and n_neg <= 1):
+        if _too_few_pairs(int(counts.sum()), _n_negative_pairs(labels, k_labels)):
             return _zero(embeddings)
         own = torch.arange(q.shape[0], device=q.device)[:, None]
         if symmetric:
@@ -252,7 +266,7 @@ class SupConLoss(nn.Module):
         """PML's mask-based SupCon over the pairs of ``indices_tuple``: row i's denominator is
         its positive and negative pairs, its loss the mean -log p over its positive pairs."""
         a1, p, a2, n = pairs
-        if (a1.numel() <= 1 and a2.numel() <= 1) or a1.numel() == 0 or a2.numel() == 0:
+        if _too_few_pairs(a1.numel(), a2.numel()):
             return _zero(q)
         a1, p = _unique_pairs(a1, p, k.shape[0])
         a2, n = _unique_pairs(a2, n, k.shape[0])

@@ -20,50 +20,53 @@ def _conv3x3(i, o, stride=1):
     return nn.Conv2d(i, o, 3, stride, 1, bias=False)
 
 
-class BasicBlock(nn.Module):
-    expansion = 1
+class _ResidualBlock(nn.Module):
+    """relu(bn_n(conv_n(... relu(bn1(conv1(x))) ...)) + shortcut(x)) on (B, C, H, W) images: the convs
+    conv1..conv_n, each followed by its BN bn1..bn_n and a ReLU but the last; the shortcut is the
+    identity, or ``downsample`` (1x1 conv + BN) when the block changes the stride or the width."""
 
-    def __init__(self, inplanes, planes, stride=1):
+    def __init__(self, inplanes, convs, stride):
+        """convs: one (in channels, out channels, kernel size, stride) per conv, padded to keep the size."""
         super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.depth = len(convs)
+        for n, (i, o, size, s) in enumerate(convs, 1):
+            setattr(self, f"conv{n}", nn.Conv2d(i, o, size, s, size // 2, bias=False))
+            setattr(self, f"bn{n}", nn.BatchNorm2d(o))
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-        idt = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + idt)
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1):
-        super().__init__()
-        out = planes * 4
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out)
-        self.relu = nn.ReLU(inplace=True)
+        out = convs[-1][1]
         self.downsample = None
         if stride != 1 or inplanes != out:
             self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
 
     def forward(self, x):
         idt = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = x
+        for n in range(1, self.depth + 1):
+            out = getattr(self, f"bn{n}")(getattr(self, f"conv{n}")(out))
+            if n < self.depth:
+                out = self.relu(out)
         return self.relu(out + idt)
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        """The BN before the sum (zero-initialised: the block starts as its shortcut)."""
+        return getattr(self, f"bn{self.depth}")
+
+
+class BasicBlock(_ResidualBlock):
+    """Two 3x3 convs (the first strided), width planes."""
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__(inplanes, [(inplanes, planes, 3, stride), (planes, planes, 3, 1)], stride)
+
+
+class Bottleneck(_ResidualBlock):
+    """1x1 reduce to planes, 3x3 (strided), 1x1 expand to 4 * planes."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__(inplanes, [(inplanes, planes, 1, 1), (planes, planes, 3, stride),
+                                    (planes, planes * self.expansion, 1, 1)], stride)
 
 
 class ResNet(nn.Module):
@@ -91,10 +94,8 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         if zero_init_residual:
             for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
-                elif isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
+                if isinstance(m, _ResidualBlock):
+                    nn.init.zeros_(m.last_bn().weight)
 
     def _make(self, block, planes, n, stride):
         layers = [block(self.inplanes, planes, stride)]

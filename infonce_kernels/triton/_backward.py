@@ -50,8 +50,8 @@ import triton.language as tl
 
 from . import _config
 from ..ops.precision import accumulation_dtype
-from ._common import (LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_tile, load_tile_t,
-                      scores)
+from ._common import LOG2E, acc_dtype, input_precision, kept, load_labels, load_tile
+from ._forward import block_range, program_block, resident_tile, row_rule, score_tile
 
 
 @triton.jit
@@ -63,6 +63,44 @@ def _load_g_scale(gmax_ptr, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _store_chunk(out_ptr, idx, idx_ok, do0, D, val, BLOCK_DO: tl.constexpr):
+    """Store ``val`` (BLOCK, BLOCK_DO) into features [do0, do0 + BLOCK_DO) of the rows ``idx`` of
+    the contiguous (R, D) output, cast to its dtype; rows out of range (not idx_ok) and features
+    >= D are skipped."""
+    offs_d = do0 + tl.arange(0, BLOCK_DO)
+    ptrs = out_ptr + idx.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(ptrs, val.to(out_ptr.dtype.element_ty), mask=idx_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _lse_rows(start, BLOCK: tl.constexpr, bound, ex_ptr, lab_ptr, pos_ptr, lse_ptr, g_ptr, gs,
+              E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Rows ``start + [0, BLOCK)`` of a log-sum-exp side with ``bound`` rows, as an inner loop
+    walks them: (idx, ok, ex0, ex1, label, positive, lse, g / gs), each (BLOCK,): the indices and
+    their in-range mask, their side of the exclusion rule (``row_rule``), their LSE and their
+    upstream gradient divided by the range scale gs, in ACC_DTYPE."""
+    idx, ok = block_range(start, BLOCK, bound)
+    ex0, ex1, lab, pos = row_rule(ex_ptr, lab_ptr, pos_ptr, idx, bound, E, HAS_LABELS)
+    lse = tl.load(lse_ptr + idx, mask=ok, other=0.0).to(ACC_DTYPE)
+    g = tl.load(g_ptr + idx, mask=ok, other=0.0).to(ACC_DTYPE) / gs
+    return idx, ok, ex0, ex1, lab, pos, lse, g
+
+
+@triton.jit
+def _accumulate(acc, w, ptr, idx, idx_bound, tile_t, do0, D,
+                ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr):
+    """acc + w @ V: w (BLOCK, BLOCK_R) the weight tile, cast to the input dtype; V (BLOCK_R, BLOCK_DO)
+    the d-out chunk of rows ``idx`` of the contiguous (R, D) input: with SINGLE_D the transpose of
+    ``tile_t``, the (BLOCK_D, BLOCK_R) tile ``score_tile`` loaded, else loaded here."""
+    if SINGLE_D:
+        v = tl.trans(tile_t)
+    else:
+        v = load_tile(ptr, idx, idx_bound, do0, D, BLOCK_R, BLOCK_DO)
+    return tl.dot(w.to(v.dtype), v, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
 def _dq_kernel(
     q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr, dq_ptr, part_ptr,
     M, N, D,
@@ -70,51 +108,32 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    ex0, ex1 = load_exclusions(ex_ptr, rows, M, E)
-    rlab = load_labels(rlab_ptr, rows, M, HAS_LABELS)
-    pos = load_labels(pos_ptr, rows, M, HAS_LABELS)
+    pid_m, rows, row_ok, do0 = program_block(BLOCK_M, M, BLOCK_DO)
+    ex0, ex1, rlab, pos = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)            # (BLOCK_M,)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)                # (BLOCK_M,)
-    do0 = pid_d * BLOCK_DO
 
-    if SINGLE_D:
-        q_tile = load_tile(q_ptr, rows, M, 0, D, BLOCK_M, BLOCK_D)
-    else:
-        q_tile = 0
+    q_tile = resident_tile(q_ptr, rows, M, D, BLOCK_M, BLOCK_D, SINGLE_D)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC_DTYPE)   # sum_j P_ij k_j   (this d-out chunk)
     pl = tl.zeros((BLOCK_M,), ACC_DTYPE)             # sum_j P_ij <q_i, k_j>
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        if SINGLE_D:
-            # Loaded as (BLOCK_D, BLOCK_N) exactly like the forward so that the score tile is
-            # bit-identical to the forward's (row sums of P then equal 1 to rounding).
-            k_tile_t = load_tile_t(k_ptr, cols, N, 0, D, BLOCK_N, BLOCK_D)
-            k_tile = tl.trans(k_tile_t)                                     # (BLOCK_N, BLOCK_D)
-        else:
-            k_tile_t = 0
-        dots = scores(q_ptr, k_ptr, rows, cols, M, N, D, q_tile, k_tile_t,
-                      ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
+        # the forward's score tile, bit for bit
+        dots, k_tile_t = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_tile,
+                                    ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
         keep = row_ok[:, None] & (cols[None, :] < N) & kept(cols[None, :], ex0[:, None], ex1[:, None], rlab[:, None],
                                                             klab[None, :], pos[:, None], HAS_LABELS)
         p = tl.exp2(tl.where(keep, (dots * s - lse[:, None]) * LOG2E, float("-inf")))   # P_ij; 0 if excluded
         pl += tl.sum(p * dots, axis=1)
-        if not SINGLE_D:
-            k_tile = load_tile(k_ptr, cols, N, do0, D, BLOCK_N, BLOCK_DO)  # (BLOCK_N, BLOCK_DO)
-        acc = tl.dot(p.to(k_tile.dtype), k_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = _accumulate(acc, p, k_ptr, cols, N, k_tile_t, do0, D,
+                          ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_DO, SINGLE_D)
 
     # dq_i = s g_i sum_j P_ij k_j
-    dq = acc * (s * g)[:, None]
-    offs_d = do0 + tl.arange(0, BLOCK_DO)
-    ptrs = dq_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
-    tl.store(ptrs, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    if pid_d == 0:
+    _store_chunk(dq_ptr, rows, row_ok, do0, D, acc * (s * g)[:, None], BLOCK_DO)
+    if do0 == 0:  # d-chunk 0
         tl.store(part_ptr + pid_m, tl.sum(g * pl, axis=0))
 
 
@@ -128,49 +147,27 @@ def _dk_kernel(
 ):
     # One program = BLOCK_N keys x one d-out chunk; walks all row blocks.
     # Tiles are held transposed: (keys, rows).
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    _, cols, col_ok, do0 = program_block(BLOCK_N, N, BLOCK_DO)
     klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     gs = _load_g_scale(gmax_ptr, ACC_DTYPE)
-    do0 = pid_d * BLOCK_DO
 
-    if SINGLE_D:
-        k_tile = load_tile(k_ptr, cols, N, 0, D, BLOCK_N, BLOCK_D)        # (BLOCK_N, BLOCK_D)
-    else:
-        k_tile = 0
+    k_tile = resident_tile(k_ptr, cols, N, D, BLOCK_N, BLOCK_D, SINGLE_D)
 
     acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC_DTYPE)   # sum_i (g_i/gs) P_ij q_i
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        ex0, ex1 = load_exclusions(ex_ptr, rows, M, E)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)
-        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE) / gs
-        if SINGLE_D:
-            q_tile_t = load_tile_t(q_ptr, rows, M, 0, D, BLOCK_M, BLOCK_D)   # (BLOCK_D, BLOCK_M)
-        else:
-            q_tile_t = 0
-        # <k_j, q_i>  (BLOCK_N, BLOCK_M)
-        dots = scores(k_ptr, q_ptr, cols, rows, N, M, D, k_tile, q_tile_t,
-                      ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_D)
-        rlab = load_labels(rlab_ptr, rows, M, HAS_LABELS)
-        pos = load_labels(pos_ptr, rows, M, HAS_LABELS)
+        rows, row_ok, ex0, ex1, rlab, pos, lse, g = _lse_rows(
+            m0, BLOCK_M, M, ex_ptr, rlab_ptr, pos_ptr, lse_ptr, g_ptr, gs, E, HAS_LABELS, ACC_DTYPE)
+        # <k_j, q_i>  (BLOCK_N, BLOCK_M); q_tile_t (BLOCK_D, BLOCK_M)
+        dots, q_tile_t = score_tile(k_ptr, q_ptr, cols, rows, N, M, D, k_tile,
+                                    ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_D)
         keep = col_ok[:, None] & row_ok[None, :] & kept(cols[:, None], ex0[None, :], ex1[None, :], rlab[None, :],
                                                         klab[:, None], pos[None, :], HAS_LABELS)
         w = tl.exp2(tl.where(keep, (dots * s - lse[None, :]) * LOG2E, float("-inf"))) * g[None, :]  # W^T/gs
-        if SINGLE_D:
-            q_tile = tl.trans(q_tile_t)
-        else:
-            q_tile = load_tile(q_ptr, rows, M, do0, D, BLOCK_M, BLOCK_DO)        # (BLOCK_M, BLOCK_DO)
-        acc = tl.dot(w.to(q_tile.dtype), q_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = _accumulate(acc, w, q_ptr, rows, M, q_tile_t, do0, D,
+                          ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_DO, SINGLE_D)
 
-    dk = acc * (s * gs)
-    offs_d = do0 + tl.arange(0, BLOCK_DO)
-    ptrs = dk_ptr + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
-    tl.store(ptrs, dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    _store_chunk(dk_ptr, cols, col_ok, do0, D, acc * (s * gs), BLOCK_DO)
 
 
 @triton.jit
@@ -192,46 +189,27 @@ def _dq_paired_kernel(
     #               keys' labels as rows and kklab (M,) the rows' labels as keys of the key side:
     #               key_labels / row_labels when paired, row_labels / key_labels when symmetric)
     # Symmetric backward: k = q, key side = row side, row_offset = 0 -> dz = s (W + W^T) z.
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    pid_m, rows, row_ok, do0 = program_block(BLOCK_M, M, BLOCK_DO)
     rows_g = rows.to(tl.int64) + row_offset                # row i as numbered by the key side
-    exr0, exr1 = load_exclusions(ex_ptr, rows, M, E)
-    rlab_r = load_labels(rlab_ptr, rows, M, HAS_LABELS)
-    pos_r = load_labels(pos_ptr, rows, M, HAS_LABELS)
+    exr0, exr1, rlab_r, pos_r = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
     kklab_r = load_labels(kklab_ptr, rows, M, HAS_LABELS)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     gs = _load_g_scale(gmax_ptr, ACC_DTYPE)                 # max(|g|, |h|)
     lse_r = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)
     g_r = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE) / gs
-    do0 = pid_d * BLOCK_DO
 
-    if SINGLE_D:
-        q_rows = load_tile(q_ptr, rows, M, 0, D, BLOCK_M, BLOCK_D)
-    else:
-        q_rows = 0
+    q_rows = resident_tile(q_ptr, rows, M, D, BLOCK_M, BLOCK_D, SINGLE_D)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC_DTYPE)
     pl = tl.zeros((BLOCK_M,), ACC_DTYPE)             # sum_j P_ij <q_i, k_j>  (for dscale)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        exc0, exc1 = load_exclusions(kex_ptr, cols, N, KE)
-        lse_c = tl.load(klse_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
-        h_c = tl.load(kg_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE) / gs
-        if SINGLE_D:
-            k_cols_t = load_tile_t(k_ptr, cols, N, 0, D, BLOCK_N, BLOCK_D)  # as in the forward
-            k_cols = tl.trans(k_cols_t)
-        else:
-            k_cols_t = 0
-        dots = scores(q_ptr, k_ptr, rows, cols, M, N, D, q_rows, k_cols_t,
-                      ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
+        # the keys as rows of their own LSE (key j's list numbers the rows of q from row_offset)
+        cols, col_ok, exc0, exc1, krlab_c, kpos_c, lse_c, h_c = _lse_rows(
+            n0, BLOCK_N, N, kex_ptr, krlab_ptr, kpos_ptr, klse_ptr, kg_ptr, gs, KE, HAS_LABELS, ACC_DTYPE)
+        dots, k_cols_t = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_rows,
+                                    ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         both = row_ok[:, None] & col_ok[None, :]
-        # row i's list (key numbering) and key j's list (rows numbered from row_offset)
         klab_c = load_labels(klab_ptr, cols, N, HAS_LABELS)
-        krlab_c = load_labels(krlab_ptr, cols, N, HAS_LABELS)
-        kpos_c = load_labels(kpos_ptr, cols, N, HAS_LABELS)
         keep_ij = both & kept(cols[None, :], exr0[:, None], exr1[:, None], rlab_r[:, None], klab_c[None, :],
                               pos_r[:, None], HAS_LABELS)
         keep_ji = both & kept(rows_g[:, None], exc0[None, :], exc1[None, :], krlab_c[None, :], kklab_r[:, None],
@@ -241,15 +219,11 @@ def _dq_paired_kernel(
         q_ji = tl.exp2(tl.where(keep_ji, (x - lse_c[None, :]) * LOG2E, float("-inf")))
         pl += tl.sum(p_ij * dots, axis=1)
         w = g_r[:, None] * p_ij + h_c[None, :] * q_ji              # (W_ij + V_ji) / gs
-        if not SINGLE_D:
-            k_cols = load_tile(k_ptr, cols, N, do0, D, BLOCK_N, BLOCK_DO)
-        acc = tl.dot(w.to(k_cols.dtype), k_cols, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = _accumulate(acc, w, k_ptr, cols, N, k_cols_t, do0, D,
+                          ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_DO, SINGLE_D)
 
-    dq = acc * (s * gs)
-    offs_d = do0 + tl.arange(0, BLOCK_DO)
-    ptrs = dq_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
-    tl.store(ptrs, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    if pid_d == 0:
+    _store_chunk(dq_ptr, rows, row_ok, do0, D, acc * (s * gs), BLOCK_DO)
+    if do0 == 0:  # d-chunk 0
         # sum_i g_i sum_j P_ij <q_i, k_j>  (g_r holds g_i / gs)
         tl.store(part_ptr + pid_m, tl.sum(g_r * pl, axis=0) * gs)
 

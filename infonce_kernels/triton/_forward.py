@@ -34,6 +34,64 @@ from ._common import (LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusi
 
 
 @triton.jit
+def block_range(start, BLOCK: tl.constexpr, bound):
+    """Indices ``start + [0, BLOCK)`` (BLOCK,) and their in-range mask (< bound)."""
+    idx = start + tl.arange(0, BLOCK)
+    return idx, idx < bound
+
+
+@triton.jit
+def program_block(BLOCK: tl.constexpr, bound, BLOCK_DO: tl.constexpr):
+    """Where a program of a (block, d-out chunk) grid works: (pid, idx, ok, do0) with pid its block
+    number (axis 0), idx (BLOCK,) the indices of that block, ok their in-range mask (< bound) and
+    do0 the first output feature of its chunk (axis 1)."""
+    pid = tl.program_id(0)
+    idx, ok = block_range(pid * BLOCK, BLOCK, bound)
+    return pid, idx, ok, tl.program_id(1) * BLOCK_DO
+
+
+@triton.jit
+def row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E: tl.constexpr, HAS_LABELS: tl.constexpr):
+    """The row side of the exclusion rule for ``rows`` (BLOCK,) of an (M,)-row side: (ex0, ex1,
+    row_label, positive), each (BLOCK,) int64 with -1 for none: the row arguments of ``kept``."""
+    ex0, ex1 = load_exclusions(ex_ptr, rows, M, E)
+    rlab = load_labels(rlab_ptr, rows, M, HAS_LABELS)
+    pos = load_labels(pos_ptr, rows, M, HAS_LABELS)
+    return ex0, ex1, rlab, pos
+
+
+@triton.jit
+def resident_tile(ptr, idx, idx_bound, D,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+    """With SINGLE_D (all of d in one BLOCK_D chunk) the (BLOCK_R, BLOCK_D) tile of rows ``idx``,
+    loaded once and held for a program's whole walk; else 0 (``scores`` reads d by chunks)."""
+    if SINGLE_D:
+        tile = load_tile(ptr, idx, idx_bound, 0, D, BLOCK_R, BLOCK_D)
+    else:
+        tile = 0
+    return tile
+
+
+@triton.jit
+def score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_tile,
+               ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+    """(dots, k_tile_t): dots (BLOCK_M, BLOCK_N) = <q_i, k_j> in ACC_DTYPE for the held ``q_tile``
+    (``resident_tile``) and the keys ``cols``; k_tile_t the (BLOCK_D, BLOCK_N) transposed key tile
+    loaded for it with SINGLE_D (else 0), for the caller to reuse. The forward and every backward
+    kernel (the dk kernel with the roles of q and k swapped) compute their score tiles here, so
+    that the backward's tiles are bit-identical to the forward's (row sums of P equal 1 to rounding).
+    """
+    if SINGLE_D:
+        k_tile_t = load_tile_t(k_ptr, cols, N, 0, D, BLOCK_N, BLOCK_D)
+    else:
+        k_tile_t = 0
+    dots = scores(q_ptr, k_ptr, rows, cols, M, N, D, q_tile, k_tile_t,
+                  ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
+    return dots, k_tile_t
+
+
+@triton.jit
 def _lse_fwd_kernel(
     q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr,
     M, N, D,
@@ -42,28 +100,18 @@ def _lse_fwd_kernel(
     BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    ex0, ex1 = load_exclusions(ex_ptr, rows, M, E)
-    rlab = load_labels(rlab_ptr, rows, M, HAS_LABELS)
-    pos = load_labels(pos_ptr, rows, M, HAS_LABELS)
+    rows, row_ok = block_range(pid * BLOCK_M, BLOCK_M, M)
+    ex0, ex1, rlab, pos = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
 
-    if SINGLE_D:
-        q_tile = load_tile(q_ptr, rows, M, 0, D, BLOCK_M, BLOCK_D)   # (BLOCK_M, BLOCK_D), reused for all keys
-    else:
-        q_tile = 0
+    q_tile = resident_tile(q_ptr, rows, M, D, BLOCK_M, BLOCK_D, SINGLE_D)   # reused for all keys
 
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        if SINGLE_D:
-            k_tile_t = load_tile_t(k_ptr, cols, N, 0, D, BLOCK_N, BLOCK_D)  # (BLOCK_D, BLOCK_N)
-        else:
-            k_tile_t = 0
-        dots = scores(q_ptr, k_ptr, rows, cols, M, N, D, q_tile, k_tile_t,
-                      ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
+        dots, _ = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_tile,
+                             ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
         keep = (cols[None, :] < N) & kept(cols[None, :], ex0[:, None], ex1[:, None], rlab[:, None], klab[None, :],
                                           pos[:, None], HAS_LABELS)
