@@ -14,7 +14,7 @@
 #include <tuple>
 #include <vector>
 
-#include "lse_cpu.h"
+#include "../common/lse_impls.h"
 
 namespace infonce_kernels {
 namespace {

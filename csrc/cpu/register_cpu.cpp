@@ -1,7 +1,7 @@
 // The CPU dispatch key of the private ops (schemas in csrc/ops.cpp): the kernels of
 // csrc/cpu/lse_cpu.cpp behind the shared argument checks (csrc/common/register_impls.h).
 #include "../common/register_impls.h"
-#include "lse_cpu.h"
+#include "../common/lse_impls.h"
 
 namespace infonce_kernels {
 

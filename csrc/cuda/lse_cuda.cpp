@@ -4,7 +4,7 @@
 // backend), add only what the CUDA kernels need on top (CUDA tensors, contiguous storage, since
 // the kernels index raw pointers, and the feature-size limit), allocate outputs and workspace,
 // set the device guard and launch the torch-free kernels (lse_kernels.h) on the current stream.
-#include "lse_cuda.h"
+#include "../common/lse_impls.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

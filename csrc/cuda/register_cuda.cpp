@@ -1,7 +1,7 @@
 // The CUDA dispatch key of the private ops (schemas in csrc/ops.cpp): the binding of
 // csrc/cuda/lse_cuda.cpp behind the shared argument checks (csrc/common/register_impls.h).
 #include "../common/register_impls.h"
-#include "lse_cuda.h"
+#include "../common/lse_impls.h"
 
 namespace infonce_kernels {
 
