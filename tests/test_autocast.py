@@ -44,7 +44,8 @@ LOSSES = {
     "info_nce": (2, lambda x, be: ik.info_nce(*x, temperature=0.2, reduction="none", backend=be),
                  lambda x, dt: textbook_info_nce_in_batch(*x, 0.2, dtype=dt)),
     # the bank (a MoCo queue) is the third input, without gradient
-    "info_nce_bank": (2, lambda x, be: ik.info_nce(*x, temperature=0.2, reduction="none", backend=be),
+    "info_nce_bank": (2, lambda x, be: ik.info_nce(*x[:2], negative_keys=x[2], temperature=0.2, reduction="none",
+                                                   backend=be),
                       lambda x, dt: textbook_info_nce_bank(*x, 0.2, dtype=dt)),
     "clip_loss": (2, lambda x, be: ik.clip_loss(*x, 5.0, reduction="none", backend=be),
                   lambda x, dt: textbook_clip(*x, 5.0, dtype=dt, reduction="none")),

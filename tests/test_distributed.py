@@ -56,4 +56,4 @@ def test_gather_needs_an_initialised_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         ik.nt_xent(z, z + 1, gather_distributed=True)
     with pytest.raises(ValueError, match="in-batch negatives"):
-        ik.info_nce(z, z, z, gather_distributed=True)
+        ik.info_nce(z, z, negative_keys=z, gather_distributed=True)

@@ -52,7 +52,7 @@ def test_clip_matches_textbook(backend):
 def test_info_nce_bank_matches_textbook(backend):
     q, k, bank = (torch.randn(n, 12, dtype=torch.float64) for n in (19, 19, 40))
     a, t = _leaves(q, k, bank), _leaves(q, k)
-    ours = ik.info_nce(a[0], a[1], a[2], temperature=0.2, reduction="none", backend=backend)
+    ours = ik.info_nce(a[0], a[1], negative_keys=a[2], temperature=0.2, reduction="none", backend=backend)
     ref = textbook_info_nce_bank(t[0], t[1], bank, 0.2)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
     ours.sum().backward()
@@ -87,7 +87,7 @@ def test_loss_gradcheck(backend, loss):
     elif loss == "info_nce_bank":
         bank = torch.randn(9, 4, dtype=torch.float64)
         args = (x(6), x(6), tau)
-        fn = lambda a, b, t: ik.info_nce(a, b, bank, temperature=t, backend=backend)  # noqa: E731
+        fn = lambda a, b, t: ik.info_nce(a, b, negative_keys=bank, temperature=t, backend=backend)  # noqa: E731
     else:
         args, fn = (x(6), x(6), tau * 10), lambda a, b, s: ik.clip_loss(a, b, s, backend=backend)
     assert torch.autograd.gradcheck(fn, args)
