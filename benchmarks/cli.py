@@ -10,7 +10,7 @@ names a folder; a folder that already holds results of the same --name is refuse
 Examples:
 
     python -m benchmarks                                    # CPU defaults: nt_xent+clip fp32 fwd+bwd
-    python -m benchmarks --kinds nt_xent --rows 1024 2048 --dims 128 --output /tmp/bench
+    python -m benchmarks --kinds nt_xent --rows 1024 2048 --dims 128 --output bench-out
     python -m benchmarks --device cuda                      # GPU: nt_xent+clip, bf16+fp32, 2B <= 65536
     python -m benchmarks --list                             # the cases and the providers available here
     python -m benchmarks --from-json R/cpu.json --output R --overwrite    # redraw R's tables and plots

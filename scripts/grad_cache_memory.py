@@ -1,7 +1,7 @@
 """Peak memory and time of one SimCLR trainer step, plain against gradient caching, on the CPU.
 
     python scripts/grad_cache_memory.py                      # batch 8,192, chunks of 512 images
-    python scripts/grad_cache_memory.py --batch 512 --chunk 64 --repeats 1 --out /tmp/x.json  # quick
+    python scripts/grad_cache_memory.py --batch 512 --chunk 64 --repeats 1 --out quick.json  # quick
 
 One step is the trainer's: two on-device augmentations of the batch, the forward of the trainer's
 model (small CNN + projection head, width 32, digits images 8x8 repeated up to the batch), NT-Xent,
