@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from infonce_kernels.ops import Exclusion
+
 #: dtype name -> (torch dtype, float32 matmul precision the wrappers see)
 DTYPES = {
     "bf16": (torch.bfloat16, "highest"),
@@ -146,27 +148,31 @@ def record_scenario(sc: Scenario, cap: int) -> list[Launch]:
             z = _meta(M, sc.d, dtype=dt)
             ex = _meta(M, 1, dtype=i64)
             lab = (_meta(M, dtype=i64),) * 3 if sc.labels else (no_lab,) * 3
-            lse = tb.forward(z, z, scale, ex, *lab, True)
+            spec = Exclusion.from_tensors(ex, *lab, True)
+            lse = tb.forward(z, z, scale, spec)
             n_fwd = len(rec)
-            tb.backward(_meta(M, dtype=acc), z, z, scale, ex, *lab, True, lse)
+            tb.backward(_meta(M, dtype=acc), z, z, scale, spec, lse)
         elif sc.name == "general":    # InfoNCE-style: q against separate keys, one exclusion
             q, k = _meta(M, sc.d, dtype=dt), _meta(M, sc.d, dtype=dt)
             ex = _meta(M, 1, dtype=i64)
             lab = (_meta(M, dtype=i64),) * 3 if sc.labels else (no_lab,) * 3
-            lse = tb.forward(q, k, scale, ex, *lab, False)
+            spec = Exclusion.from_tensors(ex, *lab)
+            lse = tb.forward(q, k, scale, spec)
             n_fwd = len(rec)
-            tb.backward(_meta(M, dtype=acc), q, k, scale, ex, *lab, False, lse)
+            tb.backward(_meta(M, dtype=acc), q, k, scale, spec, lse)
         elif sc.name == "clip":       # two row LSEs (image->text, text->image), paired backward
             a, b = _meta(M, sc.d, dtype=dt), _meta(M, sc.d, dtype=dt)
             ex = _meta(M, 0, dtype=i64)
             lab = (_meta(M, dtype=i64),) * 3 if sc.labels else (no_lab,) * 3
             kpos = _meta(M, dtype=i64) if sc.labels else no_lab
-            ra = tb.forward(a, b, scale, ex, *lab, False)
-            rb = tb.forward(b, a, scale, ex, *lab, False)
+            spec = Exclusion.from_tensors(ex, *lab)
+            ra = tb.forward(a, b, scale, spec)
+            rb = tb.forward(b, a, scale, spec)
             n_fwd = len(rec)
             g = _meta(M, dtype=acc)
-            tb.backward_paired(g, a, b, scale, ex, *lab, ra, g, rb, ex, kpos, 0)
-            tb.backward_paired(g, b, a, scale, ex, *lab, rb, g, ra, ex, kpos, 0)
+            key_spec = spec.keys_as_rows(ex, kpos)
+            tb.backward_paired(g, a, b, scale, spec, ra, g, rb, key_spec, 0)
+            tb.backward_paired(g, b, a, scale, spec, rb, g, ra, key_spec, 0)
         else:
             raise ValueError(f"unknown scenario {sc.name!r}")
     for i, launch in enumerate(rec):
