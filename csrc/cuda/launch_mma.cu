@@ -12,12 +12,24 @@ namespace {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Dynamic shared memory above the 48 KB default needs an opt-in per kernel (sm_80: up to 163 KB,
+// sm_90: 227 KB per CTA).
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kern, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+}
+
 template <typename Tag, bool LBL>
 cudaError_t fwd_mma(const LseParams& p, cudaStream_t stream) {
+  // vec: cp.async of 16-B chunks needs 16-B aligned rows (d % 8 == 0) and bases
   const bool vec = p.d % 8 == 0 && aligned16(p.q) && aligned16(p.k);
-  // 34,816 B dynamic (+ 512 B static sKL with labels): below the 48 KB default
-  const size_t smem = 2 * kTileElems * sizeof(uint16_t);
-  lse_fwd_mma_kernel<Tag, LBL><<<dim3(static_cast<unsigned>(cdiv(p.M, kBM))), kMmaThreads, smem, stream>>>(
+  // 69,632 B (d <= kDK) or 104,448 B dynamic (+ 1,024 B static sKL with labels)
+  const size_t smem = fwd_mma_smem(p.d <= kDK);
+  auto kern = lse_fwd_mma_kernel<Tag, LBL>;
+  cudaError_t err = allow_smem(kern, smem);
+  if (err != cudaSuccess) return err;
+  kern<<<dim3(static_cast<unsigned>(cdiv(p.M, kFwdBM))), kMmaThreads, smem, stream>>>(
       static_cast<const uint16_t*>(p.q), static_cast<const uint16_t*>(p.k), static_cast<const float*>(p.scale),
       p.rows, p.M, p.N, p.d, vec, static_cast<float*>(p.lse_out));
   return cudaGetLastError();
@@ -30,13 +42,10 @@ cudaError_t bwd_mma_launch(const void* X, const void* Y, int64_t nX, int64_t nY,
                            cudaStream_t stream) {
   const int64_t d = p.d;
   const bool vec = d % 8 == 0 && aligned16(X) && aligned16(Y);
-  const bool need_v = d > kDK;
-  const size_t smem = (need_v ? 3 : 2) * kTileElems * sizeof(uint16_t);  // 34,816 or 52,224 B
+  const size_t smem = bwd_mma_smem(d <= kDK);  // 52,224 B (d <= kDK) or 104,448 B
   auto kern = lse_bwd_mma_kernel<Tag, MODE, LBL>;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
+  cudaError_t err = allow_smem(kern, smem);
+  if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(cdiv(nX, kBM)), static_cast<unsigned>(cdiv(d, kDV)));
   kern<<<grid, kMmaThreads, smem, stream>>>(static_cast<const uint16_t*>(X), static_cast<const uint16_t*>(Y),
                                             static_cast<const float*>(p.scale), sides, nX, nY, d, vec, gmax,

@@ -1,8 +1,9 @@
 // The fp16 / bf16 kernels: tensor cores through mma.sync.m16n8k16 (sm_80+), fp32 accumulators,
-// ldmatrix from padded shared memory. CTA = 4 warps = 64 rows (16 per warp), key tiles of 64,
-// the QK product loops over d in chunks of 128, the backward output loops over d in chunks of
-// 128 on grid.y (each output chunk recomputes S and P: any d works, and d <= 128 costs no
-// recomputation). Maths and the exclusion rule: lse_kernels.cu's header and
+// ldmatrix from padded shared memory, tiles brought in by cp.async two stages deep, exponentials
+// by ex2.approx (one MUFU.EX2). CTA = 4 warps; forward 128 rows (32 per warp), backward 64 rows
+// (16 per warp); key tiles of 64; the QK product loops over d in chunks of 128, the backward
+// output loops over d in chunks of 128 on grid.y (each output chunk recomputes S and P: any d
+// works, and d <= 128 costs no recomputation). The invariants: csrc/cuda/README.md. Maths and the exclusion rule: lse_kernels.cu's header and
 // csrc/common/exclusion.h; launched from launch_mma.cu.
 #pragma once
 
@@ -78,24 +79,62 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t& r0, uint32_t& r1, uint32
                : "r"(a));
 }
 
-// Copy rows [row0, row0+64) x cols [col0, col0+kDK) of a (nrows x d) row-major 16-bit matrix into
-// a 64 x kLds smem tile; everything outside the matrix is zero (so padded rows/cols add 0 to dot
-// products). vec: d % 8 == 0 and 16-B aligned base, so 8-element chunks are all-in or all-out.
+// cp.async (sm_80+): 16-byte global -> shared copies that do not pass through registers, grouped
+// by commit_group and awaited by wait_group (the "memory" clobbers keep the compiler from moving
+// shared-memory accesses across them; the __syncthreads after the wait publishes the data).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes from src, or 16 zero bytes when !in (src-size 0: nothing is read).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool in) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
+               : "memory");
+}
+// 8 bytes (one int64: .ca, sizes below 16 go through L1), or 8 zero bytes when !in.
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, bool in) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 8 : 0)
+               : "memory");
+}
+// One int64 per thread < kBN: entry col + threadIdx.x of v (0 past n) into dst[threadIdx.x].
+__device__ __forceinline__ void load_col64(int64_t* dst, const int64_t* __restrict__ v, int64_t col, int64_t n) {
+  if (threadIdx.x < kBN) {
+    const bool in = col + threadIdx.x < n;
+    cp_async8(smem_addr(dst + threadIdx.x), in ? v + col + threadIdx.x : v, in);
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Start copying rows [row0, row0 + ROWS) x cols [col0, col0 + kDK) of a (nrows x d) row-major
+// 16-bit matrix into a ROWS x kLds smem tile; everything outside the matrix is zero (so padded
+// rows/cols add 0 to dot products).
+//   vec (d % 8 == 0 and a 16-B aligned base, so 8-element chunks are all-in or all-out and 16-B
+//   aligned): cp.async, complete after the caller's commit_group + wait_group. Thread t copies
+//   16-B chunk t % 16 of rows t / 16 + 8 i: one column test, then one pointer step per copy.
+//   Otherwise: element loads and stores, complete on return.
+template <int ROWS>
 __device__ __forceinline__ void load_tile16(uint16_t* __restrict__ s, const uint16_t* __restrict__ g,
-                                            int64_t row0, int64_t nrows, int64_t col0, int64_t d,
-                                            bool vec) {
+                                            int64_t row0, int64_t nrows, int64_t col0, int64_t d, bool vec) {
   if (vec) {
-    constexpr int kCpr = kDK / 8;  // 16-B chunks per row
-#pragma unroll 4
-    for (int i = threadIdx.x; i < 64 * kCpr; i += kMmaThreads) {
-      const int r = i / kCpr, c = (i % kCpr) * 8;
-      const int64_t gr = row0 + r, gc = col0 + c;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (gr < nrows && gc < d) v = __ldg(reinterpret_cast<const uint4*>(g + gr * d + gc));
-      *reinterpret_cast<uint4*>(s + r * kLds + c) = v;
+    constexpr int kCpr = kDK / 8;                 // 16-B chunks per row
+    constexpr int kRowStep = kMmaThreads / kCpr;  // rows per pass of the CTA: 8
+    static_assert(ROWS % kRowStep == 0, "whole passes");
+    const int r = threadIdx.x / kCpr, c = (threadIdx.x % kCpr) * 8;
+    const bool cin = col0 + c < d;
+    const uint16_t* src = g + (row0 + r) * d + col0 + c;
+    const int64_t step = kRowStep * d;
+    int64_t left = nrows - row0 - r;  // matrix rows from this thread's first row on
+    uint32_t dst = smem_addr(s + r * kLds + c);
+#pragma unroll
+    for (int i = 0; i < ROWS / kRowStep; ++i) {
+      const bool in = cin && left > 0;
+      cp_async16(dst, in ? src : g, in);
+      src += step;
+      left -= kRowStep;
+      dst += kRowStep * kLds * sizeof(uint16_t);
     }
   } else {
-    for (int i = threadIdx.x; i < 64 * kDK; i += kMmaThreads) {
+    for (int i = threadIdx.x; i < ROWS * kDK; i += kMmaThreads) {
       const int r = i / kDK, c = i % kDK;
       const int64_t gr = row0 + r, gc = col0 + c;
       uint16_t v = 0;  // bit pattern of +0 in fp16 and bf16
@@ -105,124 +144,171 @@ __device__ __forceinline__ void load_tile16(uint16_t* __restrict__ s, const uint
   }
 }
 
-// s[nt][.] += X_tile(warp's 16 rows, k chunk) * Y_tile(64 cols, k chunk)^T.
+// s[mt][nt][.] += X_tile(warp's MT x 16 rows, k chunk) * Y_tile(64 cols, k chunk)^T: warp w owns
+// rows [16 MT w, 16 MT (w + 1)) of the X tile, m16 tile mt its rows 16 MT w + 16 mt + [0, 16).
+// Every B fragment (the Y tile through ldmatrix) is used for the MT m-tiles: MT = 2 halves the
+// shared-memory reads per FLOP of MT = 1.
 // Accumulator layout (m16n8 C fragment), lane = 4*gq + tq:
-//   s[nt][0], s[nt][1]: row gq,     cols nt*8 + 2tq, +1
-//   s[nt][2], s[nt][3]: row gq + 8, cols nt*8 + 2tq, +1
+//   s[mt][nt][0], s[mt][nt][1]: row gq,     cols nt*8 + 2tq, +1   (of m-tile mt)
+//   s[mt][nt][2], s[mt][nt][3]: row gq + 8, cols nt*8 + 2tq, +1
 // kvalid: number of valid features in this chunk (k-steps past it are all-zero and skipped).
-template <typename Tag>
-__device__ __forceinline__ void mma_qk(float (&s)[8][4], const uint16_t* sX, const uint16_t* sY,
+template <typename Tag, int MT>
+__device__ __forceinline__ void mma_qk(float (&s)[MT][8][4], const uint16_t* sX, const uint16_t* sY,
                                        int warp, int lane, int kvalid) {
   // A (16x16, row major) from X: matrices (rows 0-7|8-15) x (cols 0-7|8-15) -> a0..a3.
   const uint16_t* pa =
-      sX + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLds + (lane >> 4) * 8;
+      sX + (warp * 16 * MT + (lane & 7) + ((lane >> 3) & 1) * 8) * kLds + (lane >> 4) * 8;
   // B (16x8, "col") = Y^T: b0 = Y[key gq][k 2tq..], b1 = Y[key gq][k 8+2tq..]; x4 covers two
   // n-tiles: (keys 0-7, k 0-7), (keys 0-7, k 8-15), (keys 8-15, k 0-7), (keys 8-15, k 8-15).
   const uint16_t* pb = sY + ((lane & 7) + (lane >> 4) * 8) * kLds + ((lane >> 3) & 1) * 8;
 #pragma unroll
   for (int ks = 0; ks < kDK / 16; ++ks) {
     if (ks * 16 < kvalid) {
-      uint32_t a[4];
-      ldsm_x4(a[0], a[1], a[2], a[3], pa + ks * 16);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3], pa + mt * 16 * kLds + ks * 16);
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t b0, b1, b2, b3;
         ldsm_x4(b0, b1, b2, b3, pb + np * 16 * kLds + ks * 16);
-        Tag::mma(s[2 * np], a, b0, b1);
-        Tag::mma(s[2 * np + 1], a, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Tag::mma(s[mt][2 * np], a[mt], b0, b1);
+          Tag::mma(s[mt][2 * np + 1], a[mt], b2, b3);
+        }
       }
     }
   }
 }
 
-// Forward: one CTA per 64-row block of q, loop over all key blocks, online LSE in the log2
-// domain (x = S * s * log2(e)); r = ln(2) * (m + log2(l)).
-// Registers: 32 fp32 accumulators + row state; no spills (see the ptxas report): 88-115 per
-// thread, 126 with LBL, where ptxas (13.0) settles on a 128-register budget -- keep the label
-// state compact (the bit masks below) or add a min-blocks hint if a change makes it spill.
+// The stream of (key tile, feature chunk) stages of both kernels, kStages = 2 deep: stage t is
+// key tile t / nchunks, chunk t % nchunks, in buffer t % 2. Each stage begins with
+//   cp.async.wait_group 0 + __syncthreads   (this stage's copies landed and are visible; every
+//                                            warp is done with the previous stage's buffer)
+// then issues the next stage's copies into the other buffer and computes on this one, so the
+// copy of stage t + 1 overlaps the product of stage t with one barrier per stage. Per-key-tile
+// data written with plain stores (key labels, column info, the value tile) is double-buffered by
+// key-tile parity and written after the last product of the previous tile, so the barrier of
+// the next stage publishes it and no reader of the same parity (two tiles back) is still busy.
+
+// Forward: one CTA per 128-row block of q (4 warps x 32 rows: two m16 tiles per warp), loop over
+// all key blocks, online LSE in the log2 domain (x = S * s * log2(e)); r = ln(2) * (m + log2(l)).
+// Thread (warp, lane = 4 gq + tq) owns rows 32 warp + 16 mt + gq + 8 h (r = 2 mt + h, mt, h in
+// {0, 1}) and, of every key tile, columns nt * 8 + 2 tq + e (nt < 8, e < 2); a row's (m, l) is
+// kept by the 4 lanes of its quad (m equal in the 4, l a partial sum, added at the end).
+// Registers: 64 fp32 accumulators + 4 rows' state; see the ptxas report (no spills).
 template <typename Tag, bool LBL>
 __global__ void __launch_bounds__(kMmaThreads)
     lse_fwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
                        const float* __restrict__ scale_ptr, const infonce_kernels::ExclusionRule rule,
                        int64_t M, int64_t N, int64_t d, bool vec, float* __restrict__ lse) {
+  constexpr int MT = kFwdMTiles, R = 2 * MT;  // m16 tiles and rows per thread
   const int64_t* __restrict__ exclude = rule.lists;
   const int64_t* __restrict__ row_labels = rule.row_labels;
   const int64_t* __restrict__ key_labels = rule.key_labels;
   const int64_t* __restrict__ positive = rule.positive;
   const int E = static_cast<int>(rule.E);
+  const int nchunks = static_cast<int>((d + kDK - 1) / kDK);
+  const bool x_resident = nchunks == 1;  // d <= kDK: the q tile is loaded once
+  // Dynamic smem (fwd_mma_smem): X (1 or kStages row tiles), then kStages key tiles.
   extern __shared__ __align__(16) uint16_t smem16[];
   uint16_t* sX = smem16;
-  uint16_t* sY = smem16 + kTileElems;
-  __shared__ int64_t sKL[LBL ? kBN : 1];  // key labels of the current key tile (LBL only)
+  uint16_t* sY = smem16 + (x_resident ? 1 : kStages) * kFwdXElems;
+  __shared__ int64_t sKL[LBL ? kStages : 1][LBL ? kBN : 1];  // key labels by key-tile parity (LBL)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
-  const int64_t row_base = int64_t(blockIdx.x) * kBM;
+  const int64_t row_base = int64_t(blockIdx.x) * kFwdBM;
   const float scale2 = __ldg(scale_ptr) * kLog2e;
 
-  int64_t row[2], ex[2][2];
-  int64_t rl[2] = {0, 0}, rp[2] = {-1, -1};  // row label, positive (LBL only)
+  int64_t row[R], ex[R][2];
+  int64_t rl[R], rp[R];  // row label, positive (LBL only)
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    row[h] = row_base + warp * 16 + gq + 8 * h;
-    ex[h][0] = ex[h][1] = -1;
-    if (row[h] < M) {
-      if (E > 0) ex[h][0] = exclude[row[h] * E];
-      if (E > 1) ex[h][1] = exclude[row[h] * E + 1];
+  for (int r = 0; r < R; ++r) {
+    row[r] = row_base + warp * 16 * MT + (r >> 1) * 16 + gq + 8 * (r & 1);
+    ex[r][0] = ex[r][1] = -1;
+    rl[r] = 0;
+    rp[r] = -1;
+    if (row[r] < M) {
+      if (E > 0) ex[r][0] = exclude[row[r] * E];
+      if (E > 1) ex[r][1] = exclude[row[r] * E + 1];
       if (LBL) {
-        rl[h] = row_labels[row[h]];
-        rp[h] = positive[row[h]];
+        rl[r] = row_labels[row[r]];
+        rp[r] = positive[row[r]];
       }
     }
   }
-  float m[2] = {-INFINITY, -INFINITY};  // running max (log2 domain), same in the 4 lanes of a quad
-  float l[2] = {0.f, 0.f};              // this lane's partial running sum, relative to m
+  float m[R], l[R];  // running max (log2 domain), same in the 4 lanes of a quad; partial sum
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+  }
 
-  const int nchunks = static_cast<int>((d + kDK - 1) / kDK);
-  const bool x_resident = nchunks == 1;  // d <= kDK: the q tile is loaded once
-  if (x_resident) load_tile16(sX, X, row_base, M, 0, d, vec);
+  // Stage (col, c) into buffer b: the key tile's chunk c (and the row tile's, when not resident).
+  auto issue = [&](int64_t col, int c, int b) {
+    if (!x_resident) load_tile16<kFwdBM>(sX + b * kFwdXElems, X, row_base, M, int64_t(c) * kDK, d, vec);
+    load_tile16<kBN>(sY + b * kTileElems, Y, col, N, int64_t(c) * kDK, d, vec);
+  };
+  // The key labels of tile col into parity t (columns >= N get 0: masked by cvalid).
+  auto issue_labels = [&](int64_t col, int t) {
+    if (LBL) load_col64(sKL[t], key_labels, col, N);
+  };
+  if (x_resident) load_tile16<kFwdBM>(sX, X, row_base, M, 0, d, vec);
+  issue(0, 0, 0);
+  issue_labels(0, 0);
+  cp_async_commit();
 
+  int b = 0, tb = 0;  // buffer of the current stage, parity of the current key tile
   for (int64_t col_base = 0; col_base < N; col_base += kBN) {
-    float s[8][4];
+    float s[MT][8][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
 
     for (int c = 0; c < nchunks; ++c) {
-      __syncthreads();  // everyone is done reading the previous tiles (and sKL)
-      if (!x_resident) load_tile16(sX, X, row_base, M, int64_t(c) * kDK, d, vec);
-      load_tile16(sY, Y, col_base, N, int64_t(c) * kDK, d, vec);
-      if (LBL && c == 0 && threadIdx.x < kBN) {
-        const int64_t j = col_base + threadIdx.x;
-        sKL[threadIdx.x] = j < N ? key_labels[j] : 0;  // columns >= N are masked by cvalid
-      }
+      cp_async_wait_all();
       __syncthreads();
+      const bool last = c + 1 == nchunks;
+      const int64_t ncol = last ? col_base + kBN : col_base;
+      const bool new_tile = last && ncol < N;
+      if (ncol < N) issue(ncol, last ? 0 : c + 1, b ^ 1);
+      if (new_tile) issue_labels(ncol, tb ^ 1);
+      cp_async_commit();
       const int kvalid = static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
-      mma_qk<Tag>(s, sX, sY, warp, lane, kvalid);
+      mma_qk<Tag, MT>(s, sX + (x_resident ? 0 : b * kFwdXElems), sY + b * kTileElems, warp, lane, kvalid);
+      b ^= 1;
     }
 
     const int cvalid = static_cast<int>(N - col_base < kBN ? N - col_base : kBN);
     // Label rule as one 16-bit mask per row (bit 2 nt + e = this lane's column nt*8 + 2tq + e):
-    // each key label is read from shared memory once and consumed at once for both rows. Testing
-    // sKL inside the loop below instead kept all 16 labels (32 registers) live across the two
-    // rows and ptxas (13.0, sm_80) spilled 24 B.
-    uint32_t lmask[2] = {0u, 0u};
+    // each key label is read from shared memory once and consumed at once for the R rows (all
+    // 16 labels live across the rows made ptxas spill).
+    uint32_t lmask[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) lmask[r] = 0u;
     if (LBL) {
-      const int xp0 = tile_index(rp[0], col_base, kBN), xp1 = tile_index(rp[1], col_base, kBN);
+      int xp[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) xp[r] = tile_index(rp[r], col_base, kBN);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int lc = nt * 8 + 2 * tq + e;
-          const int64_t kl = sKL[lc];
-          lmask[0] |= uint32_t(label_excluded(rl[0], kl, lc, xp0)) << (2 * nt + e);
-          lmask[1] |= uint32_t(label_excluded(rl[1], kl, lc, xp1)) << (2 * nt + e);
+          const int64_t kl = sKL[tb][lc];
+#pragma unroll
+          for (int r = 0; r < R; ++r) lmask[r] |= uint32_t(label_excluded(rl[r], kl, lc, xp[r])) << (2 * nt + e);
         }
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int x0 = tile_index(ex[h][0], col_base, kBN), x1 = tile_index(ex[h][1], col_base, kBN);
+    for (int r = 0; r < R; ++r) {
+      float(&sr)[8][4] = s[r >> 1];
+      const int h = r & 1;
+      const int x0 = tile_index(ex[r][0], col_base, kBN), x1 = tile_index(ex[r][1], col_base, kBN);
       float mx = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
@@ -230,38 +316,46 @@ __global__ void __launch_bounds__(kMmaThreads)
         for (int e = 0; e < 2; ++e) {
           const int lc = nt * 8 + 2 * tq + e;
           bool ok = lc < cvalid && lc != x0 && lc != x1;
-          if (LBL) ok &= ((lmask[h] >> (2 * nt + e)) & 1u) == 0u;
-          const float x = ok ? s[nt][2 * h + e] * scale2 : -INFINITY;
-          s[nt][2 * h + e] = x;
+          if (LBL) ok &= ((lmask[r] >> (2 * nt + e)) & 1u) == 0u;
+          const float x = ok ? sr[nt][2 * h + e] * scale2 : -INFINITY;
+          sr[nt][2 * h + e] = x;
           mx = fmaxf(mx, x);
         }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mnew = fmaxf(m[h], mx);
-      // All keys of the row excluded so far: nothing to add, and skipping avoids
-      // exp2(-inf - (-inf)) = NaN. mnew is quad-uniform, so the quad does not diverge.
-      if (mnew != -INFINITY) {
-        const float shift = lse_shift(mnew);  // 0 where the logits overflowed to +inf
-        float acc = 0.f;
+      const float mnew = fmaxf(m[r], mx);
+      // Branch-free update. mnew = -inf (every key of the row excluded so far): shift 0, so
+      // every term is exp2(-inf) = 0 and l stays 0 (never exp2(-inf - -inf) = NaN). mnew = +inf
+      // (overflow): shift 0 as well (lse_shift), l = +inf, r = +inf.
+      const float shift = mnew == -INFINITY ? 0.f : lse_shift(mnew);
+      float acc = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+      for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) acc += exp2f(s[nt][2 * h + e] - shift);  // exp2(-inf) = 0
-        l[h] = l[h] * exp2f(m[h] - shift) + acc;  // m[h] = -inf -> factor 0, l[h] was 0
-        m[h] = mnew;
-      }
+        for (int e = 0; e < 2; ++e) acc += fast_exp2(sr[nt][2 * h + e] - shift);
+      l[r] = l[r] * fast_exp2(m[r] - shift) + acc;  // m[r] = -inf -> factor 0, l[r] was 0
+      m[r] = mnew;
     }
+    tb ^= 1;
   }
 
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = l[h];
+  for (int r = 0; r < R; ++r) {
+    float sum = l[r];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     // sum == 0 only for a fully excluded row (a caller error): r = -inf, not NaN.
-    if (tq == 0 && row[h] < M) lse[row[h]] = (m[h] + log2f(sum)) * kLn2;
+    if (tq == 0 && row[r] < M) lse[row[r]] = (m[r] + log2f(sum)) * kLn2;
   }
 }
+
+// One key column's data as a query of the column term (kCol / kSym), loaded from global memory
+// into registers before a product and stored to shared memory after it (its label-rule entries
+// are plain copies: cp.async, with the tiles).
+struct ColStage {
+  float r2 = 0.f, g = 0.f;  // r_b * log2(e), g_b (0 for columns >= nY: their W is masked anyway)
+  int x0 = -1, x1 = -1;     // row b's exclusions, local to this CTA's row block (-1 = none)
+};
 
 // Backward, one CTA per (64-row block of X, 128-wide feature chunk of the output).
 //   For each 64-column block of Y: S = X Y^T (fp32, tensor cores), then per entry
@@ -271,20 +365,25 @@ __global__ void __launch_bounds__(kMmaThreads)
 //                                               itself when symmetric, h_b and rho_b when paired)
 //   and acc += W' Y[:, chunk] with a second mma (A = W' straight from the S accumulators: the
 //   m16n8 C fragments of two adjacent n-tiles are exactly the m16k16 A fragment).
+// Thread (warp, lane = 4 gq + tq) owns X rows 16 warp + gq + 8 h (h in {0, 1}; one m16 tile per
+// warp) and, of every key tile, columns nt * 8 + 2 tq + e; of the output, features
+// dv0 + vt * 8 + 2 tq + e (vt < 16).
 // Precision: W' is rounded to the input dtype (fp16 / bf16) for the second mma, the same choice
 // as flash-attention's P; accumulation stays fp32. To keep W' inside fp16's normal range, the
 // factor pulled out is g_a itself (kRow: W' = P in [0, 1]) or gmax = max_b |g_b| (kCol/kSym:
 // |W'| <= 2; gmax = max over both sides' gradients when paired) -- a plain g_b P with g = 1/M
 // would fall into fp16 subnormals for M > 16384.
+// Masks are branch-free: an excluded entry's exponent is replaced by -inf before ex2 (2^-inf = 0),
+// so every entry runs the same FFMA / FSEL / MUFU sequence.
 // dscale partial (kRow, kSym; blockIdx.y == 0 only): sum_ab g_a P_ab S_ab in fp32, exact W.
-// Registers: 64 (output acc) + 32 (S) fp32 + fragments: 177-195 per thread (201-225 with LBL), no
-// spills. The
-// min-blocks hint 2 of __launch_bounds__ matters: with (128) alone ptxas (13.0) chose a 168-register
-// budget for kRow on sm_80 and spilled 52 B; with (128, 2) the budget is 255 and nothing spills.
-// Labels (LBL): the row term reads xq.labels / xq.positive of the X rows (registers) and
-// y_key_labels of the Y columns (shared); the column term (kCol, kSym) reads x_key_labels of the
-// X rows (registers) and yq.labels / yq.positive of the Y columns (shared, positive made local to
-// this CTA's row block like the exclusion lists).
+// Registers: 64 (output acc) + 32 (S) fp32 + fragments + the next tile's ColStage; no spills
+// (see the ptxas report). The min-blocks hint 2 of __launch_bounds__ matters: with (128) alone
+// ptxas (13.0) chose a 168-register budget for kRow on sm_80 and spilled; with (128, 2) the
+// budget is 255 and nothing spills.
+// Labels (LBL): the row term reads xq.labels / xq.positive of the X rows and y_key_labels of the
+// Y columns; the column term (kCol, kSym) reads x_key_labels of the X rows and yq.labels /
+// yq.positive of the Y columns (positive made local to this CTA's row block like the exclusion
+// lists). All of them sit in shared memory and are turned into bit masks once per key tile.
 // Arguments: xq = the X rows as queries (kRow, kSym; unused in kCol), y_key_labels = the Y
 // columns' labels as keys (row term); yq = the Y columns as queries (kCol, kSym; unused in kRow),
 // whose lists and positives number the X rows from x_offset, x_key_labels = the X rows' labels as
@@ -299,21 +398,25 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const int64_t* __restrict__ y_key_labels = sides.key_labels;
   const int64_t* __restrict__ x_key_labels = sides.row_labels;
   const int64_t x_offset = sides.row_offset;
+  const int nchunks = static_cast<int>((d + kDK - 1) / kDK);
+  const bool x_resident = nchunks == 1;
+  const bool need_v = !x_resident;  // else the (single) key tile holds features [0, kDK) = chunk
+  // Dynamic smem (bwd_mma_smem): X (1 or kStages), Y (kStages), V (kStages, only when need_v).
   extern __shared__ __align__(16) uint16_t smem16[];
   uint16_t* sX = smem16;
-  uint16_t* sY = smem16 + kTileElems;
-  uint16_t* sV = smem16 + 2 * kTileElems;  // only allocated (and used) when d > kDK
-  // Column (= query) info of the current Y block, for kCol / kSym:
-  __shared__ float sCr2[kBN];  // r_b * log2(e)
-  __shared__ float sCg[kBN];   // g_b
-  __shared__ int sCx0[kBN], sCx1[kBN];  // row b's exclusions, relative to this CTA's row block
-  __shared__ float sRed[kMmaThreads / 32];
-  // Label rule (LBL only; one-element dummies otherwise):
+  uint16_t* sY = smem16 + (x_resident ? 1 : kStages) * kTileElems;
+  uint16_t* sV = sY + kStages * kTileElems;
+  // Per-key-tile data by key-tile parity (unused ones are one-element dummies):
+  constexpr bool kColTerm = MODE != kRow;
   constexpr bool kRowLbl = LBL && MODE != kCol;  // row term: X row = query, Y column = key
   constexpr bool kColLbl = LBL && MODE != kRow;  // column term: Y column = query, X row = key
-  __shared__ int64_t sKL[kRowLbl ? kBN : 1];     // y_key_labels of the Y columns
-  __shared__ int64_t sQL[kColLbl ? kBN : 1];     // yq.labels of the Y columns
-  __shared__ int sQp[kColLbl ? kBN : 1];         // yq.positive of the Y columns, local to the X block
+  __shared__ float4 sCol[kColTerm ? kStages : 1][kColTerm ? kBN : 1];  // {r2, g, x0, x1 (int bits)}
+  __shared__ int64_t sKL[kRowLbl ? kStages : 1][kRowLbl ? kBN : 1];    // y_key_labels of the Y columns
+  __shared__ int64_t sQL[kColLbl ? kStages : 1][kColLbl ? kBN : 1];    // yq.labels of the Y columns
+  __shared__ int64_t sQp[kColLbl ? kStages : 1][kColLbl ? kBN : 1];    // yq.positive of the Y columns
+  __shared__ int64_t sXrl[kRowLbl ? kBM : 1], sXrp[kRowLbl ? kBM : 1];  // xq.labels / positive of the X rows
+  __shared__ int64_t sXkl[kColLbl ? kBM : 1];                           // x_key_labels of the X rows
+  __shared__ float sRed[kMmaThreads / 32];
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
@@ -330,9 +433,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 
   // This thread's two rows (local lr = warp*16 + gq + 8h).
   int64_t row[2], ex[2][2];
-  int64_t xrl[2] = {0, 0}, xrp[2] = {-1, -1};  // kRowLbl: xq.labels / xq.positive of the X row
-  int64_t xkl[2] = {0, 0};                     // kColLbl: x_key_labels of the X row
-  bool rv[2];
+  bool rv[2];  // the row exists (rows past nX: see "Rows past nX" below)
   float rr2[2], rg[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -346,12 +447,18 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       rg[h] = xq.grad[row[h]];
       if (xq.E > 0) ex[h][0] = xq.exclude[row[h] * xq.E];
       if (xq.E > 1) ex[h][1] = xq.exclude[row[h] * xq.E + 1];
-      if (kRowLbl) {
-        xrl[h] = xq.labels[row[h]];
-        xrp[h] = xq.positive[row[h]];
-      }
     }
-    if (kColLbl && rv[h]) xkl[h] = x_key_labels[row[h]];
+  }
+  // The X rows' label-rule entries (LBL) stay in shared memory, read once per key tile by the
+  // mask pre-pass below: in registers (12 more per thread) ptxas spilled the two-sided kernel.
+  if (LBL && threadIdx.x < kBM) {
+    const int64_t r = row_base + threadIdx.x;
+    const bool v = r < nX;
+    if (kRowLbl) {
+      sXrl[threadIdx.x] = v ? xq.labels[r] : 0;
+      sXrp[threadIdx.x] = v ? xq.positive[r] : -1;
+    }
+    if (kColLbl) sXkl[threadIdx.x] = v ? x_key_labels[r] : 0;
   }
 
   float acc[16][4];
@@ -361,89 +468,148 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     for (int e = 0; e < 4; ++e) acc[vt][e] = 0.f;
   float dsc = 0.f;
 
-  const int nchunks = static_cast<int>((d + kDK - 1) / kDK);
-  const bool x_resident = nchunks == 1;
-  const bool need_v = nchunks > 1;  // else the (single) key tile holds features [0, kDK) = chunk
-  if (x_resident) load_tile16(sX, X, row_base, nX, 0, d, vec);
+  // The column-term data of key tile `col` (threads < kBN, one column each).
+  auto fetch_col = [&](int64_t col) {
+    ColStage cs;
+    const int64_t j = col + threadIdx.x;
+    if (kColTerm && threadIdx.x < kBN && j < nY) {
+      cs.r2 = yq.lse[j] * kLog2e;
+      cs.g = yq.grad[j];
+      // x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel.
+      if (yq.E > 0) cs.x0 = tile_index(yq.exclude[j * yq.E] - x_offset, row_base, kBM);
+      if (yq.E > 1) cs.x1 = tile_index(yq.exclude[j * yq.E + 1] - x_offset, row_base, kBM);
+    }
+    return cs;
+  };
+  auto store_col = [&](const ColStage& cs, int t) {
+    if (kColTerm && threadIdx.x < kBN)
+      sCol[t][threadIdx.x] = make_float4(cs.r2, cs.g, __int_as_float(cs.x0), __int_as_float(cs.x1));
+  };
+  // The label-rule entries of key tile col into parity t (columns >= nY get 0: masked by cvalid).
+  auto issue_labels = [&](int64_t col, int t) {
+    if (kRowLbl) load_col64(sKL[t], y_key_labels, col, nY);
+    if (kColLbl) {
+      load_col64(sQL[t], yq.labels, col, nY);
+      load_col64(sQp[t], yq.positive, col, nY);
+    }
+  };
+  // Stage (col, c) into buffer b; with the first chunk of a key tile of parity t, its value tile.
+  auto issue = [&](int64_t col, int c, int b, int t) {
+    if (!x_resident) load_tile16<kBM>(sX + b * kTileElems, X, row_base, nX, int64_t(c) * kDK, d, vec);
+    load_tile16<kBN>(sY + b * kTileElems, Y, col, nY, int64_t(c) * kDK, d, vec);
+    if (need_v && c == 0) load_tile16<kBN>(sV + t * kTileElems, Y, col, nY, dv0, d, vec);
+  };
+  if (x_resident) load_tile16<kBM>(sX, X, row_base, nX, 0, d, vec);
+  issue(0, 0, 0, 0);
+  issue_labels(0, 0);
+  store_col(fetch_col(0), 0);
+  cp_async_commit();
 
-  const uint16_t* pv_base = (need_v ? sV : sY) +
-                            ((lane & 7) + ((lane >> 3) & 1) * 8) * kLds + (lane >> 4) * 8;
-
+  // ldmatrix.trans lane offset of the value tile (B of the second mma).
+  const int pv_lane = ((lane & 7) + ((lane >> 3) & 1) * 8) * kLds + (lane >> 4) * 8;
+  int b = 0, tb = 0;  // buffer of the current stage, parity of the current key tile
   for (int64_t col_base = 0; col_base < nY; col_base += kBN) {
-    __syncthreads();  // everyone is done with the previous block's tiles and column info
-    if (need_v) load_tile16(sV, Y, col_base, nY, dv0, d, vec);
-    if (MODE != kRow && threadIdx.x < kBN) {
-      const int64_t j = col_base + threadIdx.x;
-      float r2 = 0.f, gg = 0.f;
-      int x0 = -1, x1 = -1;
-      if (j < nY) {
-        r2 = yq.lse[j] * kLog2e;
-        gg = yq.grad[j];
-        // x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel.
-        if (yq.E > 0) x0 = tile_index(yq.exclude[j * yq.E] - x_offset, row_base, kBM);
-        if (yq.E > 1) x1 = tile_index(yq.exclude[j * yq.E + 1] - x_offset, row_base, kBM);
-      }
-      sCr2[threadIdx.x] = r2;
-      sCg[threadIdx.x] = gg;
-      sCx0[threadIdx.x] = x0;
-      sCx1[threadIdx.x] = x1;
-    }
-    if (LBL && threadIdx.x < kBN) {  // columns >= nY are masked by cvalid: any value will do
-      const int64_t j = col_base + threadIdx.x;
-      const bool jv = j < nY;
-      if (kRowLbl) sKL[threadIdx.x] = jv ? y_key_labels[j] : 0;
-      if (kColLbl) {
-        sQL[threadIdx.x] = jv ? yq.labels[j] : 0;
-        sQp[threadIdx.x] = jv ? tile_index(yq.positive[j] - x_offset, row_base, kBM) : -1;
-      }
-    }
-
-    float s[8][4];
+    float s1[1][8][4];
+    float(&s)[8][4] = s1[0];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+    int yb = 0;  // buffer of the tile's last chunk (the value tile when d <= kDK)
     for (int c = 0; c < nchunks; ++c) {
-      if (c > 0) __syncthreads();
-      if (!x_resident) load_tile16(sX, X, row_base, nX, int64_t(c) * kDK, d, vec);
-      load_tile16(sY, Y, col_base, nY, int64_t(c) * kDK, d, vec);
-      __syncthreads();  // also publishes sV and the column info
+      cp_async_wait_all();
+      __syncthreads();
+      const bool last = c + 1 == nchunks;
+      const int64_t ncol = last ? col_base + kBN : col_base;
+      const bool new_tile = last && ncol < nY;
+      if (ncol < nY) issue(ncol, last ? 0 : c + 1, b ^ 1, last ? tb ^ 1 : tb);
+      if (new_tile) issue_labels(ncol, tb ^ 1);
+      cp_async_commit();
+      ColStage next;
+      if (new_tile) next = fetch_col(ncol);
       const int kvalid = static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
-      mma_qk<Tag>(s, sX, sY, warp, lane, kvalid);
+      mma_qk<Tag, 1>(s1, sX + (x_resident ? 0 : b * kTileElems), sY + b * kTileElems, warp, lane, kvalid);
+      if (new_tile) store_col(next, tb ^ 1);
+      yb = b;
+      b ^= 1;
     }
 
-    // S -> W' (in place), dscale partial from the exact fp32 W.
+    // S -> W' (in place), dscale partial from the exact fp32 W. Each column's data is read from
+    // shared memory once (one 16-B load) and used for both rows.
+    // Rows past nX are not masked: their X rows are zero (S = 0, every exponent finite or -inf)
+    // and g = 0 (no dscale term); W' row a only feeds output row a, which is never stored.
     const int cvalid = static_cast<int>(nY - col_base < kBN ? nY - col_base : kBN);
+    int x0[2], x1[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int lr = warp * 16 + gq + 8 * h;
-      const int x0 = tile_index(ex[h][0], col_base, kBN), x1 = tile_index(ex[h][1], col_base, kBN);
-      const int xp = kRowLbl ? tile_index(xrp[h], col_base, kBN) : -1;
+      x0[h] = tile_index(ex[h][0], col_base, kBN);
+      x1[h] = tile_index(ex[h][1], col_base, kBN);
+    }
+    // Label rule (LBL) as bit masks, bit 2 (2 nt + e) + h = (row h, column nt*8 + 2tq + e): each
+    // column's labels are read from shared memory once and consumed at once for both rows, as in
+    // the forward (testing them inside the loop below kept them live with the column data and
+    // ptxas spilled).
+    uint32_t rmask = 0u, cmask = 0u;  // row term, column term
+    if (LBL) {
+      int xp[2];
+      int64_t xrl[2], xkl[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int lr = warp * 16 + gq + 8 * h;
+        xrl[h] = kRowLbl ? sXrl[lr] : 0;
+        xp[h] = kRowLbl ? tile_index(sXrp[lr], col_base, kBN) : -1;
+        xkl[h] = kColLbl ? sXkl[lr] : 0;
+      }
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int lc = nt * 8 + 2 * tq + e;
+          const int lc = nt * 8 + 2 * tq + e, bit = 2 * (2 * nt + e);
+          if (kRowLbl) {
+            const int64_t ykl = sKL[tb][lc];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) rmask |= uint32_t(label_excluded(xrl[h], ykl, lc, xp[h])) << (bit + h);
+          }
+          if (kColLbl) {
+            const int64_t yql = sQL[tb][lc];
+            // x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel.
+            const int yqp = tile_index(sQp[tb][lc] - x_offset, row_base, kBM);
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              cmask |= uint32_t(label_excluded(yql, xkl[h], warp * 16 + gq + 8 * h, yqp)) << (bit + h);
+          }
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int lc = nt * 8 + 2 * tq + e, bit = 2 * (2 * nt + e);
+        const float4 ci = kColTerm ? sCol[tb][lc] : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int lr = warp * 16 + gq + 8 * h;
           const float sv = s[nt][2 * h + e];
-          const bool cok = rv[h] && lc < cvalid;
+          const bool cok = lc < cvalid;
           float w = 0.f;
           if (MODE != kCol) {  // W_ab: row a = X row (query), key b = Y column
-            bool ok = cok && lc != x0 && lc != x1;
-            if (kRowLbl) ok &= !label_excluded(xrl[h], sKL[lc], lc, xp);
-            const float p = ok ? exp2f(sv * scale2 - rr2[h]) : 0.f;
+            bool ok = cok && lc != x0[h] && lc != x1[h];
+            if (kRowLbl) ok &= ((rmask >> (bit + h)) & 1u) == 0u;
+            const float p = fast_exp2(ok ? sv * scale2 - rr2[h] : -INFINITY);
             dsc += rg[h] * p * sv;
             w = (MODE == kRow) ? p : rg[h] * p;
           }
-          if (MODE != kRow) {  // W_ba (V_ba when paired): row b = Y column (query), key a = X row
-            bool ok = cok && lr != sCx0[lc] && lr != sCx1[lc];
-            if (kColLbl) ok &= !label_excluded(sQL[lc], xkl[h], lr, sQp[lc]);
-            w += ok ? sCg[lc] * exp2f(sv * scale2 - sCr2[lc]) : 0.f;
+          if (kColTerm) {  // W_ba (V_ba when paired): row b = Y column (query), key a = X row
+            bool ok = cok && lr != __float_as_int(ci.z) && lr != __float_as_int(ci.w);
+            if (kColLbl) ok &= ((cmask >> (bit + h)) & 1u) == 0u;
+            w += ci.y * fast_exp2(ok ? sv * scale2 - ci.x : -INFINITY);
           }
           s[nt][2 * h + e] = (MODE == kRow) ? w : w * inv_gmax;
         }
-    }
+      }
 
     // acc += W'(16 x 64) * V(64 keys x 128 features)
+    const uint16_t* pv_base = (need_v ? sV + tb * kTileElems : sY + yb * kTileElems) + pv_lane;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4];
@@ -463,6 +629,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
         }
       }
     }
+    tb ^= 1;
   }
 
   // dX = s * (row factor) * acc

@@ -7,17 +7,30 @@ namespace infonce_cuda {
 
 // fp16 / bf16 tensor-core kernels (mma_kernels.cuh)
 constexpr int kMmaThreads = 128;  // 4 warps
-constexpr int kBM = 64;           // rows per CTA: 16 per warp
+constexpr int kFwdMTiles = 2;     // forward: m16 tiles per warp -> 32 rows per warp
+constexpr int kFwdBM = 4 * 16 * kFwdMTiles;  // forward rows per CTA: 128
+constexpr int kBM = 64;           // backward rows per CTA: 16 per warp (one m16 tile)
 constexpr int kBN = 64;           // columns (keys) per tile
 constexpr int kDK = 128;          // feature chunk of the S = X Y^T product
 constexpr int kDV = 128;          // output feature chunk of the backward (grid.y)
 constexpr int kLds = kDK + 8;     // smem row stride in 16-bit elements: 272 B, 16-B aligned rows,
                                   // 17 x 16 B apart -> the 8 rows of one ldmatrix phase hit 8
                                   // distinct bank groups (conflict free)
-constexpr int kTileElems = 64 * kLds;  // one 64 x kDK tile (kBM == kBN == 64)
-static_assert(kBM == 64 && kBN == 64, "tile loaders assume 64-row tiles");
+constexpr int kTileElems = 64 * kLds;        // one 64 x kDK tile (kBM == kBN == 64)
+constexpr int kFwdXElems = kFwdBM * kLds;    // the forward's 128 x kDK row tile
+constexpr int kStages = 2;        // cp.async ring depth of the key (and row / value) tiles
+static_assert(kBM == 64 && kBN == 64, "tile loaders and the column info assume 64-row tiles");
 static_assert(kDV == kDK, "when d <= kDK the key tile doubles as the value tile");
 
+// Dynamic shared memory of the tensor-core kernels (bytes); the launchers opt in above 48 KB.
+//   forward:  X (1 buffer when d <= kDK: resident; else kStages) + Y (kStages)
+//   backward: X (1 or kStages, as above) + Y (kStages) + V (kStages, only when d > kDK)
+constexpr size_t fwd_mma_smem(bool x_resident) {
+  return ((x_resident ? 1 : kStages) * size_t(kFwdXElems) + kStages * size_t(kTileElems)) * 2;
+}
+constexpr size_t bwd_mma_smem(bool x_resident) {
+  return ((x_resident ? 1 : kStages) + kStages + (x_resident ? 0 : kStages)) * size_t(kTileElems) * 2;
+}
 
 // fp32 / fp64 SIMT kernels (simt_kernels.cuh): 16 x 16 threads with TM x TM micro tiles
 constexpr int kSimtThreads = 256;  // 16 x 16
