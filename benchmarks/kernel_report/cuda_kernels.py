@@ -6,9 +6,13 @@ include path, ``-Xptxas -v`` for registers / spills / shared memory per kernel; 
 disassembled with cuobjdump for the SASS counts of :mod:`.sass`.
 
 Tile geometry (rows x keys of one CTA's tile, threads per CTA) comes from the sources' constants
-(``kBM``, ``kBN``, ``kMmaThreads`` for the tensor-core kernels, ``16 * TM`` and ``kSimtThreads``
-for the SIMT ones, TM being the kernel's second template argument); a kernel of another family
-gets no per-element figures (``per_element: null`` with the reason).
+(``kFwdBM`` for the tensor-core forward, ``kBM`` for its backward, ``kBN``, ``kMmaThreads``;
+``16 * TM`` and ``kSimtThreads`` for the SIMT ones, TM being the kernel's second template
+argument); a kernel of another family gets no per-element figures (``per_element: null`` with the
+reason). The tensor-core kernels also get their figures at the feature dimensions of the modelled
+cases (``per_element_at``: the S product loops over ceil(d / kDK) chunks, the backward runs
+ceil(d / kDV) programs per tile that each recompute S) and their dynamic shared memory
+(``smem_dynamic``, the launchers' formula of tile_sizes.cuh evaluated on its constants).
 """
 from __future__ import annotations
 
@@ -28,7 +32,10 @@ _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'")
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _SMEM = re.compile(r"(\d+) bytes smem")
-_CONST = re.compile(r"constexpr\s+(?:int|size_t|unsigned)\s+(k\w+)\s*=\s*([0-9]+)\s*;")
+_CONST = re.compile(r"constexpr\s+(?:int|size_t|unsigned)\s+(k\w+)\s*=\s*([^;]+);")
+_EXPR = re.compile(r"^[\w\s+*/()-]+$")
+#: feature dimensions of the modelled headline cases (model.HEADLINE)
+MODEL_DS = (128, 512)
 
 
 def nvcc_path() -> str | None:
@@ -56,12 +63,21 @@ def include_dirs(root: str) -> list[str]:
 
 
 def source_constants(root: str) -> dict[str, int]:
-    """``constexpr int kName = value;`` of every file under csrc/cuda."""
+    """``constexpr int kName = value;`` of every file under csrc/cuda; the value an integer or an
+    integer expression (+ - * / and parentheses) of constants defined before it."""
     out: dict[str, int] = {}
     for f in sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*"))):
         if f.endswith((".cu", ".cuh", ".h", ".hpp")):
-            for name, val in _CONST.findall(open(f).read()):
-                out.setdefault(name, int(val))
+            for name, expr in _CONST.findall(open(f).read()):
+                expr = expr.split("//")[0].strip()
+                if name in out or not _EXPR.match(expr):
+                    continue
+                try:
+                    val = eval(expr.replace("/", "//"), {"__builtins__": {}}, dict(out))  # noqa: S307 (checked above)
+                except (NameError, SyntaxError, ZeroDivisionError):
+                    continue
+                if isinstance(val, int):
+                    out[name] = val
     return out
 
 
@@ -104,9 +120,10 @@ def short_name(demangled: str) -> str:
 def geometry(short: str, consts: dict[str, int]):
     """(rows, keys, threads) of one CTA tile, or (None, reason)."""
     if "_mma_kernel" in short:
-        need = ("kBM", "kBN", "kMmaThreads")
+        rows = "kFwdBM" if short.startswith("lse_fwd_") and "kFwdBM" in consts else "kBM"
+        need = (rows, "kBN", "kMmaThreads")
         if all(k in consts for k in need):
-            return consts["kBM"], consts["kBN"], consts["kMmaThreads"]
+            return consts[rows], consts["kBN"], consts["kMmaThreads"]
         return None, f"constants {need} not found in csrc/cuda"
     if "_simt_kernel" in short:
         m = re.search(r"<\w+, (\d+)", short)
@@ -159,6 +176,9 @@ def compile_arch(root: str, cap: int, out_dir: str, nvcc: str | None = None) -> 
                        ptx_ex2_approx=ptx_count(ptx_text, mangled, "ex2.approx"),
                        ptx_cp_async=ptx_count(ptx_text, mangled, "cp.async"))
             rec["per_element"] = per_element(ins, short, consts) if ins else None
+            if ins and "_mma_kernel" in short:
+                rec["per_element_at"] = {str(d): per_element(ins, short, consts, d) for d in MODEL_DS}
+                rec["smem_dynamic"] = {str(d): mma_dynamic_smem(short, consts, d) for d in MODEL_DS}
             kernels[short] = rec
     return kernels
 
@@ -172,8 +192,33 @@ def ptx_count(ptx: str, mangled: str, needle: str) -> int:
     return ptx[i:j if j > 0 else len(ptx)].count(needle)
 
 
-def per_element(ins, short: str, consts: dict[str, int]):
-    """Main-loop counts per element of the CTA tile (d <= one feature chunk: inner loops once)."""
+def mma_trips(short: str, consts: dict[str, int], d: int) -> tuple[int, int]:
+    """(S-product chunk-loop trips, programs per tile) of a tensor-core kernel at feature dim d."""
+    trips = -(-d // consts.get("kDK", 128))
+    programs = -(-d // consts.get("kDV", 128)) if short.startswith("lse_bwd_") else 1
+    return trips, programs
+
+
+def mma_dynamic_smem(short: str, consts: dict[str, int], d: int) -> int | None:
+    """Dynamic shared memory (bytes) of a tensor-core kernel's launch at feature dim d:
+    tile_sizes.cuh's fwd_mma_smem / bwd_mma_smem (16-bit tiles of kLds-element rows)."""
+    need = ("kLds", "kBM", "kBN", "kStages", "kDK")
+    if not all(k in consts for k in need):
+        return None
+    lds, stages = consts["kLds"], consts["kStages"]
+    x_resident = d <= consts["kDK"]
+    xbuf = 1 if x_resident else stages
+    if short.startswith("lse_fwd_") and "kFwdBM" in consts:
+        return 2 * lds * (xbuf * consts["kFwdBM"] + stages * consts["kBN"])
+    if short.startswith("lse_bwd_"):
+        return 2 * lds * consts["kBM"] * (xbuf + stages + (0 if x_resident else stages))
+    return None
+
+
+def per_element(ins, short: str, consts: dict[str, int], d: int | None = None):
+    """Main-loop counts per element of the CTA tile. d = None: one feature chunk (inner loops
+    once); a tensor-core kernel at feature dim d: the inner (chunk) loop x ceil(d / kDK), and the
+    backward's ceil(d / kDV) programs per tile."""
     geo = geometry(short, consts)
     if geo[0] is None:
         return {"unavailable": geo[1]}
@@ -181,11 +226,17 @@ def per_element(ins, short: str, consts: dict[str, int]):
     body = sass.main_loop(ins)
     if body is None:
         return {"unavailable": "no loop"}
-    c = sass.count_body(ins, body, 1)
+    trips, programs = mma_trips(short, consts, d) if d is not None else (1, 1)
+    c = sass.count_body(ins, body, trips)
     elems = rows * keys
-    return dict(method="static main-loop body x threads / tile elements; inner loops and both sides of "
-                       "branches counted once", tile=[rows, keys], threads=threads,
-                body_per_thread=c["total"], by_class=c["by_class"],
-                instr=round(c["total"] * threads / elems, 2),
-                mufu=round(c["by_class"].get("mufu", 0) * threads / elems, 3),
-                mma_flops=round(c["mma_flops_per_warp"] * threads / 32 / elems, 1))
+    per = threads * programs / elems
+    out = dict(method="static main-loop body x threads / tile elements; inner loops and both sides of "
+                      "branches counted once", tile=[rows, keys], threads=threads,
+               body_per_thread=c["total"], by_class=c["by_class"],
+               instr=round(c["total"] * per, 2),
+               mufu=round(c["by_class"].get("mufu", 0) * per, 3),
+               mma_flops=round(c["mma_flops_per_warp"] * threads / 32 * programs / elems, 1),
+               ldsm_bytes=round(sass.ldsm_bytes(ins, body, trips) * threads / 32 * programs / elems, 2))
+    if d is not None:
+        out.update(d=d, chunk_trips=trips, programs_per_tile=programs)
+    return out

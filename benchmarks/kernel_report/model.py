@@ -72,3 +72,60 @@ def headline(records: list[dict], cap: int = 90) -> dict:
         out[name] = dict(modelled_ms=round(total, 2) if passes else None, floor_ms=round(floor_ms(case), 2),
                          passes=passes, not_modelled=missing, rows=case["rows"], d=case["d"], dtype=case["dtype"])
     return out
+
+
+# --- the CUDA backend (csrc/cuda) -------------------------------------------------------------
+
+#: shared memory: 128 B per clock per SM (32 banks x 4 B) x 132 SMs x 1.98 GHz
+SMEM_RATE = 128 * 132 * 1.98e9
+#: the CUDA backend's launches in each headline case: (pass, kernel, launches); the backward adds
+#: absmax / sum_partials, O(N) work, not modelled
+CUDA_HEADLINE = {
+    "nt_xent_2B65536_d128_bf16": [("forward", "lse_fwd_mma_kernel<BF16Tag, false>", 1),
+                                  ("backward", "lse_bwd_mma_kernel<BF16Tag, 2, false>", 1)],
+    "clip_B32768_d512_bf16": [("forward", "lse_fwd_mma_kernel<BF16Tag, false>", 2),
+                              ("backward", "lse_bwd_mma_kernel<BF16Tag, 2, false>", 2)],
+}
+#: issue 16: the CUDA backend within this factor of Triton on the headline cases
+CUDA_TARGET_RATIO = 1.5
+
+CUDA_MODEL_TEXT = (
+    "modelled, not measured: the Triton model above, plus a shared-memory term for the mma.sync kernels: "
+    "launch time = max(instr/issue + mma_flops/tensor, mufu/MUFU, ldmatrix bytes/smem) with smem 33.8e12 B/s "
+    "(128 B/clock/SM x 132 x 1.98 GHz; the tiles' cp.async stores and the column-data loads are not counted); "
+    "per-element counts at the case's d (the S product's chunk loop x ceil(d/128), the backward's ceil(d/128) "
+    "programs per tile); the SASS counts include both sides of the vector/scalar tile-load branches, which "
+    "overstates the instructions of the vector path that these aligned, d % 8 == 0 cases take")
+
+
+def cuda_launch_time(pe: dict, elements: float) -> dict:
+    """:func:`launch_time` with the shared-memory (ldmatrix) bound of the mma.sync kernels."""
+    t = launch_time(pe, elements)
+    t_smem = pe.get("ldsm_bytes", 0.0) * elements / SMEM_RATE * 1e3
+    return dict(t, smem_ms=t_smem, ms=max(t["ms"], t_smem))
+
+
+def cuda_headline(kernels: dict, triton_headline: dict) -> dict:
+    """Modelled time of each headline case on the CUDA backend (``kernels``: one architecture's
+    records of cuda_kernels.compile_arch) and the verdict on "within CUDA_TARGET_RATIO x of
+    Triton" against ``triton_headline`` (:func:`headline`)."""
+    out = {}
+    for name, launches in CUDA_HEADLINE.items():
+        case = HEADLINE[name]
+        e = float(case["rows"]) ** 2
+        passes, total, missing = [], 0.0, []
+        for phase, kernel, n in launches:
+            pe = ((kernels.get(kernel) or {}).get("per_element_at") or {}).get(str(case["d"]))
+            if not pe or "instr" not in pe:
+                missing.append(kernel)
+                continue
+            t = cuda_launch_time(pe, e)
+            passes.append(dict(name=phase, kernel=kernel, launches=n, **{k: round(v * n, 3) for k, v in t.items()}))
+            total += t["ms"] * n
+        tri = (triton_headline.get(name) or {}).get("modelled_ms")
+        ms = round(total, 2) if passes and not missing else None
+        ratio = round(ms / tri, 2) if ms and tri else None
+        out[name] = dict(modelled_ms=ms, floor_ms=round(floor_ms(case), 2), passes=passes, not_modelled=missing,
+                         triton_modelled_ms=tri, ratio_to_triton=ratio, target_ratio=CUDA_TARGET_RATIO,
+                         within_target=None if ratio is None else ratio <= CUDA_TARGET_RATIO)
+    return out

@@ -13,8 +13,8 @@ METHOD = {
         "Triton's own binder (pointers and ints divisible by 16 get tt.divisibility=16), then triton.compile for "
         "GPUTarget('cuda', cap, 32) with the launch's constexprs, num_warps and num_stages; rows = keys = 4096"),
     "registers_spills": "ptxas -v log of the compile that produced the cubin (Triton: its own ptxas call)",
-    "smem": "Triton: CompiledKernel.metadata.shared (dynamic, bytes); CUDA: ptxas static smem (dynamic smem "
-            "of the CUDA tensor-core kernels is set at launch and not shown)",
+    "smem": "Triton: CompiledKernel.metadata.shared (dynamic, bytes); CUDA: ptxas static smem, and for the "
+            "tensor-core kernels the dynamic smem their launchers set (tile_sizes.cuh's formula on its constants)",
     "tensor_core": "from SASS: wgmma = HGMMA present, mma.sync = HMMA/DMMA present, none = FMA only",
     "per_element": (
         "main loop = outermost backward-branch loop holding MUFU.EX2 (the key-block loop; fp64: the longest outermost loop); its body is counted "
@@ -47,10 +47,18 @@ def versions(nvcc_version: str | None) -> dict:
 
 def document(label: str, root: str, triton_records: list[dict], cuda: dict, nvcc_version: str | None,
              command: str) -> dict:
+    headline = model.headline(triton_records, 90) if triton_records else {}
     return dict(schema=1, label=label, command=command, commit=git_commit(root), versions=versions(nvcc_version),
-                method=METHOD, model=model.MODEL_TEXT,
-                headline_modelled=model.headline(triton_records, 90) if triton_records else {},
-                triton=triton_records, cuda=cuda)
+                method=METHOD, model=model.MODEL_TEXT, headline_modelled=headline,
+                triton=triton_records, cuda=cuda, **cuda_headline(cuda, headline))
+
+
+def cuda_headline(cuda: dict, triton_headline: dict) -> dict:
+    """The CUDA backend's modelled headline cases (sm_90 kernels) and its model, or nothing."""
+    ks = cuda.get("90")
+    if not isinstance(ks, dict) or "error" in ks:
+        return {}
+    return dict(cuda_model=model.CUDA_MODEL_TEXT, cuda_headline_modelled=model.cuda_headline(ks, triton_headline))
 
 
 def _cfg(r: dict) -> str:
@@ -93,15 +101,50 @@ def markdown(doc: dict) -> str:
                 f"{r['config'].get('E', '-')} | {', '.join(r['scenarios'])} | {_cfg(r)} | {r['programs_per_tile']} | "
                 f"{r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['smem']} | {r['tensor_core']} | "
                 f"{_pe(r, 'mufu')} | {_pe(r, 'instr')} | {_pe(r, 'mma_flops')} |")
+    lines += cuda_markdown(doc)
+    return "\n".join(lines) + "\n"
+
+
+def _pe_at(r: dict, d: int, k: str):
+    v = ((r.get("per_element_at") or {}).get(str(d)) or {}).get(k)
+    return "-" if v is None else f"{v:g}"
+
+
+def cuda_markdown(doc: dict) -> list[str]:
+    """The CUDA part: the modelled headline cases with the verdict, then one table per architecture."""
+    lines = []
+    if doc.get("cuda_headline_modelled"):
+        lines += ["", "## Headline cases on the CUDA backend, sm_90, bf16 (modelled, not measured)", "",
+                  f"Model: {doc['cuda_model']}.", "",
+                  "| case | pass | kernel | launches | issue ms | tensor ms | MUFU ms | smem ms | modelled ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, h in doc["cuda_headline_modelled"].items():
+            for p in h["passes"]:
+                lines.append(f"| {name} | {p['name']} | `{p['kernel']}` | {p['launches']} | {p['issue_ms']:.2f} | "
+                             f"{p['mma_ms']:.2f} | {p['mufu_ms']:.2f} | {p['smem_ms']:.2f} | {p['ms']:.2f} |")
+            verdict = ("not modelled" if h["within_target"] is None else
+                       f"{h['ratio_to_triton']}x Triton's {h['triton_modelled_ms']} ms: "
+                       f"{'within' if h['within_target'] else 'NOT within'} {h['target_ratio']}x")
+            lines.append(f"| **{name}** | total | | | | | | | **{h['modelled_ms']} ms** (floor {h['floor_ms']} ms; "
+                         f"{verdict}) |")
     for cap, ks in sorted(doc["cuda"].items(), reverse=True):
         if not isinstance(ks, dict) or "error" in ks:
             lines += ["", f"## CUDA kernels, sm_{cap}", "", f"not compiled: {ks}"]
             continue
-        lines += ["", f"## CUDA kernels, sm_{cap} (per element: d <= 128, one feature chunk)", "",
-                  "| kernel | regs | spills st/ld B | static smem B | tensor core | MUFU/elem | instr/elem | "
-                  "MMA FLOP/elem |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"## CUDA kernels, sm_{cap} (per element: d <= 128, one feature chunk; tensor-core kernels "
+                      "also at d = 512)", "",
+                  "| kernel | tile rows x keys | regs | spills st/ld B | static smem B | dynamic smem B d<=128 / 512 | "
+                  "tensor core | cp.async (PTX) | ex2.approx (PTX) | MUFU/elem | instr/elem | MMA FLOP/elem | "
+                  "ldmatrix B/elem | d=512: MUFU/elem | d=512: instr/elem |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in sorted(ks.items()):
-            lines.append(f"| `{name}` | {r.get('regs')} | {r.get('spill_stores')}/{r.get('spill_loads')} | "
-                         f"{r.get('smem_static')} | {r.get('tensor_core')} | {_pe(r, 'mufu')} | {_pe(r, 'instr')} | "
-                         f"{_pe(r, 'mma_flops')} |")
-    return "\n".join(lines) + "\n"
+            pe = r.get("per_element") or {}
+            tile = "x".join(map(str, pe["tile"])) if "tile" in pe else "-"
+            dyn = r.get("smem_dynamic") or {}
+            dyn_s = " / ".join(str(dyn.get(k, "-")) for k in ("128", "512")) if dyn else "-"
+            lines.append(f"| `{name}` | {tile} | {r.get('regs')} | {r.get('spill_stores')}/{r.get('spill_loads')} | "
+                         f"{r.get('smem_static')} | {dyn_s} | {r.get('tensor_core')} | {r.get('ptx_cp_async', '-')} | "
+                         f"{r.get('ptx_ex2_approx', '-')} | {_pe(r, 'mufu')} | {_pe(r, 'instr')} | "
+                         f"{_pe(r, 'mma_flops')} | {_pe(r, 'ldsm_bytes')} | {_pe_at(r, 512, 'mufu')} | "
+                         f"{_pe_at(r, 512, 'instr')} |")
+    return lines

@@ -163,3 +163,24 @@ def tensor_kind(ins: list[Ins]) -> str:
     if ops & {"HMMA", "DMMA", "IMMA"}:
         return "mma.sync"
     return "none"
+
+
+_LDSM = re.compile(r"^LDSM\.16\.(?:MT88|M88|M816|MT816)\.(\d)")
+
+
+def ldsm_bytes(ins: list[Ins], body: tuple[int, int], inner_trips: int = 1) -> float:
+    """Shared-memory bytes one warp reads through ``ldmatrix`` (LDSM) in one iteration of loop
+    ``body``, inner loops ``inner_trips`` times: an x1 / x2 / x4 LDSM reads 1 / 2 / 4 8x8 matrices of
+    16-bit values, 128 B each."""
+    inner = [lp for lp in loops(ins) if _inside(lp, body)]
+    top_inner = [lp for lp in inner if not any(_inside(lp, o) for o in inner)]
+    total = 0.0
+    for i in ins:
+        if not body[0] <= i.addr <= body[1] or not i.op.startswith("LDSM"):
+            continue
+        m = _LDSM.match(i.op)
+        n = int(m.group(1)) if m else 4
+        w = inner_trips if any(lp[0] <= i.addr <= lp[1] for lp in top_inner) else 1
+        total += w * 128 * n
+    return total
+

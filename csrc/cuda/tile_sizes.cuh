@@ -8,7 +8,7 @@ namespace infonce_cuda {
 // fp16 / bf16 tensor-core kernels (mma_kernels.cuh)
 constexpr int kMmaThreads = 128;  // 4 warps
 constexpr int kFwdMTiles = 2;     // forward: m16 tiles per warp -> 32 rows per warp
-constexpr int kFwdBM = 4 * 16 * kFwdMTiles;  // forward rows per CTA: 128
+constexpr int kFwdBM = 128;       // forward rows per CTA: 4 warps x 16 x kFwdMTiles
 constexpr int kBM = 64;           // backward rows per CTA: 16 per warp (one m16 tile)
 constexpr int kBN = 64;           // columns (keys) per tile
 constexpr int kDK = 128;          // feature chunk of the S = X Y^T product
@@ -20,6 +20,7 @@ constexpr int kTileElems = 64 * kLds;        // one 64 x kDK tile (kBM == kBN ==
 constexpr int kFwdXElems = kFwdBM * kLds;    // the forward's 128 x kDK row tile
 constexpr int kStages = 2;        // cp.async ring depth of the key (and row / value) tiles
 static_assert(kBM == 64 && kBN == 64, "tile loaders and the column info assume 64-row tiles");
+static_assert(kFwdBM == 4 * 16 * kFwdMTiles, "forward: 4 warps of kFwdMTiles m16 tiles");
 static_assert(kDV == kDK, "when d <= kDK the key tile doubles as the value tile");
 
 // Dynamic shared memory of the tensor-core kernels (bytes); the launchers opt in above 48 KB.
