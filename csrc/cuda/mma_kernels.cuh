@@ -134,6 +134,9 @@ __device__ __forceinline__ void load_tile16(uint16_t* __restrict__ s, const uint
       dst += kRowStep * kLds * sizeof(uint16_t);
     }
   } else {
+    // The fallback (unaligned, or d % 8 != 0) is load-bound: kept rolled, it stays a short loop
+    // beside the hot path instead of four unrolled copies of 64-bit index arithmetic.
+#pragma unroll 1
     for (int i = threadIdx.x; i < ROWS * kDK; i += kMmaThreads) {
       const int r = i / kDK, c = i % kDK;
       const int64_t gr = row0 + r, gc = col0 + c;
