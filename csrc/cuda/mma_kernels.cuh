@@ -3,8 +3,9 @@
 // by ex2.approx (one MUFU.EX2). CTA = 4 warps; forward 128 rows (32 per warp), backward 64 rows
 // (16 per warp); key tiles of 64; the QK product loops over d in chunks of 128, the backward
 // output loops over d in chunks of 128 on grid.y (each output chunk recomputes S and P: any d
-// works, and d <= 128 costs no recomputation). The invariants: csrc/cuda/README.md. Maths and the exclusion rule: lse_kernels.cu's header and
-// csrc/common/exclusion.h; launched from launch_mma.cu.
+// works, and d <= 128 costs no recomputation). The invariants: csrc/cuda/README.md. Maths and
+// the exclusion rule: lse_kernels.cu's header and csrc/common/exclusion.h; launched from
+// launch_mma.cu.
 #pragma once
 
 #include <cuda_bf16.h>
