@@ -141,7 +141,7 @@ def cuda_markdown(doc: dict) -> list[str]:
             pe = r.get("per_element") or {}
             tile = "x".join(map(str, pe["tile"])) if "tile" in pe else "-"
             dyn = r.get("smem_dynamic") or {}
-            dyn_s = " / ".join(str(dyn.get(k, "-")) for k in ("128", "512")) if dyn else "-"
+            dyn_s = " / ".join("-" if dyn.get(k) is None else str(dyn[k]) for k in ("128", "512")) if dyn else "-"
             lines.append(f"| `{name}` | {tile} | {r.get('regs')} | {r.get('spill_stores')}/{r.get('spill_loads')} | "
                          f"{r.get('smem_static')} | {dyn_s} | {r.get('tensor_core')} | {r.get('ptx_cp_async', '-')} | "
                          f"{r.get('ptx_ex2_approx', '-')} | {_pe(r, 'mufu')} | {_pe(r, 'instr')} | "
