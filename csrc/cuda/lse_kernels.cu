@@ -46,8 +46,9 @@
 // simt_kernels.cuh + launch_simt.cu (fp32/fp64), reduce.cu (max |g|, the dscale sum).
 // Two families:
 //   * fp16 / bf16: tensor cores through mma.sync.m16n8k16 (sm_80+), fp32 accumulators, ldmatrix
-//     from padded shared memory. CTA = 4 warps = 64 rows (16 per warp), key tiles of 64,
-//     the QK product loops over d in chunks of 128, the backward output loops over d in chunks
+//     from padded shared memory. CTA = 4 warps: the forward 128 rows (32 per warp), the backward
+//     64 rows (16 per warp); key tiles of 64 brought in by cp.async two stages deep; exponentials
+//     by ex2.approx. The QK product loops over d in chunks of 128, the backward output loops over d in chunks
 //     of 128 on grid.y (each output chunk recomputes S and P: any d works, and d <= 128 costs
 //     no recomputation).
 //   * fp32 / fp64: plain FMA (SIMT) tiles, 256 threads, 16x16 threads with TMxTM micro tiles.
