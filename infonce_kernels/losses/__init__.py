@@ -5,7 +5,7 @@
     clip.py       CLIP (symmetric)              supcon.py     SupCon (L_out), multi-view
     decoupled.py  DCL, DCLW, DHEL               debiased.py   hard-negative and debiased NT-Xent
     kcl.py        KCL (Gaussian kernel)         metrics.py    alignment, uniformity
-    siglip.py     SigLIP's pairwise sigmoid loss (over the fused sigmoid op, ops/sigmoid.py)
+    siglip.py     SigLIP's pairwise sigmoid loss (over the fused sigmoid op, ops/pairwise_sigmoid.py)
 """
 
 from .clip import ClipLoss, clip_loss

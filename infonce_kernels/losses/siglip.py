@@ -13,7 +13,7 @@ import torch
 from .. import _validation as v
 from .. import distributed
 from ..ops import accumulation_dtype, fused_sigmoid, sigmoid_backward, sigmoid_with_grad
-from ..ops.sigmoid import finite_scalar, resolve_sigmoid_backend
+from ..ops.pairwise_sigmoid import finite_scalar, resolve_sigmoid_backend
 from ._common import LossModule, shared_doc
 
 __all__ = ["siglip_loss", "SigLipLoss"]

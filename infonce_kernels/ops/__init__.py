@@ -11,7 +11,7 @@ Layout:
     _cpp.py         the C++ backends (cpu, cuda)
     transforms.py   forward-mode AD, torch.func transforms, the refusal of second-order derivatives
     precision.py    :func:`accumulation_dtype`
-    sigmoid.py      the pairwise sigmoid (SigLIP) op: :func:`sigmoid`, its custom ops and autograd
+    pairwise_sigmoid.py  the pairwise sigmoid (SigLIP) op: :func:`sigmoid`, its custom ops and autograd
 
 Entry points (arguments are checked once, by :func:`lse` or by the loss that calls them):
     :func:`lse`                the public, checked op
@@ -30,7 +30,7 @@ from ._custom_ops import lse_backward_paired_op, lse_op, lse_pair_op
 from .backends import BACKENDS, REGISTRY, available_backends, resolve_backend, unavailable_reason
 from .exclusion import Exclusion, self_indices
 from .precision import accumulation_dtype
-from .sigmoid import fused_sigmoid, resolve_sigmoid_backend, sigmoid, sigmoid_backward, sigmoid_with_grad
+from .pairwise_sigmoid import fused_sigmoid, resolve_sigmoid_backend, sigmoid, sigmoid_backward, sigmoid_with_grad
 from .transforms import LseFunction, LsePairFunction
 
 __all__ = [

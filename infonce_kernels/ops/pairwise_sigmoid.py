@@ -33,7 +33,12 @@ from .precision import accumulation_dtype
 from .transforms import first_order
 
 __all__ = ["sigmoid", "fused_sigmoid", "sigmoid_with_grad", "sigmoid_backward", "resolve_sigmoid_backend",
-           "finite_scalar", "sigmoid_op", "sigmoid_sum_op"]
+           "finite_scalar", "sigmoid_op", "sigmoid_sum_op", "sigmoid_with_grad_op", "sigmoid_backward_op",
+           "UNSUPPORTED_TRANSFORMS"]
+
+UNSUPPORTED_TRANSFORMS = ("infonce_kernels: the pairwise sigmoid op supports reverse-mode autograd (backward, "
+                          "torch.autograd.grad) only: torch.func transforms (grad, vjp, vmap, jvp, ...) and "
+                          "forward-mode AD are not supported")
 
 
 @torch.compiler.assume_constant_result
@@ -94,7 +99,9 @@ def _backward_run(op, *args):
     """``op(*args)`` inside a backward: eagerly through :func:`first_order`, so that a gradient
     taken with ``create_graph=True`` raises when differentiated again instead of treating this
     backward as a constant."""
-    return op(*args) if torch.compiler.is_compiling() else first_order(op, *args)
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # no graph is recorded: call it plainly
+        return op(*args)
+    return first_order(op, *args)
 
 
 def _setup_sigmoid(ctx, inputs, output):
@@ -142,15 +149,20 @@ def _(x, y, scale, bias, row_labels, col_labels, offset, backend):
 
 def _setup_sum(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero (M, d) and (N, d) gradients for the unused outputs
+    ctx.save_for_backward(*output[1:], *inputs[:4])
 
 
-def _scaled(g, dx, dy, dscale, dbias):
-    """The unit gradients of the fused sweep times the upstream scalar ``g``."""
+def _scaled(g, dx, dy, dscale, dbias, *inputs):
+    """The unit gradients of the fused sweep times the upstream scalar ``g``. ``inputs`` (x, y,
+    scale, bias) are not read: passed through :func:`first_order`, they connect a gradient
+    taken with ``create_graph=True`` to them, so that differentiating it again raises."""
     return (g * dx).to(dx.dtype), (g * dy).to(dy.dtype), g * dscale, g * dbias
 
 
 def _backward_sum(ctx, g, *unused):
+    if g is None:  # the sum itself was not used
+        return (None,) * 8
     dx, dy, dscale, dbias = _backward_run(_scaled, g, *ctx.saved_tensors)
     return dx, dy, dscale, dbias, None, None, None, None
 
