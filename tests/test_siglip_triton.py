@@ -46,7 +46,7 @@ def dense_sigmoid(x, y, t, b, labels, offset, g, dtype):
     return rows.detach(), xs.grad, ys.grad, ts.grad, bs.grad
 
 
-def make(M, N, d, dtype, *, t=3.0, b=-2.0, labels=False, classes=3, seed=0, unit=False):
+def make(M, N, d, dtype, *, t=3.0, b=-0.5, labels=False, classes=3, seed=0, unit=False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(M, d, generator=gen, dtype=F64)
     y = torch.randn(N, d, generator=gen, dtype=F64)
