@@ -90,9 +90,9 @@ def check_open_clip(rank, world, backend):
             torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-12, msg=f"open_clip {dist_impl} item {i}")
 
 
-def run(rank, world, init_file, sizes, backend):
+def run(rank, world, init_file, sizes, dtypes, backend):
     with _group(rank, world, init_file):
-        for dtype in (torch.float64, torch.float32):
-            check_gathered(rank, world, sizes, dtype, backend)
+        for dtype in dtypes:
+            check_gathered(rank, world, sizes, getattr(torch, dtype), backend)
         if load.module("open_clip.loss") is not None:
             check_open_clip(rank, world, backend)

@@ -24,6 +24,8 @@ and forward-mode AD are refused with one sentence (:func:`_reverse_mode_only`): 
 registered autograd cannot serve them.
 """
 
+import math
+
 import torch
 from torch.autograd import forward_ad
 
@@ -223,18 +225,13 @@ def sigmoid_backward(grad, x, y, scale, bias, labels=None, offset=0, backend="au
 
 def finite_scalar(name: str, value, *, device, dtype) -> torch.Tensor:
     """A float or a one-element floating tensor as a 0-d tensor of ``dtype`` (differentiable when
-    it is one); a Python number is checked here, a tensor's value by ``check_values``."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if value.device != device and value.device.type != "cpu":
-            raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-        return value.reshape(()).to(device=device, dtype=dtype)
+    it is one), of any sign; a Python number is checked here, a tensor's value by
+    ``check_values`` (finite)."""
+    if isinstance(value, torch.Tensor):  # the shape, dtype and device checks of every scalar argument
+        return v.positive_scalar(name, value, device=device, dtype=dtype)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
-    if not v.tracing() and not torch.isfinite(torch.tensor(float(value))):
+    if not v.tracing() and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return torch.scalar_tensor(float(value), device=device, dtype=dtype)
 
