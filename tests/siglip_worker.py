@@ -66,6 +66,22 @@ def check_gathered(rank, world, sizes, dtype, backend):
                 torch.testing.assert_close(g, h, rtol=tol, atol=tol, msg=f"{what} gradient {i}")
 
 
+def check_second_order_refused(rank, world, backend):
+    """A gradient taken with create_graph=True is right; differentiating it again raises."""
+    torch.manual_seed(2)
+    img = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1).requires_grad_()
+    txt = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1)
+    for reduction in ("mean", "none"):
+        loss = ik.siglip_loss(img, txt, 10.0, -10.0, reduction=reduction, gather_distributed=True, backend=backend)
+        (gx,) = torch.autograd.grad(loss.sum(), img, create_graph=True)
+        try:
+            gx.sum().backward()
+        except RuntimeError as e:
+            assert "second-order" in str(e), e
+        else:
+            raise AssertionError(f"second-order derivative through the gathered loss ({reduction}) was not refused")
+
+
 def check_open_clip(rank, world, backend):
     """Per rank, not only on average: the adapter's loss and gradients are open_clip's."""
     from infonce_kernels.compat.open_clip import SigLipLoss
@@ -94,5 +110,6 @@ def run(rank, world, init_file, sizes, dtypes, backend):
     with _group(rank, world, init_file):
         for dtype in dtypes:
             check_gathered(rank, world, sizes, getattr(torch, dtype), backend)
+        check_second_order_refused(rank, world, backend)
         if load.module("open_clip.loss") is not None:
             check_open_clip(rank, world, backend)
