@@ -7,6 +7,7 @@ bad input, the custom ops' opcheck, torch.compile(fullgraph=True), the refused t
 the peak memory (no B x B tensor)."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -17,7 +18,11 @@ import torch.nn.functional as F
 from harness import F64, assert_within
 
 import infonce_kernels as ik
+from infonce_kernels.compat import open_clip as c_clip
 from infonce_kernels.ops import pairwise_sigmoid as ps
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
+import load  # noqa: E402
 from infonce_kernels.ops.backends import sigmoid_unavailable_reason
 
 # Every backend of the registry that runs the sigmoid op on CPU tensors here (triton under
@@ -206,6 +211,28 @@ class TestSigLip:
         module = ik.SigLipLoss(reduction="sum")
         assert "reduction='sum'" in repr(module)
         torch.testing.assert_close(module(img, txt, t, None), textbook_siglip(img, txt, t, torch.zeros((), dtype=F64)).sum())
+
+    def test_open_clip_adapter_in_one_process(self):
+        """The adapter's loss and gradients (features, scale, bias) are open_clip's own, with a
+        bias and without one (None), and its helpers return open_clip's tensors."""
+        oc = load.module("open_clip.loss")
+        if oc is None:
+            pytest.skip("open_clip is not installed here (pip install the test extra)")
+        img, txt, t, b = sample(7, 5, F64, 10.0, -10.0)
+        for bias in (b, None):
+            ours = grads(lambda *a: c_clip.SigLipLoss()(*a[:3], None if bias is None else a[3]), img, txt, t, b)
+            theirs = grads(lambda *a: oc.SigLipLoss()(*a[:3], None if bias is None else a[3]), img, txt, t, b)
+            for a, w in zip(ours, theirs):
+                if w is None:  # no bias: no gradient on either side
+                    assert a is None
+                else:
+                    torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
+        assert c_clip.SigLipLoss()(img, txt, t, b, output_dict=True)["contrastive_loss"].shape == ()
+        torch.testing.assert_close(c_clip.SigLipLoss().get_logits(img, txt, t, b), oc.SigLipLoss().get_logits(img, txt, t, b))
+        torch.testing.assert_close(c_clip.SigLipLoss().get_ground_truth("cpu", F64, 4),
+                                   oc.SigLipLoss().get_ground_truth("cpu", F64, 4))
+        with pytest.raises(ValueError, match="dist_impl"):
+            c_clip.SigLipLoss(dist_impl="ring")
 
     @pytest.mark.skipif("cpu" not in BACKENDS, reason="C++ extension not built")
     def test_peak_memory_has_no_b_by_b_tensor(self):
