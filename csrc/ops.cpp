@@ -27,6 +27,19 @@
 //     The symmetric backward is the case k = q; a rank's rows against all-gathered rows, and
 //     the two directions of CLIP, are the others.
 //
+//   _sigmoid_fwd(x, y, scale, bias, labels = [row_labels, col_labels] or [], offset, with_grad)
+//     The pairwise sigmoid (SigLIP) loss per row. x (M, d), y (N, d): float16 / bfloat16 /
+//     float32 / float64, same dtype and device; scale t, bias b: 0-d (float32, float64 for
+//     float64 inputs). l_ij = t <x_i, y_j> + b; z_ij = +1 when (i, j) is positive: row_labels[i]
+//     == col_labels[j] with labels, else i + offset == j; -1 otherwise.
+//       rows_i = sum_j softplus(-z_ij l_ij)   (M,), accumulation dtype
+//     with_grad: [rows, dx, dy, dscale, dbias], the gradients for a unit upstream gradient on
+//     every row, from the same sweep; else [rows].
+//
+//   _sigmoid_bwd(grad, x, y, scale, bias, labels, offset) -> [dx, dy, dscale, dbias]
+//     G_ij = grad_i (sigmoid(l_ij) - [z_ij = 1]): dx = t G y, dy = t G^T x,
+//     dscale = sum_ij G_ij <x_i, y_j>, dbias = sum_ij G_ij. dx, dy in the input dtype.
+//
 // Pair (i, j) is excluded by the rule of csrc/common/exclusion.h (the one C++ definition).
 // Implementations register per dispatch key, one small file each: csrc/cpu/register_cpu.cpp and
 // csrc/cuda/register_cuda.cpp, both through csrc/common/register_impls.h, which unpacks and checks
@@ -45,6 +58,9 @@ TORCH_LIBRARY(infonce_kernels, m) {
   m.def(
       "_lse_bwd_paired(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor[] labels, "
       "Tensor lse, Tensor[] key_side, int row_offset) -> (Tensor, Tensor)");
+  // The pairwise sigmoid (SigLIP) op; labels: [] (diagonal rule with offset) or [row_labels, col_labels].
+  m.def("_sigmoid_fwd(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor[] labels, int offset, bool with_grad) -> Tensor[]");
+  m.def("_sigmoid_bwd(Tensor grad, Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor[] labels, int offset) -> Tensor[]");
 }
 
 #ifdef INFONCE_PYTHON_MODULE

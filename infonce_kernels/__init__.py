@@ -1,10 +1,12 @@
 """infonce_kernels: fused InfoNCE-family contrastive losses.
 
 Every loss is a thin composition over one primitive, the masked, scaled row log-sum-exp
-:func:`lse`, computed tile by tile so the N x N similarity matrix is never materialised.
+:func:`lse`, computed tile by tile so the N x N similarity matrix is never materialised; SigLIP's
+pairwise sigmoid loss (:func:`siglip_loss`) is a second fused op of the same kind.
 """
 
 from .losses import ClipLoss, InfoNCELoss, NTXentLoss, clip_loss, info_nce, nt_xent
+from .losses import SigLipLoss, siglip_loss
 from .losses import (DCLLoss, DCLWLoss, DebiasedNTXentLoss, DHELLoss, HardNegativeNTXentLoss, KCLLoss, SupConLoss,
                      alignment, dcl, dclw, debiased_nt_xent, dhel, hard_negative_nt_xent, kcl, supcon, uniformity)
 from .grad_cache import CachedStepOutput, cached_step
@@ -20,6 +22,8 @@ __all__ = [
     "NTXentLoss",
     "InfoNCELoss",
     "ClipLoss",
+    "siglip_loss",
+    "SigLipLoss",
     "BACKENDS",
     "available_backends",
     "resolve_backend",

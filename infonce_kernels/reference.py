@@ -9,7 +9,8 @@ import torch
 
 from .ops.precision import accumulation_dtype
 
-__all__ = ["forward", "backward", "backward_paired", "logits"]
+__all__ = ["forward", "backward", "backward_paired", "logits", "sigmoid_forward", "sigmoid_backward",
+           "sigmoid_logits", "sigmoid_positive"]
 
 
 def _accumulate(x: torch.Tensor) -> torch.Tensor:
@@ -51,3 +52,41 @@ def backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, r
     key_mask = key_spec.mask(q.shape[0], key_offset=row_offset)  # (N, M)
     v = torch.exp((dots * s).masked_fill(key_mask.T, float("-inf")) - key_lse[None, :]) * key_grad[None, :]
     return (s * ((w + v) @ ka)).to(q.dtype), (w * dots).sum().to(scale.dtype)
+
+
+# ------------------------------------------------------------------ the pairwise sigmoid op
+def sigmoid_positive(rows, cols, labels, offset, device) -> torch.Tensor:
+    """(M, N) bool: pair (i, j) is positive (z_ij = +1): ``row_labels[i] == col_labels[j]`` with
+    ``labels = (row_labels, col_labels)``, else ``i + offset == j``."""
+    if labels:
+        row_labels, col_labels = labels
+        return row_labels[:, None] == col_labels[None, :]
+    i = torch.arange(rows, device=device)[:, None]
+    return i + offset == torch.arange(cols, device=device)[None, :]
+
+
+def sigmoid_logits(x, y, scale, bias) -> torch.Tensor:
+    """(M, N) logits ``l = t x y^T + b`` in the accumulation dtype."""
+    return (_accumulate(x) @ _accumulate(y).T) * scale + bias
+
+
+def sigmoid_forward(x, y, scale, bias, labels, offset, with_grad):
+    """``(rows,)``, or ``(rows, dx, dy, dscale, dbias)`` for a unit upstream gradient when
+    ``with_grad``: rows_i = sum_j softplus(-z_ij l_ij) (M,), accumulation dtype."""
+    l = sigmoid_logits(x, y, scale, bias)
+    u = torch.where(sigmoid_positive(*l.shape, labels, offset, l.device), -l, l)
+    rows = (u.clamp_min(0) + torch.log1p(torch.exp(-u.abs()))).sum(1)  # softplus, stably
+    if not with_grad:
+        return (rows,)
+    return (rows, *sigmoid_backward(torch.ones_like(rows), x, y, scale, bias, labels, offset))
+
+
+def sigmoid_backward(grad, x, y, scale, bias, labels, offset):
+    """(dx, dy, dscale, dbias) of ``sum_i grad_i rows_i``: with G_ij = grad_i (sigmoid(l_ij) -
+    [z_ij = 1]), dx = t G y, dy = t G^T x, dscale = sum G_ij <x_i, y_j>, dbias = sum G_ij."""
+    xa, ya = _accumulate(x), _accumulate(y)
+    dots = xa @ ya.T
+    l = dots * scale + bias
+    g = (torch.sigmoid(l) - sigmoid_positive(*l.shape, labels, offset, l.device).to(l.dtype)) * grad[:, None]
+    return ((scale * (g @ ya)).to(x.dtype), (scale * (g.T @ xa)).to(y.dtype),
+            (g * dots).sum().to(scale.dtype), g.sum().to(bias.dtype))

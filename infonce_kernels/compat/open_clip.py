@@ -1,7 +1,9 @@
-"""Drop-in replacement for open_clip's ``ClipLoss``.
+"""Drop-in replacements for open_clip's ``ClipLoss`` and ``SigLipLoss``.
 
-    from open_clip.loss import ClipLoss                          # before
-    from infonce_kernels.compat.open_clip import ClipLoss        # after
+    from open_clip.loss import ClipLoss, SigLipLoss                          # before
+    from infonce_kernels.compat.open_clip import ClipLoss, SigLipLoss        # after
+
+``SigLipLoss`` is described in its class docstring; the rest of this note is ``ClipLoss``'s.
 
 Same constructor and ``forward(image_features, text_features, logit_scale, logit_bias=None,
 output_dict=False)``: ``(CE(s img txt^T, arange) + CE(s txt img^T, arange)) / 2`` with the
@@ -38,7 +40,18 @@ from infonce_kernels import distributed
 
 from ._common import acc, autocast_off, row_dot
 
-__all__ = ["ClipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss"]
+
+
+def _check_group(loss: nn.Module):
+    """``loss.rank`` and ``loss.world_size`` (> 1) must be this process's in an initialised group."""
+    name = type(loss).__name__
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{name}(world_size > 1) needs torch.distributed to be initialised "
+                           "(torch.distributed.init_process_group, e.g. under torchrun)")
+    if (loss.rank, loss.world_size) != (dist.get_rank(), dist.get_world_size()):
+        raise ValueError(f"{name}(rank={loss.rank}, world_size={loss.world_size}) does not match this process "
+                         f"(rank {dist.get_rank()} of {dist.get_world_size()})")
 
 
 class _MeanGradOverRanks(torch.autograd.Function):
@@ -85,12 +98,7 @@ class ClipLoss(nn.Module):
         self.rank, self.world_size, self.use_horovod, self.backend = rank, world_size, use_horovod, backend
 
     def _check_group(self):
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("ClipLoss(world_size > 1) needs torch.distributed to be initialised "
-                               "(torch.distributed.init_process_group, e.g. under torchrun)")
-        if (self.rank, self.world_size) != (dist.get_rank(), dist.get_world_size()):
-            raise ValueError(f"ClipLoss(rank={self.rank}, world_size={self.world_size}) does not match this process "
-                             f"(rank {dist.get_rank()} of {dist.get_world_size()})")
+        _check_group(self)
 
     def _gather_without_grad(self, x):
         """(N, d) every rank's rows in rank order, gathered without gradient; this rank's own rows
@@ -163,4 +171,56 @@ class ClipLoss(nn.Module):
                 loss = distributed.all_reduce_with_grad(loss) / self.world_size
         if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
             loss = loss + 0 * logit_bias.sum()  # open_clip's zero gradient for the cancelling bias
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SigLipLoss(nn.Module):
+    """open_clip's ``SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None)`` (open_clip
+    3.3): ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)``
+    returns ``-sum_ij log sigmoid(z_ij (t <img_i, txt_j> + b)) / B`` (z = +1 on the diagonal, -1
+    elsewhere) through :func:`infonce_kernels.siglip_loss`, with no B x B logits; the features are
+    used as given, ``logit_scale`` is already exponentiated, ``logit_bias`` may be None.
+
+    With ``world_size > 1`` (torch.distributed initialised; ``rank`` and ``world_size`` must be
+    this process's) every rank's loss is its images against the texts of every rank, divided by
+    its own batch size, and its gradients (features, scale, bias) are open_clip's on that rank, for
+    each ``dist_impl`` ("bidir", "shift", "reduce", "gather": open_clip's neighbour exchanges give
+    one and the same loss). Here the features are all-gathered once and the backward exchanges
+    nothing (:func:`infonce_kernels.siglip_loss` with ``gather_distributed=True``); open_clip's
+    exchanges need equal batches on every rank, this one also runs with uneven batches (the
+    whole batch's loss convention of :mod:`infonce_kernels.distributed`).
+    """
+
+    def __init__(self, cache_labels=False, rank=0, world_size=1, dist_impl=None, *, backend="auto"):
+        super().__init__()
+        dist_impl = dist_impl or "bidir"
+        if dist_impl not in ("bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"dist_impl must be one of 'bidir', 'shift', 'reduce', 'gather' (or None), got "
+                             f"{dist_impl!r}")
+        self.cache_labels, self.rank, self.world_size, self.dist_impl = cache_labels, rank, world_size, dist_impl
+        self.backend = backend
+        self.prev_num_logits, self.labels = 0, {}  # open_clip's (unused) label cache state
+
+    def get_ground_truth(self, device, dtype, num_logits, negative_only=False) -> torch.Tensor:
+        """open_clip's (num_logits, num_logits) labels, +1 on the diagonal (-1 everywhere with
+        ``negative_only``) and -1 elsewhere; materialised, as open_clip returns them (the loss
+        never builds them)."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = 2 * torch.eye(num_logits, device=device, dtype=dtype) + labels
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's ``logit_scale * img @ txt.T (+ logit_bias)``, materialised (for logging or
+        retrieval accuracy); the loss never builds it."""
+        logits = logit_scale * image_features @ text_features.T
+        return logits if logit_bias is None else logits + logit_bias
+
+    @autocast_off
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+        gathered = self.world_size > 1
+        if gathered:
+            _check_group(self)
+        loss = ik.siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend,
+                              gather_distributed=gathered)
         return {"contrastive_loss": loss} if output_dict else loss

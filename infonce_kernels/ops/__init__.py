@@ -11,6 +11,7 @@ Layout:
     _cpp.py         the C++ backends (cpu, cuda)
     transforms.py   forward-mode AD, torch.func transforms, the refusal of second-order derivatives
     precision.py    :func:`accumulation_dtype`
+    pairwise_sigmoid.py  the pairwise sigmoid (SigLIP) op: :func:`sigmoid`, its custom ops and autograd
 
 Entry points (arguments are checked once, by :func:`lse` or by the loss that calls them):
     :func:`lse`                the public, checked op
@@ -18,6 +19,8 @@ Entry points (arguments are checked once, by :func:`lse` or by the loss that cal
     :func:`fused_lse_pair`     CLIP's two directions, with a one-pass-per-side backward
     :func:`lse_backward_paired` the gradient on q when the keys are rows of a log-sum-exp too
                                (the distributed losses' backward)
+    :func:`sigmoid`            the pairwise sigmoid op, public and checked; :func:`fused_sigmoid`,
+                               :func:`sigmoid_with_grad` and :func:`sigmoid_backward` on checked arguments
 """
 
 import torch
@@ -27,11 +30,13 @@ from ._custom_ops import lse_backward_paired_op, lse_op, lse_pair_op
 from .backends import BACKENDS, REGISTRY, available_backends, resolve_backend, unavailable_reason
 from .exclusion import Exclusion, self_indices
 from .precision import accumulation_dtype
+from .pairwise_sigmoid import fused_sigmoid, resolve_sigmoid_backend, sigmoid, sigmoid_backward, sigmoid_with_grad
 from .transforms import LseFunction, LsePairFunction
 
 __all__ = [
     "lse", "fused_lse", "fused_lse_pair", "lse_backward_paired", "paired_backward",
     "Exclusion", "self_indices", "accumulation_dtype",
+    "sigmoid", "fused_sigmoid", "sigmoid_with_grad", "sigmoid_backward", "resolve_sigmoid_backend",
     "BACKENDS", "REGISTRY", "available_backends", "resolve_backend", "unavailable_reason",
 ]
 

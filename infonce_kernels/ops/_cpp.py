@@ -1,5 +1,6 @@
 """The C++ backends (``cpu`` and ``cuda``): the kernel ops ``infonce_kernels::_lse_fwd``,
-``_lse_bwd`` and ``_lse_bwd_paired`` of csrc/, whose fake (meta) implementations live here.
+``_lse_bwd`` and ``_lse_bwd_paired`` of csrc/, and the pairwise sigmoid's ``_sigmoid_fwd`` and
+``_sigmoid_bwd``, whose fake (meta) implementations live here.
 The tensors' device picks the kernel (CPU or CUDA dispatch key)."""
 
 import torch
@@ -7,7 +8,7 @@ import torch
 from .._extension import EXTENSION_ERROR
 from .precision import accumulation_dtype
 
-__all__ = ["forward", "backward", "backward_paired", "has_cuda_kernels"]
+__all__ = ["forward", "backward", "backward_paired", "sigmoid_forward", "sigmoid_backward", "has_cuda_kernels"]
 
 if EXTENSION_ERROR is None:
 
@@ -23,6 +24,17 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake("infonce_kernels::_lse_bwd_paired")
     def _(grad, q, k, scale, exclude, labels, lse, key_side, row_offset):
         return torch.empty_like(q), torch.empty_like(scale)
+
+    @torch.library.register_fake("infonce_kernels::_sigmoid_fwd")
+    def _(x, y, scale, bias, labels, offset, with_grad):
+        rows = x.new_empty(x.shape[0], dtype=accumulation_dtype(x.dtype))
+        if not with_grad:
+            return [rows]
+        return [rows, torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale), torch.empty_like(bias)]
+
+    @torch.library.register_fake("infonce_kernels::_sigmoid_bwd")
+    def _(grad, x, y, scale, bias, labels, offset):
+        return [torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale), torch.empty_like(bias)]
 
 
 def has_cuda_kernels() -> bool:
@@ -47,3 +59,14 @@ def backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, r
     key_side = [key_grad, key_lse, key_spec.exclude] + ([key_spec.positive] if spec.labels else [])
     return torch.ops.infonce_kernels._lse_bwd_paired(grad, q, k, scale, spec.exclude, _labels(spec), lse, key_side,
                                                      row_offset)
+
+
+def sigmoid_forward(x, y, scale, bias, labels, offset, with_grad):
+    """The pairwise sigmoid op's forward (contract in ops/backends.py): ``(rows,)`` or, with
+    ``with_grad``, ``(rows, dx, dy, dscale, dbias)`` for a unit upstream gradient."""
+    return tuple(torch.ops.infonce_kernels._sigmoid_fwd(x, y, scale, bias, list(labels), int(offset), bool(with_grad)))
+
+
+def sigmoid_backward(grad, x, y, scale, bias, labels, offset):
+    """(dx, dy, dscale, dbias) of ``sum_i grad_i rows_i`` (contract in ops/backends.py)."""
+    return tuple(torch.ops.infonce_kernels._sigmoid_bwd(grad, x, y, scale, bias, list(labels), int(offset)))

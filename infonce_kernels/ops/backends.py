@@ -14,6 +14,24 @@ and ``grad`` (M,) of the accumulation dtype. When ``spec.symmetric`` dq is the w
 z and dk is empty. ``backward_paired`` is the gradient on q when the keys are rows of a
 log-sum-exp too (``key_grad``/``key_lse`` (N,), ``key_spec`` from ``spec.keys_as_rows``).
 
+The pairwise sigmoid (SigLIP) op adds two functions (``infonce_kernels.ops.sigmoid``; docs/design.md,
+The pairwise sigmoid op). x (M, d) and y (N, d) of one dtype, ``scale`` t and ``bias`` b 0-d
+tensors of the accumulation dtype, ``labels`` ``()`` or ``(row_labels (M,), col_labels (N,))``
+int64, ``offset`` an int; l_ij = t <x_i, y_j> + b, z_ij = +1 on positive pairs (equal labels, else
+i + offset == j) and -1 otherwise:
+
+    sigmoid_forward(x, y, scale, bias, labels, offset, with_grad)
+        -> (rows,)                                   rows_i = sum_j softplus(-z_ij l_ij), (M,)
+        -> (rows, dx, dy, dscale, dbias) with_grad:  the gradients for a unit upstream gradient
+                                                     on every row, from the same sweep
+    sigmoid_backward(grad, x, y, scale, bias, labels, offset) -> (dx, dy, dscale, dbias)
+        with G_ij = grad_i (sigmoid(l_ij) - [z_ij = 1]): dx = t G y, dy = t G^T x,
+        dscale = sum_ij G_ij <x_i, y_j>, dbias = sum_ij G_ij
+
+rows, grad, dscale and dbias are in the accumulation dtype, dx and dy in the input dtype; no
+M x N tensor exists outside the reference backend. A backend without these two functions cannot
+run the sigmoid op (:func:`sigmoid_unavailable_reason`).
+
 ============  ===========  =====================================================================
 name          device       implementation
 ============  ===========  =====================================================================
@@ -34,7 +52,7 @@ import torch
 from .._extension import EXTENSION_ERROR
 
 __all__ = ["Backend", "REGISTRY", "BACKENDS", "unavailable_reason", "available_backends", "resolve_backend",
-           "implementation"]
+           "implementation", "sigmoid_unavailable_reason"]
 
 
 @dataclass(frozen=True)
@@ -153,3 +171,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def implementation(name: str):
     """The implementation of a resolved backend name."""
     return REGISTRY[name].load()
+
+
+def sigmoid_unavailable_reason(name: str, device) -> Optional[str]:
+    """None when backend ``name`` can run the pairwise sigmoid op on ``device``, else why not."""
+    reason = unavailable_reason(name, device)
+    if reason is None and not hasattr(implementation(name), "sigmoid_forward"):
+        reason = f"the {name} backend does not implement the pairwise sigmoid op (sigmoid_forward/sigmoid_backward)"
+    if reason is None and name == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "infonce_kernels::_sigmoid_fwd", "CUDA"):
+        reason = "infonce_kernels._C was built without the CUDA kernels of the pairwise sigmoid op"
+    return reason
