@@ -45,6 +45,8 @@ TORCH_LIBRARY(infonce_kernels, m) {
   m.def(
       "_lse_bwd_paired(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor[] labels, "
       "Tensor lse, Tensor[] key_side, int row_offset) -> (Tensor, Tensor)");
+  m.def("_sigmoid_fwd(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor[] labels, int offset, bool with_grad) -> Tensor[]");
+  m.def("_sigmoid_bwd(Tensor grad, Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor[] labels, int offset) -> Tensor[]");
 }
 
 #ifdef INFONCE_PYTHON_MODULE

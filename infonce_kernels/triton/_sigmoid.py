@@ -228,6 +228,10 @@ def _sweep(own, other, scale, bias, own_lab, other_lab, g, off, *, row_sweep, wi
     part = with_grad and row_sweep
     dt = torch.empty(blocks, chunks, device=own.device, dtype=acc) if part else None
     db = torch.empty(blocks, device=own.device, dtype=acc) if part else None
+    if blocks == 0:                                     # no own rows: nothing to launch
+        if dt is not None:
+            dt.zero_(), db.zero_()
+        return loss, dout, dt, db
     dummy = own
     off = max(-n_own - 1, min(int(off), n_other + 1))    # no positive pair outside (-n_own, n_other) anyway
     _sweep_kernel[(blocks, chunks)](
