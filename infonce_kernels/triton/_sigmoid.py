@@ -41,8 +41,6 @@ jj - ii == offset + a0 - b0 for the tile's first row a0 and first column b0, a s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -180,26 +178,11 @@ def _sweep_kernel(
                 tl.store(db_ptr + pid, tl.sum(tl.where(own_ok, gsum, 0.0), 0))
 
 
-@dataclass(frozen=True)
-class SweepConfig:
-    """Tiles of one sweep: BLOCK_M own rows per program, BLOCK_N other rows per step, BLOCK_D the
-    chunk of d for S (SINGLE_D: all of d, operand tiles loaded once), BLOCK_DO output features per
-    program (d > BLOCK_DO: a grid axis of d-out chunks, each recomputing S)."""
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_D: int
-    BLOCK_DO: int
-    SINGLE_D: bool
-    num_warps: int
-    num_stages: int
-
-    def meta(self) -> dict:
-        return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D, BLOCK_DO=self.BLOCK_DO,
-                    SINGLE_D=self.SINGLE_D, num_warps=self.num_warps, num_stages=self.num_stages)
-
-
-def sweep_config(device: torch.device, dtype: torch.dtype, d: int) -> SweepConfig:
-    """Tiles of both sweeps for inputs of ``dtype`` with ``d`` features on ``device``.
+def sweep_config(device: torch.device, dtype: torch.dtype, d: int) -> _config.TileConfig:
+    """Tiles of both sweeps for inputs of ``dtype`` with ``d`` features on ``device``: BLOCK_M own
+    rows per program, BLOCK_N other rows per step, BLOCK_D the chunk of d for S (SINGLE_D: all of d,
+    operand tiles loaded once), BLOCK_DO output features per program (d > BLOCK_DO: a grid axis of
+    d-out chunks, each recomputing S).
 
     GPU: 128 own rows per program over 8 warps (two 64-row warpgroups, so no warpgroup repeats
     another's S: issue 16), 32 other rows per step; d up to 128 (fp32: 64) in one chunk, larger d
@@ -208,17 +191,17 @@ def sweep_config(device: torch.device, dtype: torch.dtype, d: int) -> SweepConfi
     """
     if _config.interpret_mode():
         bd = max(16, min(_config.next_pow2(d), INTERPRET_BLOCK_D))
-        return SweepConfig(INTERPRET_BLOCK, INTERPRET_BLOCK, bd, bd, _config.next_pow2(d) <= bd, 4, 1)
+        return _config.TileConfig(INTERPRET_BLOCK, INTERPRET_BLOCK, bd, bd, _config.next_pow2(d) <= bd, 4, 1)
     wide = dtype in (torch.float16, torch.bfloat16)
     max_bd = 128 if wide else 64 if dtype == torch.float32 else 32
     bd = max(16, min(_config.next_pow2(d), max_bd))
     single = _config.next_pow2(d) <= bd
     cap = _config._capability(device)
     if dtype == torch.float64:
-        return SweepConfig(32, 32, bd, bd, single, 4, 1)
+        return _config.TileConfig(32, 32, bd, bd, single, 4, 1)
     # 32 other rows per step: with 64, ptxas (triton 3.9, sm_90, bf16) spilled 12-128 B in the fused
     # row sweep (loss and G of one tile live together) at d = 128 and d = 768
-    return SweepConfig(128, 32, bd, bd, single, 8, 3 if (wide and single and cap >= (9, 0)) else 2)
+    return _config.TileConfig(128, 32, bd, bd, single, 8, 3 if (wide and single and cap >= (9, 0)) else 2)
 
 
 def _check(x: torch.Tensor):
