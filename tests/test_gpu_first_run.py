@@ -31,7 +31,8 @@ def dry_run(tmp_path_factory):
 
 def test_every_stage_reports(dry_run):
     r, out, stages = dry_run
-    assert list(stages) == ["env", "build", "correctness_cpu", "bench_nt_xent", "bench_clip", "cuda_tests"], stages
+    assert list(stages) == ["env", "build", "correctness_cpu", "bench_nt_xent", "bench_clip", "siglip",
+                            "cuda_tests"], stages
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("build", "cuda_tests"):                 # what a CPU cannot do is said, in its own file
         assert stages[name]["needs_gpu"] is True
@@ -63,3 +64,15 @@ def test_bench_results_written(dry_run):
         assert stages[f"bench_{kind}"]["rc"] == 0
         results = json.loads((out / f"bench_{kind}" / "cpu.json").read_text())
         assert results, kind
+
+
+def test_siglip_stage(dry_run):
+    # the pairwise sigmoid check: Triton (interpreter) against float64, then the fwd+bwd benchmark
+    _, out, stages = dry_run
+    assert stages["siglip"]["rc"] == 0
+    recs = [json.loads(line) for line in (out / "siglip.jsonl").read_text().splitlines()]
+    corr = [r for r in recs if r["part"] == "correctness" and r["backend"] == "triton"]
+    assert {r["case"] for r in corr} == {"offset_-3", "labels"} and all(r["status"] == "ok" for r in corr), corr
+    bench = {r["provider"]: r for r in recs if r["part"] == "bench"}
+    assert bench["triton"]["status"] == "ok" and bench["materialised:fp32"]["status"] == "ok", bench
+    assert bench["cuda"]["status"] == "unavailable" and bench["cuda"]["why"]

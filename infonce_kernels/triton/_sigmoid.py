@@ -19,27 +19,27 @@ so G needs no subtraction near 1 (exact to rounding for |l| ~ 100), and
     log1p(e)    = 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ...),   s = e / (2 + e) in (0, 1/3]
 
 (the series to s^12 is below fp32 rounding, to s^30 below fp64 rounding: one division, no log).
+(A log2-based log1p costs more here: Triton lowers tl.log2 to libdevice's accurate log2f, not
+MUFU.LG2.)
 
 Schedule: two sweeps of the same kernel, ``_sweep_kernel`` (no M x N tensor, no atomics, no fp32
 gradient buffer, deterministic):
 
-* row sweep (program = BLOCK_A rows of x, loop over all y in BLOCK_B blocks): the loss rows, dx
+* row sweep (program = BLOCK_M rows of x, loop over all y in BLOCK_N blocks): the loss rows, dx
   (fp32 accumulator in registers, BLOCK_DO output features per program), the per-program partial
   sums of db (row sums of G) and dt (= sum_i <x_i, dx_i> / t: no per-element work);
-* column sweep (program = BLOCK_A rows of y, loop over x): dy, the same code with the roles of x
+* column sweep (program = BLOCK_M rows of y, loop over x): dy, the same code with the roles of x
   and y swapped (z and l are symmetric; the offset changes sign; g is indexed by the loop side).
 
 ``with_grad=True`` runs both sweeps and gets the loss from the row sweep, so the loss costs no
 pass of its own. Why not dy from the row sweep through fp32 atomics: see docs/design.md (pairwise
-sigmoid): d / BLOCK_A atomics per pair element and an (N, d) fp32 buffer against one recomputed
+sigmoid): d / BLOCK_M atomics per pair element and an (N, d) fp32 buffer against one recomputed
 S per tile. When d > BLOCK_DO the grid has a second axis of d-out chunks, each recomputing S.
 
 Index arithmetic inside tiles is int32 and tile-relative: a pair is positive (no labels) when
 jj - ii == offset + a0 - b0 for the tile's first row a0 and first column b0, a scalar per tile.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -55,10 +55,20 @@ INTERPRET_BLOCK_D = 32
 
 
 @triton.jit
+def div(a, b):
+    """a / b: the fast division (MUFU rcp and a multiply, ~2 ulp) in fp32, the exact one in fp64."""
+    if a.dtype == tl.float64:
+        q = a / b
+    else:
+        q = tl.fdiv(a, b)
+    return q
+
+
+@triton.jit
 def log1p_small(e, TERMS: tl.constexpr):
     """log(1 + e) for e in [0, 1], accurate to rounding: 2 atanh(s), s = e / (2 + e) <= 1/3,
     Horner in s^2 over the first TERMS odd terms 1, 1/3, 1/5, ..."""
-    s = e / (2.0 + e)
+    s = div(e, 2.0 + e)
     q = s * s
     p = tl.full(e.shape, 1.0 / (2 * TERMS - 1), e.dtype)
     for kk in tl.static_range(TERMS - 1):
@@ -73,10 +83,10 @@ def _sweep_kernel(
     n_own, n_other, D, off,
     ROW_SWEEP: tl.constexpr, WITH_LOSS: tl.constexpr, WITH_GRAD: tl.constexpr, HAS_G: tl.constexpr,
     HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TERMS: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_D: tl.constexpr,
 ):
-    """One program: BLOCK_A rows of the own side against every row of the other side.
+    """One program: BLOCK_M rows of the own side against every row of the other side.
 
     Row sweep (ROW_SWEEP): own = x, other = y, ``off`` = offset; writes loss rows (WITH_LOSS),
     dx, and the partials dt_ptr[pid, chunk], db_ptr[pid]. Column sweep: own = y, other = x,
@@ -86,9 +96,9 @@ def _sweep_kernel(
     """
     pid = tl.program_id(0)
     do0 = tl.program_id(1) * BLOCK_DO
-    a0 = pid * BLOCK_A
-    ii = tl.arange(0, BLOCK_A)
-    jj = tl.arange(0, BLOCK_B)
+    a0 = pid * BLOCK_M
+    ii = tl.arange(0, BLOCK_M)
+    jj = tl.arange(0, BLOCK_N)
     own = a0 + ii
     own_ok = own < n_own
     t = tl.load(scale_ptr).to(ACC_DTYPE)
@@ -98,23 +108,23 @@ def _sweep_kernel(
     if HAS_G and ROW_SWEEP:
         g_own = tl.load(g_ptr + own, mask=own_ok, other=0.0).to(ACC_DTYPE)
     if SINGLE_D:
-        own_tile = load_tile(own_ptr, own, n_own, 0, D, BLOCK_A, BLOCK_D)      # held for the whole sweep
+        own_tile = load_tile(own_ptr, own, n_own, 0, D, BLOCK_M, BLOCK_D)      # held for the whole sweep
     else:
         own_tile = 0
     diff = jj[None, :] - ii[:, None]                                          # int32, tile-relative
 
-    loss = tl.zeros((BLOCK_A,), ACC_DTYPE)
-    gsum = tl.zeros((BLOCK_A,), ACC_DTYPE)
-    acc = tl.zeros((BLOCK_A, BLOCK_DO), ACC_DTYPE)
-    for b0 in range(0, n_other, BLOCK_B):
+    loss = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    gsum = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC_DTYPE)
+    for b0 in range(0, n_other, BLOCK_N):
         other = b0 + jj
         other_ok = other < n_other
         if SINGLE_D:
-            other_tile = load_tile(other_ptr, other, n_other, 0, D, BLOCK_B, BLOCK_D)
+            other_tile = load_tile(other_ptr, other, n_other, 0, D, BLOCK_N, BLOCK_D)
             dots = tl.dot(own_tile, tl.trans(other_tile), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         else:
             dots = scores(own_ptr, other_ptr, own, other, n_own, n_other, D, 0, 0,
-                          ACC_DTYPE, INPUT_PRECISION, BLOCK_A, BLOCK_B, BLOCK_D, False)
+                          ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, False)
         l = dots * t + b                                                     # one FMA
         if HAS_LABELS:
             other_lab = tl.load(other_lab_ptr + other, mask=other_ok, other=-1)
@@ -132,7 +142,7 @@ def _sweep_kernel(
             sp = hinge + log1p_small(e, TERMS)
             loss += tl.sum(tl.where(other_ok[None, :], sp, 0.0), axis=1)
         if WITH_GRAD:
-            r = 1.0 / (1.0 + e)
+            r = div(tl.full(e.shape, 1.0, e.dtype), 1.0 + e)
             num = tl.where(nonneg != pos, 1.0, e)                            # sigmoid(+-l) (1 + e)
             core = tl.where(pos, -num, num) * r                              # sigmoid(l) - [pos]
             if HAS_G:
@@ -147,7 +157,7 @@ def _sweep_kernel(
             if SINGLE_D:
                 oc = other_tile
             else:
-                oc = load_tile(other_ptr, other, n_other, do0, D, BLOCK_B, BLOCK_DO)
+                oc = load_tile(other_ptr, other, n_other, do0, D, BLOCK_N, BLOCK_DO)
             acc = tl.dot(core.to(oc.dtype), oc, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     if WITH_LOSS:
@@ -162,50 +172,36 @@ def _sweep_kernel(
             if SINGLE_D:
                 oc_own = own_tile
             else:
-                oc_own = load_tile(own_ptr, own, n_own, do0, D, BLOCK_A, BLOCK_DO)
+                oc_own = load_tile(own_ptr, own, n_own, do0, D, BLOCK_M, BLOCK_DO)
             tl.store(dt_ptr + pid * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(oc_own.to(ACC_DTYPE) * acc, 1), 0))
             if do0 == 0:
                 tl.store(db_ptr + pid, tl.sum(tl.where(own_ok, gsum, 0.0), 0))
 
 
-@dataclass(frozen=True)
-class SweepConfig:
-    """Tiles of one sweep: BLOCK_A own rows per program, BLOCK_B other rows per step, BLOCK_D the
-    chunk of d for S (SINGLE_D: all of d, operand tiles loaded once), BLOCK_DO output features per
-    program (d > BLOCK_DO: a grid axis of d-out chunks, each recomputing S)."""
-    BLOCK_A: int
-    BLOCK_B: int
-    BLOCK_D: int
-    BLOCK_DO: int
-    SINGLE_D: bool
-    num_warps: int
-    num_stages: int
-
-    def meta(self) -> dict:
-        return dict(BLOCK_A=self.BLOCK_A, BLOCK_B=self.BLOCK_B, BLOCK_D=self.BLOCK_D, BLOCK_DO=self.BLOCK_DO,
-                    SINGLE_D=self.SINGLE_D, num_warps=self.num_warps, num_stages=self.num_stages)
-
-
-def sweep_config(device: torch.device, dtype: torch.dtype, d: int) -> SweepConfig:
-    """Tiles of both sweeps for inputs of ``dtype`` with ``d`` features on ``device``.
+def sweep_config(device: torch.device, dtype: torch.dtype, d: int) -> _config.TileConfig:
+    """Tiles of both sweeps for inputs of ``dtype`` with ``d`` features on ``device``: BLOCK_M own
+    rows per program, BLOCK_N other rows per step, BLOCK_D the chunk of d for S (SINGLE_D: all of d,
+    operand tiles loaded once), BLOCK_DO output features per program (d > BLOCK_DO: a grid axis of
+    d-out chunks, each recomputing S).
 
     GPU: 128 own rows per program over 8 warps (two 64-row warpgroups, so no warpgroup repeats
-    another's S: issue 16), 64 other rows per step; d up to 128 (fp32: 64) in one chunk, larger d
-    in 128-wide (fp32: 64) chunks. Registers and spills per configuration: the kernel report.
+    another's S: issue 16), 32 other rows per step; d up to 128 (fp32: 64) in one chunk, larger d
+    in 128-wide (fp32: 64) chunks. Registers and spills per configuration: the kernel report
+    (python -m benchmarks.kernel_report.siglip).
     """
     if _config.interpret_mode():
         bd = max(16, min(_config.next_pow2(d), INTERPRET_BLOCK_D))
-        return SweepConfig(INTERPRET_BLOCK, INTERPRET_BLOCK, bd, bd, _config.next_pow2(d) <= bd, 4, 1)
+        return _config.TileConfig(INTERPRET_BLOCK, INTERPRET_BLOCK, bd, bd, _config.next_pow2(d) <= bd, 4, 1)
     wide = dtype in (torch.float16, torch.bfloat16)
     max_bd = 128 if wide else 64 if dtype == torch.float32 else 32
     bd = max(16, min(_config.next_pow2(d), max_bd))
     single = _config.next_pow2(d) <= bd
     cap = _config._capability(device)
     if dtype == torch.float64:
-        return SweepConfig(32, 32, bd, bd, single, 4, 1)
-    if cap >= (9, 0):
-        return SweepConfig(128, 64, bd, bd, single, 8, 3 if wide else 2)
-    return SweepConfig(128, 64 if wide else 32, bd, bd, single, 8, 2)
+        return _config.TileConfig(32, 32, bd, bd, single, 4, 1)
+    # 32 other rows per step: with 64, ptxas (triton 3.9, sm_90, bf16) spilled 12-128 B in the fused
+    # row sweep (loss and G of one tile live together) at d = 128 and d = 768
+    return _config.TileConfig(128, 32, bd, bd, single, 8, 3 if (wide and single and cap >= (9, 0)) else 2)
 
 
 def _check(x: torch.Tensor):
@@ -222,12 +218,14 @@ def _sweep(own, other, scale, bias, own_lab, other_lab, g, off, *, row_sweep, wi
     acc = accumulation_dtype(own.dtype)
     cfg = sweep_config(own.device, own.dtype, D)
     chunks = triton.cdiv(D, cfg.BLOCK_DO) if with_grad else 1
-    blocks = triton.cdiv(n_own, cfg.BLOCK_A)
+    blocks = triton.cdiv(n_own, cfg.BLOCK_M)
     loss = torch.empty(n_own, device=own.device, dtype=acc) if with_loss else None
     dout = torch.empty_like(own) if with_grad else None
     part = with_grad and row_sweep
     dt = torch.empty(blocks, chunks, device=own.device, dtype=acc) if part else None
     db = torch.empty(blocks, device=own.device, dtype=acc) if part else None
+    if blocks == 0:                                     # no own rows: nothing to launch
+        return loss, dout, dt, db
     dummy = own
     off = max(-n_own - 1, min(int(off), n_other + 1))    # no positive pair outside (-n_own, n_other) anyway
     _sweep_kernel[(blocks, chunks)](

@@ -1,0 +1,274 @@
+"""Kernel report of the pairwise sigmoid (SigLIP) kernels and the modelled SigLIP headline case.
+
+    python -m benchmarks.kernel_report.siglip --output DIR            # sm_90 + sm_80, Triton + CUDA
+    python -m benchmarks.kernel_report.siglip --small --output DIR    # the CI subset: sm_90, bf16, d = 768
+
+The Triton sweeps are recorded and compiled exactly as the lse kernels are (:mod:`.triton_kernels`:
+the backend's public ``sigmoid_forward`` / ``sigmoid_backward`` called on meta tensors with the
+capability pinned, every launch specialised by Triton's own binder and compiled for the target), and
+read the same way (:mod:`.triton_report`: ptxas registers / spills, shared memory, wgmma or
+mma.sync, MUFU and thread-instructions per unique tile element of the main loop). The CUDA kernels
+are the ``sigmoid_*`` entries of :func:`.cuda_kernels.compile_arch`.
+
+Model of the headline case (SigLIP fwd+bwd, B = 65,536 image and text rows, d = 768, bf16): the
+training step calls ``sigmoid_forward(with_grad=True)`` once: the row sweep (loss, dx, dscale,
+dbias) and the column sweep (dy), each a launch over the B^2 pairs timed by :func:`.model.launch_time`
+(same rates and the same no-overlap assumption as the lse headline). Floor: three GEMM-sized
+products (S, G y, G^T x: 6 B^2 d FLOPs) at the tensor rate, against 2 exponentials-class MUFU
+operations per pair (one ex2, one rcp for G; the loss adds one ex2 and one division).
+Extra memory (bytes beyond the inputs): dx and dy in the input dtype, the loss rows, the dscale /
+dbias partials; no M x N tensor and no fp32 gradient buffer.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+from . import model
+
+#: the headline case of issue 17
+HEADLINE = dict(name="siglip_B65536_d768_bf16", rows=65536, d=768, dtype="bf16", target_ms=35.0,
+                memory_target=1.5)
+
+#: calls of one SigLIP step: phase -> the backend calls it makes (recorded on meta tensors)
+PHASES = {
+    "fused": "sigmoid_forward(with_grad=True): loss rows and every gradient (the training step)",
+    "forward": "sigmoid_forward(with_grad=False): loss rows only",
+    "backward": "sigmoid_backward(grad): gradients for a general upstream gradient",
+}
+
+
+def record(dtype: str, d: int, labels: bool, cap: int, rows: int = 4096, phases=tuple(PHASES)) -> list:
+    """Launches of each of ``phases`` (Launch objects with .phase set), nothing runs."""
+    from .triton_kernels import DTYPES, recording  # noqa: PLC0415
+    tb = importlib.import_module("infonce_kernels.triton")
+    dt, precision = DTYPES[dtype]
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    x = torch.empty(rows, d, dtype=dt, device="meta")
+    y = torch.empty(rows, d, dtype=dt, device="meta")
+    t, b = torch.empty((), dtype=acc, device="meta"), torch.empty((), dtype=acc, device="meta")
+    lab = (torch.empty(rows, dtype=torch.int64, device="meta"),) * 2 if labels else ()
+    out = []
+    for phase in phases:
+        with recording(cap, precision) as rec:
+            if phase == "fused":
+                tb.sigmoid_forward(x, y, t, b, lab, 0, True)
+            elif phase == "forward":
+                tb.sigmoid_forward(x, y, t, b, lab, 0, False)
+            else:
+                tb.sigmoid_backward(torch.empty(rows, dtype=acc, device="meta"), x, y, t, b, lab, 0)
+        for launch in rec:
+            launch.phase = phase
+        out += rec
+    return out
+
+
+def collect(caps, dtypes, ds, labels=(False, True), phases=tuple(PHASES)) -> list[dict]:
+    """One record per distinct compiled sigmoid variant, with the phases that launch it."""
+    from .triton_kernels import launch_key  # noqa: PLC0415
+    from .triton_report import kernel_record  # noqa: PLC0415
+    out: dict[tuple, dict] = {}
+    for cap in caps:
+        for dt in dtypes:
+            for d in ds:
+                for lab in labels:
+                    for launch in record(dt, d, lab, cap, phases=phases):
+                        key = (cap, dt, d) + launch_key(launch, cap)
+                        if key not in out:
+                            out[key] = kernel_record(launch, cap, d)
+                            cx = out[key]["config"]
+                            out[key].update(dtype=dt, labels=lab, uses={},
+                                            sweep="row" if _constexpr(launch, "ROW_SWEEP") else "column",
+                                            loss=bool(_constexpr(launch, "WITH_LOSS")),
+                                            grad=bool(_constexpr(launch, "WITH_GRAD")))
+                            cx.pop("HAS_LABELS", None)
+                        use = f"{launch.phase}/{'labels' if lab else 'nolabels'}"
+                        out[key]["uses"][use] = out[key]["uses"].get(use, 0) + 1
+    return list(out.values())
+
+
+def _constexpr(launch, name):
+    from .triton_kernels import constexpr_values  # noqa: PLC0415
+    return constexpr_values(launch).get(name)
+
+
+def extra_memory(rows: int, d: int, dtype: str, cap: int = 90) -> dict:
+    """Bytes the fused call allocates beyond its inputs (its outputs and scratch), from the
+    wrapper's own allocations recorded on meta tensors."""
+    from .triton_kernels import DTYPES, recording  # noqa: PLC0415
+    tb = importlib.import_module("infonce_kernels.triton")
+    dt, precision = DTYPES[dtype]
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    x = torch.empty(rows, d, dtype=dt, device="meta")
+    t = torch.empty((), dtype=acc, device="meta")
+    with recording(cap, precision) as rec:
+        outs = tb.sigmoid_forward(x, x, t, t, (), 0, True)
+    known = {id(x)} | {id(o) for o in outs}          # inputs (x doubles as y and as the dummy pointer), outputs
+    tensors = {id(a): a for launch in rec for a in launch.args
+               if isinstance(a, torch.Tensor) and a.dim() >= 1 and id(a) not in known}
+    scratch = sum(a.numel() * a.element_size() for a in tensors.values())
+    total = sum(o.numel() * o.element_size() for o in outs) + scratch
+    emb = 2 * rows * d * torch.empty((), dtype=dt).element_size()
+    return dict(outputs_bytes=total - scratch, scratch_bytes=scratch, extra_bytes=total, embeddings_bytes=emb,
+                ratio=round(total / emb, 4))
+
+
+def headline(records: list[dict], cap: int = 90, memory: dict | None = None) -> dict:
+    """Modelled time of the SigLIP training step (the fused phase) from the compiled counts, and its
+    extra memory (``memory``: :func:`extra_memory` of the headline case, measured here if None)."""
+    h = HEADLINE
+    e = float(h["rows"]) ** 2
+    passes, total, missing = [], 0.0, []
+    for r in records:
+        n = r["uses"].get("fused/nolabels")
+        if r["cap"] != cap or r["dtype"] != h["dtype"] or r["d"] != h["d"] or not n:
+            continue
+        pe = r.get("per_element") or {}
+        if "instr" not in pe:
+            missing.append(r["kernel"])
+            continue
+        t = model.launch_time(pe, e)
+        passes.append(dict(name=f"{r['sweep']} sweep", kernel=r["kernel"], launches=n,
+                           **{k: round(v * n, 3) for k, v in t.items()}))
+        total += t["ms"] * n
+    floor = max(6 * h["d"] * e / model.TENSOR_RATE, 2 * e / model.MUFU_RATE) * 1e3
+    mem = memory if memory is not None else extra_memory(h["rows"], h["d"], h["dtype"], cap)
+    return dict(case=h["name"], modelled_ms=round(total, 2) if passes else None, floor_ms=round(floor, 2),
+                target_ms=h["target_ms"], meets_target=bool(passes) and total <= h["target_ms"],
+                passes=passes, not_modelled=missing, memory=mem,
+                meets_memory_target=mem["ratio"] <= h["memory_target"])
+
+
+def cuda_records(cuda: dict) -> dict:
+    """The sigmoid kernels of a CUDA part of the kernel report ({cap: {name: record}})."""
+    return {cap: {k: v for k, v in ks.items() if k.startswith("sigmoid_")} if isinstance(ks, dict) and
+            "error" not in ks else ks for cap, ks in cuda.items()}
+
+
+def _pe(r: dict, k: str):
+    v = (r.get("per_element") or {}).get(k)
+    return "-" if v is None else f"{v:g}"
+
+
+def markdown(doc: dict) -> str:
+    h = doc["headline_modelled"]
+    m = h["memory"]
+    lines = ["# Kernel report: pairwise sigmoid (SigLIP) kernels", "",
+             f"triton {doc['versions']['triton']}, nvcc: {doc['versions'].get('nvcc')}. Compiled on CPU, no GPU: "
+             "every figure is a compiled fact or **modelled**.", f"Command: `{doc['command']}`.", "",
+             f"## Headline: {h['case']} fwd+bwd (modelled, not measured)", "", f"Model: {doc['model']}.", "",
+             "| pass | kernel | launches | issue ms | tensor ms | MUFU ms | modelled ms |", "|---|---|---|---|---|---|---|"]
+    for p in h["passes"]:
+        lines.append(f"| {p['name']} | {p['kernel']} | {p['launches']} | {p['issue_ms']:.2f} | {p['mma_ms']:.2f} | "
+                     f"{p['mufu_ms']:.2f} | {p['ms']:.2f} |")
+    lines += [f"| **total** | | | | | | **{h['modelled_ms']} ms** (floor {h['floor_ms']} ms, target "
+              f"{h['target_ms']} ms: {'met' if h['meets_target'] else 'NOT met'}) |", "",
+              f"Extra memory of the fused call: {m['extra_bytes'] / 2**20:.1f} MiB = {m['ratio']}x the embeddings "
+              f"({m['embeddings_bytes'] / 2**20:.1f} MiB): outputs (loss rows, dx, dy, dscale, dbias) "
+              f"{m['outputs_bytes'] / 2**20:.1f} MiB, scratch {m['scratch_bytes'] / 2**20:.3f} MiB "
+              f"(target <= 1.5x: {'met' if h['meets_memory_target'] else 'NOT met'}).", ""]
+    for cap in sorted({r["cap"] for r in doc["triton"]}, reverse=True):
+        lines += [f"## Triton sigmoid sweeps, sm_{cap}", "",
+                  "| sweep | loss | grad | dtype | d | labels | phases | tile BMxBNxBD/DO, warps, stages | programs/tile "
+                  "| regs | spills st/ld B | smem B | tensor core | MUFU/elem | instr/elem | MMA FLOP/elem |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted((r for r in doc["triton"] if r["cap"] == cap),
+                        key=lambda r: (r["dtype"], r["d"], r["labels"], r["sweep"], r["loss"], r["grad"])):
+            c = r["config"]
+            lines.append(
+                f"| {r['sweep']} | {'y' if r['loss'] else '-'} | {'y' if r['grad'] else '-'} | {r['dtype']} | {r['d']} | "
+                f"{'on' if r['labels'] else 'off'} | {', '.join(sorted(r['uses']))} | "
+                f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}x{c.get('BLOCK_D')}/{c.get('BLOCK_DO')}, {r['num_warps']}w"
+                f"{r['num_stages']}s | {r['programs_per_tile']} | {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "
+                f"{r['smem']} | {r['tensor_core']} | {_pe(r, 'mufu')} | {_pe(r, 'instr')} | {_pe(r, 'mma_flops')} |")
+    for cap, ks in sorted(doc.get("cuda", {}).items(), reverse=True):
+        if not isinstance(ks, dict) or "error" in ks:
+            lines += ["", f"## CUDA sigmoid kernels, sm_{cap}", "", f"not compiled: {ks}"]
+            continue
+        lines += ["", f"## CUDA sigmoid kernels, sm_{cap} (KIND 0 loss only, 1 loss + dx, 2 dx, 3 dy; per "
+                  "element: d <= 128, one feature chunk)", "",
+                  "| kernel | regs | spills st/ld B | static smem B | tensor core | MUFU/elem | instr/elem | "
+                  "MMA FLOP/elem |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in sorted(ks.items()):
+            lines.append(f"| `{name}` | {r.get('regs')} | {r.get('spill_stores')}/{r.get('spill_loads')} | "
+                         f"{r.get('smem_static')} | {r.get('tensor_core')} | {_pe(r, 'mufu')} | {_pe(r, 'instr')} | "
+                         f"{_pe(r, 'mma_flops')} |")
+    return "\n".join(lines) + "\n"
+
+
+def document(triton_records: list[dict], cuda: dict, nvcc_version, command: str) -> dict:
+    from .report import git_commit, versions  # noqa: PLC0415
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return dict(schema=1, command=command, commit=git_commit(root), versions=versions(nvcc_version),
+                model=model.MODEL_TEXT, phases=PHASES, headline_modelled=headline(triton_records),
+                triton=triton_records, cuda=cuda_records(cuda))
+
+
+def sigmoid_sources_root(root: str, tmp: str) -> str:
+    """A tree under ``tmp`` that mirrors csrc/ (links) but holds only the sigmoid .cu sources, so that
+    :func:`.cuda_kernels.compile_arch` compiles just them."""
+    import glob  # noqa: PLC0415
+    mirror = os.path.join(tmp, "tree")
+    for path in glob.glob(os.path.join(root, "csrc", "**", "*"), recursive=True):
+        rel = os.path.relpath(path, root)
+        if os.path.isdir(path) or (rel.endswith(".cu") and not os.path.basename(rel).startswith("sigmoid_")):
+            continue
+        os.makedirs(os.path.dirname(os.path.join(mirror, rel)), exist_ok=True)
+        os.symlink(path, os.path.join(mirror, rel))
+    return mirror
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_report.siglip", description=__doc__)
+    p.add_argument("--output", required=True)
+    p.add_argument("--small", action="store_true", help="CI subset: sm_90, bf16, d = 768, labels off, no CUDA")
+    p.add_argument("--no-cuda", action="store_true")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off"):
+        print("kernel_report.siglip: unset TRITON_INTERPRET (the report compiles the kernels)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    t0 = time.time()
+    if a.small:
+        recs = collect([90], ["bf16"], [HEADLINE["d"]], labels=(False,))
+    else:
+        recs = collect([90], ["bf16"], [128, 768]) + collect([90], ["fp32"], [128], (False,)) \
+            + collect([80], ["bf16"], [768], (False,))
+    print(f"[kernel_report.siglip] {len(recs)} Triton variants in {time.time() - t0:.0f} s", file=sys.stderr)
+    cuda, nvcc_ver = {}, None
+    if not (a.small or a.no_cuda):
+        import tempfile  # noqa: PLC0415
+
+        from . import cuda_kernels  # noqa: PLC0415
+        nvcc = cuda_kernels.nvcc_path()
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if nvcc is None:
+            cuda = {"error": "nvcc not found"}
+        else:
+            nvcc_ver = cuda_kernels.nvcc_version(nvcc)
+            for cap in (90, 80):
+                with tempfile.TemporaryDirectory() as tmp:
+                    try:
+                        cuda[str(cap)] = cuda_kernels.compile_arch(sigmoid_sources_root(root, tmp), cap, tmp, nvcc)
+                    except Exception as e:  # noqa: BLE001  (recorded; the Triton part stays)
+                        cuda[str(cap)] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    args = ["--small"] if a.small else []
+    doc = document(recs, cuda, nvcc_ver, "python -m benchmarks.kernel_report.siglip " + " ".join(args + ["--output", "DIR"]))
+    os.makedirs(a.output, exist_ok=True)
+    base = os.path.join(a.output, "kernel_report_siglip_sm90")
+    with open(base + ".json", "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(doc))
+    print(f"[kernel_report.siglip] wrote {base}.json and .md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
