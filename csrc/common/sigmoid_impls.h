@@ -3,7 +3,7 @@
 // key registers (SigmoidOpImpls::register_all: one line per registration file).
 //   forward:  [rows] or, with_grad, [rows, dx, dy, dscale, dbias] for a unit upstream gradient
 //   backward: [dx, dy, dscale, dbias] for the upstream gradient args.grad
-// CPU: csrc/cpu/sigmoid_cpu.cpp.
+// CPU: csrc/cpu/sigmoid_cpu.cpp. CUDA: csrc/cuda/sigmoid_cuda.cpp, built only with the CUDA sources.
 #pragma once
 #include <torch/library.h>
 
@@ -15,6 +15,8 @@ namespace infonce_kernels {
 
 std::vector<at::Tensor> sigmoid_forward_cpu(const SigmoidArgs& args, bool with_grad);
 std::vector<at::Tensor> sigmoid_backward_cpu(const SigmoidArgs& args);
+std::vector<at::Tensor> sigmoid_forward_cuda(const SigmoidArgs& args, bool with_grad);
+std::vector<at::Tensor> sigmoid_backward_cuda(const SigmoidArgs& args);
 
 using SigmoidForwardImpl = std::vector<at::Tensor> (*)(const SigmoidArgs&, bool);
 using SigmoidBackwardImpl = std::vector<at::Tensor> (*)(const SigmoidArgs&);

@@ -1,12 +1,15 @@
 // The CUDA dispatch key of the private ops (schemas in csrc/ops.cpp): the binding of
-// csrc/cuda/lse_cuda.cpp behind the shared argument checks (csrc/common/register_impls.h).
+// csrc/cuda/lse_cuda.cpp and csrc/cuda/sigmoid_cuda.cpp behind the shared argument checks
+// (csrc/common/register_impls.h, csrc/common/sigmoid_impls.h).
 #include "../common/register_impls.h"
 #include "../common/lse_impls.h"
+#include "../common/sigmoid_impls.h"
 
 namespace infonce_kernels {
 
 TORCH_LIBRARY_IMPL(infonce_kernels, CUDA, m) {
   OpImpls<lse_forward_cuda, lse_backward_cuda, lse_backward_paired_cuda>::register_all(m);
+  SigmoidOpImpls<sigmoid_forward_cuda, sigmoid_backward_cuda>::register_all(m);
 }
 
 }  // namespace infonce_kernels

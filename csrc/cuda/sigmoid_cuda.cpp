@@ -1,9 +1,9 @@
 // infonce_kernels — CUDA implementation of the pairwise sigmoid ops _sigmoid_fwd / _sigmoid_bwd
 // (schemas and the maths in csrc/ops.cpp; the contract of every backend in docs/design.md).
-// Thin binding: check the arguments (each error names the argument), allocate the outputs and the
-// workspace, set the device guard and launch the torch-free kernels (sigmoid_kernels.h) on the
-// current stream.
-#include "sigmoid_cuda.h"
+// Thin binding, on arguments the shared checks (csrc/common/sigmoid_args.h) passed: the CUDA-only
+// checks, then allocate the outputs and the workspace, set the device guard and launch the
+// torch-free kernels (sigmoid_kernels.h) on the current stream.
+#include "../common/sigmoid_impls.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,54 +26,19 @@ infonce_cuda::DType sigmoid_dtype(at::ScalarType t) {
   }
 }
 
-// x, y, scale, bias, labels (and grad when defined) as the kernels need them; returns the label
-// pair (undefined tensors when the offset rule applies).
-std::pair<at::Tensor, at::Tensor> check_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
-                                             const at::Tensor& bias, at::TensorList labels, const at::Tensor* grad) {
-  TORCH_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2, kOp, ": x and y must be 2-D, got ", x.sizes(), " and ", y.sizes());
-  TORCH_CHECK_TYPE(y.scalar_type() == x.scalar_type(), kOp, ": y must have x's dtype ", x.scalar_type(), ", got ",
-                   y.scalar_type());
-  sigmoid_dtype(x.scalar_type());
-  TORCH_CHECK(y.device() == x.device(), kOp, ": y must be on x's device ", x.device(), ", got ", y.device());
-  TORCH_CHECK(y.size(1) == x.size(1), kOp, ": x and y must have the same feature dimension, got ", x.size(1),
-              " and ", y.size(1));
-  TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= infonce_cuda::kMaxFeatureDim, kOp, ": feature dimension d = ",
-              x.size(1), " outside the cuda backend's range [1, ", infonce_cuda::kMaxFeatureDim, "]");
-  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), kOp, ": x and y must be contiguous");
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{scale, "scale"}, {bias, "bias"}}) {
-    TORCH_CHECK(t.dim() == 0, kOp, ": ", name, " must be a 0-d tensor, got shape ", t.sizes());
-    TORCH_CHECK_TYPE(t.scalar_type() == acc, kOp, ": ", name, " must be ", acc, ", got ", t.scalar_type());
-    TORCH_CHECK(t.device() == x.device(), kOp, ": ", name, " must be on x's device ", x.device(), ", got ",
-                t.device());
+// What the CUDA kernels need beyond the checks every dispatch key shares (sigmoid_args.h).
+void check_cuda_args(const SigmoidArgs& a) {
+  TORCH_CHECK(a.x.is_cuda(), kOp, ": x must be a CUDA tensor, got device ", a.x.device());
+  sigmoid_dtype(a.x.scalar_type());
+  TORCH_CHECK(a.x.size(1) <= infonce_cuda::kMaxFeatureDim, kOp, ": feature dimension d = ", a.x.size(1),
+              " outside the cuda backend's range [1, ", infonce_cuda::kMaxFeatureDim, "]");
+  for (const at::Tensor* t : {&a.x, &a.y, &a.row_labels, &a.col_labels, &a.grad}) {
+    TORCH_CHECK(!t->defined() || t->is_contiguous(), kOp, ": x, y, the labels and grad must be contiguous");
   }
-  if (grad != nullptr) {
-    TORCH_CHECK(grad->dim() == 1 && grad->size(0) == x.size(0), kOp, ": grad must have shape (", x.size(0),
-                ",), got ", grad->sizes());
-    TORCH_CHECK_TYPE(grad->scalar_type() == acc, kOp, ": grad must be ", acc, ", got ", grad->scalar_type());
-    TORCH_CHECK(grad->device() == x.device() && grad->is_contiguous(), kOp,
-                ": grad must be contiguous on x's device ", x.device());
-  }
-  TORCH_CHECK(labels.empty() || labels.size() == 2, kOp,
-              ": labels must be [] or [row_labels, col_labels], got ", labels.size(), " tensors");
-  if (labels.empty()) return {};
-  const int64_t n[2] = {x.size(0), y.size(0)};
-  const char* names[2] = {"row_labels", "col_labels"};
-  for (int i = 0; i < 2; ++i) {
-    const at::Tensor& l = labels[i];
-    TORCH_CHECK_TYPE(l.scalar_type() == at::kLong, kOp, ": ", names[i], " must be int64, got ", l.scalar_type());
-    TORCH_CHECK(l.dim() == 1 && l.size(0) == n[i], kOp, ": ", names[i], " must have shape (", n[i], ",), got ",
-                l.sizes());
-    TORCH_CHECK(l.device() == x.device() && l.is_contiguous(), kOp, ": ", names[i],
-                " must be contiguous on x's device ", x.device());
-  }
-  return {labels[0], labels[1]};
 }
 
-infonce_cuda::SigmoidParams params(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
-                                   const at::Tensor& bias, const std::pair<at::Tensor, at::Tensor>& lab,
-                                   int64_t offset) {
+infonce_cuda::SigmoidParams params(const SigmoidArgs& a) {
+  const at::Tensor &x = a.x, &y = a.y, &scale = a.scale, &bias = a.bias;
   infonce_cuda::SigmoidParams p;
   p.dtype = sigmoid_dtype(x.scalar_type());
   p.x = x.data_ptr();
@@ -83,11 +48,11 @@ infonce_cuda::SigmoidParams params(const at::Tensor& x, const at::Tensor& y, con
   p.M = x.size(0);
   p.N = y.size(0);
   p.d = x.size(1);
-  if (lab.first.defined()) {
-    p.row_labels = lab.first.data_ptr<int64_t>();
-    p.col_labels = lab.second.data_ptr<int64_t>();
+  if (a.labelled()) {
+    p.row_labels = a.row_labels.data_ptr<int64_t>();
+    p.col_labels = a.col_labels.data_ptr<int64_t>();
   }
-  p.offset = offset;
+  p.offset = a.offset;
   return p;
 }
 
@@ -111,34 +76,30 @@ void launch(const infonce_cuda::SigmoidParams& p, const at::Tensor& x) {
 
 }  // namespace
 
-std::vector<at::Tensor> sigmoid_forward_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
-                                             const at::Tensor& bias, at::TensorList labels, int64_t offset,
-                                             bool with_grad) {
-  const auto lab = check_args(x, y, scale, bias, labels, nullptr);
-  const c10::cuda::CUDAGuard guard(x.device());
-  infonce_cuda::SigmoidParams p = params(x, y, scale, bias, lab, offset);
-  at::Tensor rows = at::empty({x.size(0)}, scale.options());
+std::vector<at::Tensor> sigmoid_forward_cuda(const SigmoidArgs& a, bool with_grad) {
+  check_cuda_args(a);
+  const c10::cuda::CUDAGuard guard(a.x.device());
+  infonce_cuda::SigmoidParams p = params(a);
+  at::Tensor rows = at::empty({a.M()}, a.scale.options());
   p.rows = rows.data_ptr();
   if (!with_grad) {
-    launch(p, x);
+    launch(p, a.x);
     return {rows};
   }
   at::Tensor workspace;
-  std::vector<at::Tensor> grads = gradient_outputs(p, x, y, scale, workspace);
-  launch(p, x);
+  std::vector<at::Tensor> grads = gradient_outputs(p, a.x, a.y, a.scale, workspace);
+  launch(p, a.x);
   return {rows, grads[0], grads[1], grads[2], grads[3]};
 }
 
-std::vector<at::Tensor> sigmoid_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
-                                              const at::Tensor& scale, const at::Tensor& bias, at::TensorList labels,
-                                              int64_t offset) {
-  const auto lab = check_args(x, y, scale, bias, labels, &grad);
-  const c10::cuda::CUDAGuard guard(x.device());
-  infonce_cuda::SigmoidParams p = params(x, y, scale, bias, lab, offset);
-  p.grad = grad.data_ptr();
+std::vector<at::Tensor> sigmoid_backward_cuda(const SigmoidArgs& a) {
+  check_cuda_args(a);
+  const c10::cuda::CUDAGuard guard(a.x.device());
+  infonce_cuda::SigmoidParams p = params(a);
+  p.grad = a.grad.data_ptr();
   at::Tensor workspace;
-  std::vector<at::Tensor> grads = gradient_outputs(p, x, y, scale, workspace);
-  launch(p, x);
+  std::vector<at::Tensor> grads = gradient_outputs(p, a.x, a.y, a.scale, workspace);
+  launch(p, a.x);
   return grads;
 }
 
