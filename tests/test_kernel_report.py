@@ -5,9 +5,6 @@ bf16, d = 128, labels off, the NT-Xent and general losses' launches, compiled wi
 specialisation: the variant that runs on a GPU) and asserts the structural facts of the report.
 It supersedes the spill / shared-memory part of ``tests/test_triton_compile.py``, which compiles
 the kernels without the divisibility specialisation (a different variant from the one that runs).
-
-Two facts of issue 16 do not hold for today's kernels and are strict xfails: they flip (and then
-fail as XPASS until the mark is removed) when the kernel work lands.
 """
 from __future__ import annotations
 
@@ -83,8 +80,6 @@ def test_wgmma_in_forward_and_symmetric_backward(report):
         assert r["tensor_core"] == "wgmma" and r["ttgir_mma_versions"] == [3], (r["kernel"], r["tensor_core"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: the dk kernel's 32-key block lowers to mma.sync, fixed by the "
-                                       "kernel work")
 def test_wgmma_in_every_product_kernel(report):
     for r in report["triton"]:
         if r["per_element"]["mma_flops"] > 0:
@@ -96,7 +91,6 @@ def test_forward_mufu_per_unique_element(report):
         assert r["per_element"]["mufu"] <= 1.1, (r["kernel"], r["per_element"]["mufu"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: backward tiles are replicated, fixed by the kernel work")
 def test_symmetric_backward_mufu_per_unique_element(report):
     for r in _used_by(report, "nt_xent", "backward"):
         assert r["per_element"]["mufu"] <= 2.1, (r["kernel"], r["per_element"]["mufu"])

@@ -86,12 +86,12 @@ def _max_block_d(dtype: torch.dtype) -> int:
     return {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64, torch.float64: 32}[dtype]
 
 
-def _split_d(d: int, max_bd: int) -> tuple[int, int, bool]:
+def _split_d(d: int, max_bd: int, max_bdo: int = 0) -> tuple[int, int, bool]:
     """(BLOCK_D, BLOCK_DO, SINGLE_D) for feature dimension d."""
     bd = max(16, next_pow2(d))
     if bd <= max_bd:
         return bd, bd, True
-    return max_bd, max_bd, False
+    return max_bd, min(bd, max(max_bd, max_bdo)), False
 
 
 def forward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: int) -> TileConfig:
@@ -113,34 +113,43 @@ def forward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: 
     return cfg
 
 
-def backward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: int) -> TileConfig:
+def backward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: int,
+                    labels: bool = False) -> TileConfig:
     """Tiles of the three backward kernels (dq rows, dk keys, symmetric dz rows).
 
-    The backward keeps a (BLOCK_M, BLOCK_DO) fp32 accumulator and does two
-    dots per tile, so its tiles are smaller than the forward's.
+    The backward keeps a (BLOCK_M, BLOCK_DO) fp32 accumulator and does two chained dots per
+    tile. For chained dots Triton lays all warps along M (16 rows each, a wgmma warpgroup 64):
+    BLOCK_M must be at least 16 x num_warps, or warps recompute the same score tile and
+    exponentials (64 rows on 8 warps did every tile twice). Hence 128 rows on 8 warps.
+
+    d > 128 (16-bit): the whole output of a tile up to d = 256 in one program (BLOCK_DO = 256, a
+    128 x 256 fp32 accumulator, with 32-key tiles to leave it the registers), so the score tile
+    and its exponentials are computed once per tile; beyond 256, one program per 256 output
+    features. The label rule holds two more key vectors (int64 labels): 32-key tiles and
+    128-wide output chunks keep it free of spills (ptxas -v, triton 3.9, sm_90).
     """
     if interpret_mode():
-        bd, bdo, single = _split_d(d, INTERPRET_BLOCK_D)
+        bd, bdo, single = _split_d(d, INTERPRET_BLOCK_D, 2 * INTERPRET_BLOCK_D)
         return TileConfig(INTERPRET_BLOCK, INTERPRET_BLOCK, bd, bdo, single, 4, 1)
-    bd, bdo, single = _split_d(d, _max_block_d(dtype))
+    wide = dtype in (torch.float16, torch.bfloat16)
     # BLOCK_D must equal the forward's: the backward's score tiles then accumulate over d in
-    # the same order as the forward's, so P rows sum to 1 against the stored LSE.
-    # 64 x 64 tiles, 8 warps: no spills on sm90 for d=128 (ptxas -v); small spills on sm80.
-    cfg = TileConfig(64, 64, bd, bdo, single, 8, 2)
+    # the same order as the forward's, so P rows sum to 1 against the stored LSE (to rounding:
+    # the two kernels' products may use different instruction shapes).
+    bd, bdo, single = _split_d(d, _max_block_d(dtype), 256 if (wide and not labels) else 0)
+    narrow = labels or not single
+    cfg = TileConfig(128, 32 if narrow else 64, bd, bdo, single, 8, 2)
     if dtype == torch.float64:
         cfg = replace(cfg, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     return cfg
 
 
 def dk_config(cfg: TileConfig) -> TileConfig:
-    """Tiles of the dk kernel: its own block is BLOCK_N keys, its loop runs over BLOCK_M rows.
-
-    A narrower own block (32 keys x 64 rows) avoids the register spills that
-    64 x 64 shows for the transposed tile on sm90 (16-bit, d=128).
-    """
-    if interpret_mode() or cfg.BLOCK_N <= 32:
+    """Tiles of the dk kernel: its own block is BLOCK_N keys, its loop runs over BLOCK_M rows,
+    i.e. the (keys, rows) tile of the other kernels transposed: the roles of the two block sizes
+    swap, so that its own block is the 128 rows of its score tile (wgmma, no replicated warps)."""
+    if interpret_mode() or cfg.BLOCK_M == cfg.BLOCK_N:
         return cfg
-    return replace(cfg, BLOCK_N=32)
+    return replace(cfg, BLOCK_M=cfg.BLOCK_N, BLOCK_N=cfg.BLOCK_M)
 
 
 def autotune_configs(base: TileConfig) -> list[TileConfig]:
