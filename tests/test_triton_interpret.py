@@ -104,6 +104,25 @@ def test_backend_functions_contract(symmetric):
         assert dk.shape == (N, d) and dk.dtype == k.dtype
 
 
+def test_autotune_candidates_are_pruned_and_keyed_on_shape_buckets():
+    """INFONCE_TRITON_AUTOTUNE=1 tunes six configurations per kernel, none with warps that
+    recompute another's rows (BLOCK_M >= 16 x warps of the chained-dot kernels' own block), once
+    per bucket of power-of-two M and N, never keyed on the exact sizes."""
+    from infonce_kernels.triton import _backward, _forward
+
+    for kind, own in (("forward", 0), ("backward", 0), ("dk", 1)):
+        cands = _config.autotune_configs(kind)
+        assert 1 < len(cands) <= 6 and len(set(cands)) == len(cands)
+        if kind != "forward":
+            assert all(c[own] >= 16 * c[2] for c in cands), (kind, cands)
+    assert _config.shape_bucket(1000, 65536) == (1024, 65536) == _config.shape_bucket(600, 40000)
+    fwd = _forward._autotuned_kernel(1000, 3000)
+    assert fwd is _forward._autotuned_kernel(700, 2100) and fwd is not _forward._autotuned_kernel(1100, 3000)
+    assert len(fwd.configs) == 6 and not {"M", "N"} & set(fwd.keys)
+    dk = _backward._maybe_autotuned(_backward._dk_kernel, "dk", 100, 100)
+    assert not {"M", "N"} & set(dk.keys) and all(c.kwargs["BLOCK_N"] >= 64 for c in dk.configs)
+
+
 # ----------------------------------------------------------------------------- values and gradients
 def test_large_d_chunks():
     """d = 1024 (general) and 101 (symmetric): many d chunks, several d-out programs in the backward."""

@@ -239,23 +239,23 @@ def _dq_paired_kernel(
 _autotuned: dict = {}
 
 _TUNE_KEYS = {
-    "dq": ["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
-    "dk": ["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
-    "paired": ["M", "N", "D", "E", "KE", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
+    "dq": ["D", "E", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D"],
+    "dk": ["D", "E", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D"],
+    "paired": ["D", "E", "KE", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D"],
 }
 
 
-def _maybe_autotuned(kernel, name: str):
-    if name not in _autotuned:
-        base = _config.TileConfig(64, 64, 16, 16, True, 4, 2)
-        cfgs = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
-                              num_warps=c.num_warps, num_stages=c.num_stages)
-                for c in _config.autotune_configs(base)]
+def _maybe_autotuned(kernel, name: str, M: int, N: int):
+    """The autotuned ``kernel`` of the shape bucket of (M, N) (one tuning per bucket)."""
+    slot = (name,) + _config.shape_bucket(M, N)
+    if slot not in _autotuned:
+        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                for bm, bn, w, st in _config.autotune_configs("dk" if name == "dk" else "backward")]
         # A config with BLOCK_M = 128 writes half the dscale partials of one with 64: zero them
         # after the benchmark runs so that the final launch leaves no stale slot behind.
         reset = ["part_ptr"] if "part_ptr" in kernel.arg_names else None
-        _autotuned[name] = triton.autotune(cfgs, key=_TUNE_KEYS[name], reset_to_zero=reset)(kernel)
-    return _autotuned[name]
+        _autotuned[slot] = triton.autotune(cfgs, key=_TUNE_KEYS[name], reset_to_zero=reset)(kernel)
+    return _autotuned[slot]
 
 
 def _dq_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset):
@@ -293,7 +293,7 @@ def _dq_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_of
                   INPUT_PRECISION=input_precision(q.dtype))
     if tune:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
-        _maybe_autotuned(_dq_paired_kernel, "paired")[grid](
+        _maybe_autotuned(_dq_paired_kernel, "paired", M, N)[grid](
             *args, **common, BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
     else:
         _dq_paired_kernel[(triton.cdiv(M, cfg.BLOCK_M), n_dchunks)](*args, **common, **cfg.meta())
@@ -337,9 +337,9 @@ def lse_backward(grad, q, k, scale, spec, lse):
     if tune:
         grid_q = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
         grid_k = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_dchunks)  # noqa: E731
-        _maybe_autotuned(_dq_kernel, "dq")[grid_q](
+        _maybe_autotuned(_dq_kernel, "dq", M, N)[grid_q](
             q, k, scale, ex, *lab, lse, grad, dq, partials, M, N, D, **common, **d_meta)
-        _maybe_autotuned(_dk_kernel, "dk")[grid_k](
+        _maybe_autotuned(_dk_kernel, "dk", M, N)[grid_k](
             q, k, scale, ex, *lab, lse, grad, gmax, dk, M, N, D, **common, **d_meta)
     else:
         _dq_kernel[(triton.cdiv(M, cfg.BLOCK_M), n_dchunks)](

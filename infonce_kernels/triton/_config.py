@@ -22,8 +22,9 @@ four times). Under ``TRITON_INTERPRET=1`` tiles are small (16) so that tests
 exercise the masking and multi-block paths on tiny inputs.
 
 Autotuning is off by default (it costs seconds per new shape); set
-``INFONCE_TRITON_AUTOTUNE=1`` to let ``triton.autotune`` pick among
-:func:`autotune_configs` per (M, N, d, dtype).
+``INFONCE_TRITON_AUTOTUNE=1`` to let ``triton.autotune`` pick among the six
+:func:`autotune_configs` of a kernel per (d, dtype, exclusion width, label rule) and shape
+bucket (:func:`shape_bucket`: M and N rounded up to powers of two).
 """
 from __future__ import annotations
 
@@ -152,16 +153,29 @@ def dk_config(cfg: TileConfig) -> TileConfig:
     return replace(cfg, BLOCK_M=cfg.BLOCK_N, BLOCK_N=cfg.BLOCK_M)
 
 
-def autotune_configs(base: TileConfig) -> list[TileConfig]:
-    """Candidate tiles around ``base`` for ``INFONCE_TRITON_AUTOTUNE=1``.
+#: Candidates of ``INFONCE_TRITON_AUTOTUNE=1`` per kernel kind, (BLOCK_M, BLOCK_N, num_warps,
+#: num_stages): every one keeps BLOCK_M >= 16 x num_warps (no warp recomputes another's rows of a
+#: chained-dot kernel) and the forward's wide tiles; six each, so a new shape bucket tunes in
+#: seconds, not minutes. The dk kernel's own block is its BLOCK_N (its tiles are transposed).
+AUTOTUNE_CANDIDATES = {
+    "forward": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 3),
+                (128, 64, 8, 2)],
+    "backward": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 3),
+                 (64, 64, 4, 3)],
+}
 
-    BLOCK_D/BLOCK_DO/SINGLE_D are fixed by d and dtype; only the block shape,
-    warps and stages vary.
-    """
-    out = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    out.append(replace(base, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
-    return out
+
+def autotune_configs(kind: str) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for ``INFONCE_TRITON_AUTOTUNE=1``:
+    ``kind`` is "forward", "backward" (dq and paired kernels) or "dk" (the backward's, with the
+    two block sizes swapped). BLOCK_D/BLOCK_DO/SINGLE_D stay fixed by d and dtype."""
+    if kind == "dk":
+        return [(bn, bm, w, st) for bm, bn, w, st in AUTOTUNE_CANDIDATES["backward"]]
+    return list(AUTOTUNE_CANDIDATES[kind])
+
+
+def shape_bucket(M: int, N: int) -> tuple[int, int]:
+    """The autotuning cache key of a launch's sizes: M and N rounded up to powers of two, so that
+    every batch size of a bucket reuses one tuning (keys also hold d, E, the label rule and the
+    dtype, which change the compiled kernel)."""
+    return next_pow2(M), next_pow2(N)

@@ -127,18 +127,18 @@ def _lse_fwd_kernel(
     tl.store(lse_ptr + rows, lse, mask=row_ok)
 
 
-_autotuned = None
+_autotuned: dict = {}
 
 
-def _autotuned_kernel():
-    global _autotuned
-    if _autotuned is None:
-        base = _config.TileConfig(64, 64, 16, 16, True, 4, 2)
-        cfgs = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
-                              num_warps=c.num_warps, num_stages=c.num_stages)
-                for c in _config.autotune_configs(base)]
-        _autotuned = triton.autotune(cfgs, key=["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"])(_lse_fwd_kernel)
-    return _autotuned
+def _autotuned_kernel(M: int, N: int):
+    """The autotuned forward kernel of the shape bucket of (M, N) (one tuning per bucket)."""
+    bucket = _config.shape_bucket(M, N)
+    if bucket not in _autotuned:
+        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                for bm, bn, w, st in _config.autotune_configs("forward")]
+        _autotuned[bucket] = triton.autotune(cfgs, key=["D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"])(
+            _lse_fwd_kernel)
+    return _autotuned[bucket]
 
 
 def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
@@ -165,7 +165,7 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec) -> 
     rl, kl, pos = labels if labels is not None else (q, q, q)
     common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype))
     if _config.autotune_enabled():
-        kern = _autotuned_kernel()
+        kern = _autotuned_kernel(M, N)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
         kern[grid](q, k, scale, ex, rl, kl, pos, lse, M, N, D, **common,
                    BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
