@@ -13,7 +13,8 @@ Vocabulary (shapes of one program's work):
 * ``BLOCK_DO`` chunk of the *output* feature dimension of the backward
   (``dq``/``dk``/``dz`` accumulators are (BLOCK_M, BLOCK_DO) fp32 registers);
   the backward grid gets a second axis of ``cdiv(d, BLOCK_DO)`` programs, each
-  recomputing the score tile (only when d > BLOCK_DO, i.e. d > 128 for 16-bit).
+  recomputing the score tile (only when d > BLOCK_DO: d > 256 for 16-bit without
+  the label rule, d > 128 with it, d > 64 for fp32).
 
 Defaults are chosen by ``torch.cuda.get_device_capability`` (sm80: A100,
 sm90: H100/H200; other capabilities get the sm80 settings) and by the
