@@ -5,9 +5,6 @@ bf16, d = 128, labels off, the NT-Xent and general losses' launches, compiled wi
 specialisation: the variant that runs on a GPU) and asserts the structural facts of the report.
 It supersedes the spill / shared-memory part of ``tests/test_triton_compile.py``, which compiles
 the kernels without the divisibility specialisation (a different variant from the one that runs).
-
-Two facts of issue 16 do not hold for today's kernels and are strict xfails: they flip (and then
-fail as XPASS until the mark is removed) when the kernel work lands.
 """
 from __future__ import annotations
 
@@ -18,7 +15,7 @@ import sys
 
 import pytest
 
-from benchmarks.kernel_report import model, sass
+from benchmarks.kernel_report import model, report as report_doc, sass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,8 +80,6 @@ def test_wgmma_in_forward_and_symmetric_backward(report):
         assert r["tensor_core"] == "wgmma" and r["ttgir_mma_versions"] == [3], (r["kernel"], r["tensor_core"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: the dk kernel's 32-key block lowers to mma.sync, fixed by the "
-                                       "kernel work")
 def test_wgmma_in_every_product_kernel(report):
     for r in report["triton"]:
         if r["per_element"]["mma_flops"] > 0:
@@ -96,7 +91,6 @@ def test_forward_mufu_per_unique_element(report):
         assert r["per_element"]["mufu"] <= 1.1, (r["kernel"], r["per_element"]["mufu"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: backward tiles are replicated, fixed by the kernel work")
 def test_symmetric_backward_mufu_per_unique_element(report):
     for r in _used_by(report, "nt_xent", "backward"):
         assert r["per_element"]["mufu"] <= 2.1, (r["kernel"], r["per_element"]["mufu"])
@@ -139,3 +133,20 @@ def test_model_is_the_stated_formula():
     # NT-Xent floor at 2B = 65,536, d = 128: forward 2N^2d FLOPs, backward 4N^2d FLOPs (tensor-bound)
     case = model.HEADLINE["nt_xent_2B65536_d128_bf16"]
     assert model.floor_ms(case) == pytest.approx(6 * 65536.0 ** 2 * 128 / model.TENSOR_RATE * 1e3)
+
+
+def test_before_after_comparison_pairs_the_same_variants():
+    def rec(kernel, dtype, cap=90, mufu=1.0, **cfg):
+        return dict(kernel=kernel, cap=cap, dtype=dtype, d=128, labels=False, config=dict(BLOCK_M=64, BLOCK_N=64,
+                    BLOCK_D=128, **cfg), num_warps=8, num_stages=2, programs_per_tile=1, regs=100, spill_stores=0,
+                    spill_loads=0, tensor_core="wgmma", per_element=dict(mufu=mufu, instr=10.0, mma_flops=512.0))
+    before = dict(commit="abc", label="before", headline_modelled={"case": dict(modelled_ms=15.0)},
+                  triton=[rec("_k", "bf16", mufu=4.0, E=1), rec("_k", "fp16", E=1), rec("_k", "bf16", cap=80, E=1)])
+    after = dict(headline_modelled={"case": dict(modelled_ms=9.0, floor_ms=4.0)},
+                 triton=[rec("_k", "bf16", mufu=2.0, E=1), rec("_k", "bf16", E=2), rec("_k", "fp16", E=1),
+                         rec("_k", "bf16", cap=80, E=1)])
+    cmp = report_doc.comparison(before, after)
+    assert cmp["headline"] == {"case": dict(before=15.0, after=9.0, floor=4.0)}
+    # only sm_90 bf16 / fp32 variants present in both reports (E=2 is new, fp16 and sm_80 are not compared)
+    assert [(r["dtype"], r["E"], r["mufu_before"], r["mufu_after"]) for r in cmp["rows"]] == [("bf16", 1, 4.0, 2.0)]
+    assert "4.0 -> 2.0" in "\n".join(report_doc._comparison_md(cmp))

@@ -104,6 +104,25 @@ def test_backend_functions_contract(symmetric):
         assert dk.shape == (N, d) and dk.dtype == k.dtype
 
 
+def test_autotune_candidates_are_pruned_and_keyed_on_shape_buckets():
+    """INFONCE_TRITON_AUTOTUNE=1 tunes six configurations per kernel, none with warps that
+    recompute another's rows (BLOCK_M >= 16 x warps of the chained-dot kernels' own block), once
+    per bucket of power-of-two M and N, never keyed on the exact sizes."""
+    from infonce_kernels.triton import _backward, _forward
+
+    for kind, own in (("forward", 0), ("backward", 0), ("dk", 1)):
+        cands = _config.autotune_configs(kind)
+        assert 1 < len(cands) <= 6 and len(set(cands)) == len(cands)
+        if kind != "forward":
+            assert all(c[own] >= 16 * c[2] for c in cands), (kind, cands)
+    assert _config.shape_bucket(1000, 65536) == (1024, 65536) == _config.shape_bucket(600, 40000)
+    fwd = _forward._autotuned_kernel(1000, 3000)
+    assert fwd is _forward._autotuned_kernel(700, 2100) and fwd is not _forward._autotuned_kernel(1100, 3000)
+    assert len(fwd.configs) == 6 and not {"M", "N"} & set(fwd.keys)
+    dk = _backward._maybe_autotuned(_backward._dk_kernel, "dk", 100, 100)
+    assert not {"M", "N"} & set(dk.keys) and all(c.kwargs["BLOCK_N"] >= 64 for c in dk.configs)
+
+
 # ----------------------------------------------------------------------------- values and gradients
 def test_large_d_chunks():
     """d = 1024 (general) and 101 (symmetric): many d chunks, several d-out programs in the backward."""
@@ -165,6 +184,30 @@ def test_deterministic():
         outs.append((r, *tbackend.backward(g.float(), q, k, s, Exclusion.from_tensors(ex, *NO_LABELS, False), r)))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_unaligned_rows_and_odd_d_are_padded_exactly():
+    """A row slice (data pointer not 16-byte aligned) with d % 16 != 0 reaches the kernels as a
+    zero-padded aligned copy: the same values and gradients as its aligned copy, bit for bit,
+    gradients cut back to d; an aligned input with d % 16 == 0 is passed through untouched."""
+    z = torch.randn(13, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    q = z[1:]                                           # starts 56 bytes in: unaligned
+    assert q.data_ptr() % 16 != 0
+    a = tbackend._aligned(q)
+    assert a.shape == (12, 16) and a.data_ptr() % 16 == 0
+    assert torch.equal(a[:, :7], q) and not a[:, 7:].any()
+    assert tbackend._aligned(a) is a
+    s = torch.tensor(1.3, dtype=torch.float64)
+    spec = Exclusion.from_tensors(torch.arange(12)[:, None], *NO_LABELS, True)
+    g = torch.randn(12, dtype=torch.float64)
+    outs = []
+    for x in (q, q.clone()):
+        r = tbackend.forward(x, x, s, spec)
+        outs.append((r, *tbackend.backward(g, x, x, s, spec, r)))
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
+    assert outs[0][1].shape == (12, 7) and outs[0][1].is_contiguous()
+    assert_close(outs[0][0], dense_lse(q, q, s, torch.arange(12)[:, None]), rtol=1e-12, atol=1e-12, what="lse")
 
 
 # ----------------------------------------------------------------------------- gradcheck (fp64)

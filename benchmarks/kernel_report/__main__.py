@@ -29,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--small", action="store_true",
                    help="the CI subset: sm_90, bf16, d = 128, labels off, nt_xent + general, no sm_80, no CUDA")
     p.add_argument("--jobs", type=int, default=1, help="processes compiling in parallel")
+    p.add_argument("--before", default=None, metavar="REV",
+                   help="git revision whose committed benchmarks/results/kernel_report_<tag>.json the report "
+                        "compares against (a before/after table of the sm_90 bf16 and fp32 kernels and headline)")
     p.add_argument("--sass-dir", default=None, help="also keep each Triton kernel's SASS here")
     a = p.parse_args(argv)
     if a.small:
@@ -87,7 +90,10 @@ def main(argv=None) -> int:
                         cuda[str(cap)] = {"error": f"{type(e).__name__}: {e}"[:2000]}
                 print(f"[kernel_report] CUDA sm_{cap} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
-    write(base, report.document(a.label, ROOT, triton_records, cuda, nvcc_ver, command))
+    doc = report.document(a.label, ROOT, triton_records, cuda, nvcc_ver, command)
+    if a.before:
+        doc["before"] = report.comparison(report.committed_report(ROOT, a.before, a.tag), doc)
+    write(base, doc)
     print(f"[kernel_report] wrote {base}.json and {base}.md", file=sys.stderr)
     return 0
 

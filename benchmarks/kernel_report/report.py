@@ -1,6 +1,7 @@
 """Assemble the kernel report (JSON document) and render its markdown tables."""
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 
@@ -61,6 +62,70 @@ def cuda_headline(cuda: dict, triton_headline: dict) -> dict:
     return dict(cuda_model=model.CUDA_MODEL_TEXT, cuda_headline_modelled=model.cuda_headline(ks, triton_headline))
 
 
+def committed_report(root: str, rev: str, tag: str) -> dict:
+    """The kernel report committed at git revision ``rev`` (its JSON document)."""
+    path = f"benchmarks/results/kernel_report_{tag}.json"
+    r = subprocess.run(["git", "-C", root, "show", f"{rev}:{path}"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ValueError(f"--before {rev}: no {path} at that revision: {r.stderr.strip()}")
+    return json.loads(r.stdout)
+
+
+#: what the before/after table compares: the default configurations of these sm_90 dtypes
+COMPARED_DTYPES = ("bf16", "fp32")
+
+
+def _variant(r: dict) -> tuple:
+    """A kernel variant's identity across reports: target, dtype, d, label rule, kernel, E, KE."""
+    c = r["config"]
+    return (r["cap"], r["dtype"], r["d"], r["labels"], r["kernel"], c.get("E"), c.get("KE"))
+
+
+def comparison(before: dict, after: dict) -> dict:
+    """Before/after figures of the sm_90 bf16 and fp32 variants present in both reports, and
+    the headline cases' modelled times."""
+    old = {_variant(r): r for r in before["triton"]}
+    rows = []
+    for r in sorted(after["triton"], key=lambda r: (r["dtype"], r["d"], r["labels"], r["kernel"],
+                                                     r["config"].get("E", 0))):
+        b = old.get(_variant(r))
+        if r["cap"] != 90 or r["dtype"] not in COMPARED_DTYPES or b is None:
+            continue
+        rows.append(dict(kernel=r["kernel"], dtype=r["dtype"], d=r["d"], labels=r["labels"],
+                         E=r["config"].get("E"), **{f"{k}_{side}": x for side, x in (("before", b), ("after", r))
+                                                    for k, x in _figures(x).items()}))
+    heads = {name: dict(before=before.get("headline_modelled", {}).get(name, {}).get("modelled_ms"),
+                        after=h["modelled_ms"], floor=h["floor_ms"])
+             for name, h in after.get("headline_modelled", {}).items()}
+    return dict(commit=before.get("commit"), label=before.get("label"), headline=heads, rows=rows)
+
+
+def _figures(r: dict) -> dict:
+    pe = r.get("per_element") or {}
+    return dict(tile=_cfg(r), programs=r["programs_per_tile"], regs=r["regs"],
+                spills=f"{r['spill_stores']}/{r['spill_loads']}", tensor=r["tensor_core"],
+                mufu=pe.get("mufu"), instr=pe.get("instr"), flops=pe.get("mma_flops"))
+
+
+def _comparison_md(cmp: dict) -> list[str]:
+    lines = ["", f"## Before / after (sm_90, default configurations of {' and '.join(COMPARED_DTYPES)})", "",
+             f"Before: the report committed at {cmp['commit']} ({cmp['label']}).", "",
+             "| headline case | before modelled ms | after modelled ms | floor ms |", "|---|---|---|---|"]
+    lines += [f"| {n} | {h['before']} | {h['after']} | {h['floor']} |" for n, h in cmp["headline"].items()]
+    lines += ["", "| kernel | dtype | d | labels | E | tile before -> after | programs/tile | regs | spills st/ld B | "
+                  "tensor core | MUFU/elem | instr/elem | MMA FLOP/elem |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pair(r, k):
+        return f"{r[k + '_before']} -> {r[k + '_after']}"
+
+    for r in cmp["rows"]:
+        lines.append(f"| {r['kernel']} | {r['dtype']} | {r['d']} | {'on' if r['labels'] else 'off'} | {r['E']} | "
+                     f"{pair(r, 'tile')} | {pair(r, 'programs')} | {pair(r, 'regs')} | {pair(r, 'spills')} | "
+                     f"{pair(r, 'tensor')} | {pair(r, 'mufu')} | {pair(r, 'instr')} | {pair(r, 'flops')} |")
+    return lines
+
+
 def _cfg(r: dict) -> str:
     c = r["config"]
     return f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}x{c.get('BLOCK_D')}/{r['num_warps']}w{r['num_stages']}s"
@@ -88,6 +153,8 @@ def markdown(doc: dict) -> str:
                 lines.append(f"| {name} | {p['name']} | {p['kernel']} | {p['launches']} | {p['issue_ms']:.2f} | "
                              f"{p['mma_ms']:.2f} | {p['mufu_ms']:.2f} | {p['ms']:.2f} |")
             lines.append(f"| **{name}** | total | | | | | | **{h['modelled_ms']} ms** (floor {h['floor_ms']} ms) |")
+    if doc.get("before"):
+        lines += _comparison_md(doc["before"])
     for cap in sorted({r["cap"] for r in doc["triton"]}, reverse=True):
         lines += ["", f"## Triton kernels, sm_{cap}", "",
                   "| kernel | dtype | d | labels | E | scenarios | tile BMxBNxBD/warps,stages | programs/tile | regs | "

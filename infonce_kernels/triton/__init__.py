@@ -30,6 +30,9 @@ process (as CI does) is the supported way. With it, kernels run on CPU
 tensors through Triton's numpy interpreter (slow; fp32/fp64 only are exact
 enough -- the interpreter emulates bf16 arithmetic inexactly).
 
+Inputs reach the kernels 16-byte aligned with d a multiple of 16 (``_aligned``: the one place
+that copies and zero-pads when they are not; the gradients are cut back to d).
+
 Layout:
     _config.py    tile sizes per GPU generation, autotune switch (no triton import)
     _common.py    tile loads, exclusion loads, ``kept`` (is pair (i, j) kept), the score tile
@@ -116,6 +119,33 @@ def _device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """The (R, d) contiguous input as the kernels want it: ``t`` itself when its rows start on
+    16-byte boundaries (data pointer % 16 == 0 and d % 16 == 0), else a copy zero-padded to
+    d' = 16 ceil(d / 16) features in a fresh (aligned) buffer. Exact: the zero features add
+    nothing to any dot product, and the kernels' tiles are as wide either way (powers of two
+    >= 16). The Triton JIT specialises 16-byte-aligned pointers and sizes % 16 == 0 (pipelined
+    cp.async tile loads, 16-byte vectors); any other input would run an unpipelined variant."""
+    d = t.shape[1]
+    padded = -(-d // 16) * 16
+    if padded == d and t.data_ptr() % 16 == 0:
+        return t
+    out = t.new_zeros(t.shape[0], padded)
+    out[:, :d] = t
+    return out
+
+
+def _pair(q: torch.Tensor, k: torch.Tensor):
+    """(_aligned(q), _aligned(k)), one buffer when ``k is q`` (symmetric)."""
+    qa = _aligned(q)
+    return qa, (qa if k is q else _aligned(k))
+
+
+def _unpad(g: torch.Tensor, d: int) -> torch.Tensor:
+    """A gradient of an :func:`_aligned` input back to its d features (contiguous)."""
+    return g if g.shape[-1] == d else g[:, :d].contiguous()
+
+
 def forward(q, k, scale, spec) -> torch.Tensor:
     """Row LSE r (M,) of ``scale * q @ k.T`` without the pairs ``spec`` excludes.
 
@@ -124,7 +154,7 @@ def forward(q, k, scale, spec) -> torch.Tensor:
     """
     fwd, _ = _load(q)
     with _device_guard(q):
-        return fwd.lse_forward(q, k, scale, spec)
+        return fwd.lse_forward(*_pair(q, k), scale, spec)
 
 
 def backward(grad, q, k, scale, spec, lse):
@@ -134,8 +164,10 @@ def backward(grad, q, k, scale, spec, lse):
     (dq then holds the whole gradient on z = q = k); dscale () in scale.dtype.
     """
     _, bwd = _load(q)
+    d = q.shape[1]
     with _device_guard(q):
-        return bwd.lse_backward(grad.to(lse.dtype), q, k, scale, spec, lse)
+        dq, dk, dscale = bwd.lse_backward(grad.to(lse.dtype), *_pair(q, k), scale, spec, lse)
+    return _unpad(dq, d), (dk if dk.dim() < 2 else _unpad(dk, d)), dscale
 
 
 def backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset):
@@ -150,9 +182,11 @@ def backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, r
     scale.dtype.
     """
     _, bwd = _load(q)
+    d = q.shape[1]
     with _device_guard(q):
-        return bwd.lse_backward_paired(grad.to(lse.dtype), q, k, scale, spec, lse, key_grad.to(lse.dtype),
-                                       key_lse.to(lse.dtype), key_spec, int(row_offset))
+        dq, dscale = bwd.lse_backward_paired(grad.to(lse.dtype), *_pair(q, k), scale, spec, lse,
+                                             key_grad.to(lse.dtype), key_lse.to(lse.dtype), key_spec, int(row_offset))
+    return _unpad(dq, d), dscale
 
 
 def _load_sigmoid(x: torch.Tensor):

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from . import _config
 from ..ops.precision import accumulation_dtype
-from ._common import LOG2E, acc_dtype, input_precision, kept, load_labels, load_tile
+from ._common import acc_dtype, input_precision, kept, load_labels, load_positives, load_tile, log2_prob
 from ._forward import block_range, program_block, resident_tile, row_rule, score_tile
 
 
@@ -111,22 +111,24 @@ def _dq_kernel(
     pid_m, rows, row_ok, do0 = program_block(BLOCK_M, M, BLOCK_DO)
     ex0, ex1, rlab, pos = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)            # (BLOCK_M,)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)           # (BLOCK_M,)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)                # (BLOCK_M,)
 
     q_tile = resident_tile(q_ptr, rows, M, D, BLOCK_M, BLOCK_D, SINGLE_D)
 
+    keys = tl.arange(0, BLOCK_N)                     # tile-relative key index
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC_DTYPE)   # sum_j P_ij k_j   (this d-out chunk)
     pl = tl.zeros((BLOCK_M,), ACC_DTYPE)             # sum_j P_ij <q_i, k_j>
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        # the forward's score tile, bit for bit
+        cols = n0 + keys
+        # the forward's score tile
         dots, k_tile_t = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_tile,
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
-        keep = row_ok[:, None] & (cols[None, :] < N) & kept(cols[None, :], ex0[:, None], ex1[:, None], rlab[:, None],
-                                                            klab[None, :], pos[:, None], HAS_LABELS)
-        p = tl.exp2(tl.where(keep, (dots * s - lse[:, None]) * LOG2E, float("-inf")))   # P_ij; 0 if excluded
+        keep = row_ok[:, None] & (keys[None, :] < N - n0) & kept(
+            keys[None, :], (ex0 - n0)[:, None], (ex1 - n0)[:, None], rlab[:, None], klab[None, :], (pos - n0)[:, None],
+            HAS_LABELS)
+        p = tl.exp2(tl.where(keep, log2_prob(dots, s, lse[:, None], INPUT_PRECISION), float("-inf")))  # P_ij
         pl += tl.sum(p * dots, axis=1)
         acc = _accumulate(acc, p, k_ptr, cols, N, k_tile_t, do0, D,
                           ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_DO, SINGLE_D)
@@ -147,13 +149,15 @@ def _dk_kernel(
 ):
     # One program = BLOCK_N keys x one d-out chunk; walks all row blocks.
     # Tiles are held transposed: (keys, rows).
-    _, cols, col_ok, do0 = program_block(BLOCK_N, N, BLOCK_DO)
+    pid_n, cols, col_ok, do0 = program_block(BLOCK_N, N, BLOCK_DO)
     klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     gs = _load_g_scale(gmax_ptr, ACC_DTYPE)
 
     k_tile = resident_tile(k_ptr, cols, N, D, BLOCK_N, BLOCK_D, SINGLE_D)
 
+    keys = tl.arange(0, BLOCK_N)                     # key index relative to this program's first key
+    n_base = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC_DTYPE)   # sum_i (g_i/gs) P_ij q_i
     for m0 in range(0, M, BLOCK_M):
         rows, row_ok, ex0, ex1, rlab, pos, lse, g = _lse_rows(
@@ -161,9 +165,10 @@ def _dk_kernel(
         # <k_j, q_i>  (BLOCK_N, BLOCK_M); q_tile_t (BLOCK_D, BLOCK_M)
         dots, q_tile_t = score_tile(k_ptr, q_ptr, cols, rows, N, M, D, k_tile,
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_D)
-        keep = col_ok[:, None] & row_ok[None, :] & kept(cols[:, None], ex0[None, :], ex1[None, :], rlab[None, :],
-                                                        klab[:, None], pos[None, :], HAS_LABELS)
-        w = tl.exp2(tl.where(keep, (dots * s - lse[None, :]) * LOG2E, float("-inf"))) * g[None, :]  # W^T/gs
+        keep = col_ok[:, None] & row_ok[None, :] & kept(
+            keys[:, None], (ex0 - n_base)[None, :], (ex1 - n_base)[None, :], rlab[None, :], klab[:, None],
+            (pos - n_base)[None, :], HAS_LABELS)
+        w = tl.exp2(tl.where(keep, log2_prob(dots, s, lse[None, :], INPUT_PRECISION), float("-inf"))) * g[None, :]
         acc = _accumulate(acc, w, q_ptr, rows, M, q_tile_t, do0, D,
                           ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_DO, SINGLE_D)
 
@@ -190,7 +195,6 @@ def _dq_paired_kernel(
     #               key_labels / row_labels when paired, row_labels / key_labels when symmetric)
     # Symmetric backward: k = q, key side = row side, row_offset = 0 -> dz = s (W + W^T) z.
     pid_m, rows, row_ok, do0 = program_block(BLOCK_M, M, BLOCK_DO)
-    rows_g = rows.to(tl.int64) + row_offset                # row i as numbered by the key side
     exr0, exr1, rlab_r, pos_r = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
     kklab_r = load_labels(kklab_ptr, rows, M, HAS_LABELS)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
@@ -200,6 +204,11 @@ def _dq_paired_kernel(
 
     q_rows = resident_tile(q_ptr, rows, M, D, BLOCK_M, BLOCK_D, SINGLE_D)
 
+    # tile-relative indices: keys j = n0 + kj for the row side's rule, rows i + row_offset =
+    # r_base + ri for the key side's (whose lists number the rows of q from row_offset)
+    kj = tl.arange(0, BLOCK_N)
+    ri = tl.arange(0, BLOCK_M)
+    r_base = pid_m * BLOCK_M + row_offset
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC_DTYPE)
     pl = tl.zeros((BLOCK_M,), ACC_DTYPE)             # sum_j P_ij <q_i, k_j>  (for dscale)
     for n0 in range(0, N, BLOCK_N):
@@ -210,13 +219,12 @@ def _dq_paired_kernel(
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         both = row_ok[:, None] & col_ok[None, :]
         klab_c = load_labels(klab_ptr, cols, N, HAS_LABELS)
-        keep_ij = both & kept(cols[None, :], exr0[:, None], exr1[:, None], rlab_r[:, None], klab_c[None, :],
-                              pos_r[:, None], HAS_LABELS)
-        keep_ji = both & kept(rows_g[:, None], exc0[None, :], exc1[None, :], krlab_c[None, :], kklab_r[:, None],
-                              kpos_c[None, :], HAS_LABELS)
-        x = dots * s                                                # L_ij (nats)
-        p_ij = tl.exp2(tl.where(keep_ij, (x - lse_r[:, None]) * LOG2E, float("-inf")))
-        q_ji = tl.exp2(tl.where(keep_ji, (x - lse_c[None, :]) * LOG2E, float("-inf")))
+        keep_ij = both & kept(kj[None, :], (exr0 - n0)[:, None], (exr1 - n0)[:, None], rlab_r[:, None],
+                              klab_c[None, :], (pos_r - n0)[:, None], HAS_LABELS)
+        keep_ji = both & kept(ri[:, None], (exc0 - r_base)[None, :], (exc1 - r_base)[None, :], krlab_c[None, :],
+                              kklab_r[:, None], (kpos_c - r_base)[None, :], HAS_LABELS)
+        p_ij = tl.exp2(tl.where(keep_ij, log2_prob(dots, s, lse_r[:, None], INPUT_PRECISION), float("-inf")))
+        q_ji = tl.exp2(tl.where(keep_ji, log2_prob(dots, s, lse_c[None, :], INPUT_PRECISION), float("-inf")))
         pl += tl.sum(p_ij * dots, axis=1)
         w = g_r[:, None] * p_ij + h_c[None, :] * q_ji              # (W_ij + V_ji) / gs
         acc = _accumulate(acc, w, k_ptr, cols, N, k_cols_t, do0, D,
@@ -231,23 +239,23 @@ def _dq_paired_kernel(
 _autotuned: dict = {}
 
 _TUNE_KEYS = {
-    "dq": ["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
-    "dk": ["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
-    "paired": ["M", "N", "D", "E", "KE", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
+    "dq": ["D", "E", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D"],
+    "dk": ["D", "E", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D"],
+    "paired": ["D", "E", "KE", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D"],
 }
 
 
-def _maybe_autotuned(kernel, name: str):
-    if name not in _autotuned:
-        base = _config.TileConfig(64, 64, 16, 16, True, 4, 2)
-        cfgs = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
-                              num_warps=c.num_warps, num_stages=c.num_stages)
-                for c in _config.autotune_configs(base)]
+def _maybe_autotuned(kernel, name: str, M: int, N: int):
+    """The autotuned ``kernel`` of the shape bucket of (M, N) (one tuning per bucket)."""
+    slot = (name,) + _config.shape_bucket(M, N)
+    if slot not in _autotuned:
+        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                for bm, bn, w, st in _config.autotune_configs("dk" if name == "dk" else "backward")]
         # A config with BLOCK_M = 128 writes half the dscale partials of one with 64: zero them
         # after the benchmark runs so that the final launch leaves no stale slot behind.
         reset = ["part_ptr"] if "part_ptr" in kernel.arg_names else None
-        _autotuned[name] = triton.autotune(cfgs, key=_TUNE_KEYS[name], reset_to_zero=reset)(kernel)
-    return _autotuned[name]
+        _autotuned[slot] = triton.autotune(cfgs, key=_TUNE_KEYS[name], reset_to_zero=reset)(kernel)
+    return _autotuned[slot]
 
 
 def _dq_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset):
@@ -264,7 +272,7 @@ def _dq_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_of
     N = k.shape[0]
     exclude, key_exclude, labels = spec.exclude, key_spec.exclude, spec.labels
     E, KE = exclude.shape[1], key_exclude.shape[1]
-    cfg = _config.backward_config(q.device, q.dtype, M, N, D)
+    cfg = _config.backward_config(q.device, q.dtype, M, N, D, labels=labels is not None)
     tune = _config.autotune_enabled()
     ex = exclude if E > 0 else q                       # dummy pointers, never read
     kex = key_exclude if KE > 0 else q
@@ -285,7 +293,7 @@ def _dq_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_of
                   INPUT_PRECISION=input_precision(q.dtype))
     if tune:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
-        _maybe_autotuned(_dq_paired_kernel, "paired")[grid](
+        _maybe_autotuned(_dq_paired_kernel, "paired", M, N)[grid](
             *args, **common, BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
     else:
         _dq_paired_kernel[(triton.cdiv(M, cfg.BLOCK_M), n_dchunks)](*args, **common, **cfg.meta())
@@ -314,7 +322,7 @@ def lse_backward(grad, q, k, scale, spec, lse):
     N = k.shape[0]
     exclude, labels = spec.exclude, spec.labels
     E = exclude.shape[1]
-    cfg = _config.backward_config(q.device, q.dtype, M, N, D)
+    cfg = _config.backward_config(q.device, q.dtype, M, N, D, labels=labels is not None)
     tune = _config.autotune_enabled()
     ex = exclude if E > 0 else q                       # dummy pointer, never read
     lab = labels if labels is not None else (q, q, q)
@@ -329,9 +337,9 @@ def lse_backward(grad, q, k, scale, spec, lse):
     if tune:
         grid_q = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
         grid_k = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_dchunks)  # noqa: E731
-        _maybe_autotuned(_dq_kernel, "dq")[grid_q](
+        _maybe_autotuned(_dq_kernel, "dq", M, N)[grid_q](
             q, k, scale, ex, *lab, lse, grad, dq, partials, M, N, D, **common, **d_meta)
-        _maybe_autotuned(_dk_kernel, "dk")[grid_k](
+        _maybe_autotuned(_dk_kernel, "dk", M, N)[grid_k](
             q, k, scale, ex, *lab, lse, grad, gmax, dk, M, N, D, **common, **d_meta)
     else:
         _dq_kernel[(triton.cdiv(M, cfg.BLOCK_M), n_dchunks)](

@@ -10,6 +10,7 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)    # ln(2):   log(x) = log2(x) * LN2
+INT32_MAX = tl.constexpr(2147483647)
 
 
 @triton.jit
@@ -35,8 +36,16 @@ def load_tile_t(ptr, idx, idx_bound, d0, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
+def as_index32(v):
+    """int64 indices -> int32: -1 and every valid index (< 2**31 - 1: Triton's M and N are int32)
+    keep their value; anything below -1 becomes -1 and anything above becomes 2**31 - 1, which no
+    index in range equals, so the exclusion rule reads the same in int32."""
+    return tl.minimum(tl.maximum(v, -1), INT32_MAX).to(tl.int32)
+
+
+@triton.jit
 def load_exclusions(ex_ptr, idx, idx_bound, E: tl.constexpr):
-    """Excluded key indices of rows ``idx`` -> two (BLOCK,) int64 vectors.
+    """Excluded key indices of rows ``idx`` -> two (BLOCK,) int32 vectors (:func:`as_index32`).
 
     exclude is (R, E) int64 with E in {0, 1, 2}, -1 = none. Missing columns
     come back as -1, which no key index equals.
@@ -44,11 +53,11 @@ def load_exclusions(ex_ptr, idx, idx_bound, E: tl.constexpr):
     m = idx < idx_bound
     base = ex_ptr + idx.to(tl.int64) * E
     if E >= 1:
-        e0 = tl.load(base, mask=m, other=-1)
+        e0 = as_index32(tl.load(base, mask=m, other=-1))
     else:
-        e0 = tl.full(idx.shape, -1, tl.int64)
+        e0 = tl.full(idx.shape, -1, tl.int32)
     if E >= 2:
-        e1 = tl.load(base + 1, mask=m, other=-1)
+        e1 = as_index32(tl.load(base + 1, mask=m, other=-1))
     else:
         e1 = e0
     return e0, e1
@@ -56,7 +65,8 @@ def load_exclusions(ex_ptr, idx, idx_bound, E: tl.constexpr):
 
 @triton.jit
 def load_labels(lab_ptr, idx, idx_bound, HAS_LABELS: tl.constexpr):
-    """Labels (or positives) of ``idx`` -> (BLOCK,) int64; -1 out of range / without the label rule."""
+    """Labels of ``idx`` -> (BLOCK,) int64 (labels are any int64: compared as they are); -1 out of
+    range / without the label rule."""
     if HAS_LABELS:
         out = tl.load(lab_ptr + idx, mask=idx < idx_bound, other=-1).to(tl.int64)
     else:
@@ -65,19 +75,49 @@ def load_labels(lab_ptr, idx, idx_bound, HAS_LABELS: tl.constexpr):
 
 
 @triton.jit
+def load_positives(pos_ptr, idx, idx_bound, HAS_LABELS: tl.constexpr):
+    """Designated positives (indices) of ``idx`` -> (BLOCK,) int32 (:func:`as_index32`); -1 out of
+    range / without the label rule."""
+    return as_index32(load_labels(pos_ptr, idx, idx_bound, HAS_LABELS))
+
+
+@triton.jit
 def kept(key, ex0, ex1, row_label, key_label, positive, HAS_LABELS: tl.constexpr):
     """Is pair (i, j) kept: the one Triton definition of the exclusion rule (the Python one is
     ``infonce_kernels.ops.Exclusion.mask``, the C++ one csrc/common/exclusion.h).
 
     Arguments broadcast against each other (a row axis and a key axis, in either order): ``key``
-    the key's index j; ``ex0``/``ex1`` row i's excluded indices (-1 = none); with the label rule,
-    ``row_label``/``key_label`` the labels of i and j and ``positive`` row i's designated
-    positive, which stays. Bounds (i < M, j < N) are the caller's.
+    the key's index j; ``ex0``/``ex1`` row i's excluded indices (none: any value no key index
+    equals); with the label rule, ``row_label``/``key_label`` the labels of i and j and
+    ``positive`` row i's designated positive, which stays. ``key``, ``ex0``, ``ex1`` and
+    ``positive`` are indices in one numbering: the kernels pass them tile-relative, as int32
+    (``key`` = tl.arange over the tile, the others minus the tile's first index, once per row or
+    key vector), so the per-element compares are int32 against a constant lane index. Bounds
+    (i < M, j < N) are the caller's.
     """
     keep = (key != ex0) & (key != ex1)
     if HAS_LABELS:
         keep = keep & ((row_label != key_label) | (key == positive))
     return keep
+
+
+@triton.jit
+def log2_prob(dots, s, r, INPUT_PRECISION: tl.constexpr):
+    """(s <q_i, k_j> - r) log2(e): the base-2 exponent of exp(L_ij - r) for raw dot products
+    ``dots`` and an offset ``r`` in nats (a row's LSE or running max), broadcast against them.
+
+    Tensor-core products (16-bit inputs, tf32: INPUT_PRECISION "tf32") fold the scale into one
+    multiply-add per element, dots * (s log2 e) - r log2 e (both factors hoisted out of the
+    element loop); their own rounding dwarfs the folding's (relative 2^-24 of c = s log2 e and
+    of r log2 e, which shift a whole row's exponents when |L| ~ |r| >> 1). Exact products (fp32
+    "ieee", fp64) subtract in nats first, (s dots - r) log2 e: the difference is then exact to the
+    rounding of L_ij itself, which keeps fp32 within twice the error of PyTorch's fp32.
+    """
+    if INPUT_PRECISION == "ieee":
+        out = (dots * s - r) * LOG2E
+    else:
+        out = dots * (s * LOG2E) - r * LOG2E
+    return out
 
 
 @triton.jit

@@ -13,7 +13,8 @@ Vocabulary (shapes of one program's work):
 * ``BLOCK_DO`` chunk of the *output* feature dimension of the backward
   (``dq``/``dk``/``dz`` accumulators are (BLOCK_M, BLOCK_DO) fp32 registers);
   the backward grid gets a second axis of ``cdiv(d, BLOCK_DO)`` programs, each
-  recomputing the score tile (only when d > BLOCK_DO, i.e. d > 128 for 16-bit).
+  recomputing the score tile (only when d > BLOCK_DO: d > 256 for 16-bit without
+  the label rule, d > 128 with it, d > 64 for fp32).
 
 Defaults are chosen by ``torch.cuda.get_device_capability`` (sm80: A100,
 sm90: H100/H200; other capabilities get the sm80 settings) and by the
@@ -22,8 +23,9 @@ four times). Under ``TRITON_INTERPRET=1`` tiles are small (16) so that tests
 exercise the masking and multi-block paths on tiny inputs.
 
 Autotuning is off by default (it costs seconds per new shape); set
-``INFONCE_TRITON_AUTOTUNE=1`` to let ``triton.autotune`` pick among
-:func:`autotune_configs` per (M, N, d, dtype).
+``INFONCE_TRITON_AUTOTUNE=1`` to let ``triton.autotune`` pick among the six
+:func:`autotune_configs` of a kernel per (d, dtype, exclusion width, label rule) and shape
+bucket (:func:`shape_bucket`: M and N rounded up to powers of two).
 """
 from __future__ import annotations
 
@@ -86,12 +88,12 @@ def _max_block_d(dtype: torch.dtype) -> int:
     return {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64, torch.float64: 32}[dtype]
 
 
-def _split_d(d: int, max_bd: int) -> tuple[int, int, bool]:
+def _split_d(d: int, max_bd: int, max_bdo: int = 0) -> tuple[int, int, bool]:
     """(BLOCK_D, BLOCK_DO, SINGLE_D) for feature dimension d."""
     bd = max(16, next_pow2(d))
     if bd <= max_bd:
         return bd, bd, True
-    return max_bd, max_bd, False
+    return max_bd, min(bd, max(max_bd, max_bdo)), False
 
 
 def forward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: int) -> TileConfig:
@@ -113,46 +115,68 @@ def forward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: 
     return cfg
 
 
-def backward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: int) -> TileConfig:
+def backward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: int,
+                    labels: bool = False) -> TileConfig:
     """Tiles of the three backward kernels (dq rows, dk keys, symmetric dz rows).
 
-    The backward keeps a (BLOCK_M, BLOCK_DO) fp32 accumulator and does two
-    dots per tile, so its tiles are smaller than the forward's.
+    The backward keeps a (BLOCK_M, BLOCK_DO) fp32 accumulator and does two chained dots per
+    tile. For chained dots Triton lays all warps along M (16 rows each, a wgmma warpgroup 64):
+    BLOCK_M must be at least 16 x num_warps, or warps recompute the same score tile and
+    exponentials (64 rows on 8 warps did every tile twice). Hence 128 rows on 8 warps.
+
+    d > 128 (16-bit): the whole output of a tile up to d = 256 in one program (BLOCK_DO = 256, a
+    128 x 256 fp32 accumulator, with 32-key tiles to leave it the registers), so the score tile
+    and its exponentials are computed once per tile; beyond 256, one program per 256 output
+    features. The label rule holds two more key vectors (int64 labels): 32-key tiles and
+    128-wide output chunks keep it free of spills (ptxas -v, triton 3.9, sm_90).
     """
     if interpret_mode():
-        bd, bdo, single = _split_d(d, INTERPRET_BLOCK_D)
+        bd, bdo, single = _split_d(d, INTERPRET_BLOCK_D, 2 * INTERPRET_BLOCK_D)
         return TileConfig(INTERPRET_BLOCK, INTERPRET_BLOCK, bd, bdo, single, 4, 1)
-    bd, bdo, single = _split_d(d, _max_block_d(dtype))
+    wide = dtype in (torch.float16, torch.bfloat16)
     # BLOCK_D must equal the forward's: the backward's score tiles then accumulate over d in
-    # the same order as the forward's, so P rows sum to 1 against the stored LSE.
-    # 64 x 64 tiles, 8 warps: no spills on sm90 for d=128 (ptxas -v); small spills on sm80.
-    cfg = TileConfig(64, 64, bd, bdo, single, 8, 2)
+    # the same order as the forward's, so P rows sum to 1 against the stored LSE (to rounding:
+    # the two kernels' products may use different instruction shapes).
+    bd, bdo, single = _split_d(d, _max_block_d(dtype), 256 if (wide and not labels) else 0)
+    narrow = labels or not single
+    cfg = TileConfig(128, 32 if narrow else 64, bd, bdo, single, 8, 2)
     if dtype == torch.float64:
         cfg = replace(cfg, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     return cfg
 
 
 def dk_config(cfg: TileConfig) -> TileConfig:
-    """Tiles of the dk kernel: its own block is BLOCK_N keys, its loop runs over BLOCK_M rows.
-
-    A narrower own block (32 keys x 64 rows) avoids the register spills that
-    64 x 64 shows for the transposed tile on sm90 (16-bit, d=128).
-    """
-    if interpret_mode() or cfg.BLOCK_N <= 32:
+    """Tiles of the dk kernel: its own block is BLOCK_N keys, its loop runs over BLOCK_M rows,
+    i.e. the (keys, rows) tile of the other kernels transposed: the roles of the two block sizes
+    swap, so that its own block is the 128 rows of its score tile (wgmma, no replicated warps)."""
+    if interpret_mode() or cfg.BLOCK_M == cfg.BLOCK_N:
         return cfg
-    return replace(cfg, BLOCK_N=32)
+    return replace(cfg, BLOCK_M=cfg.BLOCK_N, BLOCK_N=cfg.BLOCK_M)
 
 
-def autotune_configs(base: TileConfig) -> list[TileConfig]:
-    """Candidate tiles around ``base`` for ``INFONCE_TRITON_AUTOTUNE=1``.
+#: Candidates of ``INFONCE_TRITON_AUTOTUNE=1`` per kernel kind, (BLOCK_M, BLOCK_N, num_warps,
+#: num_stages): every one keeps BLOCK_M >= 16 x num_warps (no warp recomputes another's rows of a
+#: chained-dot kernel) and the forward's wide tiles; six each, so a new shape bucket tunes in
+#: seconds, not minutes. The dk kernel's own block is its BLOCK_N (its tiles are transposed).
+AUTOTUNE_CANDIDATES = {
+    "forward": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 3),
+                (128, 64, 8, 2)],
+    "backward": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 3),
+                 (64, 64, 4, 3)],
+}
 
-    BLOCK_D/BLOCK_DO/SINGLE_D are fixed by d and dtype; only the block shape,
-    warps and stages vary.
-    """
-    out = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    out.append(replace(base, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
-    return out
+
+def autotune_configs(kind: str) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for ``INFONCE_TRITON_AUTOTUNE=1``:
+    ``kind`` is "forward", "backward" (dq and paired kernels) or "dk" (the backward's, with the
+    two block sizes swapped). BLOCK_D/BLOCK_DO/SINGLE_D stay fixed by d and dtype."""
+    if kind == "dk":
+        return [(bn, bm, w, st) for bm, bn, w, st in AUTOTUNE_CANDIDATES["backward"]]
+    return list(AUTOTUNE_CANDIDATES[kind])
+
+
+def shape_bucket(M: int, N: int) -> tuple[int, int]:
+    """The autotuning cache key of a launch's sizes: M and N rounded up to powers of two, so that
+    every batch size of a bucket reuses one tuning (keys also hold d, E, the label rule and the
+    dtype, which change the compiled kernel)."""
+    return next_pow2(M), next_pow2(N)

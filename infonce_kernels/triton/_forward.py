@@ -5,16 +5,15 @@
 
 Each program owns BLOCK_M rows and walks all keys in BLOCK_N blocks, keeping
 an online (running max m, running sum l) LSE in fp32 (fp64 for fp64
-inputs):
+inputs); the max is taken over the raw dot products (s > 0) and scaled once per row:
 
-    x_ij  = L_ij                                (-inf where excluded / out of range)
-    m'    = max(m, max_j x_ij)
-    l'    = l * 2^((m - m') log2 e) + sum_j 2^((x_ij - m') log2 e)
+    x_ij  = <q_i, k_j>                          (-inf where excluded / out of range)
+    m'    = s max(m / s, max_j x_ij)            (nats)
+    l'    = l * 2^((m - m') log2 e) + sum_j 2^(e_ij),   e_ij = (s x_ij - m') log2 e
     r_i   = m + ln 2 * log2 l
 
-Differences are taken in nats *before* scaling by log2(e): with |L| ~ 100
-(tau = 0.01) folding log2(e) into s would add roundings at the magnitude of
-L, i.e. relative errors ~1e-5 on every probability in fp32.
+e_ij is ``log2_prob`` (one multiply-add per element for tensor-core products; nats first for
+exact fp32 / fp64 products, see there).
 
 A tile in which every key of a row is excluded leaves m = -inf; the update
 then uses 0 in place of m' so that no exp2(-inf - -inf) = NaN appears.
@@ -29,8 +28,8 @@ import triton.language as tl
 
 from ..ops.precision import accumulation_dtype
 from . import _config
-from ._common import (LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_tile,
-                      load_tile_t, scores)
+from ._common import (LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_positives,
+                      load_tile, load_tile_t, log2_prob, scores)
 
 
 @triton.jit
@@ -53,10 +52,11 @@ def program_block(BLOCK: tl.constexpr, bound, BLOCK_DO: tl.constexpr):
 @triton.jit
 def row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E: tl.constexpr, HAS_LABELS: tl.constexpr):
     """The row side of the exclusion rule for ``rows`` (BLOCK,) of an (M,)-row side: (ex0, ex1,
-    row_label, positive), each (BLOCK,) int64 with -1 for none: the row arguments of ``kept``."""
+    row_label, positive), each (BLOCK,) with -1 for none, the indices int32 (absolute: the caller
+    subtracts a tile's first index), the labels int64: the row arguments of ``kept``."""
     ex0, ex1 = load_exclusions(ex_ptr, rows, M, E)
     rlab = load_labels(rlab_ptr, rows, M, HAS_LABELS)
-    pos = load_labels(pos_ptr, rows, M, HAS_LABELS)
+    pos = load_positives(pos_ptr, rows, M, HAS_LABELS)
     return ex0, ex1, rlab, pos
 
 
@@ -106,38 +106,39 @@ def _lse_fwd_kernel(
 
     q_tile = resident_tile(q_ptr, rows, M, D, BLOCK_M, BLOCK_D, SINGLE_D)   # reused for all keys
 
+    keys = tl.arange(0, BLOCK_N)                     # tile-relative key index
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = n0 + keys
         dots, _ = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_tile,
                              ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
-        keep = (cols[None, :] < N) & kept(cols[None, :], ex0[:, None], ex1[:, None], rlab[:, None], klab[None, :],
-                                          pos[:, None], HAS_LABELS)
-        x = tl.where(keep, dots * s, float("-inf"))                      # L_ij (nats)
-        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        keep = (keys[None, :] < N - n0) & kept(keys[None, :], (ex0 - n0)[:, None], (ex1 - n0)[:, None],
+                                               rlab[:, None], klab[None, :], (pos - n0)[:, None], HAS_LABELS)
+        x = tl.where(keep, dots, float("-inf"))                          # <q_i, k_j>, -inf if excluded
+        m_new = tl.maximum(m_i, tl.max(x, axis=1) * s)                   # nats
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC_DTYPE)
-        # subtract in nats first (near-exact), then scale to base 2 for exp2
-        l_i = l_i * tl.exp2((m_i - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe[:, None]) * LOG2E), axis=1)
+        l_i = l_i * tl.exp2((m_i - m_safe) * LOG2E) + tl.sum(tl.exp2(log2_prob(x, s, m_safe[:, None], INPUT_PRECISION)),
+                                                             axis=1)
         m_i = m_new
 
     lse = m_i + tl.log2(l_i) * LN2
     tl.store(lse_ptr + rows, lse, mask=row_ok)
 
 
-_autotuned = None
+_autotuned: dict = {}
 
 
-def _autotuned_kernel():
-    global _autotuned
-    if _autotuned is None:
-        base = _config.TileConfig(64, 64, 16, 16, True, 4, 2)
-        cfgs = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
-                              num_warps=c.num_warps, num_stages=c.num_stages)
-                for c in _config.autotune_configs(base)]
-        _autotuned = triton.autotune(cfgs, key=["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"])(_lse_fwd_kernel)
-    return _autotuned
+def _autotuned_kernel(M: int, N: int):
+    """The autotuned forward kernel of the shape bucket of (M, N) (one tuning per bucket)."""
+    bucket = _config.shape_bucket(M, N)
+    if bucket not in _autotuned:
+        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                for bm, bn, w, st in _config.autotune_configs("forward")]
+        _autotuned[bucket] = triton.autotune(cfgs, key=["D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"])(
+            _lse_fwd_kernel)
+    return _autotuned[bucket]
 
 
 def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
@@ -164,7 +165,7 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec) -> 
     rl, kl, pos = labels if labels is not None else (q, q, q)
     common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype))
     if _config.autotune_enabled():
-        kern = _autotuned_kernel()
+        kern = _autotuned_kernel(M, N)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
         kern[grid](q, k, scale, ex, rl, kl, pos, lse, M, N, D, **common,
                    BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
