@@ -32,7 +32,8 @@ namespace {
 // A 64 x 512 float32 tile is 128 KiB: the dots, the logits and G stay in L2 together.
 constexpr int64_t kRows = 64;
 constexpr int64_t kCols = 512;
-constexpr int64_t kGroups = 16;  // row groups = column groups of the gradient sweep
+constexpr int64_t kGroups = 16;    // row groups = column groups of the gradient sweep, at most
+constexpr int64_t kMinGroup = 16;  // rows (columns) per group, at least: a side of 64 rows still gives 4 groups
 
 struct Span {
   int64_t begin;
@@ -139,7 +140,7 @@ struct Sweep {
   template <typename scalar_t>
   std::pair<double, double> with_gradients() const {
     const int64_t M = x.size(0), N = y.size(0);
-    const int64_t groups = std::max<int64_t>(1, std::min({kGroups, ceil_div(M, kRows), ceil_div(N, kRows)}));
+    const int64_t groups = std::max<int64_t>(1, std::min({kGroups, M / kMinGroup, N / kMinGroup}));
     std::vector<double> dt_parts(groups * groups, 0.0), db_parts(groups * groups, 0.0);
     for (int64_t round = 0; round < groups; ++round) {
       at::parallel_for(0, groups, 1, [&](int64_t p0, int64_t p1) {

@@ -13,7 +13,7 @@ import torch
 from .. import _validation as v
 from .. import distributed
 from ..ops import accumulation_dtype, fused_sigmoid, sigmoid_backward, sigmoid_with_grad
-from ..ops.pairwise_sigmoid import finite_scalar, resolve_sigmoid_backend
+from ..ops.pairwise_sigmoid import backward_run, scaled_gradients, finite_scalar, resolve_sigmoid_backend
 from ._common import LossModule, shared_doc
 
 __all__ = ["siglip_loss", "SigLipLoss"]
@@ -104,36 +104,39 @@ class _GatheredSigmoid(torch.autograd.Function):
     def forward(ctx, x, y, scale, bias, labels, where, total, backend):
         all_x, all_y = distributed.gather_rows(x, where), distributed.gather_rows(y, where)
         start = where.offset
-        own = None if labels is None else labels
         every = None if labels is None else distributed.gather_rows(labels, where)
-        pairs = None if labels is None else (own, every)
-        ctx.where, ctx.total, ctx.backend, ctx.has_labels, ctx.start = where, total, backend, labels is not None, start
+        pairs = None if labels is None else (labels, every)  # (this rank's labels, every rank's)
+        ctx.where, ctx.total, ctx.backend, ctx.start = where, total, backend, start
         if not total:
-            ctx.save_for_backward(x, y, all_x, all_y, scale, bias, *(() if labels is None else (own, every)))
+            ctx.save_for_backward(x, y, all_x, all_y, scale, bias, *(pairs or ()))
             return fused_sigmoid(x, all_y, scale, bias, pairs, start, backend)
         if not any(ctx.needs_input_grad[:4]):
             return fused_sigmoid(x, all_y, scale, bias, pairs, start, backend).sum()
         rows, dx, _, dscale, dbias = sigmoid_with_grad(x, all_y, scale, bias, pairs, start, backend)
         _, dy, _, _, _ = sigmoid_with_grad(y, all_x, scale, bias, pairs, start, backend)
-        ctx.save_for_backward(dx, dy, dscale, dbias)
+        ctx.save_for_backward(dx, dy, dscale, dbias, x, y, scale, bias)
         return rows.sum()
 
     @staticmethod
     def backward(ctx, g):
+        # Through backward_run: a gradient taken with create_graph=True raises when differentiated again.
         if ctx.total:
-            dx, dy, dscale, dbias = ctx.saved_tensors
-            return (g * dx).to(dx.dtype), (g * dy).to(dy.dtype), g * dscale, g * dbias, None, None, None, None
+            return (*backward_run(scaled_gradients, g, *ctx.saved_tensors), None, None, None, None)
         x, y, all_x, all_y, scale, bias, *labels = ctx.saved_tensors
         own, every = labels if labels else (None, None)
         all_g = distributed.gather_rows(g.contiguous(), ctx.where)
         start = ctx.start
-        # this rank's images against all texts: dx and the (t, b) share of this rank's rows
-        dx, _, dscale, dbias = sigmoid_backward(g, x, all_y, scale, bias, None if own is None else (own, every),
-                                                start, ctx.backend)
-        # every image (with its rank's upstream gradient) against this rank's texts: dy
-        _, dy, _, _ = sigmoid_backward(all_g, all_x, y, scale, bias, None if own is None else (every, own),
-                                       -start, ctx.backend)
-        return dx, dy, dscale, dbias, None, None, None, None
+
+        def gradients(*inputs):
+            # this rank's images against all texts: dx and the (t, b) share of this rank's rows
+            dx, _, dscale, dbias = sigmoid_backward(g, x, all_y, scale, bias, None if own is None else (own, every),
+                                                    start, ctx.backend)
+            # every image (with its rank's upstream gradient) against this rank's texts: dy
+            _, dy, _, _ = sigmoid_backward(all_g, all_x, y, scale, bias, None if own is None else (every, own),
+                                           -start, ctx.backend)
+            return dx, dy, dscale, dbias
+
+        return (*backward_run(gradients, x, y, scale, bias), None, None, None, None)
 
 
 def _gathered_siglip(img, txt, scale, bias, labels, reduction, where, backend):

@@ -178,4 +178,7 @@ def sigmoid_unavailable_reason(name: str, device) -> Optional[str]:
     reason = unavailable_reason(name, device)
     if reason is None and not hasattr(implementation(name), "sigmoid_forward"):
         reason = f"the {name} backend does not implement the pairwise sigmoid op (sigmoid_forward/sigmoid_backward)"
+    if reason is None and name == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "infonce_kernels::_sigmoid_fwd", "CUDA"):
+        reason = "infonce_kernels._C was built without the CUDA kernels of the pairwise sigmoid op"
     return reason

@@ -24,6 +24,8 @@ and forward-mode AD are refused with one sentence (:func:`_reverse_mode_only`): 
 registered autograd cannot serve them.
 """
 
+import math
+
 import torch
 from torch.autograd import forward_ad
 
@@ -34,7 +36,7 @@ from .transforms import first_order
 
 __all__ = ["sigmoid", "fused_sigmoid", "sigmoid_with_grad", "sigmoid_backward", "resolve_sigmoid_backend",
            "finite_scalar", "sigmoid_op", "sigmoid_sum_op", "sigmoid_with_grad_op", "sigmoid_backward_op",
-           "UNSUPPORTED_TRANSFORMS"]
+           "backward_run", "scaled_gradients", "UNSUPPORTED_TRANSFORMS"]
 
 UNSUPPORTED_TRANSFORMS = ("infonce_kernels: the pairwise sigmoid op supports reverse-mode autograd (backward, "
                           "torch.autograd.grad) only: torch.func transforms (grad, vjp, vmap, jvp, ...) and "
@@ -95,7 +97,7 @@ def _(grad, x, y, scale, bias, row_labels, col_labels, offset, backend):
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale), torch.empty_like(bias)
 
 
-def _backward_run(op, *args):
+def backward_run(op, *args):
     """``op(*args)`` inside a backward: eagerly through :func:`first_order`, so that a gradient
     taken with ``create_graph=True`` raises when differentiated again instead of treating this
     backward as a constant."""
@@ -112,7 +114,7 @@ def _setup_sigmoid(ctx, inputs, output):
 
 def _backward_sigmoid(ctx, grad):
     x, y, scale, bias, row_labels, col_labels = ctx.saved_tensors
-    dx, dy, dscale, dbias = _backward_run(sigmoid_backward_op, grad, x, y, scale, bias, row_labels, col_labels,
+    dx, dy, dscale, dbias = backward_run(sigmoid_backward_op, grad, x, y, scale, bias, row_labels, col_labels,
                                           ctx.offset, ctx.backend)
     return dx, dy, dscale, dbias, None, None, None, None
 
@@ -153,7 +155,7 @@ def _setup_sum(ctx, inputs, output):
     ctx.save_for_backward(*output[1:], *inputs[:4])
 
 
-def _scaled(g, dx, dy, dscale, dbias, *inputs):
+def scaled_gradients(g, dx, dy, dscale, dbias, *inputs):
     """The unit gradients of the fused sweep times the upstream scalar ``g``. ``inputs`` (x, y,
     scale, bias) are not read: passed through :func:`first_order`, they connect a gradient
     taken with ``create_graph=True`` to them, so that differentiating it again raises."""
@@ -163,7 +165,7 @@ def _scaled(g, dx, dy, dscale, dbias, *inputs):
 def _backward_sum(ctx, g, *unused):
     if g is None:  # the sum itself was not used
         return (None,) * 8
-    dx, dy, dscale, dbias = _backward_run(_scaled, g, *ctx.saved_tensors)
+    dx, dy, dscale, dbias = backward_run(scaled_gradients, g, *ctx.saved_tensors)
     return dx, dy, dscale, dbias, None, None, None, None
 
 
@@ -223,18 +225,13 @@ def sigmoid_backward(grad, x, y, scale, bias, labels=None, offset=0, backend="au
 
 def finite_scalar(name: str, value, *, device, dtype) -> torch.Tensor:
     """A float or a one-element floating tensor as a 0-d tensor of ``dtype`` (differentiable when
-    it is one); a Python number is checked here, a tensor's value by ``check_values``."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if value.device != device and value.device.type != "cpu":
-            raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-        return value.reshape(()).to(device=device, dtype=dtype)
+    it is one), of any sign; a Python number is checked here, a tensor's value by
+    ``check_values`` (finite)."""
+    if isinstance(value, torch.Tensor):  # the shape, dtype and device checks of every scalar argument
+        return v.positive_scalar(name, value, device=device, dtype=dtype)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
-    if not v.tracing() and not torch.isfinite(torch.tensor(float(value))):
+    if not v.tracing() and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return torch.scalar_tensor(float(value), device=device, dtype=dtype)
 

@@ -9,6 +9,13 @@ layer with contiguous arguments it has checked, on one device), and the registry
         -> (dq, dscale)
     available(device) -> (bool, reason)
 
+and of the pairwise sigmoid op (``infonce_kernels::_sigmoid_fwd`` / ``_sigmoid_bwd``, kernels in
+``_sigmoid.py``):
+
+    sigmoid_forward(x, y, scale, bias, labels, offset, with_grad)
+        -> (rows,) or (rows, dx, dy, dscale, dbias)
+    sigmoid_backward(grad, x, y, scale, bias, labels, offset) -> (dx, dy, dscale, dbias)
+
 Shapes: q (M, d), k (N, d) (``k is q`` when ``spec.symmetric``), scale () fp32/fp64,
 ``spec`` an ``infonce_kernels.ops.Exclusion`` (exclude (M, E) int64, E in {0, 1, 2}, -1 = none,
 and the optional label rule), lse/grad (M,).
@@ -29,6 +36,8 @@ Layout:
     _forward.py   forward kernel: row-block online LSE
     _backward.py  dq / dk kernels (general), the paired dq kernel (paired and
                   symmetric backward), dscale
+    _sigmoid.py   the pairwise sigmoid (SigLIP) kernels: row sweep (loss, dx, dscale, dbias)
+                  and column sweep (dy)
 """
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["forward", "backward", "backward_paired", "available"]
+__all__ = ["forward", "backward", "backward_paired", "available", "sigmoid_forward", "sigmoid_backward"]
 
 _kernels_mode = None  # interpret mode the kernel modules were decorated in (None: not loaded yet)
 
@@ -144,3 +153,33 @@ def backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, r
     with _device_guard(q):
         return bwd.lse_backward_paired(grad.to(lse.dtype), q, k, scale, spec, lse, key_grad.to(lse.dtype),
                                        key_lse.to(lse.dtype), key_spec, int(row_offset))
+
+
+def _load_sigmoid(x: torch.Tensor):
+    """The pairwise sigmoid kernels (imported on first use, bfloat16 refused under the interpreter
+    as in ``_load``)."""
+    _load(x)
+    from . import _sigmoid  # noqa: PLC0415
+    return _sigmoid
+
+
+def sigmoid_forward(x, y, scale, bias, labels, offset, with_grad):
+    """Pairwise sigmoid loss rows ``rows_i = sum_j softplus(-z_ij (t <x_i, y_j> + b))`` and, with
+    ``with_grad``, the gradients for a unit upstream gradient on every row, from the same sweep.
+
+    x (M, d), y (N, d) one dtype (fp16/bf16/fp32; fp64 too); scale t, bias b () accumulation dtype;
+    labels () (positives: j - i == offset) or (row_labels (M,), col_labels (N,)) int64 (positives:
+    equal labels). Returns (rows,) or (rows, dx, dy, dscale, dbias): rows (M,) accumulation dtype,
+    dx (M, d) / dy (N, d) in the input dtype, dscale / dbias () accumulation dtype.
+    """
+    sig = _load_sigmoid(x)
+    with _device_guard(x):
+        return sig.sigmoid_forward(x, y, scale, bias, tuple(labels), int(offset), bool(with_grad))
+
+
+def sigmoid_backward(grad, x, y, scale, bias, labels, offset):
+    """(dx, dy, dscale, dbias) of the pairwise sigmoid loss for the upstream gradient ``grad`` (M,)
+    of its rows (arguments as :func:`sigmoid_forward`)."""
+    sig = _load_sigmoid(x)
+    with _device_guard(x):
+        return sig.sigmoid_backward(grad, x, y, scale, bias, tuple(labels), int(offset))
