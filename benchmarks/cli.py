@@ -109,6 +109,7 @@ def main(argv=None):
     data["machine"]["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runner.sweep(args, device, data, json_path)
     data["machine"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    data["machine"]["load_average_finished"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     runner.write_json(data, json_path)
     _write_report(data, out, prefix, f"{prefix}.json")
     return 0

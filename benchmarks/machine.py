@@ -64,6 +64,8 @@ def describe(device="cpu"):
         "torch": torch.__version__,
         "infonce_kernels": _package_version(),
         "git_commit": _git_commit(),
+        # 1, 5 and 15 minute load averages: on a shared machine the timings scale with them
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
         import triton

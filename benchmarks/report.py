@@ -40,6 +40,17 @@ def _ratios(fused, base):
     return [f"{fused['seconds'] / base['seconds']:.2f}x", memory]
 
 
+def _load(m):
+    """The sentence on the load average (1, 5, 15 min) at the start and the end of the run, if recorded."""
+    def fmt(avg):
+        return "/".join(f"{a:.1f}" for a in avg)
+
+    if not m.get("load_average"):
+        return ""
+    end = f", {fmt(m['load_average_finished'])} at the end" if m.get("load_average_finished") else ""
+    return f" Load average (1/5/15 min) {fmt(m['load_average'])} at the start{end}."
+
+
 def groups(results):
     out = defaultdict(list)
     for r in results:
@@ -57,7 +68,7 @@ def markdown(data):
     m = data["machine"]
     lines = [f"Machine: {m.get('cpu_model')} ({m.get('cpu_cores')} cores"
              f"{', GPU ' + m['gpu_name'] if m.get('gpu_name') else ''}), "
-             f"torch {m.get('torch')}, commit {m.get('git_commit')}.", ""]
+             f"torch {m.get('torch')}, commit {m.get('git_commit')}.{_load(m)}", ""]
     for (kind, mode, dtype, dim), rs in sorted(groups(data["results"]).items()):
         provs = list(dict.fromkeys(r["provider"] for r in rs))
         fused = next((p for p in provs if p.startswith("ours:") and p not in BASELINES), None)

@@ -68,3 +68,18 @@ def test_providers_agree(kind):
         for got, ref in zip(grads, want_grads):
             torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * ref.abs().max().item(),
                                        msg=f"{kind}: {name} gradient")
+
+
+@pytest.mark.parametrize("provider", cases.providers("siglip", "cpu"))
+def test_siglip_worker_smoke(provider):
+    """One SigLIP fwd+bwd case through the CLI's worker at a tiny shape: it is measured (status
+    ok, a finite time, a peak byte count) and its gradients reach every leaf (features, t, b)."""
+    from . import worker
+
+    result = worker.run(dict(kind="siglip", provider=provider, rows=64, dim=16, dtype="float32",
+                             mode="forward+backward", device="cpu", repeats=2))
+    assert result["status"] == "ok", result
+    assert len(result["seconds_all"]) == 2 and result["peak_bytes"] >= 0
+    leaves, fn = cases.build("siglip", provider, 64, 16, torch.float32, "cpu")
+    fn(*leaves).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in leaves)
