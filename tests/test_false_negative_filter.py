@@ -116,7 +116,7 @@ LAYOUTS = {  # name: sample() options
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_values_gradients_and_dropped_count_match_the_pairwise_oracle(backend, dtype, layout):
-    c = sample(11, 13, 6, dtype, seed=hash((dtype, layout)) % 1000, **LAYOUTS[layout])
+    c = sample(11, 13, 6, dtype, seed=2 * list(LAYOUTS).index(layout) + (dtype == F64), **LAYOUTS[layout])
     q, k, s, g, sym = c["q"], c["k"], c["scale"], c["g"], c["symmetric"]
     got = lse_grads(public_lse(c, backend), q, k, s, g, sym)
     ref = lse_grads(dense(c["kept"]), q, k, s, g, sym)
