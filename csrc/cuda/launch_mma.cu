@@ -1,5 +1,5 @@
 // Launchers of the fp16 / bf16 tensor-core kernels (mma_kernels.cuh): grid shapes, shared memory,
-// the label-rule instantiation (LBL) and the pass sequence of each backward.
+// the label-rule and threshold-rule instantiations (LBL, THR) and the pass sequence of each backward.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -20,19 +20,25 @@ cudaError_t allow_smem(Kernel kern, size_t smem) {
   return cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
 }
 
-template <typename Tag, bool LBL>
+template <typename Tag, bool LBL, bool THR>
 cudaError_t fwd_mma(const LseParams& p, cudaStream_t stream) {
   // vec: cp.async of 16-B chunks needs 16-B aligned rows (d % 8 == 0) and bases
   const bool vec = p.d % 8 == 0 && aligned16(p.q) && aligned16(p.k);
   // 69,632 B (d <= kDK) or 104,448 B dynamic (+ 1,024 B static sKL with labels)
   const size_t smem = fwd_mma_smem(p.d <= kDK);
-  auto kern = lse_fwd_mma_kernel<Tag, LBL>;
+  auto kern = lse_fwd_mma_kernel<Tag, LBL, THR>;
   cudaError_t err = allow_smem(kern, smem);
   if (err != cudaSuccess) return err;
   kern<<<dim3(static_cast<unsigned>(cdiv(p.M, kFwdBM))), kMmaThreads, smem, stream>>>(
       static_cast<const uint16_t*>(p.q), static_cast<const uint16_t*>(p.k), static_cast<const float*>(p.scale),
-      p.rows, p.M, p.N, p.d, vec, static_cast<float*>(p.lse_out));
+      p.rows, p.M, p.N, p.d, vec, static_cast<float*>(p.lse_out), p.dropped_out);
   return cudaGetLastError();
+}
+
+// The threshold-rule instantiation of the forward (THR only when the rows have thresholds).
+template <typename Tag, bool LBL>
+cudaError_t fwd_mma_rules(const LseParams& p, cudaStream_t stream) {
+  return p.rows.thresholded() ? fwd_mma<Tag, LBL, true>(p, stream) : fwd_mma<Tag, LBL, false>(p, stream);
 }
 
 // One backward pass: X rows (nX) against Y columns (nY), output dX (nX, d).
@@ -43,7 +49,8 @@ cudaError_t bwd_mma_launch(const void* X, const void* Y, int64_t nX, int64_t nY,
   const int64_t d = p.d;
   const bool vec = d % 8 == 0 && aligned16(X) && aligned16(Y);
   const size_t smem = bwd_mma_smem(d <= kDK);  // 52,224 B (d <= kDK) or 104,448 B
-  auto kern = lse_bwd_mma_kernel<Tag, MODE, LBL>;
+  auto kern = has_threshold(sides) ? lse_bwd_mma_kernel<Tag, MODE, LBL, true>
+                                   : lse_bwd_mma_kernel<Tag, MODE, LBL, false>;
   cudaError_t err = allow_smem(kern, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(cdiv(nX, kBM)), static_cast<unsigned>(cdiv(d, kDV)));
@@ -96,8 +103,9 @@ cudaError_t paired_mma(const LseParams& p, cudaStream_t stream) {
 
 cudaError_t forward_mma(const LseParams& p, cudaStream_t stream) {
   const bool lbl = p.rows.labelled();
-  if (p.dtype == DType::kFloat16) return lbl ? fwd_mma<F16Tag, true>(p, stream) : fwd_mma<F16Tag, false>(p, stream);
-  return lbl ? fwd_mma<BF16Tag, true>(p, stream) : fwd_mma<BF16Tag, false>(p, stream);
+  if (p.dtype == DType::kFloat16)
+    return lbl ? fwd_mma_rules<F16Tag, true>(p, stream) : fwd_mma_rules<F16Tag, false>(p, stream);
+  return lbl ? fwd_mma_rules<BF16Tag, true>(p, stream) : fwd_mma_rules<BF16Tag, false>(p, stream);
 }
 
 cudaError_t backward_mma(const LseParams& p, cudaStream_t stream) {

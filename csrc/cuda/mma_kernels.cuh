@@ -103,6 +103,18 @@ __device__ __forceinline__ void load_col64(int64_t* dst, const int64_t* __restri
     cp_async8(smem_addr(dst + threadIdx.x), in ? v + col + threadIdx.x : v, in);
   }
 }
+// 4 bytes (one float: .ca), or 4 zero bytes when !in.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool in) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 4 : 0)
+               : "memory");
+}
+// One float per thread < kBN: entry col + threadIdx.x of v (0 past n) into dst[threadIdx.x].
+__device__ __forceinline__ void load_col32(float* dst, const float* __restrict__ v, int64_t col, int64_t n) {
+  if (threadIdx.x < kBN) {
+    const bool in = col + threadIdx.x < n;
+    cp_async4(smem_addr(dst + threadIdx.x), in ? v + col + threadIdx.x : v, in);
+  }
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
@@ -201,11 +213,16 @@ __device__ __forceinline__ void mma_qk(float (&s)[MT][8][4], const uint16_t* sX,
 // {0, 1}) and, of every key tile, columns nt * 8 + 2 tq + e (nt < 8, e < 2); a row's (m, l) is
 // kept by the 4 lanes of its quad (m equal in the 4, l a partial sum, added at the end).
 // Registers: 64 fp32 accumulators + 4 rows' state; see the ptxas report (no spills).
-template <typename Tag, bool LBL>
+// Threshold rule (THR, false-negative filtering; launched only when rule.threshold is set, so the
+// THR = false code is the rule-free kernel): each row's threshold and positive in registers, the
+// logit s * S (nats) compared through exclusion.h's threshold_dropped inside the same
+// branch-free mask, and the keys it drops counted per row into dropped[row] (quad-reduced).
+template <typename Tag, bool LBL, bool THR>
 __global__ void __launch_bounds__(kMmaThreads)
     lse_fwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
                        const float* __restrict__ scale_ptr, const infonce_kernels::ExclusionRule rule,
-                       int64_t M, int64_t N, int64_t d, bool vec, float* __restrict__ lse) {
+                       int64_t M, int64_t N, int64_t d, bool vec, float* __restrict__ lse,
+                       int32_t* __restrict__ dropped) {
   constexpr int MT = kFwdMTiles, R = 2 * MT;  // m16 tiles and rows per thread
   const int64_t* __restrict__ exclude = rule.lists;
   const int64_t* __restrict__ row_labels = rule.row_labels;
@@ -223,23 +240,28 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
   const int64_t row_base = int64_t(blockIdx.x) * kFwdBM;
-  const float scale2 = __ldg(scale_ptr) * kLog2e;
+  const float scale = __ldg(scale_ptr);
+  const float scale2 = scale * kLog2e;
+  const float* __restrict__ threshold = static_cast<const float*>(rule.threshold);
 
   int64_t row[R], ex[R][2];
-  int64_t rl[R], rp[R];  // row label, positive (LBL only)
+  int64_t rl[R], rp[R];  // row label (LBL), positive (LBL or THR)
+  float rt[R];           // row threshold in nats (THR; +inf past M)
+  int cnt[R];            // keys the threshold rule dropped, this lane's columns (THR)
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     row[r] = row_base + warp * 16 * MT + (r >> 1) * 16 + gq + 8 * (r & 1);
     ex[r][0] = ex[r][1] = -1;
     rl[r] = 0;
     rp[r] = -1;
+    rt[r] = INFINITY;
+    cnt[r] = 0;
     if (row[r] < M) {
       if (E > 0) ex[r][0] = exclude[row[r] * E];
       if (E > 1) ex[r][1] = exclude[row[r] * E + 1];
-      if (LBL) {
-        rl[r] = row_labels[row[r]];
-        rp[r] = positive[row[r]];
-      }
+      if (LBL) rl[r] = row_labels[row[r]];
+      if (LBL || THR) rp[r] = positive[row[r]];
+      if (THR) rt[r] = threshold[row[r]];
     }
   }
   float m[R], l[R];  // running max (log2 domain), same in the 4 lanes of a quad; partial sum
@@ -313,6 +335,7 @@ __global__ void __launch_bounds__(kMmaThreads)
       float(&sr)[8][4] = s[r >> 1];
       const int h = r & 1;
       const int x0 = tile_index(ex[r][0], col_base, kBN), x1 = tile_index(ex[r][1], col_base, kBN);
+      const int xtp = THR ? tile_index(rp[r], col_base, kBN) : -1;  // the positive, never dropped
       float mx = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
@@ -321,6 +344,11 @@ __global__ void __launch_bounds__(kMmaThreads)
           const int lc = nt * 8 + 2 * tq + e;
           bool ok = lc < cvalid && lc != x0 && lc != x1;
           if (LBL) ok &= ((lmask[r] >> (2 * nt + e)) & 1u) == 0u;
+          if (THR) {  // clause 3 on the keys clauses 1 and 2 keep: counted, then masked
+            const bool dr = ok && threshold_dropped(sr[nt][2 * h + e] * scale, rt[r], lc, xtp);
+            cnt[r] += dr;
+            ok &= !dr;
+          }
           const float x = ok ? sr[nt][2 * h + e] * scale2 : -INFINITY;
           sr[nt][2 * h + e] = x;
           mx = fmaxf(mx, x);
@@ -350,6 +378,12 @@ __global__ void __launch_bounds__(kMmaThreads)
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     // sum == 0 only for a fully excluded row (a caller error): r = -inf, not NaN.
     if (tq == 0 && row[r] < M) lse[row[r]] = (m[r] + log2f(sum)) * kLn2;
+    if (THR) {
+      int c = cnt[r];
+      c += __shfl_xor_sync(0xffffffffu, c, 1);
+      c += __shfl_xor_sync(0xffffffffu, c, 2);
+      if (tq == 0 && row[r] < M) dropped[row[r]] = c;
+    }
   }
 }
 
@@ -392,7 +426,14 @@ struct ColStage {
 // columns' labels as keys (row term); yq = the Y columns as queries (kCol, kSym; unused in kRow),
 // whose lists and positives number the X rows from x_offset, x_key_labels = the X rows' labels as
 // keys (column term).
-template <typename Tag, int MODE, bool LBL>
+// Threshold rule (THR, false-negative filtering; launched only when a side has thresholds, so the
+// THR = false code is the rule-free kernel): each side uses its own rows' thresholds. The row term
+// reads the X rows' (sXt, positives in sXrp; +inf for a side without them), the column term the Y
+// columns' (sCt and sQp, copied by cp.async with the key tile's labels; positives made local to
+// the row block per column), both from shared memory where they are used: no registers live
+// across the product (the two-sided kernel is at 233-254 of 255). The logit s * S (nats) is
+// compared through exclusion.h's threshold_dropped and folded into the same branch-free -inf mask.
+template <typename Tag, int MODE, bool LBL, bool THR>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     lse_bwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
                        const float* __restrict__ scale_ptr, const Sides<float> sides, int64_t nX,
@@ -414,11 +455,16 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   constexpr bool kColTerm = MODE != kRow;
   constexpr bool kRowLbl = LBL && MODE != kCol;  // row term: X row = query, Y column = key
   constexpr bool kColLbl = LBL && MODE != kRow;  // column term: Y column = query, X row = key
+  constexpr bool kRowThr = THR && MODE != kCol;  // threshold rule, row term
+  constexpr bool kColThr = THR && MODE != kRow;  // threshold rule, column term
+  constexpr bool kColPos = kColLbl || kColThr, kRowPos = kRowLbl || kRowThr;
   __shared__ float4 sCol[kColTerm ? kStages : 1][kColTerm ? kBN : 1];  // {r2, g, x0, x1 (int bits)}
   __shared__ int64_t sKL[kRowLbl ? kStages : 1][kRowLbl ? kBN : 1];    // y_key_labels of the Y columns
   __shared__ int64_t sQL[kColLbl ? kStages : 1][kColLbl ? kBN : 1];    // yq.labels of the Y columns
-  __shared__ int64_t sQp[kColLbl ? kStages : 1][kColLbl ? kBN : 1];    // yq.positive of the Y columns
-  __shared__ int64_t sXrl[kRowLbl ? kBM : 1], sXrp[kRowLbl ? kBM : 1];  // xq.labels / positive of the X rows
+  __shared__ int64_t sQp[kColPos ? kStages : 1][kColPos ? kBN : 1];    // yq.positive of the Y columns
+  __shared__ float sCt[kColThr ? kStages : 1][kColThr ? kBN : 1];      // yq.threshold of the Y columns
+  __shared__ int64_t sXrl[kRowLbl ? kBM : 1], sXrp[kRowPos ? kBM : 1];  // xq.labels / positive of the X rows
+  __shared__ float sXt[kRowThr ? kBM : 1];                              // xq.threshold of the X rows
   __shared__ int64_t sXkl[kColLbl ? kBM : 1];                           // x_key_labels of the X rows
   __shared__ float sRed[kMmaThreads / 32];
 
@@ -455,13 +501,16 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   }
   // The X rows' label-rule entries (LBL) stay in shared memory, read once per key tile by the
   // mask pre-pass below: in registers (12 more per thread) ptxas spilled the two-sided kernel.
-  if (LBL && threadIdx.x < kBM) {
+  if ((LBL || kRowThr) && threadIdx.x < kBM) {
     const int64_t r = row_base + threadIdx.x;
     const bool v = r < nX;
     if (kRowLbl) {
       sXrl[threadIdx.x] = v ? xq.labels[r] : 0;
       sXrp[threadIdx.x] = v ? xq.positive[r] : -1;
+    } else if constexpr (kRowThr) {  // a side without the rule has no positives: +inf drops nothing
+      sXrp[threadIdx.x] = v && xq.positive != nullptr ? xq.positive[r] : -1;
     }
+    if constexpr (kRowThr) sXt[threadIdx.x] = v && xq.threshold != nullptr ? xq.threshold[r] : INFINITY;
     if (kColLbl) sXkl[threadIdx.x] = v ? x_key_labels[r] : 0;
   }
 
@@ -495,6 +544,13 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     if (kColLbl) {
       load_col64(sQL[t], yq.labels, col, nY);
       load_col64(sQp[t], yq.positive, col, nY);
+    }
+    // if constexpr: without THR the lambda does not capture the rule's data.
+    if constexpr (kColThr) {  // a side without the rule: positives -1 and thresholds +inf (plain stores)
+      if (!kColLbl && yq.positive != nullptr) load_col64(sQp[t], yq.positive, col, nY);
+      else if (!kColLbl && threadIdx.x < kBN) sQp[t][threadIdx.x] = -1;
+      if (yq.threshold != nullptr) load_col32(sCt[t], yq.threshold, col, nY);
+      else if (threadIdx.x < kBN) sCt[t][threadIdx.x] = INFINITY;
     }
   };
   // Stage (col, c) into buffer b; with the first chunk of a key tile of parity t, its value tile.
@@ -599,6 +655,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
           if (MODE != kCol) {  // W_ab: row a = X row (query), key b = Y column
             bool ok = cok && lc != x0[h] && lc != x1[h];
             if (kRowLbl) ok &= ((rmask >> (bit + h)) & 1u) == 0u;
+            // Threshold rule (THR): row lr's threshold and positive (local to this key tile).
+            if constexpr (kRowThr)
+              ok &= !threshold_dropped(sv * scale, sXt[lr], lc, tile_index(sXrp[lr], col_base, kBN));
             const float p = fast_exp2(ok ? sv * scale2 - rr2[h] : -INFINITY);
             dsc += rg[h] * p * sv;
             w = (MODE == kRow) ? p : rg[h] * p;
@@ -606,6 +665,11 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
           if (kColTerm) {  // W_ba (V_ba when paired): row b = Y column (query), key a = X row
             bool ok = cok && lr != __float_as_int(ci.z) && lr != __float_as_int(ci.w);
             if (kColLbl) ok &= ((cmask >> (bit + h)) & 1u) == 0u;
+            // Threshold rule (THR): column lc's threshold and positive (local to the row block;
+            // x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel).
+            if constexpr (kColThr)
+              ok &= !threshold_dropped(sv * scale, sCt[tb][lc], lr,
+                                       tile_index(sQp[tb][lc] - x_offset, row_base, kBM));
             w += ci.y * fast_exp2(ok ? sv * scale2 - ci.x : -INFINITY);
           }
           s[nt][2 * h + e] = (MODE == kRow) ? w : w * inv_gmax;

@@ -26,8 +26,10 @@ with h (N,) the keys' upstream gradient, rho (N,) their LSE, and Q_ji = 0
 where key j, as a row, excludes row i (its own list ``key_exclude`` (N, E')
 numbering the rows of q from ``row_offset``, or the label rule seen from
 key j: key_labels[j] == row_labels[i] and key_positive[j] != i + row_offset).
-Each program produces its rows of dq with one pass over the key blocks, two
-exp2 per pair, no atomics. The symmetric backward (k is q = z, M = N) is the
+With the threshold rule each side drops by its own rows' thresholds: P_ij = 0 where
+s <q_i,k_j> > threshold_i (j not row i's positive), Q_ji = 0 where s <q_i,k_j> > key_threshold_j
+(i + row_offset not key j's positive). Each program produces its rows of dq with one pass
+over the key blocks, two exp2 per pair, no atomics. The symmetric backward (k is q = z, M = N) is the
 launch with the key side = the row side and row_offset = 0:
 
     dz = s (W + W^T) z,   (W + W^T)_ij = g_i P_ij + g_j P_ji
@@ -50,8 +52,8 @@ import triton.language as tl
 
 from . import _config
 from ..ops.precision import accumulation_dtype
-from ._common import acc_dtype, input_precision, kept, load_labels, load_positives, load_tile, log2_prob
-from ._forward import block_range, program_block, resident_tile, row_rule, score_tile
+from ._common import acc_dtype, input_precision, kept, load_labels, load_tile, log2_prob
+from ._forward import block_range, program_block, resident_tile, row_rule, rule_args, score_tile
 
 
 @triton.jit
@@ -73,17 +75,18 @@ def _store_chunk(out_ptr, idx, idx_ok, do0, D, val, BLOCK_DO: tl.constexpr):
 
 
 @triton.jit
-def _lse_rows(start, BLOCK: tl.constexpr, bound, ex_ptr, lab_ptr, pos_ptr, lse_ptr, g_ptr, gs,
-              E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _lse_rows(start, BLOCK: tl.constexpr, bound, ex_ptr, lab_ptr, pos_ptr, thr_ptr, lse_ptr, g_ptr, gs,
+              E: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_THRESHOLD: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Rows ``start + [0, BLOCK)`` of a log-sum-exp side with ``bound`` rows, as an inner loop
-    walks them: (idx, ok, ex0, ex1, label, positive, lse, g / gs), each (BLOCK,): the indices and
-    their in-range mask, their side of the exclusion rule (``row_rule``), their LSE and their
-    upstream gradient divided by the range scale gs, in ACC_DTYPE."""
+    walks them: (idx, ok, ex0, ex1, label, positive, threshold, lse, g / gs), each (BLOCK,): the
+    indices and their in-range mask, their side of the exclusion rule (``row_rule``), their LSE
+    and their upstream gradient divided by the range scale gs, in ACC_DTYPE."""
     idx, ok = block_range(start, BLOCK, bound)
-    ex0, ex1, lab, pos = row_rule(ex_ptr, lab_ptr, pos_ptr, idx, bound, E, HAS_LABELS)
+    ex0, ex1, lab, pos, thr = row_rule(ex_ptr, lab_ptr, pos_ptr, thr_ptr, idx, bound, E, HAS_LABELS, HAS_THRESHOLD,
+                                       ACC_DTYPE)
     lse = tl.load(lse_ptr + idx, mask=ok, other=0.0).to(ACC_DTYPE)
     g = tl.load(g_ptr + idx, mask=ok, other=0.0).to(ACC_DTYPE) / gs
-    return idx, ok, ex0, ex1, lab, pos, lse, g
+    return idx, ok, ex0, ex1, lab, pos, thr, lse, g
 
 
 @triton.jit
@@ -102,14 +105,15 @@ def _accumulate(acc, w, ptr, idx, idx_bound, tile_t, do0, D,
 
 @triton.jit
 def _dq_kernel(
-    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr, dq_ptr, part_ptr,
+    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, thr_ptr, lse_ptr, g_ptr, dq_ptr, part_ptr,
     M, N, D,
     E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
 ):
     pid_m, rows, row_ok, do0 = program_block(BLOCK_M, M, BLOCK_DO)
-    ex0, ex1, rlab, pos = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
+    ex0, ex1, rlab, pos, thr = row_rule(ex_ptr, rlab_ptr, pos_ptr, thr_ptr, rows, M, E, HAS_LABELS, HAS_THRESHOLD,
+                                        ACC_DTYPE)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)           # (BLOCK_M,)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)                # (BLOCK_M,)
@@ -127,7 +131,7 @@ def _dq_kernel(
         klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
         keep = row_ok[:, None] & (keys[None, :] < N - n0) & kept(
             keys[None, :], (ex0 - n0)[:, None], (ex1 - n0)[:, None], rlab[:, None], klab[None, :], (pos - n0)[:, None],
-            HAS_LABELS)
+            HAS_LABELS, dots, s, thr[:, None], HAS_THRESHOLD)
         p = tl.exp2(tl.where(keep, log2_prob(dots, s, lse[:, None], INPUT_PRECISION), float("-inf")))  # P_ij
         pl += tl.sum(p * dots, axis=1)
         acc = _accumulate(acc, p, k_ptr, cols, N, k_tile_t, do0, D,
@@ -141,11 +145,11 @@ def _dq_kernel(
 
 @triton.jit
 def _dk_kernel(
-    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr, gmax_ptr, dk_ptr,
+    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, thr_ptr, lse_ptr, g_ptr, gmax_ptr, dk_ptr,
     M, N, D,
     E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
 ):
     # One program = BLOCK_N keys x one d-out chunk; walks all row blocks.
     # Tiles are held transposed: (keys, rows).
@@ -160,14 +164,15 @@ def _dk_kernel(
     n_base = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC_DTYPE)   # sum_i (g_i/gs) P_ij q_i
     for m0 in range(0, M, BLOCK_M):
-        rows, row_ok, ex0, ex1, rlab, pos, lse, g = _lse_rows(
-            m0, BLOCK_M, M, ex_ptr, rlab_ptr, pos_ptr, lse_ptr, g_ptr, gs, E, HAS_LABELS, ACC_DTYPE)
+        rows, row_ok, ex0, ex1, rlab, pos, thr, lse, g = _lse_rows(
+            m0, BLOCK_M, M, ex_ptr, rlab_ptr, pos_ptr, thr_ptr, lse_ptr, g_ptr, gs, E, HAS_LABELS, HAS_THRESHOLD,
+            ACC_DTYPE)
         # <k_j, q_i>  (BLOCK_N, BLOCK_M); q_tile_t (BLOCK_D, BLOCK_M)
         dots, q_tile_t = score_tile(k_ptr, q_ptr, cols, rows, N, M, D, k_tile,
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_D)
         keep = col_ok[:, None] & row_ok[None, :] & kept(
             keys[:, None], (ex0 - n_base)[None, :], (ex1 - n_base)[None, :], rlab[None, :], klab[:, None],
-            (pos - n_base)[None, :], HAS_LABELS)
+            (pos - n_base)[None, :], HAS_LABELS, dots, s, thr[None, :], HAS_THRESHOLD)
         w = tl.exp2(tl.where(keep, log2_prob(dots, s, lse[None, :], INPUT_PRECISION), float("-inf"))) * g[None, :]
         acc = _accumulate(acc, w, q_ptr, rows, M, q_tile_t, do0, D,
                           ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_DO, SINGLE_D)
@@ -177,13 +182,13 @@ def _dk_kernel(
 
 @triton.jit
 def _dq_paired_kernel(
-    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr,
-    kex_ptr, krlab_ptr, kklab_ptr, kpos_ptr, klse_ptr, kg_ptr, gmax_ptr, dq_ptr, part_ptr,
+    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, thr_ptr, lse_ptr, g_ptr,
+    kex_ptr, krlab_ptr, kklab_ptr, kpos_ptr, kthr_ptr, klse_ptr, kg_ptr, gmax_ptr, dq_ptr, part_ptr,
     M, N, D, row_offset,
     E: tl.constexpr, KE: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr, HAS_THRESHOLD: tl.constexpr, KEY_THRESHOLD: tl.constexpr,
 ):
     # dq_i = s * sum_j (g_i P_ij + h_j Q_ji) k_j ; rows i of this program, all keys j.
     #   row side:  P_ij = exp(s<q_i,k_j> - r_i)   unless row i excludes key j
@@ -193,9 +198,12 @@ def _dq_paired_kernel(
     #               krlab[j] == kklab[i] and kpos[j] != i + row_offset, where krlab (N,) are the
     #               keys' labels as rows and kklab (M,) the rows' labels as keys of the key side:
     #               key_labels / row_labels when paired, row_labels / key_labels when symmetric)
+    #   threshold rule: each side's own, thr_ptr (M,) for the rows (HAS_THRESHOLD), kthr_ptr (N,)
+    #              for the keys as rows (KEY_THRESHOLD), each kept positive (pos / kpos) as above
     # Symmetric backward: k = q, key side = row side, row_offset = 0 -> dz = s (W + W^T) z.
     pid_m, rows, row_ok, do0 = program_block(BLOCK_M, M, BLOCK_DO)
-    exr0, exr1, rlab_r, pos_r = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
+    exr0, exr1, rlab_r, pos_r, thr_r = row_rule(ex_ptr, rlab_ptr, pos_ptr, thr_ptr, rows, M, E, HAS_LABELS,
+                                                HAS_THRESHOLD, ACC_DTYPE)
     kklab_r = load_labels(kklab_ptr, rows, M, HAS_LABELS)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     gs = _load_g_scale(gmax_ptr, ACC_DTYPE)                 # max(|g|, |h|)
@@ -213,16 +221,19 @@ def _dq_paired_kernel(
     pl = tl.zeros((BLOCK_M,), ACC_DTYPE)             # sum_j P_ij <q_i, k_j>  (for dscale)
     for n0 in range(0, N, BLOCK_N):
         # the keys as rows of their own LSE (key j's list numbers the rows of q from row_offset)
-        cols, col_ok, exc0, exc1, krlab_c, kpos_c, lse_c, h_c = _lse_rows(
-            n0, BLOCK_N, N, kex_ptr, krlab_ptr, kpos_ptr, klse_ptr, kg_ptr, gs, KE, HAS_LABELS, ACC_DTYPE)
+        cols, col_ok, exc0, exc1, krlab_c, kpos_c, thr_c, lse_c, h_c = _lse_rows(
+            n0, BLOCK_N, N, kex_ptr, krlab_ptr, kpos_ptr, kthr_ptr, klse_ptr, kg_ptr, gs, KE, HAS_LABELS, KEY_THRESHOLD,
+            ACC_DTYPE)
         dots, k_cols_t = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_rows,
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         both = row_ok[:, None] & col_ok[None, :]
         klab_c = load_labels(klab_ptr, cols, N, HAS_LABELS)
         keep_ij = both & kept(kj[None, :], (exr0 - n0)[:, None], (exr1 - n0)[:, None], rlab_r[:, None],
-                              klab_c[None, :], (pos_r - n0)[:, None], HAS_LABELS)
+                              klab_c[None, :], (pos_r - n0)[:, None], HAS_LABELS, dots, s, thr_r[:, None],
+                              HAS_THRESHOLD)
         keep_ji = both & kept(ri[:, None], (exc0 - r_base)[None, :], (exc1 - r_base)[None, :], krlab_c[None, :],
-                              kklab_r[:, None], (kpos_c - r_base)[None, :], HAS_LABELS)
+                              kklab_r[:, None], (kpos_c - r_base)[None, :], HAS_LABELS, dots, s, thr_c[None, :],
+                              KEY_THRESHOLD)
         p_ij = tl.exp2(tl.where(keep_ij, log2_prob(dots, s, lse_r[:, None], INPUT_PRECISION), float("-inf")))
         q_ji = tl.exp2(tl.where(keep_ji, log2_prob(dots, s, lse_c[None, :], INPUT_PRECISION), float("-inf")))
         pl += tl.sum(p_ij * dots, axis=1)
@@ -239,9 +250,9 @@ def _dq_paired_kernel(
 _autotuned: dict = {}
 
 _TUNE_KEYS = {
-    "dq": ["D", "E", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D"],
-    "dk": ["D", "E", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D"],
-    "paired": ["D", "E", "KE", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D"],
+    "dq": ["D", "E", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D", "HAS_THRESHOLD"],
+    "dk": ["D", "E", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D", "HAS_THRESHOLD"],
+    "paired": ["D", "E", "KE", "HAS_LABELS", "BLOCK_D", "BLOCK_DO", "SINGLE_D", "HAS_THRESHOLD", "KEY_THRESHOLD"],
 }
 
 
@@ -258,6 +269,14 @@ def _maybe_autotuned(kernel, name: str, M: int, N: int):
     return _autotuned[slot]
 
 
+def _holds_rule_vectors(*specs) -> bool:
+    """Whether a launch holds the label or threshold rule's per-row / per-key vectors (labels,
+    positives, thresholds): ``backward_config``'s narrower tiles (``labels=True``) then leave
+    them registers. The threshold rule takes them as the label rule does (no spill-checked wide
+    tiles for it yet)."""
+    return any(spec.labels is not None or spec.threshold is not None for spec in specs)
+
+
 def _dq_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset):
     """Launch :func:`_dq_paired_kernel`: -> (dq (M, d) q.dtype, dscale () scale.dtype).
 
@@ -272,25 +291,23 @@ def _dq_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_of
     N = k.shape[0]
     exclude, key_exclude, labels = spec.exclude, key_spec.exclude, spec.labels
     E, KE = exclude.shape[1], key_exclude.shape[1]
-    cfg = _config.backward_config(q.device, q.dtype, M, N, D, labels=labels is not None)
+    has_threshold, key_threshold = spec.threshold is not None, key_spec.threshold is not None
+    cfg = _config.backward_config(q.device, q.dtype, M, N, D, labels=_holds_rule_vectors(spec, key_spec))
     tune = _config.autotune_enabled()
     ex = exclude if E > 0 else q                       # dummy pointers, never read
     kex = key_exclude if KE > 0 else q
-    if labels is not None:
-        rlab, klab, pos = labels
-        krlab, kklab, kpos = key_spec.labels
-    else:
-        rlab = klab = pos = krlab = kklab = kpos = q
+    # the key side's: labels of the keys as rows, of the rows as keys, the keys' positives and thresholds
+    rules, key_rules = rule_args(spec, q), rule_args(key_spec, q)
     # One range divisor for both sides: the weights are (g_i P_ij + h_j Q_ji) / gmax.
     gmax = grad.abs().amax() if key_grad is grad else torch.maximum(grad.abs().amax(), key_grad.abs().amax())
     n_dchunks = triton.cdiv(D, cfg.BLOCK_DO)
     partials = torch.zeros(triton.cdiv(M, 64 if tune else cfg.BLOCK_M), device=q.device,
                            dtype=accumulation_dtype(q.dtype))
     dq = torch.empty_like(q)
-    args = (q, k, scale, ex, rlab, klab, pos, lse, grad, kex, krlab, kklab, kpos, key_lse, key_grad, gmax,
+    args = (q, k, scale, ex, *rules, lse, grad, kex, *key_rules, key_lse, key_grad, gmax,
             dq, partials, M, N, D, int(row_offset))
     common = dict(E=E, KE=KE, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype),
-                  INPUT_PRECISION=input_precision(q.dtype))
+                  INPUT_PRECISION=input_precision(q.dtype), HAS_THRESHOLD=has_threshold, KEY_THRESHOLD=key_threshold)
     if tune:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
         _maybe_autotuned(_dq_paired_kernel, "paired", M, N)[grid](
@@ -322,11 +339,12 @@ def lse_backward(grad, q, k, scale, spec, lse):
     N = k.shape[0]
     exclude, labels = spec.exclude, spec.labels
     E = exclude.shape[1]
-    cfg = _config.backward_config(q.device, q.dtype, M, N, D, labels=labels is not None)
+    cfg = _config.backward_config(q.device, q.dtype, M, N, D, labels=_holds_rule_vectors(spec))
     tune = _config.autotune_enabled()
     ex = exclude if E > 0 else q                       # dummy pointer, never read
-    lab = labels if labels is not None else (q, q, q)
-    common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype))
+    lab = rule_args(spec, q)
+    common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype),
+                  INPUT_PRECISION=input_precision(q.dtype), HAS_THRESHOLD=spec.threshold is not None)
     gmax = grad.abs().amax()             # device scalar; no host sync
     n_dchunks = triton.cdiv(D, cfg.BLOCK_DO)
     d_meta = dict(BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)

@@ -1,4 +1,5 @@
-"""Shared Triton helpers: tile loads, the exclusion rule (``kept``), dtype plumbing.
+"""Shared Triton helpers: tile loads, the exclusion rule (``kept``, with the threshold rule's
+``load_threshold`` / ``threshold_drops``), dtype plumbing.
 
 Imports triton: only imported by the kernel modules, never at package import.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._config import exact_fp32
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)    # ln(2):   log(x) = log2(x) * LN2
@@ -75,29 +78,55 @@ def load_labels(lab_ptr, idx, idx_bound, HAS_LABELS: tl.constexpr):
 
 
 @triton.jit
-def load_positives(pos_ptr, idx, idx_bound, HAS_LABELS: tl.constexpr):
+def load_positives(pos_ptr, idx, idx_bound, HAS_POSITIVE: tl.constexpr):
     """Designated positives (indices) of ``idx`` -> (BLOCK,) int32 (:func:`as_index32`); -1 out of
-    range / without the label rule."""
-    return as_index32(load_labels(pos_ptr, idx, idx_bound, HAS_LABELS))
+    range / without a rule that has them (the label rule, the threshold rule: one ``positive``
+    serves both)."""
+    return as_index32(load_labels(pos_ptr, idx, idx_bound, HAS_POSITIVE))
 
 
 @triton.jit
-def kept(key, ex0, ex1, row_label, key_label, positive, HAS_LABELS: tl.constexpr):
+def load_threshold(thr_ptr, idx, idx_bound, HAS_THRESHOLD: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Thresholds (logit units) of rows ``idx`` -> (BLOCK,) ACC_DTYPE; +inf (drops nothing) out
+    of range / without the threshold rule."""
+    if HAS_THRESHOLD:
+        out = tl.load(thr_ptr + idx, mask=idx < idx_bound, other=float("inf")).to(ACC_DTYPE)
+    else:
+        out = tl.full(idx.shape, float("inf"), ACC_DTYPE)
+    return out
+
+
+@triton.jit
+def threshold_drops(key, dots, s, threshold, positive):
+    """The threshold rule alone (false-negative filtering): row i drops key j when its logit
+    L_ij = s <q_i, k_j> (``dots * s``: the raw dot product times the scale, the threshold's
+    units, rounded as the reference rounds it) exceeds row i's ``threshold``, unless j is its
+    ``positive`` (indices as in :func:`kept`)."""
+    return (dots * s > threshold) & (key != positive)
+
+
+@triton.jit
+def kept(key, ex0, ex1, row_label, key_label, positive, HAS_LABELS: tl.constexpr,
+         dots, s, threshold, HAS_THRESHOLD: tl.constexpr):
     """Is pair (i, j) kept: the one Triton definition of the exclusion rule (the Python one is
     ``infonce_kernels.ops.Exclusion.mask``, the C++ one csrc/common/exclusion.h).
 
     Arguments broadcast against each other (a row axis and a key axis, in either order): ``key``
     the key's index j; ``ex0``/``ex1`` row i's excluded indices (none: any value no key index
     equals); with the label rule, ``row_label``/``key_label`` the labels of i and j and
-    ``positive`` row i's designated positive, which stays. ``key``, ``ex0``, ``ex1`` and
-    ``positive`` are indices in one numbering: the kernels pass them tile-relative, as int32
-    (``key`` = tl.arange over the tile, the others minus the tile's first index, once per row or
-    key vector), so the per-element compares are int32 against a constant lane index. Bounds
+    ``positive`` row i's designated positive, which stays; with the threshold rule, the pair's
+    raw dot product ``dots``, the scale ``s`` and row i's ``threshold`` (:func:`threshold_drops`;
+    the positive stays there too). ``key``, ``ex0``, ``ex1`` and ``positive`` are indices in one
+    numbering: the kernels pass them tile-relative, as int32 (``key`` = tl.arange over the tile,
+    the others minus the tile's first index, once per row or key vector), so the per-element
+    compares are int32 against a constant lane index. Bounds
     (i < M, j < N) are the caller's.
     """
     keep = (key != ex0) & (key != ex1)
     if HAS_LABELS:
         keep = keep & ((row_label != key_label) | (key == positive))
+    if HAS_THRESHOLD:
+        keep = keep & ~threshold_drops(key, dots, s, threshold, positive)
     return keep
 
 
@@ -164,7 +193,7 @@ def input_precision(dtype: torch.dtype) -> str:
     fp64 uses the fp64 path regardless.
     """
     if dtype == torch.float32:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return "ieee" if exact_fp32(dtype) else "tf32"
     if dtype == torch.float64:
         return "ieee"
     return "tf32"

@@ -15,10 +15,14 @@ inputs); the max is taken over the raw dot products (s > 0) and scaled once per 
 e_ij is ``log2_prob`` (one multiply-add per element for tensor-core products; nats first for
 exact fp32 / fp64 products, see there).
 
+With the threshold rule a pair is also excluded when s x_ij (the logit, in the threshold's
+units) > threshold_i and j is not row i's positive; the forward counts those drops per row
+(among the pairs the other rules keep) in the same sweep.
+
 A tile in which every key of a row is excluded leaves m = -inf; the update
 then uses 0 in place of m' so that no exp2(-inf - -inf) = NaN appears.
 
-Shapes: q (M, d), k (N, d), scale () , exclude (M, E) int64, lse (M,).
+Shapes: q (M, d), k (N, d), scale () , exclude (M, E) int64, lse (M,), threshold (M,), dropped (M,) int32.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import triton.language as tl
 from ..ops.precision import accumulation_dtype
 from . import _config
 from ._common import (LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_positives,
-                      load_tile, load_tile_t, log2_prob, scores)
+                      load_threshold, load_tile, load_tile_t, log2_prob, scores, threshold_drops)
 
 
 @triton.jit
@@ -50,14 +54,18 @@ def program_block(BLOCK: tl.constexpr, bound, BLOCK_DO: tl.constexpr):
 
 
 @triton.jit
-def row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E: tl.constexpr, HAS_LABELS: tl.constexpr):
+def row_rule(ex_ptr, rlab_ptr, pos_ptr, thr_ptr, rows, M, E: tl.constexpr, HAS_LABELS: tl.constexpr,
+             HAS_THRESHOLD: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """The row side of the exclusion rule for ``rows`` (BLOCK,) of an (M,)-row side: (ex0, ex1,
-    row_label, positive), each (BLOCK,) with -1 for none, the indices int32 (absolute: the caller
-    subtracts a tile's first index), the labels int64: the row arguments of ``kept``."""
+    row_label, positive, threshold), each (BLOCK,): the indices int32 with -1 for none (absolute:
+    the caller subtracts a tile's first index), the labels int64 (-1), the thresholds ACC_DTYPE
+    (+inf for none): the row arguments of ``kept``. ``positive`` serves the label rule and the
+    threshold rule alike (loaded when either is on)."""
     ex0, ex1 = load_exclusions(ex_ptr, rows, M, E)
     rlab = load_labels(rlab_ptr, rows, M, HAS_LABELS)
-    pos = load_positives(pos_ptr, rows, M, HAS_LABELS)
-    return ex0, ex1, rlab, pos
+    pos = load_positives(pos_ptr, rows, M, HAS_LABELS or HAS_THRESHOLD)
+    thr = load_threshold(thr_ptr, rows, M, HAS_THRESHOLD, ACC_DTYPE)
+    return ex0, ex1, rlab, pos, thr
 
 
 @triton.jit
@@ -93,15 +101,17 @@ def score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_tile,
 
 @triton.jit
 def _lse_fwd_kernel(
-    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr,
+    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, thr_ptr, lse_ptr, cnt_ptr,
     M, N, D,
     E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows, row_ok = block_range(pid * BLOCK_M, BLOCK_M, M)
-    ex0, ex1, rlab, pos = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
+    ex0, ex1, rlab, pos, thr = row_rule(ex_ptr, rlab_ptr, pos_ptr, thr_ptr, rows, M, E, HAS_LABELS, HAS_THRESHOLD,
+                                        ACC_DTYPE)
+    dropped = tl.zeros((BLOCK_M,), tl.int32)   # keys the threshold rule drops (among the others' kept)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
 
     q_tile = resident_tile(q_ptr, rows, M, D, BLOCK_M, BLOCK_D, SINGLE_D)   # reused for all keys
@@ -115,7 +125,12 @@ def _lse_fwd_kernel(
                              ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
         keep = (keys[None, :] < N - n0) & kept(keys[None, :], (ex0 - n0)[:, None], (ex1 - n0)[:, None],
-                                               rlab[:, None], klab[None, :], (pos - n0)[:, None], HAS_LABELS)
+                                               rlab[:, None], klab[None, :], (pos - n0)[:, None], HAS_LABELS,
+                                               dots, s, thr[:, None], False)
+        if HAS_THRESHOLD:  # kept(..., HAS_THRESHOLD) in two steps, counting the second
+            drop = keep & threshold_drops(keys[None, :], dots, s, thr[:, None], (pos - n0)[:, None])
+            dropped += tl.sum(drop.to(tl.int32), axis=1)
+            keep = keep & ~drop
         x = tl.where(keep, dots, float("-inf"))                          # <q_i, k_j>, -inf if excluded
         m_new = tl.maximum(m_i, tl.max(x, axis=1) * s)                   # nats
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC_DTYPE)
@@ -125,6 +140,8 @@ def _lse_fwd_kernel(
 
     lse = m_i + tl.log2(l_i) * LN2
     tl.store(lse_ptr + rows, lse, mask=row_ok)
+    if HAS_THRESHOLD:
+        tl.store(cnt_ptr + rows, dropped, mask=row_ok)
 
 
 _autotuned: dict = {}
@@ -136,12 +153,24 @@ def _autotuned_kernel(M: int, N: int):
     if bucket not in _autotuned:
         cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
                 for bm, bn, w, st in _config.autotune_configs("forward")]
-        _autotuned[bucket] = triton.autotune(cfgs, key=["D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"])(
-            _lse_fwd_kernel)
+        _autotuned[bucket] = triton.autotune(
+            cfgs, key=["D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D", "HAS_THRESHOLD"])(_lse_fwd_kernel)
     return _autotuned[bucket]
 
 
-def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
+def rule_args(spec, dummy):
+    """The kernel pointers of ``spec``'s label and threshold rules, (row_labels, key_labels,
+    positive, threshold): ``dummy`` (never read) for a rule that is off; ``positive`` is the
+    one both rules keep."""
+    def given(t):
+        return dummy if t is None else t
+
+    if spec.labels is None:
+        return dummy, dummy, given(spec.positive), given(spec.threshold)
+    return spec.row_labels, spec.key_labels, given(spec.positive), given(spec.threshold)
+
+
+def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec, count: bool = False):
     """Row LSE of ``scale * q @ k.T`` without the pairs ``spec`` excludes.
 
     Args:
@@ -150,10 +179,12 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec) -> 
         scale: () fp32 (fp64 for fp64 inputs), read on device.
         spec: ``infonce_kernels.ops.Exclusion``: exclude (M, E) int64, E in {0, 1, 2}, -1 = none;
             with the label rule row i also skips every key j with key_labels[j] == row_labels[i]
-            and j != positive[i].
+            and j != positive[i]; with the threshold rule every key j with s <q_i, k_j> >
+            threshold[i] and j != positive[i].
+        count: also return the threshold rule's per-row dropped count.
 
     Returns:
-        lse: (M,) fp32 (fp64 for fp64 inputs).
+        lse: (M,) fp32 (fp64 for fp64 inputs); with ``count`` (lse, dropped (M,) int32).
     """
     M, D = q.shape
     N = k.shape[0]
@@ -162,14 +193,16 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec) -> 
     lse = torch.empty(M, device=q.device, dtype=accumulation_dtype(q.dtype))
     cfg = _config.forward_config(q.device, q.dtype, M, N, D)
     ex = exclude if E > 0 else q                       # dummy pointer, never read
-    rl, kl, pos = labels if labels is not None else (q, q, q)
-    common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype))
+    rules = rule_args(spec, q)
+    dropped = torch.zeros(M, device=q.device, dtype=torch.int32)
+    common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype),
+                  INPUT_PRECISION=input_precision(q.dtype), HAS_THRESHOLD=spec.threshold is not None)
     if _config.autotune_enabled():
         kern = _autotuned_kernel(M, N)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-        kern[grid](q, k, scale, ex, rl, kl, pos, lse, M, N, D, **common,
+        kern[grid](q, k, scale, ex, *rules, lse, dropped, M, N, D, **common,
                    BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
     else:
         grid = (triton.cdiv(M, cfg.BLOCK_M),)
-        _lse_fwd_kernel[grid](q, k, scale, ex, rl, kl, pos, lse, M, N, D, **common, **cfg.meta())
-    return lse
+        _lse_fwd_kernel[grid](q, k, scale, ex, *rules, lse, dropped, M, N, D, **common, **cfg.meta())
+    return (lse, dropped) if count else lse
