@@ -5,6 +5,7 @@
     clip.py       CLIP (symmetric)              supcon.py     SupCon (L_out), multi-view
     decoupled.py  DCL, DCLW, DHEL               debiased.py   hard-negative and debiased NT-Xent
     kcl.py        KCL (Gaussian kernel)         metrics.py    alignment, uniformity
+    retrieval.py  retrieval InfoNCE: hard negatives, multi-direction, hardness, false-negative filter
 """
 
 from .clip import ClipLoss, clip_loss
@@ -14,6 +15,7 @@ from .info_nce import InfoNCELoss, info_nce
 from .kcl import KCLLoss, kcl
 from .metrics import alignment, uniformity
 from .nt_xent import NTXentLoss, nt_xent
+from .retrieval import RetrievalInfoNCELoss, SymmetricRetrievalInfoNCELoss, retrieval_info_nce
 from .supcon import SupConLoss, supcon
 
 __all__ = [
@@ -23,4 +25,5 @@ __all__ = [
     "kcl", "KCLLoss",
     "hard_negative_nt_xent", "debiased_nt_xent", "HardNegativeNTXentLoss", "DebiasedNTXentLoss",
     "alignment", "uniformity",
+    "retrieval_info_nce", "RetrievalInfoNCELoss", "SymmetricRetrievalInfoNCELoss",
 ]
