@@ -32,9 +32,10 @@ inline void check_lse_inputs(
 }
 
 // The label rule's three tensors: all empty (rule off), or (M,), (N,), (M,) int64 on q's device.
+// With the threshold rule on, positive alone may be given (labels empty): check_lse_threshold.
 inline bool check_lse_labels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& row_labels,
-                             const at::Tensor& key_labels, const at::Tensor& positive) {
-  const bool off = row_labels.numel() == 0 && key_labels.numel() == 0 && positive.numel() == 0;
+                             const at::Tensor& key_labels, const at::Tensor& positive, bool thresholded = false) {
+  const bool off = row_labels.numel() == 0 && key_labels.numel() == 0 && (thresholded || positive.numel() == 0);
   if (off) return false;
   TORCH_CHECK(row_labels.dim() == 1 && row_labels.size(0) == q.size(0),
               "lse: row_labels must have shape (M,) = (", q.size(0), ",)");
@@ -49,31 +50,53 @@ inline bool check_lse_labels(const at::Tensor& q, const at::Tensor& k, const at:
   return true;
 }
 
-// The schema's `Tensor[] labels`: [] (rule off) or [row_labels, key_labels, positive]; the rule
-// off gives three empty int64 tensors on the device of `like`.
+// The threshold rule's tensors: threshold empty (rule off), or (M,) of the accumulation type on
+// q's device, and then positive (M,) int64 on q's device (with or without the label rule).
+inline bool check_lse_threshold(const at::Tensor& q, const at::Tensor& positive, const at::Tensor& threshold,
+                                const char* op = "lse", const char* name = "threshold",
+                                const char* positive_name = "positive") {
+  if (threshold.numel() == 0) return false;
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == q.size(0), op, ": ", name, " must have shape (",
+              q.size(0), ",), one entry per row");
+  TORCH_CHECK(threshold.scalar_type() == acc, op, ": ", name, " must be float64 for float64 inputs and float32 "
+              "otherwise");
+  TORCH_CHECK(threshold.device() == q.device(), op, ": ", name, " must be on the device of its rows");
+  TORCH_CHECK(positive.dim() == 1 && positive.size(0) == q.size(0) && positive.scalar_type() == at::kLong,
+              op, ": the threshold rule needs ", positive_name, " int64 of shape (", q.size(0), ",)");
+  TORCH_CHECK(positive.device() == q.device(), op, ": ", positive_name, " must be on the device of its rows");
+  return true;
+}
+
+// The schema's `Tensor[] labels`: [] (both rules off), [row_labels, key_labels, positive] (the
+// label rule) or [row_labels, key_labels, positive, threshold] (the threshold rule, with
+// row_labels and key_labels empty when the label rule is off); the missing ones are empty
+// tensors on the device of `like`.
 struct LabelTensors {
-  at::Tensor row_labels, key_labels, positive;
+  at::Tensor row_labels, key_labels, positive, threshold;
 };
 inline LabelTensors unpack_labels(at::TensorList labels, const at::Tensor& like) {
-  TORCH_CHECK(labels.empty() || labels.size() == 3,
-              "lse: labels must be [] or [row_labels, key_labels, positive], got ", labels.size(), " tensors");
-  if (labels.empty()) {
-    const at::Tensor none = at::empty({0}, like.options().dtype(at::kLong));
-    return {none, none, none};
-  }
-  return {labels[0], labels[1], labels[2]};
+  TORCH_CHECK(labels.empty() || labels.size() == 3 || labels.size() == 4,
+              "lse: labels must be [], [row_labels, key_labels, positive] or [row_labels, key_labels, positive, "
+              "threshold], got ", labels.size(), " tensors");
+  const at::Tensor none = at::empty({0}, like.options().dtype(at::kLong));
+  if (labels.empty()) return {none, none, none, none};
+  return {labels[0], labels[1], labels[2], labels.size() == 4 ? labels[3] : none};
 }
 
 // The schema's `Tensor[] key_side` of _lse_bwd_paired: [key_grad, key_lse, key_exclude], plus
-// key_positive when the label rule is on (empty otherwise).
+// key_positive when the label rule or the key side's threshold rule is on, plus key_threshold
+// for the latter (missing ones empty).
 struct KeySideTensors {
-  at::Tensor grad, lse, exclude, positive;
+  at::Tensor grad, lse, exclude, positive, threshold;
 };
 inline KeySideTensors unpack_key_side(at::TensorList key_side, const at::Tensor& like) {
-  TORCH_CHECK(key_side.size() == 3 || key_side.size() == 4,
-              "lse_bwd_paired: key_side must be [key_grad, key_lse, key_exclude] plus key_positive with labels");
-  const at::Tensor positive = key_side.size() == 4 ? key_side[3] : at::empty({0}, like.options().dtype(at::kLong));
-  return {key_side[0], key_side[1], key_side[2], positive};
+  TORCH_CHECK(key_side.size() >= 3 && key_side.size() <= 5,
+              "lse_bwd_paired: key_side must be [key_grad, key_lse, key_exclude] plus key_positive with labels or "
+              "a key threshold, plus key_threshold");
+  const at::Tensor none = at::empty({0}, like.options().dtype(at::kLong));
+  return {key_side[0], key_side[1], key_side[2], key_side.size() >= 4 ? key_side[3] : none,
+          key_side.size() == 5 ? key_side[4] : none};
 }
 
 inline void check_lse_grad_inputs(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& lse) {
@@ -91,7 +114,7 @@ inline void check_lse_grad_inputs(const at::Tensor& grad, const at::Tensor& q, c
 // label rule, the keys' designated positives (N,).
 inline void check_key_side(const at::Tensor& k, const at::Tensor& key_grad, const at::Tensor& key_lse,
                            const at::Tensor& key_exclude, const at::Tensor& key_positive, bool labelled,
-                           int64_t row_offset) {
+                           int64_t row_offset, bool thresholded = false) {
   const auto acc = k.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = k.size(0);
   TORCH_CHECK(key_grad.dim() == 1 && key_grad.size(0) == N && key_grad.scalar_type() == acc,
@@ -101,9 +124,11 @@ inline void check_key_side(const at::Tensor& k, const at::Tensor& key_grad, cons
   TORCH_CHECK(key_exclude.scalar_type() == at::kLong && key_exclude.dim() == 2 &&
                   key_exclude.size(0) == N && key_exclude.size(1) <= 2,
               "lse_bwd_paired: key_exclude must be int64 of shape (N, E) with E <= 2");
-  TORCH_CHECK(labelled ? (key_positive.dim() == 1 && key_positive.size(0) == N) : key_positive.numel() == 0,
-              "lse_bwd_paired: key_positive must have shape (N,) with the label rule and be empty without");
-  TORCH_CHECK(!labelled || key_positive.scalar_type() == at::kLong, "lse_bwd_paired: key_positive must be int64");
+  const bool positive = labelled || thresholded;
+  TORCH_CHECK(positive ? (key_positive.dim() == 1 && key_positive.size(0) == N) : key_positive.numel() == 0,
+              "lse_bwd_paired: key_positive must have shape (N,) with the label rule or a key threshold and be "
+              "empty without");
+  TORCH_CHECK(!positive || key_positive.scalar_type() == at::kLong, "lse_bwd_paired: key_positive must be int64");
   TORCH_CHECK(row_offset >= 0, "lse_bwd_paired: row_offset must be >= 0");
   for (const at::Tensor* t : {&key_grad, &key_lse, &key_exclude, &key_positive}) {
     TORCH_CHECK(t->device() == k.device(), "lse_bwd_paired: the key-side tensors must be on the device of k");

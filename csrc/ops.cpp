@@ -1,14 +1,24 @@
 // Schema of the fused log-sum-exp op, defined once for every backend.
 //
-//   _lse_fwd(q, k, scale, exclude, labels = [row_labels, key_labels, positive] or [], symmetric) -> lse
+//   _lse_fwd(q, k, scale, exclude, labels, symmetric) -> lse
+//     labels: [] (no rule), [row_labels, key_labels, positive] (the label rule), or
+//       [row_labels, key_labels, positive, threshold] (the threshold rule; row_labels and
+//       key_labels empty when the label rule is off).
 //     q (M, d), k (N, d): float16 / bfloat16 / float32 / float64, same dtype and device.
 //     scale: 0-d tensor (float32, float64 for float64 inputs), s > 0.
 //     exclude: (M, E) int64, E <= 2; row i never sees key exclude[i, e] (-1 = none).
 //     row_labels (M,), key_labels (N,), positive (M,): int64, all three empty to switch the
 //       label rule off. With them, row i also skips every key j with key_labels[j] ==
 //       row_labels[i], except its designated positive j == positive[i] (-1 = none).
+//     threshold (M,) float32 (float64 for float64), with positive (M,) int64: row i also drops
+//       every key j with s <q_i, k_j> > threshold[i] and j != positive[i] (false-negative
+//       filtering; +inf drops nothing).
 //     symmetric: k is q (M == N); enables the one-pass symmetric backward.
 //     lse (M,): r_i = log sum_{j not excluded} exp(s <q_i, k_j>), float32 (float64 for float64).
+//
+//   _lse_fwd_counted(same arguments) -> (lse, dropped)
+//     dropped (M,) int32: per row, the keys the threshold rule dropped among those the list and
+//     the label rule keep (zeros without a threshold), counted in the same forward sweep.
 //
 //   _lse_bwd(grad, q, k, scale, exclude, labels, symmetric, lse)
 //     -> (dq, dk, dscale)
@@ -17,13 +27,16 @@
 //     symmetric: dq = s (W + W^T) z is the whole gradient on z = q = k, dk is empty.
 //
 //   _lse_bwd_paired(grad, q, k, scale, exclude, labels, lse,
-//                   key_side = [key_grad, key_lse, key_exclude(, key_positive)], row_offset) -> (dq, dscale)
+//                   key_side = [key_grad, key_lse, key_exclude(, key_positive(, key_threshold))],
+//                   row_offset) -> (dq, dscale)
 //     The gradient on q when the keys are rows of a log-sum-exp too (docs/design.md, The
 //     primitive, and The distributed scheme):
 //       dq_i = s sum_j (W_ij + V_ji) k_j,  V_ji = h_j exp(s <q_i, k_j> - rho_j)
 //     with h = key_grad, rho = key_lse (N,), and V_ji = 0 where key j, as a row, excludes row i:
 //     i + row_offset in key_exclude[j] (N, E), or, with the label rule, key_labels[j] ==
-//     row_labels[i] and key_positive[j] != i + row_offset. dscale = sum_ij W_ij <q_i, k_j>.
+//     row_labels[i] and key_positive[j] != i + row_offset, or, with key_threshold (N,),
+//     s <q_i, k_j> > key_threshold[j] and key_positive[j] != i + row_offset.
+//     dscale = sum_ij W_ij <q_i, k_j>.
 //     The symmetric backward is the case k = q; a rank's rows against all-gathered rows, and
 //     the two directions of CLIP, are the others.
 //
@@ -36,9 +49,13 @@
 TORCH_LIBRARY(infonce_kernels, m) {
   // Private kernel ops: the public op is infonce_kernels::lse (Python, infonce_kernels/ops),
   // which validates its arguments and dispatches to these (or to the Triton/reference backends).
-  // labels: [] (rule off) or [row_labels, key_labels, positive];
-  // key_side: [key_grad, key_lse, key_exclude] plus key_positive when labels are given.
+  // labels: [] (rules off), [row_labels, key_labels, positive] or [..., threshold];
+  // key_side: [key_grad, key_lse, key_exclude] plus key_positive (labels or key threshold) plus
+  // key_threshold.
   m.def("_lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor[] labels, bool symmetric) -> Tensor");
+  m.def(
+      "_lse_fwd_counted(Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor[] labels, bool symmetric) "
+      "-> (Tensor, Tensor)");
   m.def(
       "_lse_bwd(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor[] labels, "
       "bool symmetric, Tensor lse) -> (Tensor, Tensor, Tensor)");

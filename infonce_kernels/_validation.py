@@ -177,6 +177,29 @@ def label_tensors(row_labels, key_labels, positive, rows: int, keys: int, device
     return row_labels, key_labels, positive
 
 
+def threshold_tensors(threshold, positive, labels, rows: int, device, dtype):
+    """(threshold, positive) of the threshold rule: (None, None) without it, else ``threshold``
+    (M,) in ``dtype`` (the accumulation dtype) and the int64 positives (M,) (those of ``labels``
+    when the label rule is on, else ``positive``, which the rule requires)."""
+    if threshold is None:
+        if positive is not None and labels is None:
+            raise ValueError("positive only applies with row_labels and key_labels (the label rule) or threshold")
+        return None, None
+    if not isinstance(threshold, torch.Tensor):
+        raise TypeError(f"threshold must be a floating tensor or None, got {type(threshold).__name__}")
+    if not threshold.dtype.is_floating_point:
+        raise TypeError(f"threshold must be a floating tensor (logits), got {threshold.dtype}")
+    if threshold.dim() != 1 or threshold.shape[0] != rows:
+        raise ValueError(f"threshold must have shape ({rows},), one entry per query row, got {tuple(threshold.shape)}")
+    if threshold.device != device:
+        raise ValueError(f"threshold is on {threshold.device} but the features are on {device}")
+    if positive is None:
+        raise ValueError("threshold needs positive: the (M,) index of each row's positive key, which the threshold "
+                         "never drops")
+    positive = labels[2] if labels is not None else _int_vector("positive", positive, rows, "query row", device)
+    return threshold.detach().to(dtype).contiguous(), positive
+
+
 def _keys_left(exclude, labels, keys: int) -> torch.Tensor:
     """(M,) number of keys each row keeps under its exclusion list and, when ``labels`` is given,
     the label rule. Static shapes throughout (no torch.unique), so it traces under torch.compile."""
@@ -230,10 +253,11 @@ def _capturing(device) -> bool:
 
 
 def check_values(tensors: dict, *, positive: dict = (), inverse: dict = (), exclude=None, keys: int = 0,
-                 labels=None) -> None:
+                 labels=None, threshold=None, threshold_positive=None) -> None:
     """Value checks: no NaN/inf in ``tensors``, ``positive`` and ``inverse`` entries finite and
     > 0, the inverse of ``inverse`` entries finite, ``exclude`` and label-rule positives in
-    [-1, keys), and no row left without keys.
+    [-1, keys), no row left without keys by the exclusion list and label rule, no NaN in
+    ``threshold`` (+-inf allowed) and its ``threshold_positive`` in [-1, keys).
 
     Eagerly they cost one host synchronisation and raise ``ValueError``. In a compiled graph
     (torch.compile), while a CUDA graph is captured, or with INFONCE_VALUE_CHECKS=async they are
@@ -263,6 +287,12 @@ def check_values(tensors: dict, *, positive: dict = (), inverse: dict = (), excl
         if labels is not None:
             names.append(f"positive indices must lie in [-1, {keys})")
             flags.append(((labels[2] >= -1) & (labels[2] < keys)).all())
+        if threshold is not None:
+            names.append("threshold contains NaN")
+            flags.append(~torch.isnan(_plain(threshold)).any())
+            if labels is None:
+                names.append(f"positive indices must lie in [-1, {keys})")
+                flags.append(((threshold_positive >= -1) & (threshold_positive < keys)).all())
         if labels is not None or (exclude is not None and keys <= exclude.shape[1]):
             names.append("exclude and the label rule remove every key from some row (a row whose label every key "
                          "shares, with no designated positive among them)" if labels is not None else

@@ -2,8 +2,11 @@
 
 It is the oracle the other backends are tested against and the baseline the benchmarks beat.
 Same contract as every backend (see :mod:`infonce_kernels.ops.backends`); which pairs are left
-out is :meth:`infonce_kernels.ops.Exclusion.mask`.
+out is :meth:`infonce_kernels.ops.Exclusion.mask` (its threshold rule reads the logits computed
+here, ``(q k^T) * s`` in the accumulation dtype).
 """
+
+from dataclasses import replace
 
 import torch
 
@@ -19,12 +22,24 @@ def _accumulate(x: torch.Tensor) -> torch.Tensor:
 def logits(q, k, scale, spec) -> torch.Tensor:
     """(M, N) masked logits ``s * q k^T`` in the accumulation dtype, -inf on excluded pairs."""
     dots = _accumulate(q) @ _accumulate(k).T
-    return (dots * scale.to(dots.dtype)).masked_fill(spec.mask(k.shape[0]), float("-inf"))
+    return _masked(dots * scale.to(dots.dtype), spec)
 
 
-def forward(q, k, scale, spec):
-    """(M,) row log-sum-exp, float32 (float64 for float64 inputs)."""
-    return torch.logsumexp(logits(q, k, scale, spec), dim=1)
+def _masked(raw, spec, key_offset=0):
+    """``raw`` (M, N) logits with -inf on the pairs ``spec`` excludes."""
+    return raw.masked_fill(spec.mask(raw.shape[1], key_offset=key_offset, logits=raw), float("-inf"))
+
+
+def forward(q, k, scale, spec, *, count=False):
+    """(M,) row log-sum-exp, float32 (float64 for float64 inputs); with ``count`` also the (M,)
+    int32 number of keys each row's threshold rule drops among those the other rules keep."""
+    dots = _accumulate(q) @ _accumulate(k).T
+    raw = dots * scale.to(dots.dtype)
+    lse = torch.logsumexp(_masked(raw, spec), dim=1)
+    if not count:
+        return lse
+    others = replace(spec, threshold=None).mask(k.shape[0])
+    return lse, (spec.threshold_drops(raw) & ~others).sum(1, dtype=torch.int32)
 
 
 def backward(grad, q, k, scale, spec, lse):
@@ -32,8 +47,7 @@ def backward(grad, q, k, scale, spec, lse):
     qa, ka = _accumulate(q), _accumulate(k)
     s = scale.to(qa.dtype)
     dots = qa @ ka.T
-    w = torch.exp((dots * s).masked_fill(spec.mask(k.shape[0]), float("-inf")) - lse[:, None])
-    w = w * grad[:, None]
+    w = torch.exp(_masked(dots * s, spec) - lse[:, None]) * grad[:, None]
     dscale = (w * dots).sum().to(scale.dtype)
     if spec.symmetric:
         return (s * ((w + w.T) @ qa)).to(q.dtype), q.new_empty(0), dscale
@@ -47,7 +61,7 @@ def backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, r
     qa, ka = _accumulate(q), _accumulate(k)
     s = scale.to(qa.dtype)
     dots = qa @ ka.T
-    w = torch.exp((dots * s).masked_fill(spec.mask(k.shape[0]), float("-inf")) - lse[:, None]) * grad[:, None]
-    key_mask = key_spec.mask(q.shape[0], key_offset=row_offset)  # (N, M)
-    v = torch.exp((dots * s).masked_fill(key_mask.T, float("-inf")) - key_lse[None, :]) * key_grad[None, :]
+    w = torch.exp(_masked(dots * s, spec) - lse[:, None]) * grad[:, None]
+    # Key j as a row over the rows of q (numbered from row_offset): the transposed logits.
+    v = torch.exp(_masked((dots * s).T, key_spec, row_offset) - key_lse[:, None]).T * key_grad[None, :]
     return (s * ((w + v) @ ka)).to(q.dtype), (w * dots).sum().to(scale.dtype)

@@ -12,8 +12,9 @@ namespace infonce_kernels {
 struct LseArgs {
   at::Tensor q, k, scale;  // (M, d), (N, d) (k is q when symmetric), 0-d
   at::Tensor exclude;      // (M, E) int64
-  LabelTensors labels;     // three empty tensors when the rule is off
+  LabelTensors labels;     // the label rule's and the threshold rule's tensors, empty when off
   bool labelled = false;
+  bool thresholded = false;  // the rows' threshold rule (labels.threshold (M,), labels.positive)
   bool symmetric = false;
   // Backward: the upstream gradient and the forward's output, (M,) each.
   at::Tensor grad, lse;
@@ -21,6 +22,7 @@ struct LseArgs {
   // rows of q in the key side's numbering.
   bool paired = false;
   KeySideTensors key_side;
+  bool key_thresholded = false;  // the key side's threshold rule (key_side.threshold (N,))
   int64_t row_offset = 0;
 
   int64_t M() const { return q.size(0); }
@@ -29,24 +31,30 @@ struct LseArgs {
   // The rule of the rows of q against the keys k, on `ex` and the label tensors as given (make
   // them contiguous first when the pointers index raw memory).
   ExclusionRule row_rule() const {
-    return rule(exclude, labels.row_labels, labels.key_labels, labels.positive, 0);
+    return rule(exclude, labels.row_labels, labels.key_labels, labels.positive, thresholded ? labels.threshold : none(),
+                0);
   }
   // The key side's rule (paired): key j is the row, the rows of q (from row_offset) its keys.
   ExclusionRule key_rule() const {
-    return rule(key_side.exclude, labels.key_labels, labels.row_labels, key_side.positive, row_offset);
+    return rule(key_side.exclude, labels.key_labels, labels.row_labels, key_side.positive,
+                key_thresholded ? key_side.threshold : none(), row_offset);
   }
 
  private:
+  static at::Tensor none() { return at::Tensor(); }
+
+  // `thr` undefined: no threshold rule.
   ExclusionRule rule(const at::Tensor& lists, const at::Tensor& rl, const at::Tensor& kl,
-                     const at::Tensor& pos, int64_t offset) const {
+                     const at::Tensor& pos, const at::Tensor& thr, int64_t offset) const {
     ExclusionRule r;
     r.lists = lists.numel() > 0 ? lists.data_ptr<int64_t>() : nullptr;
     r.E = lists.size(1);
     if (labelled) {
       r.row_labels = rl.data_ptr<int64_t>();
       r.key_labels = kl.data_ptr<int64_t>();
-      r.positive = pos.data_ptr<int64_t>();
     }
+    if (labelled || thr.defined()) r.positive = pos.data_ptr<int64_t>();
+    if (thr.defined()) r.threshold = thr.data_ptr();
     r.key_offset = offset;
     return r;
   }
@@ -62,7 +70,8 @@ inline LseArgs forward_args(const at::Tensor& q, const at::Tensor& k, const at::
   a.scale = scale;
   a.exclude = exclude;
   a.labels = unpack_labels(labels, q);
-  a.labelled = check_lse_labels(q, k, a.labels.row_labels, a.labels.key_labels, a.labels.positive);
+  a.thresholded = check_lse_threshold(q, a.labels.positive, a.labels.threshold);
+  a.labelled = check_lse_labels(q, k, a.labels.row_labels, a.labels.key_labels, a.labels.positive, a.thresholded);
   a.symmetric = symmetric;
   return a;
 }
@@ -87,7 +96,9 @@ inline LseArgs paired_args(const at::Tensor& grad, const at::Tensor& q, const at
   a.key_side = unpack_key_side(key_side, k);
   a.row_offset = row_offset;
   const KeySideTensors& ks = a.key_side;
-  check_key_side(k, ks.grad, ks.lse, ks.exclude, ks.positive, a.labelled, row_offset);
+  a.key_thresholded = check_lse_threshold(k, ks.positive, ks.threshold, "lse_bwd_paired", "key_threshold",
+                                          "key_positive");
+  check_key_side(k, ks.grad, ks.lse, ks.exclude, ks.positive, a.labelled, row_offset, a.key_thresholded);
   return a;
 }
 

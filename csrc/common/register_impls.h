@@ -11,7 +11,7 @@
 
 namespace infonce_kernels {
 
-using ForwardImpl = at::Tensor (*)(const LseArgs&);
+using ForwardImpl = std::tuple<at::Tensor, at::Tensor> (*)(const LseArgs&);
 using BackwardImpl = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const LseArgs&);
 using PairedImpl = std::tuple<at::Tensor, at::Tensor> (*)(const LseArgs&);
 
@@ -19,6 +19,12 @@ template <ForwardImpl Forward, BackwardImpl Backward, PairedImpl Paired>
 struct OpImpls {
   static at::Tensor lse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
                             const at::Tensor& exclude, at::TensorList labels, bool symmetric) {
+    return std::get<0>(Forward(forward_args(q, k, scale, exclude, labels, symmetric)));
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> lse_fwd_counted(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& scale, const at::Tensor& exclude,
+                                                            at::TensorList labels, bool symmetric) {
     return Forward(forward_args(q, k, scale, exclude, labels, symmetric));
   }
 
@@ -39,6 +45,7 @@ struct OpImpls {
 
   static void register_all(torch::Library& m) {
     m.impl("_lse_fwd", &lse_fwd);
+    m.impl("_lse_fwd_counted", &lse_fwd_counted);
     m.impl("_lse_bwd", &lse_bwd);
     m.impl("_lse_bwd_paired", &lse_bwd_paired);
   }

@@ -53,15 +53,24 @@ inline at::Tensor working_copy(const at::Tensor& t) {
 // row-major tile. Plain tiles hold query rows down and keys across: tile(i, j) is pair
 // (rows.begin + i, cols.begin + j). Transposed tiles hold keys down and query rows across:
 // tile(i, j) is pair (cols.begin + j, rows.begin + i); they serve dk and, in the symmetric
-// backward, W^T_ij = W_ji (row j's exclusions).
+// backward, W^T_ij = W_ji (row j's exclusions). `logits` (same layout; may be `tile` itself) are
+// the pairs' logits, read by the threshold rule; `dropped` (nullptr: not counted) receives, per
+// row (absolute index), the keys the threshold rule dropped among those the other rules keep.
 template <typename T>
-void mask_tile(T* tile, Span rows, Span cols, const ExclusionRule& ex, bool transposed, T value) {
-  if (ex.labelled()) {  // every pair is tested
+void mask_tile(T* tile, const T* logits, Span rows, Span cols, const ExclusionRule& ex, bool transposed, T value,
+               int32_t* dropped = nullptr) {
+  if (ex.labelled() || ex.thresholded()) {  // every pair is tested
     for (int64_t i = 0; i < rows.size; ++i) {
       for (int64_t j = 0; j < cols.size; ++j) {
-        const bool out = transposed ? ex.excluded(cols.begin + j, rows.begin + i)
-                                    : ex.excluded(rows.begin + i, cols.begin + j);
-        if (out) tile[i * cols.size + j] = value;
+        const int64_t row = transposed ? cols.begin + j : rows.begin + i;
+        const int64_t key = transposed ? rows.begin + i : cols.begin + j;
+        const int64_t at = i * cols.size + j;
+        if (ex.excluded(row, key)) {
+          tile[at] = value;
+        } else if (ex.thresholded() && ex.dropped(row, key, logits[at])) {
+          tile[at] = value;
+          if (dropped != nullptr) ++dropped[row];
+        }
       }
     }
     return;
@@ -110,14 +119,15 @@ void dq_pass(const at::Tensor& qs, const at::Tensor& k, double s, const at::Tens
         const Span cols = block(c, kKeys, N);
         const at::Tensor kb = k.narrow(0, cols.begin, cols.size);
         const at::Tensor logits = at::mm(qb, kb.t());
+        const scalar_t* l = logits.data_ptr<scalar_t>();
         at::Tensor w = logits.sub(r_rows);
-        mask_tile(w.data_ptr<scalar_t>(), rows, cols, ex, false, neg_inf);
+        mask_tile(w.data_ptr<scalar_t>(), l, rows, cols, ex, false, neg_inf);
         w.exp_().mul_(g_rows);
         dscale += at::dot(w.view(-1), logits.view(-1)).item<double>();  // BLAS dot, no temporary
         if (key_side != nullptr) {
           // V_ji: the same logits, the keys' rho and h, the keys' exclusions (a transposed mask).
-          at::Tensor v = logits.sub_(key_side->lse.narrow(0, cols.begin, cols.size).unsqueeze(0));
-          mask_tile(v.data_ptr<scalar_t>(), rows, cols, key_side->ex, true, neg_inf);
+          at::Tensor v = logits.sub(key_side->lse.narrow(0, cols.begin, cols.size).unsqueeze(0));
+          mask_tile(v.data_ptr<scalar_t>(), l, rows, cols, key_side->ex, true, neg_inf);
           w.add_(v.exp_().mul_(key_side->grad.narrow(0, cols.begin, cols.size).unsqueeze(0)));
         }
         acc.addmm_(w, kb);
@@ -144,7 +154,7 @@ LseArgs cpu_args(const LseArgs& in, const char* op) {
   a.k = in.symmetric ? a.q : working_copy(in.k);
   a.exclude = in.exclude.contiguous();
   a.labels = {in.labels.row_labels.contiguous(), in.labels.key_labels.contiguous(),
-              in.labels.positive.contiguous()};
+              in.labels.positive.contiguous(), in.labels.threshold.contiguous()};
   if (in.grad.defined()) {
     a.grad = in.grad.detach().contiguous();
     a.lse = in.lse.detach().contiguous();
@@ -152,14 +162,14 @@ LseArgs cpu_args(const LseArgs& in, const char* op) {
   if (in.paired) {
     const KeySideTensors& ks = in.key_side;
     a.key_side = {ks.grad.detach().contiguous(), ks.lse.detach().contiguous(), ks.exclude.contiguous(),
-                  ks.positive.contiguous()};
+                  ks.positive.contiguous(), ks.threshold.contiguous()};
   }
   return a;
 }
 
 }  // namespace
 
-at::Tensor lse_forward_cpu(const LseArgs& args) {
+std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const LseArgs& args) {
   const LseArgs a = cpu_args(args, "lse_fwd");
   const ExclusionRule ex = a.row_rule();
   const at::Tensor& q = a.q;
@@ -167,6 +177,8 @@ at::Tensor lse_forward_cpu(const LseArgs& args) {
   const int64_t M = a.M(), N = a.N();
   const at::Tensor qs = q.mul(a.scale.item<double>());  // pre-scaled rows: (s q) k^T are the logits
   at::Tensor out = at::empty({M}, q.options());
+  at::Tensor dropped = at::zeros({M}, q.options().dtype(at::kInt));
+  int32_t* counts = ex.thresholded() ? dropped.data_ptr<int32_t>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "lse_fwd_cpu", [&] {
     const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
@@ -180,7 +192,7 @@ at::Tensor lse_forward_cpu(const LseArgs& args) {
         for (int64_t c = 0; c < num_blocks(N, kKeys); ++c) {
           const Span cols = block(c, kKeys, N);
           at::Tensor t = at::mm(qb, k.narrow(0, cols.begin, cols.size).t());
-          mask_tile(t.data_ptr<scalar_t>(), rows, cols, ex, false, neg_inf);
+          mask_tile(t.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), rows, cols, ex, false, neg_inf, counts);
           const at::Tensor m_new = at::maximum(m, std::get<0>(t.max(1)));
           // Shift by 0 where m is infinite, keeping exp(inf - inf) = NaN out of the sums: a row
           // with every key so far excluded keeps m = -inf and l = 0 (r = -inf); a row whose
@@ -193,7 +205,7 @@ at::Tensor lse_forward_cpu(const LseArgs& args) {
       }
     });
   });
-  return out;
+  return {out, dropped};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cpu(const LseArgs& args) {
@@ -228,9 +240,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cpu(const LseArgs& a
         for (int64_t b = 0; b < row_blocks; ++b) {
           const Span rows = block(b, kRows, M);
           const at::Tensor qb = q.narrow(0, rows.begin, rows.size);
-          at::Tensor wt = at::mm(kb, qs.narrow(0, rows.begin, rows.size).t())
-                              .sub_(r.narrow(0, rows.begin, rows.size).unsqueeze(0));
-          mask_tile(wt.data_ptr<scalar_t>(), keys, rows, ex, true, -std::numeric_limits<scalar_t>::infinity());
+          const at::Tensor logits = at::mm(kb, qs.narrow(0, rows.begin, rows.size).t());
+          at::Tensor wt = logits.sub(r.narrow(0, rows.begin, rows.size).unsqueeze(0));
+          mask_tile(wt.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), keys, rows, ex, true,
+                    -std::numeric_limits<scalar_t>::infinity());
           wt.exp_().mul_(g.narrow(0, rows.begin, rows.size).unsqueeze(0));
           acc.addmm_(wt, qb);
         }

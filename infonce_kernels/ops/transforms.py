@@ -27,7 +27,8 @@ import functools
 
 import torch
 
-from ._custom_ops import lse_backward_op, lse_backward_paired_op, lse_gradients, lse_op, lse_pair_op, pair_backward
+from ._custom_ops import (lse_backward_op, lse_backward_paired_op, lse_counted_op, lse_gradients, lse_op, lse_pair_op,
+                          pair_backward, saved_inputs)
 from .exclusion import Exclusion
 
 __all__ = ["LseFunction", "LsePairFunction", "first_order", "lse_tangent"]
@@ -45,13 +46,13 @@ def lse_tangent(q, k, scale, spec: Exclusion, lse, dq, dk, dscale):
     acc = lse.dtype
     qa, ka, s = q.to(acc), k.to(acc), scale.to(acc)
     rows = max(1, TANGENT_BLOCK // k.shape[0])
-    mask = spec.mask(k.shape[0]) if q.shape[0] <= rows else None
     out = []
     for start in range(0, q.shape[0], rows):
         block = slice(start, start + rows)
         dots = qa[block] @ ka.T
-        excluded = mask if mask is not None else _rows(spec, block).mask(k.shape[0])
-        p = torch.exp((dots * s).masked_fill(excluded, float("-inf")) - lse[block, None])
+        logits = dots * s
+        excluded = spec.rows(block).mask(k.shape[0], logits=logits)
+        p = torch.exp(logits.masked_fill(excluded, float("-inf")) - lse[block, None])
         dlogits = torch.zeros_like(dots)
         if dq is not None:
             dlogits = dlogits + s * (dq[block].to(acc) @ ka.T)
@@ -61,13 +62,6 @@ def lse_tangent(q, k, scale, spec: Exclusion, lse, dq, dk, dscale):
             dlogits = dlogits + dscale.to(acc) * dots
         out.append((p * dlogits).sum(1))
     return torch.cat(out)
-
-
-def _rows(spec: Exclusion, block: slice) -> Exclusion:
-    """The exclusion of a block of rows (the keys unchanged)."""
-    if spec.row_labels is None:
-        return Exclusion(spec.exclude[block])
-    return Exclusion(spec.exclude[block], spec.row_labels[block], spec.key_labels, spec.positive[block])
 
 
 class _FirstOrder(torch.autograd.Function):
@@ -112,32 +106,37 @@ def _loop_vmap(function, info, in_dims, *args):
 
 
 class LseFunction(torch.autograd.Function):
-    """``lse_op`` (same arguments) with forward-mode AD and torch.func support."""
+    """``lse_op`` (same arguments, ``threshold`` last) with forward-mode AD and torch.func
+    support; with ``count`` it is ``lse_counted_op``: (lse, the threshold rule's (M,) int32
+    dropped count), the count not differentiable."""
 
     @staticmethod
-    def forward(q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend):
-        return lse_op(q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend)
+    def forward(q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend, threshold, count):
+        op = lse_counted_op if count else lse_op
+        return op(q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend, threshold)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend = inputs
-        ctx.symmetric, ctx.backend = symmetric, backend
-        saved = (q, q if symmetric else k, scale, exclude, row_labels, key_labels, positive, output)
+        ctx.symmetric, ctx.backend, ctx.count = inputs[7], inputs[8], inputs[10]
+        saved = saved_inputs(inputs[:10], output)
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
+        if ctx.count:
+            ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *count_grad):
         return lse_gradients(ctx.saved_tensors, grad, ctx.needs_input_grad, ctx.symmetric, ctx.backend,
                              run=functools.partial(first_order, lse_backward_op))
 
     @staticmethod
     def jvp(ctx, dq, dk, dscale, *_):
-        q, k, scale, exclude, row_labels, key_labels, positive, lse = ctx.saved_tensors
+        q, k, scale, exclude, row_labels, key_labels, positive, threshold, lse = ctx.saved_tensors
         if ctx.symmetric:  # k is q: the keys move with the rows
             dk = dq
-        spec = Exclusion.from_tensors(exclude, row_labels, key_labels, positive)
-        return lse_tangent(q, k, scale, spec, lse, dq, dk, dscale)
+        spec = Exclusion.from_tensors(exclude, row_labels, key_labels, positive, threshold=threshold)
+        tangent = lse_tangent(q, k, scale, spec, lse, dq, dk, dscale)
+        return (tangent, None) if ctx.count else tangent
 
     @staticmethod
     def vmap(info, in_dims, *args):

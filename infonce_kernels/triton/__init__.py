@@ -11,7 +11,7 @@ layer with contiguous arguments it has checked, on one device), and the registry
 
 Shapes: q (M, d), k (N, d) (``k is q`` when ``spec.symmetric``), scale () fp32/fp64,
 ``spec`` an ``infonce_kernels.ops.Exclusion`` (exclude (M, E) int64, E in {0, 1, 2}, -1 = none,
-and the optional label rule), lse/grad (M,).
+the optional label rule and the optional threshold rule), lse/grad (M,).
 
 Importing this package never imports Triton; the kernel modules are loaded on
 first use. Triton reads ``TRITON_INTERPRET`` when a kernel is *decorated*
@@ -107,15 +107,16 @@ def _device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def forward(q, k, scale, spec) -> torch.Tensor:
+def forward(q, k, scale, spec, *, count=False) -> torch.Tensor:
     """Row LSE r (M,) of ``scale * q @ k.T`` without the pairs ``spec`` excludes.
 
     q (M, d), k (N, d) same dtype (``k is q`` when symmetric; the forward is the same in both
-    cases), scale () fp32 (fp64 for fp64). Returns fp32 (fp64 for fp64 inputs).
+    cases), scale () fp32 (fp64 for fp64). Returns fp32 (fp64 for fp64 inputs); with ``count``
+    (r, dropped (M,) int32: the keys the threshold rule dropped among those the other rules keep).
     """
     fwd, _ = _load(q)
     with _device_guard(q):
-        return fwd.lse_forward(q, k, scale, spec)
+        return fwd.lse_forward(q, k, scale, spec, count)
 
 
 def backward(grad, q, k, scale, spec, lse):

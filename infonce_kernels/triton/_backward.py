@@ -50,8 +50,8 @@ import triton.language as tl
 
 from . import _config
 from ..ops.precision import accumulation_dtype
-from ._common import LOG2E, acc_dtype, input_precision, kept, load_labels, load_tile
-from ._forward import block_range, program_block, resident_tile, row_rule, score_tile
+from ._common import LOG2E, acc_dtype, input_precision, kept, load_labels, load_threshold, load_tile
+from ._forward import block_range, program_block, resident_tile, row_rule, score_tile, threshold_args
 
 
 @triton.jit
@@ -103,13 +103,15 @@ def _accumulate(acc, w, ptr, idx, idx_bound, tile_t, do0, D,
 @triton.jit
 def _dq_kernel(
     q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr, dq_ptr, part_ptr,
+    thr_ptr, tpos_ptr,
     M, N, D,
     E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
 ):
     pid_m, rows, row_ok, do0 = program_block(BLOCK_M, M, BLOCK_DO)
     ex0, ex1, rlab, pos = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
+    thr, tpos = load_threshold(thr_ptr, tpos_ptr, rows, M, HAS_THRESHOLD, ACC_DTYPE)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)            # (BLOCK_M,)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)                # (BLOCK_M,)
@@ -125,7 +127,8 @@ def _dq_kernel(
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
         keep = row_ok[:, None] & (cols[None, :] < N) & kept(cols[None, :], ex0[:, None], ex1[:, None], rlab[:, None],
-                                                            klab[None, :], pos[:, None], HAS_LABELS)
+                                                            klab[None, :], pos[:, None], HAS_LABELS,
+                                                            dots * s, thr[:, None], tpos[:, None], HAS_THRESHOLD)
         p = tl.exp2(tl.where(keep, (dots * s - lse[:, None]) * LOG2E, float("-inf")))   # P_ij; 0 if excluded
         pl += tl.sum(p * dots, axis=1)
         acc = _accumulate(acc, p, k_ptr, cols, N, k_tile_t, do0, D,
@@ -140,10 +143,11 @@ def _dq_kernel(
 @triton.jit
 def _dk_kernel(
     q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr, gmax_ptr, dk_ptr,
+    thr_ptr, tpos_ptr,
     M, N, D,
     E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
 ):
     # One program = BLOCK_N keys x one d-out chunk; walks all row blocks.
     # Tiles are held transposed: (keys, rows).
@@ -161,8 +165,10 @@ def _dk_kernel(
         # <k_j, q_i>  (BLOCK_N, BLOCK_M); q_tile_t (BLOCK_D, BLOCK_M)
         dots, q_tile_t = score_tile(k_ptr, q_ptr, cols, rows, N, M, D, k_tile,
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_D)
+        thr, tpos = load_threshold(thr_ptr, tpos_ptr, rows, M, HAS_THRESHOLD, ACC_DTYPE)
         keep = col_ok[:, None] & row_ok[None, :] & kept(cols[:, None], ex0[None, :], ex1[None, :], rlab[None, :],
-                                                        klab[:, None], pos[None, :], HAS_LABELS)
+                                                        klab[:, None], pos[None, :], HAS_LABELS,
+                                                        dots * s, thr[None, :], tpos[None, :], HAS_THRESHOLD)
         w = tl.exp2(tl.where(keep, (dots * s - lse[None, :]) * LOG2E, float("-inf"))) * g[None, :]  # W^T/gs
         acc = _accumulate(acc, w, q_ptr, rows, M, q_tile_t, do0, D,
                           ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_DO, SINGLE_D)
@@ -174,11 +180,12 @@ def _dk_kernel(
 def _dq_paired_kernel(
     q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, g_ptr,
     kex_ptr, krlab_ptr, kklab_ptr, kpos_ptr, klse_ptr, kg_ptr, gmax_ptr, dq_ptr, part_ptr,
+    thr_ptr, tpos_ptr, kthr_ptr, ktpos_ptr,
     M, N, D, row_offset,
     E: tl.constexpr, KE: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr, HAS_THRESHOLD: tl.constexpr, KEY_THRESHOLD: tl.constexpr,
 ):
     # dq_i = s * sum_j (g_i P_ij + h_j Q_ji) k_j ; rows i of this program, all keys j.
     #   row side:  P_ij = exp(s<q_i,k_j> - r_i)   unless row i excludes key j
@@ -188,10 +195,13 @@ def _dq_paired_kernel(
     #               krlab[j] == kklab[i] and kpos[j] != i + row_offset, where krlab (N,) are the
     #               keys' labels as rows and kklab (M,) the rows' labels as keys of the key side:
     #               key_labels / row_labels when paired, row_labels / key_labels when symmetric)
+    #   threshold rule: each side's own (thr_ptr / tpos_ptr (M,) for the rows, kthr_ptr / ktpos_ptr
+    #              (N,) for the keys as rows, their positives numbered like their keys)
     # Symmetric backward: k = q, key side = row side, row_offset = 0 -> dz = s (W + W^T) z.
     pid_m, rows, row_ok, do0 = program_block(BLOCK_M, M, BLOCK_DO)
     rows_g = rows.to(tl.int64) + row_offset                # row i as numbered by the key side
     exr0, exr1, rlab_r, pos_r = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
+    thr_r, tpos_r = load_threshold(thr_ptr, tpos_ptr, rows, M, HAS_THRESHOLD, ACC_DTYPE)
     kklab_r = load_labels(kklab_ptr, rows, M, HAS_LABELS)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     gs = _load_g_scale(gmax_ptr, ACC_DTYPE)                 # max(|g|, |h|)
@@ -210,11 +220,12 @@ def _dq_paired_kernel(
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         both = row_ok[:, None] & col_ok[None, :]
         klab_c = load_labels(klab_ptr, cols, N, HAS_LABELS)
-        keep_ij = both & kept(cols[None, :], exr0[:, None], exr1[:, None], rlab_r[:, None], klab_c[None, :],
-                              pos_r[:, None], HAS_LABELS)
-        keep_ji = both & kept(rows_g[:, None], exc0[None, :], exc1[None, :], krlab_c[None, :], kklab_r[:, None],
-                              kpos_c[None, :], HAS_LABELS)
+        thr_c, tpos_c = load_threshold(kthr_ptr, ktpos_ptr, cols, N, KEY_THRESHOLD, ACC_DTYPE)
         x = dots * s                                                # L_ij (nats)
+        keep_ij = both & kept(cols[None, :], exr0[:, None], exr1[:, None], rlab_r[:, None], klab_c[None, :],
+                              pos_r[:, None], HAS_LABELS, x, thr_r[:, None], tpos_r[:, None], HAS_THRESHOLD)
+        keep_ji = both & kept(rows_g[:, None], exc0[None, :], exc1[None, :], krlab_c[None, :], kklab_r[:, None],
+                              kpos_c[None, :], HAS_LABELS, x, thr_c[None, :], tpos_c[None, :], KEY_THRESHOLD)
         p_ij = tl.exp2(tl.where(keep_ij, (x - lse_r[:, None]) * LOG2E, float("-inf")))
         q_ji = tl.exp2(tl.where(keep_ji, (x - lse_c[None, :]) * LOG2E, float("-inf")))
         pl += tl.sum(p_ij * dots, axis=1)
@@ -231,9 +242,9 @@ def _dq_paired_kernel(
 _autotuned: dict = {}
 
 _TUNE_KEYS = {
-    "dq": ["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
-    "dk": ["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
-    "paired": ["M", "N", "D", "E", "KE", "HAS_LABELS", "BLOCK_D", "SINGLE_D"],
+    "dq": ["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D", "HAS_THRESHOLD"],
+    "dk": ["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D", "HAS_THRESHOLD"],
+    "paired": ["M", "N", "D", "E", "KE", "HAS_LABELS", "BLOCK_D", "SINGLE_D", "HAS_THRESHOLD", "KEY_THRESHOLD"],
 }
 
 
@@ -279,10 +290,12 @@ def _dq_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_of
     partials = torch.zeros(triton.cdiv(M, 64 if tune else cfg.BLOCK_M), device=q.device,
                            dtype=accumulation_dtype(q.dtype))
     dq = torch.empty_like(q)
+    thr, tpos, has_threshold = threshold_args(spec, q)
+    kthr, ktpos, key_threshold = threshold_args(key_spec, q)
     args = (q, k, scale, ex, rlab, klab, pos, lse, grad, kex, krlab, kklab, kpos, key_lse, key_grad, gmax,
-            dq, partials, M, N, D, int(row_offset))
+            dq, partials, thr, tpos, kthr, ktpos, M, N, D, int(row_offset))
     common = dict(E=E, KE=KE, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype),
-                  INPUT_PRECISION=input_precision(q.dtype))
+                  INPUT_PRECISION=input_precision(q.dtype), HAS_THRESHOLD=has_threshold, KEY_THRESHOLD=key_threshold)
     if tune:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
         _maybe_autotuned(_dq_paired_kernel, "paired")[grid](
@@ -318,7 +331,9 @@ def lse_backward(grad, q, k, scale, spec, lse):
     tune = _config.autotune_enabled()
     ex = exclude if E > 0 else q                       # dummy pointer, never read
     lab = labels if labels is not None else (q, q, q)
-    common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype))
+    thr, tpos, has_threshold = threshold_args(spec, q)
+    common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype),
+                  HAS_THRESHOLD=has_threshold)
     gmax = grad.abs().amax()             # device scalar; no host sync
     n_dchunks = triton.cdiv(D, cfg.BLOCK_DO)
     d_meta = dict(BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
@@ -330,15 +345,15 @@ def lse_backward(grad, q, k, scale, spec, lse):
         grid_q = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_dchunks)  # noqa: E731
         grid_k = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_dchunks)  # noqa: E731
         _maybe_autotuned(_dq_kernel, "dq")[grid_q](
-            q, k, scale, ex, *lab, lse, grad, dq, partials, M, N, D, **common, **d_meta)
+            q, k, scale, ex, *lab, lse, grad, dq, partials, thr, tpos, M, N, D, **common, **d_meta)
         _maybe_autotuned(_dk_kernel, "dk")[grid_k](
-            q, k, scale, ex, *lab, lse, grad, gmax, dk, M, N, D, **common, **d_meta)
+            q, k, scale, ex, *lab, lse, grad, gmax, dk, thr, tpos, M, N, D, **common, **d_meta)
     else:
         _dq_kernel[(triton.cdiv(M, cfg.BLOCK_M), n_dchunks)](
-            q, k, scale, ex, *lab, lse, grad, dq, partials, M, N, D, **common, **cfg.meta())
+            q, k, scale, ex, *lab, lse, grad, dq, partials, thr, tpos, M, N, D, **common, **cfg.meta())
         kcfg = _config.dk_config(cfg)
         _dk_kernel[(triton.cdiv(N, kcfg.BLOCK_N), n_dchunks)](
-            q, k, scale, ex, *lab, lse, grad, gmax, dk, M, N, D, **common, **kcfg.meta())
+            q, k, scale, ex, *lab, lse, grad, gmax, dk, thr, tpos, M, N, D, **common, **kcfg.meta())
     dscale = partials.to(torch.float64).sum().to(scale.dtype)
     return dq, dk, dscale
 

@@ -1,4 +1,5 @@
-"""Shared Triton helpers: tile loads, the exclusion rule (``kept``), dtype plumbing.
+"""Shared Triton helpers: tile loads, the exclusion rule (``kept``, with the threshold rule's
+``load_threshold`` / ``threshold_drops``), dtype plumbing.
 
 Imports triton: only imported by the kernel modules, never at package import.
 """
@@ -65,18 +66,44 @@ def load_labels(lab_ptr, idx, idx_bound, HAS_LABELS: tl.constexpr):
 
 
 @triton.jit
-def kept(key, ex0, ex1, row_label, key_label, positive, HAS_LABELS: tl.constexpr):
+def load_threshold(thr_ptr, pos_ptr, idx, idx_bound, HAS_THRESHOLD: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The threshold rule of rows ``idx``: (threshold, positive), each (BLOCK,): the rows'
+    thresholds in ACC_DTYPE (+inf out of range / without the rule) and positives (int64, -1)."""
+    if HAS_THRESHOLD:
+        ok = idx < idx_bound
+        thr = tl.load(thr_ptr + idx, mask=ok, other=float("inf")).to(ACC_DTYPE)
+        pos = tl.load(pos_ptr + idx, mask=ok, other=-1).to(tl.int64)
+    else:
+        thr = tl.full(idx.shape, float("inf"), ACC_DTYPE)
+        pos = tl.full(idx.shape, -1, tl.int64)
+    return thr, pos
+
+
+@triton.jit
+def threshold_drops(key, logit, threshold, thr_positive):
+    """The threshold rule alone (false-negative filtering): row i drops key j when its logit
+    ``s <q_i, k_j>`` exceeds row i's ``threshold``, unless j is its positive ``thr_positive``."""
+    return (logit > threshold) & (key != thr_positive)
+
+
+@triton.jit
+def kept(key, ex0, ex1, row_label, key_label, positive, HAS_LABELS: tl.constexpr,
+         logit, threshold, thr_positive, HAS_THRESHOLD: tl.constexpr):
     """Is pair (i, j) kept: the one Triton definition of the exclusion rule (the Python one is
     ``infonce_kernels.ops.Exclusion.mask``, the C++ one csrc/common/exclusion.h).
 
     Arguments broadcast against each other (a row axis and a key axis, in either order): ``key``
     the key's index j; ``ex0``/``ex1`` row i's excluded indices (-1 = none); with the label rule,
     ``row_label``/``key_label`` the labels of i and j and ``positive`` row i's designated
-    positive, which stays. Bounds (i < M, j < N) are the caller's.
+    positive, which stays; with the threshold rule, the pair's ``logit`` and row i's
+    ``threshold`` and ``thr_positive`` (``load_threshold``): :func:`threshold_drops`. Bounds
+    (i < M, j < N) are the caller's.
     """
     keep = (key != ex0) & (key != ex1)
     if HAS_LABELS:
         keep = keep & ((row_label != key_label) | (key == positive))
+    if HAS_THRESHOLD:
+        keep = keep & ~threshold_drops(key, logit, threshold, thr_positive)
     return keep
 
 

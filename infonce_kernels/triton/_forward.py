@@ -29,8 +29,8 @@ import triton.language as tl
 
 from ..ops.precision import accumulation_dtype
 from . import _config
-from ._common import (LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_tile,
-                      load_tile_t, scores)
+from ._common import (LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_threshold,
+                      load_tile, load_tile_t, scores, threshold_drops)
 
 
 @triton.jit
@@ -93,15 +93,17 @@ def score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_tile,
 
 @triton.jit
 def _lse_fwd_kernel(
-    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr,
+    q_ptr, k_ptr, scale_ptr, ex_ptr, rlab_ptr, klab_ptr, pos_ptr, lse_ptr, thr_ptr, tpos_ptr, cnt_ptr,
     M, N, D,
     E: tl.constexpr, HAS_LABELS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows, row_ok = block_range(pid * BLOCK_M, BLOCK_M, M)
     ex0, ex1, rlab, pos = row_rule(ex_ptr, rlab_ptr, pos_ptr, rows, M, E, HAS_LABELS)
+    thr, tpos = load_threshold(thr_ptr, tpos_ptr, rows, M, HAS_THRESHOLD, ACC_DTYPE)
+    dropped = tl.zeros((BLOCK_M,), tl.int32)   # keys the threshold rule drops (among the others' kept)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
 
     q_tile = resident_tile(q_ptr, rows, M, D, BLOCK_M, BLOCK_D, SINGLE_D)   # reused for all keys
@@ -113,9 +115,14 @@ def _lse_fwd_kernel(
         dots, _ = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_tile,
                              ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
         klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
+        logits = dots * s                                                # L_ij (nats)
         keep = (cols[None, :] < N) & kept(cols[None, :], ex0[:, None], ex1[:, None], rlab[:, None], klab[None, :],
-                                          pos[:, None], HAS_LABELS)
-        x = tl.where(keep, dots * s, float("-inf"))                      # L_ij (nats)
+                                          pos[:, None], HAS_LABELS, logits, thr[:, None], tpos[:, None], False)
+        if HAS_THRESHOLD:  # kept(..., HAS_THRESHOLD) in two steps, counting the second
+            drop = keep & threshold_drops(cols[None, :], logits, thr[:, None], tpos[:, None])
+            dropped += tl.sum(drop.to(tl.int32), axis=1)
+            keep = keep & ~drop
+        x = tl.where(keep, logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC_DTYPE)
         # subtract in nats first (near-exact), then scale to base 2 for exp2
@@ -124,6 +131,8 @@ def _lse_fwd_kernel(
 
     lse = m_i + tl.log2(l_i) * LN2
     tl.store(lse_ptr + rows, lse, mask=row_ok)
+    if HAS_THRESHOLD:
+        tl.store(cnt_ptr + rows, dropped, mask=row_ok)
 
 
 _autotuned = None
@@ -136,11 +145,20 @@ def _autotuned_kernel():
         cfgs = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
                               num_warps=c.num_warps, num_stages=c.num_stages)
                 for c in _config.autotune_configs(base)]
-        _autotuned = triton.autotune(cfgs, key=["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D"])(_lse_fwd_kernel)
+        _autotuned = triton.autotune(cfgs, key=["M", "N", "D", "E", "HAS_LABELS", "BLOCK_D", "SINGLE_D",
+                                                    "HAS_THRESHOLD"])(_lse_fwd_kernel)
     return _autotuned
 
 
-def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
+def threshold_args(spec, dummy):
+    """(threshold, its positives, HAS_THRESHOLD) kernel arguments of ``spec``'s threshold rule
+    (``dummy`` pointers, never read, without it)."""
+    if spec.threshold is None:
+        return dummy, dummy, False
+    return spec.threshold, spec.positive, True
+
+
+def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec, count: bool = False):
     """Row LSE of ``scale * q @ k.T`` without the pairs ``spec`` excludes.
 
     Args:
@@ -149,10 +167,12 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec) -> 
         scale: () fp32 (fp64 for fp64 inputs), read on device.
         spec: ``infonce_kernels.ops.Exclusion``: exclude (M, E) int64, E in {0, 1, 2}, -1 = none;
             with the label rule row i also skips every key j with key_labels[j] == row_labels[i]
-            and j != positive[i].
+            and j != positive[i]; with the threshold rule every key j with s <q_i, k_j> >
+            threshold[i] and j != positive[i].
+        count: also return the threshold rule's per-row dropped count.
 
     Returns:
-        lse: (M,) fp32 (fp64 for fp64 inputs).
+        lse: (M,) fp32 (fp64 for fp64 inputs); with ``count`` (lse, dropped (M,) int32).
     """
     M, D = q.shape
     N = k.shape[0]
@@ -162,13 +182,16 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec) -> 
     cfg = _config.forward_config(q.device, q.dtype, M, N, D)
     ex = exclude if E > 0 else q                       # dummy pointer, never read
     rl, kl, pos = labels if labels is not None else (q, q, q)
-    common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype))
+    thr, tpos, has_threshold = threshold_args(spec, q)
+    dropped = torch.zeros(M, device=q.device, dtype=torch.int32)
+    common = dict(E=E, HAS_LABELS=labels is not None, ACC_DTYPE=acc_dtype(q.dtype), INPUT_PRECISION=input_precision(q.dtype),
+                  HAS_THRESHOLD=has_threshold)
     if _config.autotune_enabled():
         kern = _autotuned_kernel()
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-        kern[grid](q, k, scale, ex, rl, kl, pos, lse, M, N, D, **common,
+        kern[grid](q, k, scale, ex, rl, kl, pos, lse, thr, tpos, dropped, M, N, D, **common,
                    BLOCK_D=cfg.BLOCK_D, BLOCK_DO=cfg.BLOCK_DO, SINGLE_D=cfg.SINGLE_D)
     else:
         grid = (triton.cdiv(M, cfg.BLOCK_M),)
-        _lse_fwd_kernel[grid](q, k, scale, ex, rl, kl, pos, lse, M, N, D, **common, **cfg.meta())
-    return lse
+        _lse_fwd_kernel[grid](q, k, scale, ex, rl, kl, pos, lse, thr, tpos, dropped, M, N, D, **common, **cfg.meta())
+    return (lse, dropped) if count else lse
