@@ -7,7 +7,7 @@ own rows (``sizes`` per rank).
   uneven ones (which sentence-transformers does not support), the mean over ranks of the loss and
   the DDP-averaged gradients equal its single-process loss of the whole batch.
 - the native :func:`infonce_kernels.retrieval_info_nce` with a pool of negatives of uneven size per
-  rank: the same against the single-process call.
+  rank, without and with the false-negative filter: the same against the single-process call.
 """
 
 import torch
@@ -103,11 +103,12 @@ def run(rank, world, init_file, sizes, expected=None):
             return ik.retrieval_info_nce(q, d, model(negatives), temperature=0.2, backend="cpu",
                                          directions=("query_to_doc", "doc_to_doc"), **kw)
 
-        got = list(_ddp_step(params, world, lambda: native(mine, pool[cuts[rank]: cuts[rank + 1]],
-                                                           gather_distributed=True)))
-        dist.all_reduce(got[0])
-        got[0] /= world
-        want = _ddp_step(params, 1, lambda: native(slice(None), pool))
-        _close(got[0], want[0], "native pool loss")
-        for i, (g, h) in enumerate(zip(got[1], want[1])):
-            _close(g, h, f"native pool gradient {i}")
+        for kw in ({}, {"false_negative_margin": -0.2}):
+            got = list(_ddp_step(params, world, lambda: native(mine, pool[cuts[rank]: cuts[rank + 1]],
+                                                               gather_distributed=True, **kw)))
+            dist.all_reduce(got[0])
+            got[0] /= world
+            want = _ddp_step(params, 1, lambda: native(slice(None), pool, **kw))
+            _close(got[0], want[0], f"native pool loss {kw}")
+            for i, (g, h) in enumerate(zip(got[1], want[1])):
+                _close(g, h, f"native pool gradient {i} {kw}")

@@ -156,7 +156,7 @@ class _Context:
 
     def __init__(self, backend, threshold):
         self.backend, self.threshold = backend, threshold
-        self.dropped, self.candidates = [], 0
+        self.dropped, self.candidates = [], 0  # candidates: pairs (row, key) the filter could see
 
     def lse(self, rows: _Rows, scale, grad_factor=None):
         """(b,) log-sum-exp of ``rows`` at ``scale``; ``grad_factor``: multiply the (x, keys)
@@ -184,7 +184,18 @@ class _Context:
         fields.update(positive=positive, threshold=(scale.detach() * self.threshold).to(scale.dtype))
         lse, dropped = fused_lse(x, keys, scale, Exclusion(exclude, **fields), self.backend, return_dropped=True)
         self.dropped.append(dropped.sum())
-        return lse
+        empty = dropped == per_row
+        if v.tracing() or not bool(empty.any()):
+            return lse
+        # Rows whose every candidate was dropped hold no term of this call (-inf): computed again
+        # without them, since a row without keys is outside the op's contract (its gradient).
+        kept = (~empty).nonzero().flatten()
+        out = torch.full_like(lse, float("-inf"))
+        if kept.numel():
+            sub = {name: t if name == "key_labels" else t[kept] for name, t in fields.items()}
+            out = out.index_put((kept,), fused_lse(x[kept], keys, scale, Exclusion(exclude[kept], **sub),
+                                                   self.backend))
+        return out
 
     def drop_dense(self, sim, logits):
         """Own negatives' (b, K) logits with the filter applied (dropped: -inf, zero gradient)."""
@@ -330,12 +341,14 @@ def retrieval_info_nce(query, positive_key, negative_keys=None, *, temperature=D
                 q_terms.append(ctx.drop_dense(own_sim, scale * own_sim + alpha * own_sim.detach()))
     elif hardness_mode == "in_batch_negatives":  # the other queries' documents are penalised
         q_terms.append(pos[:, None])
+        ctx.candidates += b
         if own_sim is not None:
             q_terms.append(ctx.drop_dense(own_sim, scale * own_sim))
         penalised.add(D, all_ids)
         penalised.add(N, n_ids)
     else:  # all_negatives: every document but the positive is penalised (own negatives among N)
         q_terms.append(pos[:, None])
+        ctx.candidates += b
         penalised.add(D, all_ids)
         penalised.add(N)
     if "query_to_query" in directions:
