@@ -201,6 +201,24 @@ class TestSentenceTransformersCompat:
             loss.compute_loss_from_embeddings([torch.randn(3, 4)], None)
         assert loss.get_config_dict()["similarity_fct"] == "cos_sim" and loss.temperature == 1 / 20
 
+    def test_worked_example_training_loop(self, tiny_model_dir):
+        """docs/retrieval.md's loop: preprocess the columns, the drop-in loss with the filter, an
+        optimiser step; the dropped fraction is there for logging."""
+        model = tiny_model(tiny_model_dir, torch.float32)
+        loss_fn = ours.MultipleNegativesRankingLoss(model, scale=20.0, false_negative_margin=0.1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        before = [p.detach().clone() for p in model.parameters()]
+        model.train()
+        for step in range(2):
+            anchors, positives, negatives = (TEXTS[i::3][:3] for i in range(3))
+            features = [model.preprocess(list(column)) for column in (anchors, positives, negatives)]
+            loss = loss_fn(features, None)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            assert torch.isfinite(loss) and 0.0 <= float(loss_fn.last_dropped_fraction) <= 1.0
+        assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
     @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
     @pytest.mark.parametrize("sizes", [[3, 3], [3, 1, 2]], ids=["world2", "world3-uneven"])
     def test_gloo_matches_sentence_transformers(self, tmp_path, sizes):
