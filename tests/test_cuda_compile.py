@@ -16,22 +16,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "check_cuda_compile"
 
-# Every kernel the launchers instantiate, as printed (demangled) in the resource summary. The last
-# template argument of the main kernels is the label rule (LBL): both variants are launched.
+# Every kernel the launchers instantiate, as printed (demangled) in the resource summary. The
+# forward kernels' last template argument is the label rule (LBL), the backward kernels' last two
+# the label rule and the threshold rule (THR): every variant is launched.
 # Backward MODE 2 (two-sided) serves both the symmetric lse_bwd and lse_bwd_paired.
 _LBL = ("false", "true")
+_LBL_THR = [f"{lbl}, {thr}" for lbl in _LBL for thr in _LBL]
 KERNELS = [
     *[f"lse_fwd_mma_kernel<{tag}, {lbl}>" for tag in ("F16Tag", "BF16Tag") for lbl in _LBL],
-    *[f"lse_bwd_mma_kernel<{tag}, {mode}, {lbl}>"
-      for tag in ("F16Tag", "BF16Tag") for mode in (0, 1, 2) for lbl in _LBL],
+    *[f"lse_bwd_mma_kernel<{tag}, {mode}, {rules}>"
+      for tag in ("F16Tag", "BF16Tag") for mode in (0, 1, 2) for rules in _LBL_THR],
     *[f"lse_fwd_simt_kernel<{t}, {lbl}>" for t in ("float, 4", "double, 2") for lbl in _LBL],
-    *[f"lse_bwd_simt_kernel<{t}, {mode}, {lbl}>"
-      for t in ("float, 4", "double, 2") for mode in (0, 1, 2) for lbl in _LBL],
+    *[f"lse_bwd_simt_kernel<{t}, {mode}, {rules}>"
+      for t in ("float, 4", "double, 2") for mode in (0, 1, 2) for rules in _LBL_THR],
     "absmax_kernel",
     "sum_partials_kernel<float>",
     "sum_partials_kernel<double>",
 ]
 ARCHS = ("sm_80", "sm_90")
+# Spills explained next to their kernel (csrc/cuda/mma_kernels.cuh, lse_bwd_mma_kernel): the
+# two-sided backward with both the label and the threshold rule, on sm_80 (ptxas 13.0: 16 B).
+EXPLAINED_SPILLS = {(f"lse_bwd_mma_kernel<{tag}, 2, true, true>", "sm_80") for tag in ("F16Tag", "BF16Tag")}
 REPORT = ROOT / "build" / "ptxas-report.txt"
 
 
@@ -79,8 +84,9 @@ def test_cuda_kernels_compile_sm80_sm90(capsys, request):
         for k in KERNELS:
             assert any(ln.startswith(k + " |") and f"| {arch} |" in ln for ln in lines), (
                 f"{k} missing from the ptxas report for {arch}\n{out}")
-    # No kernel spills (a spill must be explained next to its kernel; none is expected today).
-    assert "no register spills" in out, out
+    # No kernel spills but the explained ones (a spill must be explained next to its kernel).
+    spilled = {(ln.split(" | ")[0], ln.split(" | ")[1]) for ln in lines if "| spill 0/0 |" not in ln}
+    assert spilled <= EXPLAINED_SPILLS, f"unexplained register spills: {sorted(spilled - EXPLAINED_SPILLS)}\n{out}"
     # The torch binding is parsed whenever torch ships its c10/cuda headers (CPU wheels do).
     try:
         import torch

@@ -89,7 +89,7 @@ def sample(m, n, d, dtype, *, seed, symmetric=False, width=0, classes=0, positiv
 def spec_of(c, **override):
     """The case's Exclusion."""
     m = c["q"].shape[0]
-    exclude = c["exclude"] if c["exclude"] is not None else torch.empty(m, 0, dtype=torch.int64)
+    exclude = c["exclude"] if c["exclude"] is not None else torch.empty(m, 0, dtype=torch.int64, device=c["q"].device)
     labels = c["labels"][:2] if c["labels"] is not None else (None, None)
     fields = dict(positive=c["positive"], threshold=c["threshold"], symmetric=c["symmetric"])
     fields.update(override)
@@ -116,7 +116,7 @@ LAYOUTS = {  # name: sample() options
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_values_gradients_and_dropped_count_match_the_pairwise_oracle(backend, dtype, layout):
-    c = sample(11, 13, 6, dtype, seed=hash((dtype, layout)) % 1000, **LAYOUTS[layout])
+    c = sample(11, 13, 6, dtype, seed=2 * list(LAYOUTS).index(layout) + (dtype == F64), **LAYOUTS[layout])
     q, k, s, g, sym = c["q"], c["k"], c["scale"], c["g"], c["symmetric"]
     got = lse_grads(public_lse(c, backend), q, k, s, g, sym)
     ref = lse_grads(dense(c["kept"]), q, k, s, g, sym)
@@ -130,6 +130,36 @@ def test_values_gradients_and_dropped_count_match_the_pairwise_oracle(backend, d
     assert torch.equal(dropped.long(), c["dropped"])
     assert c["dropped"].sum() > 0 and c["dropped"][q.shape[0] // 2] == 0  # +inf row: nothing dropped
     torch.testing.assert_close(lse, got[0], rtol=0, atol=0)
+
+
+CUDA_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available() and b in ik.available_backends("cuda")]
+
+
+def on_cuda(c):
+    """The case's tensors on the CUDA device (k stays q when symmetric)."""
+    out = {name: v.cuda() if torch.is_tensor(v) else tuple(t.cuda() for t in v) if isinstance(v, tuple) else v
+           for name, v in c.items()}
+    if c["symmetric"]:
+        out["k"] = out["q"]
+    return out
+
+
+@pytest.mark.skipif(not CUDA_BACKENDS, reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16], ids=["f64", "f32", "f16"])
+def test_cuda_device_backends_match_the_pairwise_oracle(dtype, layout):
+    """The kernel backends on CUDA tensors, over several row and key tiles (70 x 150 pairs)."""
+    c = on_cuda(sample(70, 150, 40, dtype, seed=40 + list(LAYOUTS).index(layout), **LAYOUTS[layout]))
+    q, k, s, g, sym, kept = c["q"], c["k"], c["scale"], c["g"], c["symmetric"], c["kept"]
+    ref = lse_grads(dense(kept), q, k, s, g, sym)
+    same = lse_grads(dense(kept, dtype), q, k, s, g, sym)
+    for backend in CUDA_BACKENDS:
+        got = lse_grads(public_lse(c, backend), q, k, s, g, sym)
+        for name, a, b, base in zip(("lse", "dq", "dk", "dscale"), got, ref, same):
+            if a is not None:
+                assert_within(a, b, base, f"{backend} {name}", rtol=1e-12 if dtype == F64 else 1e-5)
+        _, dropped = fused_lse(q, k, s, spec_of(c), backend, return_dropped=True)
+        assert torch.equal(dropped.long().cpu(), c["dropped"].cpu()), backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,6 +10,7 @@
 namespace infonce_cuda {
 
 using infonce_kernels::label_excluded;
+using infonce_kernels::threshold_dropped;
 using infonce_kernels::tile_index;
 
 // Every backward kernel works on a tile of rows ("X", the A operand) against a tile of columns
@@ -24,7 +25,9 @@ enum Mode : int { kRow = 0, kCol = 1, kSym = 2 };
 // fp16 / bf16 / fp32 kernels, double for fp64.
 //   grad, lse: (n,) upstream gradient and log-sum-exp of these rows;
 //   exclude:   (n, E) lists of the keys each row leaves out, -1 = none (nullptr when E == 0);
-//   labels, positive: (n,) the label rule (nullptr when it is off, or unused by the mode).
+//   labels, positive: (n,) the label rule (nullptr when it is off, or unused by the mode);
+//     positive is also the threshold rule's;
+//   threshold: (n,) the threshold rule (false-negative filtering; nullptr when it is off).
 template <typename A>
 struct QuerySide {
   const A* grad;
@@ -33,6 +36,7 @@ struct QuerySide {
   const int64_t* labels;
   const int64_t* positive;
   int E;
+  const A* threshold;
 };
 
 // The two sides of a backward as the kernels see them. rows: the rows of q as queries (grad,
@@ -51,11 +55,17 @@ struct Sides {
   int64_t row_offset;
 };
 
+// Whether either side has the threshold rule (the backward kernels' THR instantiation).
+template <typename A>
+bool has_threshold(const Sides<A>& s) {
+  return s.rows.threshold != nullptr || s.keys.threshold != nullptr;
+}
+
 // One side's rows as queries, from the launch parameters (grad / lse typed A).
 template <typename A>
 QuerySide<A> query_side(const void* grad, const void* lse, const infonce_kernels::ExclusionRule& rule) {
   return {static_cast<const A*>(grad), static_cast<const A*>(lse), rule.lists, rule.row_labels, rule.positive,
-          static_cast<int>(rule.E)};
+          static_cast<int>(rule.E), static_cast<const A*>(rule.threshold)};
 }
 
 // Symmetric lse_backward: the key side is the row side (k is q, row_offset 0).

@@ -19,7 +19,7 @@ cudaError_t fwd_mma(const LseParams& p, cudaStream_t stream) {
   const size_t smem = 2 * kTileElems * sizeof(uint16_t);
   lse_fwd_mma_kernel<Tag, LBL><<<dim3(static_cast<unsigned>(cdiv(p.M, kBM))), kMmaThreads, smem, stream>>>(
       static_cast<const uint16_t*>(p.q), static_cast<const uint16_t*>(p.k), static_cast<const float*>(p.scale),
-      p.rows, p.M, p.N, p.d, vec, static_cast<float*>(p.lse_out));
+      p.rows, p.M, p.N, p.d, vec, static_cast<float*>(p.lse_out), p.dropped_out);
   return cudaGetLastError();
 }
 
@@ -32,7 +32,8 @@ cudaError_t bwd_mma_launch(const void* X, const void* Y, int64_t nX, int64_t nY,
   const bool vec = d % 8 == 0 && aligned16(X) && aligned16(Y);
   const bool need_v = d > kDK;
   const size_t smem = (need_v ? 3 : 2) * kTileElems * sizeof(uint16_t);  // 34,816 or 52,224 B
-  auto kern = lse_bwd_mma_kernel<Tag, MODE, LBL>;
+  auto kern = has_threshold(sides) ? lse_bwd_mma_kernel<Tag, MODE, LBL, true>
+                                   : lse_bwd_mma_kernel<Tag, MODE, LBL, false>;
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;

@@ -15,7 +15,7 @@ template <typename T, int TM, bool LBL>
 cudaError_t fwd_simt(const LseParams& p, cudaStream_t stream) {
   lse_fwd_simt_kernel<T, TM, LBL><<<dim3(static_cast<unsigned>(cdiv(p.M, 16 * TM))), kSimtThreads, 0, stream>>>(
       static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.scale), p.rows, p.M, p.N,
-      p.d, static_cast<T*>(p.lse_out));
+      p.d, static_cast<T*>(p.lse_out), p.dropped_out);
   return cudaGetLastError();
 }
 
@@ -25,7 +25,9 @@ template <typename T, int TM, int MODE, bool LBL>
 cudaError_t bwd_simt_launch(const void* X, const void* Y, int64_t nX, int64_t nY, const LseParams& p,
                             const Sides<T>& sides, void* dX, T* partial, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(cdiv(nX, 16 * TM)), static_cast<unsigned>(cdiv(p.d, 16 * TM)));
-  lse_bwd_simt_kernel<T, TM, MODE, LBL><<<grid, kSimtThreads, 0, stream>>>(
+  auto kern = has_threshold(sides) ? lse_bwd_simt_kernel<T, TM, MODE, LBL, true>
+                                   : lse_bwd_simt_kernel<T, TM, MODE, LBL, false>;
+  kern<<<grid, kSimtThreads, 0, stream>>>(
       static_cast<const T*>(X), static_cast<const T*>(Y), static_cast<const T*>(p.scale), sides, nX, nY, p.d,
       static_cast<T*>(dX), partial);
   return cudaGetLastError();

@@ -40,8 +40,9 @@ void check_cuda_args(const LseArgs& a, const char* op) {
   if (a.labelled) {
     check_contiguous(a.labels.row_labels, "row_labels", op);
     check_contiguous(a.labels.key_labels, "key_labels", op);
-    check_contiguous(a.labels.positive, "positive", op);
   }
+  if (a.labelled || a.thresholded) check_contiguous(a.labels.positive, "positive", op);
+  if (a.thresholded) check_contiguous(a.labels.threshold, "threshold", op);
   if (a.grad.defined()) {
     check_contiguous(a.grad, "grad", op);
     check_contiguous(a.lse, "lse", op);
@@ -50,7 +51,8 @@ void check_cuda_args(const LseArgs& a, const char* op) {
     check_contiguous(a.key_side.grad, "key_grad", op);
     check_contiguous(a.key_side.lse, "key_lse", op);
     check_contiguous(a.key_side.exclude, "key_exclude", op);
-    if (a.labelled) check_contiguous(a.key_side.positive, "key_positive", op);
+    if (a.labelled || a.key_thresholded) check_contiguous(a.key_side.positive, "key_positive", op);
+    if (a.key_thresholded) check_contiguous(a.key_side.threshold, "key_threshold", op);
   }
 }
 
@@ -87,14 +89,16 @@ at::Tensor workspace_for(const infonce_cuda::LseParams& p, const at::Tensor& q) 
 
 }  // namespace
 
-at::Tensor lse_forward_cuda(const LseArgs& a) {
+std::tuple<at::Tensor, at::Tensor> lse_forward_cuda(const LseArgs& a) {
   check_cuda_args(a, "infonce_kernels::_lse_fwd (cuda)");
   const c10::cuda::CUDAGuard guard(a.q.device());
   infonce_cuda::LseParams p = launch_params(a);
   at::Tensor lse = at::empty({a.M()}, a.scale.options());  // float32, float64 for float64 inputs
+  at::Tensor dropped = at::zeros({a.M()}, a.q.options().dtype(at::kInt));  // the threshold rule's count
   p.lse_out = lse.data_ptr();
+  if (a.thresholded) p.dropped_out = dropped.data_ptr<int32_t>();
   C10_CUDA_CHECK(infonce_cuda::lse_forward(p, current_stream(a.q)));
-  return lse;
+  return {lse, dropped};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_cuda(const LseArgs& a) {

@@ -73,8 +73,10 @@ bool valid_dtype(DType dtype) {
 
 // A rule's three label pointers: all set (rule on) or all nullptr (off); E in {0, 1, 2}.
 bool rule_valid(const infonce_kernels::ExclusionRule& r) {
-  const int set = (r.row_labels != nullptr) + (r.key_labels != nullptr) + (r.positive != nullptr);
-  return (set == 0 || set == 3) && r.E >= 0 && r.E <= 2 && (r.E == 0 || r.lists != nullptr);
+  const int labels = (r.row_labels != nullptr) + (r.key_labels != nullptr);
+  const bool needs_positive = labels == 2 || r.thresholded();
+  return (labels == 0 || labels == 2) && (r.positive != nullptr) == needs_positive && r.E >= 0 && r.E <= 2 &&
+         (r.E == 0 || r.lists != nullptr);
 }
 
 // Checks every launcher shares: sizes, dtype, the row side's rule.
@@ -86,7 +88,7 @@ bool common_valid(const LseParams& p) {
 }  // namespace
 
 cudaError_t lse_forward(const LseParams& p, cudaStream_t stream) {
-  if (!common_valid(p)) return cudaErrorInvalidValue;
+  if (!common_valid(p) || (p.rows.thresholded() && p.dropped_out == nullptr)) return cudaErrorInvalidValue;
   return is_mma(p.dtype) ? forward_mma(p, stream) : forward_simt(p, stream);
 }
 

@@ -11,8 +11,10 @@
 //   scale: pointer to ONE device scalar, float (double when T = fp64); read by the kernels.
 //   rows: the exclusion rule of the rows of q against the keys k (csrc/common/exclusion.h):
 //     lists (M,E) int64, E in {0,1,2}, -1 = none (nullptr when E == 0); row_labels (M,),
-//     key_labels (N,), positive (M,) int64, all three nullptr when the label rule is off (a mix
-//     of nullptr and non-null returns cudaErrorInvalidValue); key_offset 0. symmetric:
+//     key_labels (N,) int64, both nullptr when the label rule is off (a mix returns
+//     cudaErrorInvalidValue); threshold (M,) float (double when T = fp64), nullptr when the
+//     threshold rule is off; positive (M,) int64, non-null exactly when one of the two rules is
+//     on; key_offset 0. symmetric:
 //     key_labels is expected to be row_labels, but the kernels read both as given (W^T_ij = W_ji
 //     uses row_labels[j], key_labels[i] and positive[j]).
 //   lse / grad: (M,) float (double when T = fp64).
@@ -55,6 +57,7 @@ struct LseParams {
   infonce_kernels::ExclusionRule keys;
   // Outputs and scratch.
   void* lse_out = nullptr;    // forward: (M,)
+  int32_t* dropped_out = nullptr;  // forward with the threshold rule: (M,) keys it dropped per row
   void* dq = nullptr;         // (M, d)
   void* dk = nullptr;         // (N, d); unused when symmetric
   void* dscale = nullptr;     // one device scalar

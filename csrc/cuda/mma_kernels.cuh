@@ -144,7 +144,8 @@ template <typename Tag, bool LBL>
 __global__ void __launch_bounds__(kMmaThreads)
     lse_fwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
                        const float* __restrict__ scale_ptr, const infonce_kernels::ExclusionRule rule,
-                       int64_t M, int64_t N, int64_t d, bool vec, float* __restrict__ lse) {
+                       int64_t M, int64_t N, int64_t d, bool vec, float* __restrict__ lse,
+                       int32_t* __restrict__ dropped) {
   const int64_t* __restrict__ exclude = rule.lists;
   const int64_t* __restrict__ row_labels = rule.row_labels;
   const int64_t* __restrict__ key_labels = rule.key_labels;
@@ -158,10 +159,16 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
   const int64_t row_base = int64_t(blockIdx.x) * kBM;
-  const float scale2 = __ldg(scale_ptr) * kLog2e;
+  const float scale = __ldg(scale_ptr);
+  const float scale2 = scale * kLog2e;
+  // Threshold rule (false-negative filtering; nullptr: off): compared on the logit in nats.
+  const float* __restrict__ threshold = static_cast<const float*>(rule.threshold);
+  const bool thr = threshold != nullptr;
 
   int64_t row[2], ex[2][2];
-  int64_t rl[2] = {0, 0}, rp[2] = {-1, -1};  // row label, positive (LBL only)
+  int64_t rl[2] = {0, 0}, rp[2] = {-1, -1};  // row label (LBL only), positive (LBL or threshold)
+  float rt[2] = {INFINITY, INFINITY};        // row threshold
+  int cnt[2] = {0, 0};                       // keys the threshold rule dropped (this lane's columns)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     row[h] = row_base + warp * 16 + gq + 8 * h;
@@ -169,10 +176,9 @@ __global__ void __launch_bounds__(kMmaThreads)
     if (row[h] < M) {
       if (E > 0) ex[h][0] = exclude[row[h] * E];
       if (E > 1) ex[h][1] = exclude[row[h] * E + 1];
-      if (LBL) {
-        rl[h] = row_labels[row[h]];
-        rp[h] = positive[row[h]];
-      }
+      if (LBL) rl[h] = row_labels[row[h]];
+      if (LBL || thr) rp[h] = positive[row[h]];
+      if (thr) rt[h] = threshold[row[h]];
     }
   }
   float m[2] = {-INFINITY, -INFINITY};  // running max (log2 domain), same in the 4 lanes of a quad
@@ -223,6 +229,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int x0 = tile_index(ex[h][0], col_base, kBN), x1 = tile_index(ex[h][1], col_base, kBN);
+      const int xtp = thr ? tile_index(rp[h], col_base, kBN) : -1;
       float mx = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
@@ -231,6 +238,10 @@ __global__ void __launch_bounds__(kMmaThreads)
           const int lc = nt * 8 + 2 * tq + e;
           bool ok = lc < cvalid && lc != x0 && lc != x1;
           if (LBL) ok &= ((lmask[h] >> (2 * nt + e)) & 1u) == 0u;
+          if (thr && ok && threshold_dropped(s[nt][2 * h + e] * scale, rt[h], lc, xtp)) {
+            ok = false;
+            ++cnt[h];
+          }
           const float x = ok ? s[nt][2 * h + e] * scale2 : -INFINITY;
           s[nt][2 * h + e] = x;
           mx = fmaxf(mx, x);
@@ -260,6 +271,12 @@ __global__ void __launch_bounds__(kMmaThreads)
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     // sum == 0 only for a fully excluded row (a caller error): r = -inf, not NaN.
     if (tq == 0 && row[h] < M) lse[row[h]] = (m[h] + log2f(sum)) * kLn2;
+    if (thr) {
+      int c = cnt[h];
+      c += __shfl_xor_sync(0xffffffffu, c, 1);
+      c += __shfl_xor_sync(0xffffffffu, c, 2);
+      if (tq == 0 && row[h] < M) dropped[row[h]] = c;
+    }
   }
 }
 
@@ -289,7 +306,15 @@ __global__ void __launch_bounds__(kMmaThreads)
 // columns' labels as keys (row term); yq = the Y columns as queries (kCol, kSym; unused in kRow),
 // whose lists and positives number the X rows from x_offset, x_key_labels = the X rows' labels as
 // keys (column term).
-template <typename Tag, int MODE, bool LBL>
+// Threshold rule (THR, instantiated only for launches with it; each side's own when its pointer
+// is set): the row term reads the X rows' thresholds and positives, the column term the Y
+// columns' (shared, positives local to this CTA's row block); compared on the logit in nats.
+// With labels, the label rule's local positives are reused (one positive per row, for both rules).
+// <Tag, kSym, true, true> (labels and thresholds in one symmetric / paired backward) spills 16 B
+// on sm_80 (ptxas 13.0; none on sm_90): the threshold tests of both terms on top of both label
+// rules at the 255-register cap. Launches without the threshold rule run the THR = false
+// instantiations, whose code is the same as before the rule existed.
+template <typename Tag, int MODE, bool LBL, bool THR>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     lse_bwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
                        const float* __restrict__ scale_ptr, const Sides<float> sides, int64_t nX,
@@ -314,6 +339,13 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   __shared__ int64_t sKL[kRowLbl ? kBN : 1];     // y_key_labels of the Y columns
   __shared__ int64_t sQL[kColLbl ? kBN : 1];     // yq.labels of the Y columns
   __shared__ int sQp[kColLbl ? kBN : 1];         // yq.positive of the Y columns, local to the X block
+  // Threshold rule (THR): see above.
+  const bool rthr = THR && MODE != kCol && xq.threshold != nullptr;
+  const bool cthr = THR && MODE != kRow && yq.threshold != nullptr;
+  __shared__ float sXt[THR ? kBM : 1];
+  __shared__ int64_t sXtp[THR ? kBM : 1];
+  __shared__ float sCt[THR ? kBN : 1];
+  __shared__ int sCtp[THR ? kBN : 1];
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
@@ -352,6 +384,11 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       }
     }
     if (kColLbl && rv[h]) xkl[h] = x_key_labels[row[h]];
+  }
+  if (rthr && threadIdx.x < kBM) {  // read after the column loop's first __syncthreads
+    const int64_t a = row_base + threadIdx.x;
+    sXt[threadIdx.x] = a < nX ? xq.threshold[a] : INFINITY;
+    sXtp[threadIdx.x] = a < nX ? xq.positive[a] : -1;
   }
 
   float acc[16][4];
@@ -397,6 +434,11 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
         sQp[threadIdx.x] = jv ? tile_index(yq.positive[j] - x_offset, row_base, kBM) : -1;
       }
     }
+    if (cthr && threadIdx.x < kBN) {
+      const int64_t j = col_base + threadIdx.x;
+      sCt[threadIdx.x] = j < nY ? yq.threshold[j] : INFINITY;
+      sCtp[threadIdx.x] = j < nY ? tile_index(yq.positive[j] - x_offset, row_base, kBM) : -1;
+    }
 
     float s[8][4];
 #pragma unroll
@@ -419,6 +461,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       const int lr = warp * 16 + gq + 8 * h;
       const int x0 = tile_index(ex[h][0], col_base, kBN), x1 = tile_index(ex[h][1], col_base, kBN);
       const int xp = kRowLbl ? tile_index(xrp[h], col_base, kBN) : -1;
+      const float xt = rthr ? sXt[lr] : 0.f;
+      // with labels the label rule's local positive is the threshold rule's (one per row)
+      const int xtp = !rthr ? -1 : kRowLbl ? xp : tile_index(sXtp[lr], col_base, kBN);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -430,6 +475,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
           if (MODE != kCol) {  // W_ab: row a = X row (query), key b = Y column
             bool ok = cok && lc != x0 && lc != x1;
             if (kRowLbl) ok &= !label_excluded(xrl[h], sKL[lc], lc, xp);
+            if (rthr) ok &= !threshold_dropped(sv * scale, xt, lc, xtp);
             const float p = ok ? exp2f(sv * scale2 - rr2[h]) : 0.f;
             dsc += rg[h] * p * sv;
             w = (MODE == kRow) ? p : rg[h] * p;
@@ -437,6 +483,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
           if (MODE != kRow) {  // W_ba (V_ba when paired): row b = Y column (query), key a = X row
             bool ok = cok && lr != sCx0[lc] && lr != sCx1[lc];
             if (kColLbl) ok &= !label_excluded(sQL[lc], xkl[h], lr, sQp[lc]);
+            if (cthr) ok &= !threshold_dropped(sv * scale, sCt[lc], lr, kColLbl ? sQp[lc] : sCtp[lc]);
             w += ok ? sCg[lc] * exp2f(sv * scale2 - sCr2[lc]) : 0.f;
           }
           s[nt][2 * h + e] = (MODE == kRow) ? w : w * inv_gmax;

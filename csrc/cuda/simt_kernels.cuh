@@ -52,7 +52,8 @@ template <typename T, int TM, bool LBL>
 __global__ void __launch_bounds__(kSimtThreads, 2)
     lse_fwd_simt_kernel(const T* __restrict__ X, const T* __restrict__ Y,
                         const T* __restrict__ scale_ptr, const infonce_kernels::ExclusionRule rule,
-                        int64_t M, int64_t N, int64_t d, T* __restrict__ lse) {
+                        int64_t M, int64_t N, int64_t d, T* __restrict__ lse,
+                        int32_t* __restrict__ dropped) {
   const int64_t* __restrict__ exclude = rule.lists;
   const int64_t* __restrict__ row_labels = rule.row_labels;
   const int64_t* __restrict__ key_labels = rule.key_labels;
@@ -66,9 +67,13 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
   const int64_t row_base = int64_t(blockIdx.x) * B;
   const T scale = scale_ptr[0];
   const T kNegInf = -static_cast<T>(INFINITY);
+  const T* __restrict__ threshold = static_cast<const T*>(rule.threshold);  // nullptr: rule off
+  const bool thr = threshold != nullptr;
 
   int64_t row[TM], ex[TM][2];
-  int64_t rl[TM], rp[TM];  // row label, positive (LBL only)
+  int64_t rl[TM], rp[TM];  // row label (LBL only), positive (LBL or the threshold rule)
+  T rt[TM];                // row threshold (+inf without the rule)
+  int cnt[TM];             // keys the threshold rule dropped (this lane's columns)
   T m[TM], l[TM];
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
@@ -76,13 +81,14 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
     ex[i][0] = ex[i][1] = -1;
     rl[i] = 0;
     rp[i] = -1;
+    rt[i] = static_cast<T>(INFINITY);
+    cnt[i] = 0;
     if (row[i] < M) {
       if (E > 0) ex[i][0] = exclude[row[i] * E];
       if (E > 1) ex[i][1] = exclude[row[i] * E + 1];
-      if (LBL) {
-        rl[i] = row_labels[row[i]];
-        rp[i] = positive[row[i]];
-      }
+      if (LBL) rl[i] = row_labels[row[i]];
+      if (LBL || thr) rp[i] = positive[row[i]];
+      if (thr) rt[i] = threshold[row[i]];
     }
     m[i] = kNegInf;
     l[i] = T(0);
@@ -109,14 +115,19 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
       const int x0 = tile_index(ex[i][0], col_base, B), x1 = tile_index(ex[i][1], col_base, B);
-      const int xp = LBL ? tile_index(rp[i], col_base, B) : -1;
+      const int xp = tile_index(rp[i], col_base, B);  // -1 without either rule (rp = -1)
       T mx = kNegInf;
 #pragma unroll
       for (int j = 0; j < TM; ++j) {
         const int lc = tx + 16 * j;
         bool ok = lc < cvalid && lc != x0 && lc != x1;
         if (LBL) ok &= !label_excluded(rl[i], sKL[lc], lc, xp);
-        s[i][j] = ok ? s[i][j] * scale : kNegInf;
+        const T logit = s[i][j] * scale;
+        if (thr && ok && threshold_dropped(logit, rt[i], lc, xp)) {
+          ok = false;
+          ++cnt[i];
+        }
+        s[i][j] = ok ? logit : kNegInf;
         mx = fmax(mx, s[i][j]);
       }
 #pragma unroll
@@ -138,15 +149,21 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
 #pragma unroll
     for (int o = 1; o < 16; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     if (tx == 0 && row[i] < M) lse[row[i]] = m[i] + math_log(sum);
+    if (thr) {
+      int c = cnt[i];
+#pragma unroll
+      for (int o = 1; o < 16; o <<= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+      if (tx == 0 && row[i] < M) dropped[row[i]] = c;
+    }
   }
 }
 
 // Backward SIMT, same roles as the mma kernel; W (exact, in T) goes through shared memory.
 // __launch_bounds__(256, 2) caps registers at 128: without it ptxas spilled 4 B in <double, kRow>.
 // grid = (row blocks, ceil(d / (16 TM))) output feature chunks of 16 TM.
-// Arguments (xq, y_key_labels, yq, x_key_labels, x_offset) and labels (LBL): as in
-// lse_bwd_mma_kernel.
-template <typename T, int TM, int MODE, bool LBL>
+// Arguments (xq, y_key_labels, yq, x_key_labels, x_offset), labels (LBL) and the threshold rule
+// (THR): as in lse_bwd_mma_kernel.
+template <typename T, int TM, int MODE, bool LBL, bool THR>
 __global__ void __launch_bounds__(kSimtThreads, 2)
     lse_bwd_simt_kernel(const T* __restrict__ X, const T* __restrict__ Y,
                         const T* __restrict__ scale_ptr, const Sides<T> sides, int64_t nX,
@@ -178,6 +195,17 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
   __shared__ int64_t sXrl[kRowLbl ? B : 1];  // xq.labels of the X rows (queries)
   __shared__ int64_t sXrp[kRowLbl ? B : 1];  // xq.positive of the X rows
   __shared__ int64_t sXkl[kColLbl ? B : 1];  // x_key_labels of the X rows (keys)
+  // Threshold rule (false-negative filtering), each side's own when its pointer is set: the X
+  // rows' thresholds and positives (row term), the Y columns' thresholds and positives local
+  // to the X block (column term).
+  // A template parameter: as a runtime test it pushed the fp32 kSym + LBL instantiation (at the
+  // 128-register cap) into spills, also for launches without the rule.
+  const bool rthr = THR && MODE != kCol && xq.threshold != nullptr;
+  const bool cthr = THR && MODE != kRow && yq.threshold != nullptr;
+  __shared__ T sXt[THR ? B : 1];
+  __shared__ int64_t sXtp[THR ? B : 1];
+  __shared__ T sCt[THR ? B : 1];
+  __shared__ int sCtp[THR ? B : 1];
 
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const int64_t row_base = int64_t(blockIdx.x) * B;
@@ -209,6 +237,11 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
       sXrp[threadIdx.x] = av ? xq.positive[a] : -1;
     }
     if (kColLbl) sXkl[threadIdx.x] = av ? x_key_labels[a] : 0;
+  }
+  if (rthr && threadIdx.x < B) {
+    const int64_t a = row_base + threadIdx.x;
+    sXt[threadIdx.x] = a < nX ? xq.threshold[a] : static_cast<T>(INFINITY);
+    sXtp[threadIdx.x] = a < nX ? xq.positive[a] : -1;
   }
   T acc[TM][TM];
 #pragma unroll
@@ -252,6 +285,11 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
         sQp[threadIdx.x] = jv ? tile_index(yq.positive[j] - x_offset, row_base, B) : -1;
       }
     }
+    if (cthr && threadIdx.x < B) {
+      const int64_t j = col_base + threadIdx.x;
+      sCt[threadIdx.x] = j < nY ? yq.threshold[j] : static_cast<T>(INFINITY);
+      sCtp[threadIdx.x] = j < nY ? tile_index(yq.positive[j] - x_offset, row_base, B) : -1;
+    }
 
     T s[TM][TM];
 #pragma unroll
@@ -282,6 +320,10 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
         if (MODE != kCol) {  // W_ab: row a = X row (query), key b = Y column
           bool ok = cok && lc != x0 && lc != x1;
           if (kRowLbl) ok &= !label_excluded(xrl, sKL[lc], lc, xp);
+          // With labels the label rule's local positive is the threshold rule's (one positive
+          // per row): reused, it keeps <float, 4, kSym, true, true> from spilling.
+          const int xtp = kRowLbl ? xp : tile_index(sXtp[lr], col_base, B);
+          if (rthr) ok &= !threshold_dropped(sv * scale, sXt[lr], lc, xtp);
           const T wr = ok ? rg[i] * math_exp(sv * scale - rr[i]) : T(0);
           dsc += wr * sv;
           w = wr;
@@ -289,6 +331,7 @@ __global__ void __launch_bounds__(kSimtThreads, 2)
         if (MODE != kRow) {  // W_ba (V_ba when paired): row b = Y column (query), key a = X row
           bool ok = cok && lr != sCx0[lc] && lr != sCx1[lc];
           if (kColLbl) ok &= !label_excluded(sQL[lc], xkl, lr, sQp[lc]);
+          if (cthr) ok &= !threshold_dropped(sv * scale, sCt[lc], lr, kColLbl ? sQp[lc] : sCtp[lc]);
           w += ok ? sCg[lc] * math_exp(sv * scale - sCr[lc]) : T(0);
         }
         sW[lr][lc] = w;

@@ -71,19 +71,10 @@ def _(q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend
     return q.new_empty(q.shape[0], dtype=accumulation_dtype(q.dtype))
 
 
-@torch.library.custom_op("infonce_kernels::_lse_counted", mutates_args=())
-def lse_counted_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: torch.Tensor,
-    exclude: torch.Tensor,
-    row_labels: torch.Tensor,
-    key_labels: torch.Tensor,
-    positive: torch.Tensor,
-    symmetric: bool,
-    backend: str,
-    threshold: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("infonce_kernels::_lse_counted", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor scale, Tensor exclude, Tensor row_labels, Tensor key_labels, Tensor positive, "
+    "bool symmetric, str backend, Tensor? threshold=None) -> (Tensor, Tensor)"))
+def lse_counted_op(q, k, scale, exclude, row_labels, key_labels, positive, symmetric, backend, threshold=None):
     """``lse_op`` and the (M,) int32 count of the keys each row's threshold rule drops among the
     keys the other rules keep (zeros without a threshold), from the same forward sweep."""
     spec = _spec(exclude, row_labels, key_labels, positive, symmetric, threshold)
