@@ -9,6 +9,7 @@ from .losses import ClipLoss, InfoNCELoss, NTXentLoss, clip_loss, info_nce, nt_x
 from .losses import SigLipLoss, siglip_loss
 from .losses import (DCLLoss, DCLWLoss, DebiasedNTXentLoss, DHELLoss, HardNegativeNTXentLoss, KCLLoss, SupConLoss,
                      alignment, dcl, dclw, debiased_nt_xent, dhel, hard_negative_nt_xent, kcl, supcon, uniformity)
+from .losses import RetrievalInfoNCELoss, SymmetricRetrievalInfoNCELoss, retrieval_info_nce
 from .grad_cache import CachedStepOutput, cached_step
 from .ops import BACKENDS, available_backends, lse, resolve_backend
 
@@ -47,6 +48,7 @@ __all__ += [
     "kcl", "KCLLoss",
     "hard_negative_nt_xent", "debiased_nt_xent", "HardNegativeNTXentLoss", "DebiasedNTXentLoss",
     "alignment", "uniformity",
+    "retrieval_info_nce", "RetrievalInfoNCELoss", "SymmetricRetrievalInfoNCELoss",
     "LearnableTemperature", "TemperatureSchedule", "ConstantTemperature", "LinearTemperature",
     "CosineTemperature", "StepTemperature", "LogarithmicAnnealing",
 ]

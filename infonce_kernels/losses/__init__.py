@@ -6,6 +6,7 @@
     decoupled.py  DCL, DCLW, DHEL               debiased.py   hard-negative and debiased NT-Xent
     kcl.py        KCL (Gaussian kernel)         metrics.py    alignment, uniformity
     siglip.py     SigLIP's pairwise sigmoid loss (over the fused sigmoid op, ops/pairwise_sigmoid.py)
+    retrieval.py  retrieval InfoNCE: hard negatives, multi-direction, hardness, false-negative filter
 """
 
 from .clip import ClipLoss, clip_loss
@@ -15,6 +16,7 @@ from .info_nce import InfoNCELoss, info_nce
 from .kcl import KCLLoss, kcl
 from .metrics import alignment, uniformity
 from .nt_xent import NTXentLoss, nt_xent
+from .retrieval import RetrievalInfoNCELoss, SymmetricRetrievalInfoNCELoss, retrieval_info_nce
 from .siglip import SigLipLoss, siglip_loss
 from .supcon import SupConLoss, supcon
 
@@ -26,4 +28,5 @@ __all__ = [
     "hard_negative_nt_xent", "debiased_nt_xent", "HardNegativeNTXentLoss", "DebiasedNTXentLoss",
     "alignment", "uniformity",
     "siglip_loss", "SigLipLoss",
+    "retrieval_info_nce", "RetrievalInfoNCELoss", "SymmetricRetrievalInfoNCELoss",
 ]
