@@ -14,7 +14,7 @@ Vocabulary (shapes of one program's work):
   (``dq``/``dk``/``dz`` accumulators are (BLOCK_M, BLOCK_DO) fp32 registers);
   the backward grid gets a second axis of ``cdiv(d, BLOCK_DO)`` programs, each
   recomputing the score tile (only when d > BLOCK_DO: d > 256 for 16-bit without
-  the label rule, d > 128 with it, d > 64 for fp32).
+  the label rule on sm_90, d > 128 with it or below sm_90, d > 64 for fp32).
 
 Defaults are chosen by ``torch.cuda.get_device_capability`` (sm80: A100,
 sm90: H100/H200; other capabilities get the sm80 settings) and by the
@@ -76,6 +76,12 @@ def interpret_mode() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def exact_fp32(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is fp32 on the exact FMA path (``tl.dot`` input precision "ieee":
+    ``torch.get_float32_matmul_precision() == "highest"``; else tf32 tensor cores)."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return (0, 0)
@@ -129,6 +135,11 @@ def backward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d:
     and its exponentials are computed once per tile; beyond 256, one program per 256 output
     features. The label rule holds two more key vectors (int64 labels): 32-key tiles and
     128-wide output chunks keep it free of spills (ptxas -v, triton 3.9, sm_90).
+
+    Those 128-row tiles are for sm_90's tensor cores. Exact fp32 ("ieee": FMA products, no
+    tensor cores) and capabilities below sm_90 keep 64 x 64 tiles on 8 warps, with output
+    chunks of at most the d chunk: 128 rows spill there (fp32 ieee d=64 on sm_90 up to 16 KB,
+    ``_dq_paired`` bf16 d=128 on sm_80 216 B; ptxas -v, triton 3.9).
     """
     if interpret_mode():
         bd, bdo, single = _split_d(d, INTERPRET_BLOCK_D, 2 * INTERPRET_BLOCK_D)
@@ -137,9 +148,13 @@ def backward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d:
     # BLOCK_D must equal the forward's: the backward's score tiles then accumulate over d in
     # the same order as the forward's, so P rows sum to 1 against the stored LSE (to rounding:
     # the two kernels' products may use different instruction shapes).
-    bd, bdo, single = _split_d(d, _max_block_d(dtype), 256 if (wide and not labels) else 0)
-    narrow = labels or not single
-    cfg = TileConfig(128, 32 if narrow else 64, bd, bdo, single, 8, 2)
+    if exact_fp32(dtype) or _capability(device) < (9, 0):
+        bd, bdo, single = _split_d(d, _max_block_d(dtype))
+        cfg = TileConfig(64, 64, bd, bdo, single, 8, 2)
+    else:
+        bd, bdo, single = _split_d(d, _max_block_d(dtype), 256 if (wide and not labels) else 0)
+        narrow = labels or not single
+        cfg = TileConfig(128, 32 if narrow else 64, bd, bdo, single, 8, 2)
     if dtype == torch.float64:
         cfg = replace(cfg, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     return cfg

@@ -127,11 +127,11 @@ def _lse_fwd_kernel(
         keep = (keys[None, :] < N - n0) & kept(keys[None, :], (ex0 - n0)[:, None], (ex1 - n0)[:, None],
                                                rlab[:, None], klab[None, :], (pos - n0)[:, None], HAS_LABELS,
                                                dots, s, thr[:, None], False)
-        if HAS_THRESHOLD:  # kept(..., HAS_THRESHOLD) in two steps, counting the second
-            drop = keep & threshold_drops(keys[None, :], dots, s, thr[:, None], (pos - n0)[:, None])
-            dropped += tl.sum(drop.to(tl.int32), axis=1)
-            keep = keep & ~drop
         x = tl.where(keep, dots, float("-inf"))                          # <q_i, k_j>, -inf if excluded
+        if HAS_THRESHOLD:  # kept(..., HAS_THRESHOLD) in two steps, counting the second (-inf never drops)
+            drop = threshold_drops(keys[None, :], x, s, thr[:, None], (pos - n0)[:, None])
+            dropped += tl.sum(drop.to(tl.int32), axis=1)
+            x = tl.where(drop, float("-inf"), x)
         m_new = tl.maximum(m_i, tl.max(x, axis=1) * s)                   # nats
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC_DTYPE)
         l_i = l_i * tl.exp2((m_i - m_safe) * LOG2E) + tl.sum(tl.exp2(log2_prob(x, s, m_safe[:, None], INPUT_PRECISION)),
