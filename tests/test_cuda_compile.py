@@ -30,6 +30,11 @@ KERNELS = [
     *[f"lse_fwd_simt_kernel<{t}, {lbl}>" for t in ("float, 4", "double, 2") for lbl in _LBL],
     *[f"lse_bwd_simt_kernel<{t}, {mode}, {rules}>"
       for t in ("float, 4", "double, 2") for mode in (0, 1, 2) for rules in _LBL_THR],
+    # the pairwise sigmoid sweeps: SweepKind 0-3 (loss only, loss + dx, dx, dy), labels on/off
+    *[f"sigmoid_sweep_mma_kernel<{tag}, {kind}, {lbl}>" for tag in ("F16Tag", "BF16Tag") for kind in range(4)
+      for lbl in _LBL],
+    *[f"sigmoid_sweep_simt_kernel<{t}, {kind}, {lbl}>" for t in ("float, 4", "double, 2") for kind in range(4)
+      for lbl in _LBL],
     "absmax_kernel",
     "sum_partials_kernel<float>",
     "sum_partials_kernel<double>",

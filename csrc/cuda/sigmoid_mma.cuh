@@ -72,12 +72,12 @@ __global__ void __launch_bounds__(kMmaThreads, 2) sigmoid_sweep_mma_kernel(const
   const int nchunks = static_cast<int>((d + kDK - 1) / kDK);
   const bool x_resident = nchunks == 1;
   const bool need_v = kGrad && nchunks > 1;  // else the single other tile holds the output chunk
-  if (x_resident) load_tile16(sX, X, row_base, nX, 0, d, a.vec);
+  if (x_resident) load_tile16<kBM>(sX, X, row_base, nX, 0, d, a.vec);
   const uint16_t* pv_base = (need_v ? sV : sY) + ((lane & 7) + ((lane >> 3) & 1) * 8) * kLds + (lane >> 4) * 8;
 
   for (int64_t col_base = 0; col_base < nY; col_base += kBN) {
     __syncthreads();  // everyone is done with the previous tile's shared data
-    if (need_v) load_tile16(sV, Y, col_base, nY, dv0, d, a.vec);
+    if (need_v) load_tile16<kBN>(sV, Y, col_base, nY, dv0, d, a.vec);
     if (threadIdx.x < kBN) {  // columns >= nY are masked by cvalid: any value will do
       const int64_t j = col_base + threadIdx.x;
       if (LBL) sOL[threadIdx.x] = j < nY ? a.other_labels[j] : 0;
@@ -90,11 +90,15 @@ __global__ void __launch_bounds__(kMmaThreads, 2) sigmoid_sweep_mma_kernel(const
       for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
     for (int c = 0; c < nchunks; ++c) {
       if (c > 0) __syncthreads();
-      if (!x_resident) load_tile16(sX, X, row_base, nX, int64_t(c) * kDK, d, a.vec);
-      load_tile16(sY, Y, col_base, nY, int64_t(c) * kDK, d, a.vec);
+      if (!x_resident) load_tile16<kBM>(sX, X, row_base, nX, int64_t(c) * kDK, d, a.vec);
+      load_tile16<kBN>(sY, Y, col_base, nY, int64_t(c) * kDK, d, a.vec);
+      // the vectorised loads are cp.async: complete every outstanding copy (sX, sV, sY) first
+      cp_async_commit();
+      cp_async_wait_all();
       __syncthreads();  // also publishes sV, sOL, sCg
       const int kvalid = static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
-      mma_qk<Tag>(s, sX, sY, warp, lane, kvalid);
+      // one m16 tile per warp (16 of the CTA's 64 rows): mma_qk's MT = 1 accumulator view of s
+      mma_qk<Tag, 1>(*reinterpret_cast<float(*)[1][8][4]>(&s), sX, sY, warp, lane, kvalid);
     }
 
     const int cvalid = static_cast<int>(nY - col_base < kBN ? nY - col_base : kBN);
