@@ -210,28 +210,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) sigmoid_sweep_mma_kernel(const
       db += rg[h] * gsum[h];
     }
   }
-  if (kRowSweep) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      dt += __shfl_xor_sync(0xffffffffu, dt, o);
-      db += __shfl_xor_sync(0xffffffffu, db, o);
-    }
-    if (lane == 0) {
-      sRed[0][warp] = dt;
-      sRed[1][warp] = db;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float st = 0.f, sb = 0.f;
-#pragma unroll
-      for (int w = 0; w < kMmaThreads / 32; ++w) {
-        st += sRed[0][w];
-        sb += sRed[1][w];
-      }
-      a.dt_part[int64_t(blockIdx.x) * gridDim.y + blockIdx.y] = st;
-      if (blockIdx.y == 0) a.db_part[blockIdx.x] = sb;
-    }
-  }
+  if (kRowSweep) write_scale_bias_partials<kMmaThreads>(dt, db, sRed, a);
 }
 
 }  // namespace

@@ -41,4 +41,33 @@ struct Sweep {
   A* db_part;
 };
 
+// The row sweep's epilogue: the CTA's sums of its threads' dt and db (warp shuffles, then the
+// warps through sRed, a __shared__ [2][THREADS / 32]), written by thread 0 to the partials: dt per
+// (row block, output chunk), db per row block (output chunk 0 only). Every thread must call it.
+template <int THREADS, typename A>
+__device__ __forceinline__ void write_scale_bias_partials(A dt, A db, A (&sRed)[2][THREADS / 32],
+                                                          const Sweep<A>& a) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    dt += __shfl_xor_sync(0xffffffffu, dt, o);
+    db += __shfl_xor_sync(0xffffffffu, db, o);
+  }
+  if (lane == 0) {
+    sRed[0][warp] = dt;
+    sRed[1][warp] = db;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A st = A(0), sb = A(0);
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) {
+      st += sRed[0][w];
+      sb += sRed[1][w];
+    }
+    a.dt_part[int64_t(blockIdx.x) * gridDim.y + blockIdx.y] = st;
+    if (blockIdx.y == 0) a.db_part[blockIdx.x] = sb;
+  }
+}
+
 }  // namespace infonce_cuda
