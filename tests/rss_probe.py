@@ -26,16 +26,36 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", required=True)
-    parser.add_argument("--rows", type=int, required=True, help="2B, the number of anchors")
+def probe_args(doc: str, rows_help: str, **extra):
+    """The probes' command line: ``--rows``, ``--dim``, ``--threads`` and the ``extra`` arguments
+    (name -> add_argument keywords); sets the thread count and seeds torch."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, kwargs in extra.items():
+        parser.add_argument(f"--{name}", **kwargs)
+    parser.add_argument("--rows", type=int, required=True, help=rows_help)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    return args
+
+
+def measured_step(step):
+    """Runs ``step()`` once with the peak RSS counter reset just before it; returns the seconds it
+    took and its peak resident bytes above the resident size before it."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = status_kib("VmRSS")
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    return seconds, (status_kib("VmHWM") - before) * 1024
+
+
+def main():
+    args = probe_args(__doc__, "2B, the number of anchors", backend=dict(required=True))
     b = args.rows // 2
     z1 = torch.randn(b, args.dim, requires_grad=True)
     z2 = torch.randn(b, args.dim, requires_grad=True)
@@ -43,17 +63,9 @@ def main():
     # first at full size, so nothing a full-size step leaves behind is hidden.
     ik.nt_xent(z1[:256], z2[:256], 0.5, backend=args.backend).backward()
     z1.grad = z2.grad = None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    before = status_kib("VmRSS")
-    start = time.perf_counter()
-    ik.nt_xent(z1, z2, 0.5, backend=args.backend).backward()
-    seconds = time.perf_counter() - start
-    peak = status_kib("VmHWM")
+    seconds, extra = measured_step(lambda: ik.nt_xent(z1, z2, 0.5, backend=args.backend).backward())
     print(json.dumps({"backend": args.backend, "rows": args.rows, "dim": args.dim,
-                      "threads": torch.get_num_threads(), "seconds": seconds,
-                      "extra_bytes": (peak - before) * 1024}))
-
+                      "threads": torch.get_num_threads(), "seconds": seconds, "extra_bytes": extra}))
 
 if __name__ == "__main__":
     main()

@@ -11,15 +11,13 @@ memory a step frees may stay resident and hide part of the next step's peak, so 
 measure exactly comes first (a small one before a large one).
 """
 
-import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
 import infonce_kernels as ik
-from rss_probe import status_kib
+from rss_probe import measured_step, probe_args
 
 
 def materialising_siglip(img, txt, logit_scale, logit_bias):
@@ -30,15 +28,8 @@ def materialising_siglip(img, txt, logit_scale, logit_bias):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loss", required=True, nargs="+", help='"materialising" or backend names')
-    parser.add_argument("--rows", type=int, required=True, help="B, the image-text pairs")
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = probe_args(__doc__, "B, the image-text pairs",
+                      loss=dict(required=True, nargs="+", help='"materialising" or backend names'))
     img = F.normalize(torch.randn(args.rows, args.dim), dim=1).requires_grad_()
     txt = F.normalize(torch.randn(args.rows, args.dim), dim=1).requires_grad_()
     scale = torch.tensor(10.0, requires_grad=True)
@@ -52,17 +43,10 @@ def main():
         # Warm up on a small batch (thread pool, BLAS buffers); the measured step is the first at full size.
         loss(img[:256], txt[:256], scale, bias).backward()
         img.grad = txt.grad = scale.grad = bias.grad = None
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        before = status_kib("VmRSS")
-        start = time.perf_counter()
-        loss(img, txt, scale, bias).backward()
-        seconds = time.perf_counter() - start
-        peak = status_kib("VmHWM")
+        seconds, extra = measured_step(lambda: loss(img, txt, scale, bias).backward())
         img.grad = txt.grad = scale.grad = bias.grad = None
         print(json.dumps({"loss": name, "rows": args.rows, "dim": args.dim, "threads": torch.get_num_threads(),
-                          "seconds": seconds, "extra_bytes": (peak - before) * 1024}), flush=True)
-
+                          "seconds": seconds, "extra_bytes": extra}), flush=True)
 
 if __name__ == "__main__":
     main()
