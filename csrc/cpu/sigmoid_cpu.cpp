@@ -140,7 +140,11 @@ struct Sweep {
   template <typename scalar_t>
   std::pair<double, double> with_gradients() const {
     const int64_t M = x.size(0), N = y.size(0);
-    const int64_t groups = std::max<int64_t>(1, std::min({kGroups, M / kMinGroup, N / kMinGroup}));
+    // Enough groups to keep every thread busy, but none narrower than a column block where the
+    // columns allow: tiny regions make many small BLAS calls (B = 1,024 took 16 x 16 regions of
+    // 64 x 64). Depends on the shape only, so results do not depend on the thread count.
+    const int64_t groups = std::max<int64_t>(
+        1, std::min({kGroups, std::max<int64_t>(4, ceil_div(N, kCols)), M / kMinGroup, N / kMinGroup}));
     std::vector<double> dt_parts(groups * groups, 0.0), db_parts(groups * groups, 0.0);
     for (int64_t round = 0; round < groups; ++round) {
       at::parallel_for(0, groups, 1, [&](int64_t p0, int64_t p1) {
