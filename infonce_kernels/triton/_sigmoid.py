@@ -82,18 +82,19 @@ def pair_terms(l, pos, WITH_LOSS: tl.constexpr, WITH_GRAD: tl.constexpr, TERMS: 
     """Elementwise terms of logits ``l`` with positive mask ``pos`` -> (softplus(-z l) if WITH_LOSS,
     sigmoid(l) - [pos] if WITH_GRAD; 0.0 otherwise), in l's dtype (module docstring: one ex2, the
     series' division for the loss, one rcp for G)."""
-    nonneg = l >= 0
-    e = tl.exp2(tl.where(nonneg, -l, l) * LOG2E)                              # exp(-|l|)
+    # w = -z (+1 on negatives, -1 on positives), u = w l: softplus(-z l) = softplus(u) and
+    # sigmoid(l) - [pos] = w sigmoid(u); sigmoid(u) = (u >= 0 ? 1 : e) r. A float w (not a
+    # boolean held across the tile) keeps the predicates short-lived.
+    w = tl.where(pos, -1.0, 1.0)
+    u = w * l
+    e = tl.exp2(-tl.abs(l) * LOG2E)                                          # exp(-|l|) = exp(-|u|)
     sp = 0.0
     core = 0.0
     if WITH_LOSS:
-        # softplus(-z l) = max(-z l, 0) + log1p(exp(-|l|))
-        hinge = tl.where(nonneg != pos, tl.abs(l), 0.0)
-        sp = hinge + log1p_small(e, TERMS)
+        sp = tl.maximum(u, 0.0) + log1p_small(e, TERMS)
     if WITH_GRAD:
         r = div(tl.full(e.shape, 1.0, e.dtype), 1.0 + e)
-        num = tl.where(nonneg != pos, 1.0, e)                                # sigmoid(+-l) (1 + e)
-        core = tl.where(pos, -num, num) * r                                  # sigmoid(l) - [pos]
+        core = w * tl.where(u >= 0, 1.0, e) * r                              # sigmoid(l) - [pos]
     return sp, core
 
 

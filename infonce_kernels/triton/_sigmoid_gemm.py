@@ -33,14 +33,21 @@ import triton.language as tl
 
 from ..ops.precision import accumulation_dtype
 from . import _config
-from ._common import acc_dtype, input_precision, scores
+from ._common import acc_dtype, input_precision
 from ._sigmoid import pair_terms
 
 #: the extra memory the gradients may take, outputs (dx, dy) included, in units of the embeddings
 #: (x and y); issue 17's target is 1.5, the rest is left for the loss rows and cuBLAS's workspace
 MEMORY_BUDGET = 1.45
-#: smallest row band on a GPU: below it the dx GEMM (R x d output) fills too few of the SMs
-MIN_BAND_ROWS = 1024
+#: smallest row band on a GPU: each band's dy_c += G'^T x_r reads and writes the fp32 dy_c
+#: (8 cols d bytes) for 2 cols d R FLOPs, compute-bound on an H100/H200 (790 TFLOP/s, 3.35 TB/s)
+#: from R ~ 1,400 at d = 768; smaller bands also leave the dx GEMM's R x d output too few tiles
+MIN_BAND_ROWS = 2048
+#: scratch a GPU call may always take, whatever the budget (small problems: one band, one group)
+MIN_SCRATCH_BYTES = 32 << 20
+#: column groups start on multiples of this many columns on a GPU (16-byte aligned G rows and y
+#: slices for cuBLAS)
+COL_ALIGN = 64
 #: programs per G block launch the column split aims at (two per SM of an H100/H200)
 TARGET_PROGRAMS = 264
 
@@ -66,13 +73,15 @@ class GemmPlan:
 
 
 def kernel_tiles(device: torch.device, dtype: torch.dtype) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the G kernel. No gradient accumulator
-    lives in it, so 16-bit tiles are GEMM-like, 128 x 128 with 64-wide d chunks (wgmma on sm_90;
-    ptxas -v in the kernel report: no spills)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the G kernel. 16-bit: 128 x 32 tiles,
+    128-wide d chunks, 8 warps (wgmma on sm_90; ptxas -v, triton 3.9: 185 registers, no spills).
+    Wider column tiles amortise the d loop better (128 x 64: 85 against 104 thread-instructions
+    per element) but the epilogue (loss series, G, both sums live together) spilled 88-200 B at
+    128 x 64 and 0.9-1.2 KB at 128 x 128."""
     if _config.interpret_mode():
         return _config.INTERPRET_BLOCK, _config.INTERPRET_BLOCK, 16, 4, 1
     if dtype in (torch.float16, torch.bfloat16):
-        return 128, 128, 64, 8, 3 if _config._capability(device) >= (9, 0) else 2
+        return 128, 32, 128, 8, 3 if _config._capability(device) >= (9, 0) else 2
     if dtype == torch.float32:
         return 64, 64, 32, 4, 2
     return 32, 32, 16, 4, 1
@@ -81,10 +90,11 @@ def kernel_tiles(device: torch.device, dtype: torch.dtype) -> tuple:
 def plan(M: int, N: int, d: int, dtype: torch.dtype, device: torch.device, *,
          budget: float = None, min_band: int = None) -> GemmPlan:
     """The fewest column groups C (then the largest band R, a multiple of BLOCK_M up to M) whose
-    outputs + scratch fit ``budget`` x the embeddings; at least ``min_band`` rows per band (or M).
+    outputs + scratch fit ``budget`` x the embeddings (on a GPU the scratch may always take
+    MIN_SCRATCH_BYTES); at least ``min_band`` rows per band (or M).
 
-    B = 65,536, d = 768, bf16: C = 4, R = 1,024 (G block 32 MiB, dy_c 48 MiB, dx product 3 MiB,
-    outputs 192 MiB: 1.43x the embeddings).
+    B = 65,536, d = 768, bf16: C = 6 groups of 10,944 columns, R = 2,048 (G block 42.8 MiB, dy_c
+    32.1 MiB, dx product 6 MiB, outputs 192 MiB: 1.42x the embeddings).
     """
     budget = MEMORY_BUDGET if budget is None else budget
     bm, bn, bd, warps, stages = kernel_tiles(device, dtype)
@@ -93,9 +103,15 @@ def plan(M: int, N: int, d: int, dtype: torch.dtype, device: torch.device, *,
     el = torch.empty((), dtype=dtype).element_size()
     emb = (M + N) * d * el
     room = budget * emb - emb                            # beyond the outputs dx, dy
+    if not _config.interpret_mode():
+        room = max(room, MIN_SCRATCH_BYTES)
     rows_cap = max(bm, -(-M // bm) * bm)
+    align = 1 if _config.interpret_mode() else COL_ALIGN
     for groups in range(1, max(1, N) + 1):
         cols = -(-max(N, 1) // groups)
+        cols = -(-cols // align) * align
+        if groups > 1 and (groups - 1) * cols >= N:         # the alignment left a group empty
+            continue
         band = rows_cap
         while band > bm:
             if GemmPlan(band, groups, cols, bm, bn, bd, warps, stages).scratch_bytes(d, dtype) <= room:
@@ -114,7 +130,7 @@ def _gblock_kernel(
     row0, n_rows, col0, n_cols, D, off, col_progs,
     WITH_LOSS: tl.constexpr, HAS_G: tl.constexpr, HAS_LABELS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TERMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """One program: BLOCK_M rows of the band [row0, n_rows) against the column blocks
     ``cp, cp + col_progs, ...`` of the group [col0, n_cols) (``cp`` = pid % col_progs).
@@ -138,21 +154,34 @@ def _gblock_kernel(
         row_lab = tl.load(row_lab_ptr + rows, mask=row_ok, other=-1)
     if HAS_G:
         g_row = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)
-    diff = jj[None, :] - ii[:, None]                                      # int32, tile-relative
     loss = tl.zeros((BLOCK_M,), ACC_DTYPE)
     gs = tl.zeros((BLOCK_M,), ACC_DTYPE)
     gsum = tl.zeros((BLOCK_M,), ACC_DTYPE)
-    gdst = gblk_ptr + (rows - row0).to(tl.int64)[:, None] * ldg
+    xoff = rows.to(tl.int64) * D
+    grow = (rows - row0) * ldg                  # int32: plan() keeps a G block under 2**31 elements
     for b0 in range(col0 + cp * BLOCK_N, n_cols, col_progs * BLOCK_N):
         cols = b0 + jj
         col_ok = cols < n_cols
-        dots = scores(x_ptr, y_ptr, rows, cols, n_rows, n_cols, D, 0, 0,
-                      ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, False)   # S over all of d
+        # S over all of d: row offsets per tile, d offsets per chunk (masks on d only when
+        # D % BLOCK_D != 0; row / column masks are per tile)
+        yoff = cols.to(tl.int64) * D
+        dots = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+        for k0 in range(0, D, BLOCK_D):
+            kk = k0 + tl.arange(0, BLOCK_D)
+            if EVEN_D:
+                xm = row_ok[:, None]
+                ym = col_ok[None, :]
+            else:
+                xm = row_ok[:, None] & (kk[None, :] < D)
+                ym = col_ok[None, :] & (kk[:, None] < D)
+            xa = tl.load(x_ptr + (xoff[:, None] + kk[None, :]), mask=xm, other=0.0)
+            yb = tl.load(y_ptr + (yoff[None, :] + kk[:, None]), mask=ym, other=0.0)
+            dots = tl.dot(xa, yb, dots, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         l = dots * t + b
         if HAS_LABELS:
             pos = row_lab[:, None] == tl.load(col_lab_ptr + cols, mask=col_ok, other=-1)[None, :]
         else:
-            pos = diff == off + a0 - b0
+            pos = jj[None, :] == (ii + (off + a0 - b0))[:, None]          # j - i == off, tile-relative int32
         sp, core = pair_terms(l, pos, WITH_LOSS, True, TERMS)
         ok = col_ok[None, :]
         if WITH_LOSS:
@@ -162,7 +191,8 @@ def _gblock_kernel(
         core = tl.where(ok, core, 0.0)
         gsum += tl.sum(core, axis=1)
         gs += tl.sum(core * dots, axis=1)
-        tl.store(gdst + (cols - col0)[None, :], (core * t).to(gblk_ptr.dtype.element_ty), mask=row_ok[:, None] & ok)
+        tl.store(gblk_ptr + (grow[:, None] + (cols - col0)[None, :]), (core * t).to(gblk_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & ok)
     if WITH_LOSS:
         tl.store(loss_ptr + cp * (n_rows - row0) + (rows - row0), loss, mask=row_ok)
     tl.store(gs_ptr + pid, tl.sum(tl.where(row_ok, gs, 0.0), 0))
@@ -223,7 +253,7 @@ def gemm_gradients(x, y, scale, bias, labels, offset, g, with_loss, p: GemmPlan)
                 WITH_LOSS=with_loss, HAS_G=g is not None, HAS_LABELS=rl is not None,
                 ACC_DTYPE=acc_dtype(x.dtype), INPUT_PRECISION=input_precision(x.dtype),
                 TERMS=16 if x.dtype == torch.float64 else 7, BLOCK_M=p.BLOCK_M, BLOCK_N=p.BLOCK_N,
-                BLOCK_D=p.BLOCK_D, num_warps=p.num_warps, num_stages=p.num_stages)
+                BLOCK_D=p.BLOCK_D, EVEN_D=D % p.BLOCK_D == 0, num_warps=p.num_warps, num_stages=p.num_stages)
             if (r1 - r0) < p.band:                 # programs of a short last band: no partials written
                 gs[c, r, triton.cdiv(r1 - r0, p.BLOCK_M) * col_progs:].zero_()
                 gsum[c, r, triton.cdiv(r1 - r0, p.BLOCK_M) * col_progs:].zero_()
