@@ -55,11 +55,22 @@ INTERPRET_BLOCK = 16
 INTERPRET_BLOCK_D = 32
 
 
+#: compiled for a GPU (not the interpreter, which cannot run inline PTX): fixed when the kernels
+#: are decorated, as Triton's own interpret switch is
+ON_GPU = tl.constexpr(not _config.interpret_mode())
+
+
 @triton.jit
 def div(a, b):
-    """a / b: the fast division (MUFU rcp and a multiply, ~2 ulp) in fp32, the exact one in fp64."""
+    """a / b for b in [1, 3] (the callers' 1 + e and 2 + e): in fp32 on a GPU a * rcp.approx(b), one
+    MUFU.RCP and a multiply (<= 2 ulp; tl.fdiv's div.full adds a range check and a rescale, 4 more
+    instructions, for divisors near 2^126 that never occur here); the interpreter's fp32 and fp64:
+    the plain division."""
     if a.dtype == tl.float64:
         q = a / b
+    elif ON_GPU:
+        q = a * tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [b], dtype=tl.float32,
+                                          is_pure=True, pack=1)
     else:
         q = tl.fdiv(a, b)
     return q

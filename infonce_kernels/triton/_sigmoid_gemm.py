@@ -73,15 +73,15 @@ class GemmPlan:
 
 
 def kernel_tiles(device: torch.device, dtype: torch.dtype) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the G kernel. 16-bit: 128 x 32 tiles,
-    128-wide d chunks, 8 warps (wgmma on sm_90; ptxas -v, triton 3.9: 185 registers, no spills).
-    Wider column tiles amortise the d loop better (128 x 64: 85 against 104 thread-instructions
-    per element) but the epilogue (loss series, G, both sums live together) spilled 88-200 B at
-    128 x 64 and 0.9-1.2 KB at 128 x 128."""
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the G kernel. 16-bit: 128 x 64 tiles,
+    128-wide d chunks, 8 warps (wgmma on sm_90; ptxas -v, triton 3.9: 251 registers, no spills;
+    57 thread-instructions per element against 77 at 128 x 32, where the d loop's loads weigh
+    twice as much per element). 128 x 128 spilled about 1 KB (the epilogue's loss series, G and
+    both sums live together), 256-wide d chunks 8 B."""
     if _config.interpret_mode():
         return _config.INTERPRET_BLOCK, _config.INTERPRET_BLOCK, 16, 4, 1
     if dtype in (torch.float16, torch.bfloat16):
-        return 128, 32, 128, 8, 3 if _config._capability(device) >= (9, 0) else 2
+        return 128, 64, 128, 8, 3 if _config._capability(device) >= (9, 0) else 2
     if dtype == torch.float32:
         return 64, 64, 32, 4, 2
     return 32, 32, 16, 4, 1
@@ -157,25 +157,24 @@ def _gblock_kernel(
     loss = tl.zeros((BLOCK_M,), ACC_DTYPE)
     gs = tl.zeros((BLOCK_M,), ACC_DTYPE)
     gsum = tl.zeros((BLOCK_M,), ACC_DTYPE)
-    xoff = rows.to(tl.int64) * D
+    xoff = tl.minimum(rows, n_rows - 1).to(tl.int64) * D
     grow = (rows - row0) * ldg                  # int32: plan() keeps a G block under 2**31 elements
     for b0 in range(col0 + cp * BLOCK_N, n_cols, col_progs * BLOCK_N):
         cols = b0 + jj
         col_ok = cols < n_cols
-        # S over all of d: row offsets per tile, d offsets per chunk (masks on d only when
-        # D % BLOCK_D != 0; row / column masks are per tile)
-        yoff = cols.to(tl.int64) * D
+        # S over all of d. Rows / columns beyond the bounds read the last valid one (clamped, no
+        # load masks: their products are discarded by the masks of the epilogue), so with
+        # D % BLOCK_D == 0 the d loop loads without any mask
+        yoff = tl.minimum(cols, n_cols - 1).to(tl.int64) * D
         dots = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
         for k0 in range(0, D, BLOCK_D):
             kk = k0 + tl.arange(0, BLOCK_D)
             if EVEN_D:
-                xm = row_ok[:, None]
-                ym = col_ok[None, :]
+                xa = tl.load(x_ptr + (xoff[:, None] + kk[None, :]))
+                yb = tl.load(y_ptr + (yoff[None, :] + kk[:, None]))
             else:
-                xm = row_ok[:, None] & (kk[None, :] < D)
-                ym = col_ok[None, :] & (kk[:, None] < D)
-            xa = tl.load(x_ptr + (xoff[:, None] + kk[None, :]), mask=xm, other=0.0)
-            yb = tl.load(y_ptr + (yoff[None, :] + kk[:, None]), mask=ym, other=0.0)
+                xa = tl.load(x_ptr + (xoff[:, None] + kk[None, :]), mask=kk[None, :] < D, other=0.0)
+                yb = tl.load(y_ptr + (yoff[None, :] + kk[:, None]), mask=kk[:, None] < D, other=0.0)
             dots = tl.dot(xa, yb, dots, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         l = dots * t + b
         if HAS_LABELS:
