@@ -284,7 +284,7 @@ def markdown(doc: dict) -> str:
             lines.append(
                 f"| {r['sweep']} | {'y' if r['loss'] else '-'} | {'y' if r['grad'] else '-'} | {r['dtype']} | {r['d']} | "
                 f"{'on' if r['labels'] else 'off'} | {', '.join(sorted(r['uses']))} | "
-                f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}x{c.get('BLOCK_D')}/{c.get('BLOCK_DO')}, {r['num_warps']}w"
+                f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}x{c.get('BLOCK_D')}/{c.get('BLOCK_DO') or '-'}, {r['num_warps']}w"
                 f"{r['num_stages']}s | {r['programs_per_tile']} | {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "
                 f"{r['smem']} | {r['tensor_core']} | {_pe(r, 'mufu')} | {_pe(r, 'instr')} | {_pe(r, 'mma_flops')} |")
     for cap, ks in sorted(doc.get("cuda", {}).items(), reverse=True):

@@ -25,6 +25,7 @@ and dy_c together at most ``MEMORY_BUDGET`` x the embeddings.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -198,10 +199,23 @@ def _gblock_kernel(
     tl.store(gsum_ptr + pid, tl.sum(tl.where(row_ok, gsum, 0.0), 0))
 
 
+@functools.lru_cache(maxsize=None)
+def _fp32_result_gemm(device_type: str) -> bool:
+    """Whether torch has 16-bit GEMMs with an fp32 result (``mm`` / ``addmm`` with ``out_dtype``)
+    for this device type: meta always, CUDA where the installed torch registers them."""
+    if device_type == "meta":
+        return True
+    if device_type != "cuda":
+        return False
+    has = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
+    return bool(has) and all(has(op, "CUDA") for op in ("aten::mm.dtype_out", "aten::addmm.dtype_out"))
+
+
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """out (accumulation dtype) = [out +] a @ b for operands of the input dtype: one GEMM with an
-    fp32 result (cuBLAS ``out_dtype``) on CUDA and meta tensors, else on widened operands."""
-    if a.dtype != out.dtype and out.device.type not in ("cuda", "meta"):
+    fp32 result (cuBLAS ``out_dtype``) where torch has it, else on operands widened to out's dtype
+    (a temporary copy of the G block: more memory, the same numbers)."""
+    if a.dtype != out.dtype and not _fp32_result_gemm(out.device.type):
         a, b = a.to(out.dtype), b.to(out.dtype)
     kw = {} if a.dtype == out.dtype else {"out_dtype": out.dtype}
     if accumulate:
