@@ -119,7 +119,8 @@ def plan(M: int, N: int, d: int, dtype: torch.dtype, device: torch.device, *,
                 break
             band = max(bm, (band // 2) // bm * bm)
         p = GemmPlan(band, groups, cols, bm, bn, bd, warps, stages)
-        if band >= min(min_band, rows_cap) and p.scratch_bytes(d, dtype) <= room:
+        # the kernel addresses a G block with int32 offsets
+        if band >= min(min_band, rows_cap) and p.scratch_bytes(d, dtype) <= room and band * cols < 2**31:
             return p
     return GemmPlan(bm, max(1, N), 1, bm, bn, bd, warps, stages)   # unreachable for d >= 1: cols = 1 fits
 
@@ -249,14 +250,11 @@ def gemm_gradients(x, y, scale, bias, labels, offset, g, with_loss, p: GemmPlan)
     dy_c = torch.empty(p.cols, D, device=dev, dtype=acc)                  # scratch: dy of one column group
     prod = torch.empty(p.band, D, device=dev, dtype=acc)                  # scratch: one band's dx product
     lpart = torch.empty(col_progs, p.band, device=dev, dtype=acc) if with_loss else None
-    gs = torch.empty(p.groups, bands, row_blocks * col_progs, device=dev, dtype=acc)
-    gsum = torch.empty_like(gs)
-    for c in range(p.groups):
+    # per-program partials of sum G S and sum G (zeros where a short last band launches fewer)
+    gs = torch.zeros(p.groups, bands, row_blocks * col_progs, device=dev, dtype=acc)
+    gsum = torch.zeros_like(gs)
+    for c in range(p.groups):                                # plan(): no group is empty
         c0, c1 = c * p.cols, min(N, (c + 1) * p.cols)
-        if c0 >= c1:
-            gs[c].zero_()
-            gsum[c].zero_()
-            continue
         for r in range(bands):
             r0, r1 = r * p.band, min(M, (r + 1) * p.band)
             _gblock_kernel[(triton.cdiv(r1 - r0, p.BLOCK_M) * col_progs,)](
@@ -267,9 +265,6 @@ def gemm_gradients(x, y, scale, bias, labels, offset, g, with_loss, p: GemmPlan)
                 ACC_DTYPE=acc_dtype(x.dtype), INPUT_PRECISION=input_precision(x.dtype),
                 TERMS=16 if x.dtype == torch.float64 else 7, BLOCK_M=p.BLOCK_M, BLOCK_N=p.BLOCK_N,
                 BLOCK_D=p.BLOCK_D, EVEN_D=D % p.BLOCK_D == 0, num_warps=p.num_warps, num_stages=p.num_stages)
-            if (r1 - r0) < p.band:                 # programs of a short last band: no partials written
-                gs[c, r, triton.cdiv(r1 - r0, p.BLOCK_M) * col_progs:].zero_()
-                gsum[c, r, triton.cdiv(r1 - r0, p.BLOCK_M) * col_progs:].zero_()
             blk = gblk[: r1 - r0, : c1 - c0]
             if with_loss:
                 loss[r0:r1] += lpart.view(-1)[: col_progs * (r1 - r0)].view(col_progs, r1 - r0).sum(0)
