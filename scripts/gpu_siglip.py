@@ -73,7 +73,7 @@ def backends(device: torch.device) -> dict:
     return out
 
 
-def correctness(out: str, device: torch.device, dtypes, rows: int, d: int) -> int:
+def correctness(out: str, device: torch.device, dtypes, rows: int, d: int, names=("triton", "cuda")) -> int:
     """Each backend x dtype on a small rectangular case (odd sizes, d = 200 by default, labels off/on, offset),
     under the 2x same-precision rule. Returns the number of failures."""
     bad = 0
@@ -84,6 +84,8 @@ def correctness(out: str, device: torch.device, dtypes, rows: int, d: int) -> in
     x0 = F.normalize(torch.randn(M, d, generator=gen, dtype=F64), dim=1)
     y0 = F.normalize(torch.randn(N, d, generator=gen, dtype=F64), dim=1)
     for name, (fn, why) in backends(device).items():
+        if name not in names:
+            continue
         for dt in dtypes:
             for case, lab, off in cases:
                 rec = dict(part="correctness", backend=name, dtype=dt, case=case, M=M, N=N, d=d, device=str(device))
@@ -184,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--parts", nargs="+", default=["correctness", "bench"], choices=["correctness", "bench"])
+    p.add_argument("--correctness-backends", nargs="+", default=["triton", "cuda"], choices=["triton", "cuda"],
+                   help="backends of the correctness part (the first-run check runs triton beside the build)")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"], choices=list(DTYPES))
     p.add_argument("--small-rows", type=int, default=300, help="rows of the correctness case (plus 45 / 2)")
     p.add_argument("--small-dim", type=int, default=200, help="d of the correctness case")
@@ -197,7 +201,7 @@ def main(argv=None) -> int:
     bad = 0
     if "correctness" in a.parts:
         dts = a.dtypes if device.type == "cuda" else ["fp32"]
-        bad += correctness(a.out, device, dts, a.small_rows, a.small_dim)
+        bad += correctness(a.out, device, dts, a.small_rows, a.small_dim, a.correctness_backends)
     if "bench" in a.parts:
         bench(a.out, device, a.rows, a.dim, a.bench_dtype if device.type == "cuda" else "fp32", a.reps)
     return 1 if bad else 0

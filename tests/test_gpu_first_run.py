@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -76,3 +77,21 @@ def test_siglip_stage(dry_run):
     bench = {r["provider"]: r for r in recs if r["part"] == "bench"}
     assert bench["triton"]["status"] == "ok" and bench["materialised:fp32"]["status"] == "ok", bench
     assert bench["cuda"]["status"] == "unavailable" and bench["cuda"]["why"]
+
+
+def test_worst_case_fits_seven_minutes():
+    # issue 16 item 4: the GPU command's stage limits (the build window's parallel stages counted
+    # once, every later stage in sequence, each with its --kill-after grace) stay under 7 minutes
+    # with margin, and the SigLIP stage keeps the headline case (B = 65,536, d = 768, bf16)
+    text = open(SCRIPT).read()
+    limits = {m.group(1).strip('"'): int(m.group(2)) for m in re.finditer(r'stage ("?[\w$]+"?) (\d+) ', text)}
+    grace = int(re.search(r"--kill-after=(\d+)", text).group(1))
+    window = max(limits["build"], limits["correctness_triton_$dt"], limits["siglip_correctness_triton"])
+    later = ["env", "correctness_cuda", "bench_nt_xent", "bench_clip", "siglip", "cuda_tests"]
+    worst = window + sum(limits[n] for n in later) + grace * (len(later) + 1)
+    assert worst <= 400, (worst, limits)
+    gpu_siglip = open(os.path.join(ROOT, "scripts", "gpu_siglip.py")).read()
+    for flag, default in (("--rows", "65536"), ("--dim", "768"), ("--bench-dtype", '"bf16"')):
+        assert re.search(rf'"{flag}".*default={default}', gpu_siglip), flag
+    gpu_line = text[text.rindex("stage siglip "):].split("\n")[0:2]
+    assert not any(f in " ".join(gpu_line) for f in ("--rows", "--dim", "--parts")), gpu_line

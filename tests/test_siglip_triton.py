@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(
     not _config.interpret_mode(), reason="needs TRITON_INTERPRET=1 set before the process starts"
 )
 
+import infonce_kernels as ik  # noqa: E402
 import infonce_kernels.triton as tb  # noqa: E402
+from infonce_kernels.triton import _sigmoid, _sigmoid_gemm  # noqa: E402
 from harness import assert_within  # noqa: E402
 
 F64 = torch.float64
@@ -70,8 +72,8 @@ def check_all(got, x, y, t, b, lab, off, g, what, rtol):
         assert_within(a, r, c, f"{what} {name}", rtol=rtol)
 
 
-# (M, N, d): ragged rectangles around the 16-row tiles; d = 20: one d chunk, d = 40: two chunks
-# of 32 (the d-out grid axis and the chunked S), the second ragged
+# (M, N, d): ragged rectangles around the 16-row tiles; d = 20: one d chunk (the sweeps),
+# d = 40: two chunks of 32 (the loss-only sweep's chunked S; the gradients' G-block + GEMM path)
 CASES = [
     # M, N, d, labels, offset
     (37, 29, 20, False, 0),
@@ -88,7 +90,10 @@ def test_fused_forward_and_backward_match_float64(M, N, d, labels, offset):
     fused = tb.sigmoid_forward(x, y, t, b, lab, offset, True)
     check_all(fused, x, y, t, b, lab, offset, ones, "with_grad", rtol=1e-6)
     (rows,) = tb.sigmoid_forward(x, y, t, b, lab, offset, False)
-    assert torch.equal(rows, fused[0])                       # the same sweep, the same rounding
+    if _sigmoid.uses_gemm_path(x.device, x.dtype, d):       # loss terms summed per column program
+        torch.testing.assert_close(rows, fused[0], rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(rows, fused[0])                   # the same sweep, the same rounding
     bwd = tb.sigmoid_backward(g.float(), x, y, t, b, lab, offset)
     check_all((rows,) + tuple(bwd), x, y, t, b, lab, offset, g, "backward", rtol=1e-6)
     # the fused gradients are the general backward's for a uniform upstream gradient
@@ -112,3 +117,62 @@ def test_bfloat16_refused_under_the_interpreter():
     x = torch.randn(4, 8, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="bfloat16"):
         tb.sigmoid_forward(x, x, torch.tensor(1.0), torch.tensor(0.0), (), 0, False)
+
+
+class TestGemmPath:
+    """The G-block + GEMM path (``_sigmoid_gemm``: d beyond one sweep chunk), its memory budget
+    shrunk so that the interpreter's small cases cut into several row bands and column groups
+    (ragged last ones): float64 oracle, 2x rule, values and every gradient."""
+
+    @staticmethod
+    def force(monkeypatch, M, N, d, dtype, budget, wide_groups=True):
+        plan = _sigmoid_gemm.plan
+        monkeypatch.setattr(_sigmoid_gemm, "plan", lambda *a, **k: plan(*a, **dict(k, budget=budget)))
+        monkeypatch.setattr(_sigmoid_gemm, "TARGET_PROGRAMS", 2)    # programs that loop over column blocks
+        p = _sigmoid_gemm.plan(M, N, d, dtype, torch.device("cpu"))
+        assert _sigmoid.uses_gemm_path(torch.device("cpu"), dtype, d)
+        # several bands (the last one short) and column groups (of more than one ragged column block)
+        assert p.groups >= 2 and -(-M // p.band) >= 2 and M % p.band and (p.cols > p.BLOCK_N or not wide_groups), p
+        return p
+
+    @pytest.mark.parametrize("M,N,labels,offset,dtype,budget", [
+        (20, 40, False, 0, torch.float32, 1.8),
+        (20, 36, True, 0, torch.float32, 1.8),
+        (20, 40, False, -4, torch.float16, 2.4),
+    ], ids=["fp32", "fp32-labels-rect", "fp16-offset"])
+    def test_against_float64(self, monkeypatch, M, N, labels, offset, dtype, budget):
+        d = 40
+        self.force(monkeypatch, M, N, d, dtype, budget)
+        x, y, t, b, lab, g = make(M, N, d, dtype, t=10.0, b=-10.0, labels=labels, unit=True, seed=M + N)
+        rtol = 1e-6 if dtype == torch.float32 else 1e-3
+        fused = tb.sigmoid_forward(x, y, t, b, lab, offset, True)
+        check_all(fused, x, y, t, b, lab, offset, torch.ones(M, dtype=F64), "gemm with_grad", rtol=rtol)
+        bwd = tb.sigmoid_backward(g.float(), x, y, t, b, lab, offset)
+        check_all((fused[0],) + tuple(bwd), x, y, t, b, lab, offset, g, "gemm backward", rtol=rtol)
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    def test_loss_reductions(self, monkeypatch, reduction):
+        # the op and loss layers on top of the path: fused gradients ("mean", "sum") and the
+        # recomputing backward ("none", a per-row upstream gradient)
+        B, d = 20, 40
+        self.force(monkeypatch, B, B, d, torch.float32, 1.8, wide_groups=False)
+        x, y, t, b, _, g = make(B, B, d, torch.float32, t=10.0, b=-10.0, unit=True, seed=7)
+        lab = torch.randint(0, 4, (B,), generator=torch.Generator().manual_seed(7))
+
+        def run(dtype, fn):
+            leaves = [v.detach().to(w, copy=True).requires_grad_() for v, w in ((x, dtype), (y, dtype), (t, dtype), (b, dtype))]
+            out = fn(*leaves)
+            (out * g.to(out.dtype)).sum().backward() if reduction == "none" else out.backward()
+            return [out.detach()] + [v.grad for v in leaves]
+
+        def oracle(dtype):
+            def fn(xs, ys, ts, bs):
+                logits = ts * xs @ ys.T + bs
+                z = (lab[:, None] == lab[None, :]).to(dtype) * 2 - 1
+                rows = F.softplus(-z * logits).sum(1)
+                return {"mean": rows.sum() / B, "sum": rows.sum(), "none": rows}[reduction]
+            return run(dtype, fn)
+
+        got = run(torch.float32, lambda *a: ik.siglip_loss(*a, labels=lab, reduction=reduction, backend="triton"))
+        for name, a, r, c in zip(("loss", "dx", "dy", "dt", "db"), got, oracle(F64), oracle(torch.float32)):
+            assert_within(a, r, c, f"{reduction} {name}", rtol=1e-6)

@@ -34,7 +34,8 @@ gradient buffer, deterministic):
 ``with_grad=True`` runs both sweeps and gets the loss from the row sweep, so the loss costs no
 pass of its own. Why not dy from the row sweep through fp32 atomics: see docs/design.md (pairwise
 sigmoid): d / BLOCK_M atomics per pair element and an (N, d) fp32 buffer against one recomputed
-S per tile. When d > BLOCK_DO the grid has a second axis of d-out chunks, each recomputing S.
+S per tile. The sweeps make the gradients when d fits one chunk (one program per tile); for
+larger d the gradients come from G blocks and GEMMs (``_sigmoid_gemm.py``, :func:`uses_gemm_path`).
 
 Index arithmetic inside tiles is int32 and tile-relative: a pair is positive (no labels) when
 jj - ii == offset + a0 - b0 for the tile's first row a0 and first column b0, a scalar per tile.
@@ -54,11 +55,22 @@ INTERPRET_BLOCK = 16
 INTERPRET_BLOCK_D = 32
 
 
+#: compiled for a GPU (not the interpreter, which cannot run inline PTX): fixed when the kernels
+#: are decorated, as Triton's own interpret switch is
+ON_GPU = tl.constexpr(not _config.interpret_mode())
+
+
 @triton.jit
 def div(a, b):
-    """a / b: the fast division (MUFU rcp and a multiply, ~2 ulp) in fp32, the exact one in fp64."""
+    """a / b for b in [1, 3] (the callers' 1 + e and 2 + e): in fp32 on a GPU a * rcp.approx(b), one
+    MUFU.RCP and a multiply (<= 2 ulp; tl.fdiv's div.full adds a range check and a rescale, 4 more
+    instructions, for divisors near 2^126 that never occur here); the interpreter's fp32 and fp64:
+    the plain division."""
     if a.dtype == tl.float64:
         q = a / b
+    elif ON_GPU:
+        q = a * tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [b], dtype=tl.float32,
+                                          is_pure=True, pack=1)
     else:
         q = tl.fdiv(a, b)
     return q
@@ -77,6 +89,27 @@ def log1p_small(e, TERMS: tl.constexpr):
 
 
 @triton.jit
+def pair_terms(l, pos, WITH_LOSS: tl.constexpr, WITH_GRAD: tl.constexpr, TERMS: tl.constexpr):
+    """Elementwise terms of logits ``l`` with positive mask ``pos`` -> (softplus(-z l) if WITH_LOSS,
+    sigmoid(l) - [pos] if WITH_GRAD; 0.0 otherwise), in l's dtype (module docstring: one ex2, the
+    series' division for the loss, one rcp for G)."""
+    # w = -z (+1 on negatives, -1 on positives), u = w l: softplus(-z l) = softplus(u) and
+    # sigmoid(l) - [pos] = w sigmoid(u); sigmoid(u) = (u >= 0 ? 1 : e) r. A float w (not a
+    # boolean held across the tile) keeps the predicates short-lived.
+    w = tl.where(pos, -1.0, 1.0)
+    u = w * l
+    e = tl.exp2(-tl.abs(l) * LOG2E)                                          # exp(-|l|) = exp(-|u|)
+    sp = 0.0
+    core = 0.0
+    if WITH_LOSS:
+        sp = tl.maximum(u, 0.0) + log1p_small(e, TERMS)
+    if WITH_GRAD:
+        r = div(tl.full(e.shape, 1.0, e.dtype), 1.0 + e)
+        core = w * tl.where(u >= 0, 1.0, e) * r                              # sigmoid(l) - [pos]
+    return sp, core
+
+
+@triton.jit
 def _sweep_kernel(
     own_ptr, other_ptr, scale_ptr, bias_ptr, own_lab_ptr, other_lab_ptr, g_ptr,
     loss_ptr, dout_ptr, dt_ptr, db_ptr,
@@ -89,13 +122,13 @@ def _sweep_kernel(
     """One program: BLOCK_M rows of the own side against every row of the other side.
 
     Row sweep (ROW_SWEEP): own = x, other = y, ``off`` = offset; writes loss rows (WITH_LOSS),
-    dx, and the partials dt_ptr[pid, chunk], db_ptr[pid]. Column sweep: own = y, other = x,
+    dx, and the partials dt_ptr[pid], db_ptr[pid]. Column sweep: own = y, other = x,
     ``off`` = -offset; writes dy. g (HAS_G) is indexed by x's rows: own side in the row sweep,
-    other side in the column sweep. dout (n_own, D) gets t sum_j G_aj other_j for the output
-    features [do0, do0 + BLOCK_DO) of this program's chunk (grid axis 1).
+    other side in the column sweep. dout (n_own, D) gets t sum_j G_aj other_j. Gradients need
+    all of d in one chunk (SINGLE_D, BLOCK_DO = BLOCK_D >= D); larger d takes ``_sigmoid_gemm``.
     """
+    tl.static_assert(SINGLE_D or not WITH_GRAD, "gradient sweeps hold all of d in one chunk")
     pid = tl.program_id(0)
-    do0 = tl.program_id(1) * BLOCK_DO
     a0 = pid * BLOCK_M
     ii = tl.arange(0, BLOCK_M)
     jj = tl.arange(0, BLOCK_N)
@@ -134,17 +167,10 @@ def _sweep_kernel(
             # at most n_own + n_other + 1, beyond which no pair is positive anyway)
             delta = off + a0 - b0
             pos = diff == delta
-        nonneg = l >= 0
-        e = tl.exp2(tl.where(nonneg, -l, l) * LOG2E)                          # exp(-|l|)
+        sp, core = pair_terms(l, pos, WITH_LOSS, WITH_GRAD, TERMS)
         if WITH_LOSS:
-            # softplus(-z l) = max(-z l, 0) + log1p(exp(-|l|))
-            hinge = tl.where(nonneg != pos, tl.abs(l), 0.0)
-            sp = hinge + log1p_small(e, TERMS)
             loss += tl.sum(tl.where(other_ok[None, :], sp, 0.0), axis=1)
         if WITH_GRAD:
-            r = div(tl.full(e.shape, 1.0, e.dtype), 1.0 + e)
-            num = tl.where(nonneg != pos, 1.0, e)                            # sigmoid(+-l) (1 + e)
-            core = tl.where(pos, -num, num) * r                              # sigmoid(l) - [pos]
             if HAS_G:
                 if ROW_SWEEP:
                     core = core * g_own[:, None]
@@ -154,39 +180,30 @@ def _sweep_kernel(
             if ROW_SWEEP:
                 gsum += tl.sum(tl.where(other_ok[None, :], core, 0.0), axis=1)
             # rows of other beyond n_other load as 0: their G multiplies zeros here
-            if SINGLE_D:
-                oc = other_tile
-            else:
-                oc = load_tile(other_ptr, other, n_other, do0, D, BLOCK_N, BLOCK_DO)
-            acc = tl.dot(core.to(oc.dtype), oc, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc = tl.dot(core.to(other_tile.dtype), other_tile, acc, input_precision=INPUT_PRECISION,
+                         out_dtype=ACC_DTYPE)
 
     if WITH_LOSS:
-        if do0 == 0:
-            tl.store(loss_ptr + own, loss, mask=own_ok)
+        tl.store(loss_ptr + own, loss, mask=own_ok)
     if WITH_GRAD:
-        cols = do0 + tl.arange(0, BLOCK_DO)
+        cols = tl.arange(0, BLOCK_DO)
         dst = dout_ptr + own.to(tl.int64)[:, None] * D + cols[None, :]
         tl.store(dst, (acc * t).to(dout_ptr.dtype.element_ty), mask=own_ok[:, None] & (cols[None, :] < D))
         if ROW_SWEEP:
-            # dt = sum_ij G_ij <x_i, y_j> = sum_i <x_i, acc_i>: this chunk's features of it
-            if SINGLE_D:
-                oc_own = own_tile
-            else:
-                oc_own = load_tile(own_ptr, own, n_own, do0, D, BLOCK_M, BLOCK_DO)
-            tl.store(dt_ptr + pid * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(oc_own.to(ACC_DTYPE) * acc, 1), 0))
-            if do0 == 0:
-                tl.store(db_ptr + pid, tl.sum(tl.where(own_ok, gsum, 0.0), 0))
+            # dt = sum_ij G_ij <x_i, y_j> = sum_i <x_i, acc_i>
+            tl.store(dt_ptr + pid, tl.sum(tl.sum(own_tile.to(ACC_DTYPE) * acc, 1), 0))
+            tl.store(db_ptr + pid, tl.sum(tl.where(own_ok, gsum, 0.0), 0))
 
 
 def sweep_config(device: torch.device, dtype: torch.dtype, d: int) -> _config.TileConfig:
     """Tiles of both sweeps for inputs of ``dtype`` with ``d`` features on ``device``: BLOCK_M own
     rows per program, BLOCK_N other rows per step, BLOCK_D the chunk of d for S (SINGLE_D: all of d,
-    operand tiles loaded once), BLOCK_DO output features per program (d > BLOCK_DO: a grid axis of
-    d-out chunks, each recomputing S).
+    operand tiles loaded once), BLOCK_DO = BLOCK_D output features per program.
 
     GPU: 128 own rows per program over 8 warps (two 64-row warpgroups, so no warpgroup repeats
     another's S: issue 16), 32 other rows per step; d up to 128 (fp32: 64) in one chunk, larger d
-    in 128-wide (fp32: 64) chunks. Registers and spills per configuration: the kernel report
+    in 128-wide (fp32: 64) chunks of S (the loss-only sweep; gradients at such d:
+    :func:`uses_gemm_path`). Registers and spills per configuration: the kernel report
     (python -m benchmarks.kernel_report.siglip).
     """
     if _config.interpret_mode():
@@ -217,18 +234,17 @@ def _sweep(own, other, scale, bias, own_lab, other_lab, g, off, *, row_sweep, wi
     n_other = other.shape[0]
     acc = accumulation_dtype(own.dtype)
     cfg = sweep_config(own.device, own.dtype, D)
-    chunks = triton.cdiv(D, cfg.BLOCK_DO) if with_grad else 1
     blocks = triton.cdiv(n_own, cfg.BLOCK_M)
     loss = torch.empty(n_own, device=own.device, dtype=acc) if with_loss else None
     dout = torch.empty_like(own) if with_grad else None
     part = with_grad and row_sweep
-    dt = torch.empty(blocks, chunks, device=own.device, dtype=acc) if part else None
+    dt = torch.empty(blocks, device=own.device, dtype=acc) if part else None
     db = torch.empty(blocks, device=own.device, dtype=acc) if part else None
     if blocks == 0:                                     # no own rows: nothing to launch
         return loss, dout, dt, db
     dummy = own
     off = max(-n_own - 1, min(int(off), n_other + 1))    # no positive pair outside (-n_own, n_other) anyway
-    _sweep_kernel[(blocks, chunks)](
+    _sweep_kernel[(blocks,)](
         own, other, scale, bias,
         own_lab if own_lab is not None else dummy, other_lab if other_lab is not None else dummy,
         g if g is not None else dummy,
@@ -241,7 +257,20 @@ def _sweep(own, other, scale, bias, own_lab, other_lab, g, off, *, row_sweep, wi
     return loss, dout, dt, db
 
 
+def uses_gemm_path(device: torch.device, dtype: torch.dtype, d: int) -> bool:
+    """Whether the gradients take the G-block + GEMM path (``_sigmoid_gemm``): when the sweeps would
+    need more than one program per tile, i.e. d does not fit one chunk of :func:`sweep_config`
+    (16-bit: d > 128, fp32: d > 64, fp64: d > 32; interpreter: d > 32). There each extra program
+    recomputes S over all of d; the GEMM path computes S once (docs/design.md section 7: the
+    rule from the kernel report's model)."""
+    return not sweep_config(device, dtype, d).SINGLE_D
+
+
 def _gradients(x, y, scale, bias, labels, offset, grad, with_loss):
+    if uses_gemm_path(x.device, x.dtype, x.shape[1]):
+        from . import _sigmoid_gemm  # noqa: PLC0415  (imports this module's pair_terms)
+        p = _sigmoid_gemm.plan(x.shape[0], y.shape[0], x.shape[1], x.dtype, x.device)
+        return _sigmoid_gemm.gemm_gradients(x, y, scale, bias, labels, offset, grad, with_loss, p)
     rl, cl = labels if labels else (None, None)
     loss, dx, dt, db = _sweep(x, y, scale, bias, rl, cl, grad, offset,
                               row_sweep=True, with_loss=with_loss, with_grad=True)
