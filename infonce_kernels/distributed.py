@@ -26,6 +26,8 @@ its rows serve as another rank's negatives are lost, so the gradient is roughly 
 the true one for the negatives' part (and DDP's averaging shrinks it further).
 """
 
+from typing import NamedTuple, Optional, Tuple
+
 import torch
 import torch.distributed as dist
 from torch.autograd import forward_ad
@@ -51,6 +53,9 @@ __all__ = [
     "pair_exclusions",
     "gathered_lse",
     "gathered_lse_pair",
+    "LseBlock",
+    "LseCall",
+    "gathered_block_lse",
     "scale_loss",
 ]
 
@@ -241,6 +246,186 @@ def gathered_lse_pair(a, b, scale, where: RankRows, *, backend="auto"):
     _ordinary_autograd(a, b, scale)
     name = ops.resolve_backend(backend, a.device)
     return _GatheredPairLSE.apply(a, b, scale, where, name)
+
+class LseBlock(NamedTuple):
+    """One block of the keys of an :class:`LseCall`: every rank's rows of the set ``keys``.
+
+    ``labels``: the label rule's key labels, "ids" (each key's index in its set: with rows
+    labelled by their own index, row i skips key i), a (rows of the set, all ranks) int64 tensor,
+    or None (-1: every key kept). ``positive``: row i's designated positive is this block's key
+    with row i's index (kept by the label rule, never dropped by the threshold rule)."""
+
+    keys: str
+    labels: object = None
+    positive: bool = False
+
+
+class LseCall(NamedTuple):
+    """One fused log-sum-exp of a loss over sets of rows spread across the ranks: this rank's
+    rows of the set ``rows`` (labelled by their index in the gathered set) against the
+    concatenation of ``blocks``.
+
+    ``scale``: 0-d tensor (may require grad); ``factor``: None or a float the gradients of the
+    rows and keys (not the scale's) are multiplied by; ``threshold``: None or (n,) in logit units,
+    this rank's rows' threshold rule; ``lse``: (n,) the forward's values, computed by the caller
+    (rows whose every key was dropped hold -inf)."""
+
+    rows: str
+    blocks: Tuple[LseBlock, ...]
+    scale: torch.Tensor
+    lse: torch.Tensor
+    factor: Optional[float] = None
+    threshold: Optional[torch.Tensor] = None
+
+
+def _block_labels(block: LseBlock, total: int, device) -> torch.Tensor:
+    if isinstance(block.labels, torch.Tensor):
+        return block.labels
+    if block.labels == "ids":
+        return torch.arange(total, device=device)
+    return torch.full((total,), -1, dtype=torch.int64, device=device)
+
+
+def _pairs_with(w, v) -> bool:
+    """Whether the row side ``w`` = (call, block) and the key side ``v`` can share one paired
+    pass: v's rows are w's keys and the other way round, the same scale and factor, and the label
+    rule reads the same on both sides (every label is the vector's own index)."""
+    (cw, bw), (cv, bv) = w, v
+    return (cv.rows == bw.keys and bv.keys == cw.rows and cv.scale is cw.scale and cv.factor == cw.factor
+            and bw.labels == "ids" and bv.labels == "ids")
+
+
+class _GatheredBlockLSE(torch.autograd.Function):
+    """The calls' log-sum-exps (their values computed by the caller) with the O(N) backward of
+    :func:`gathered_block_lse`."""
+
+    @staticmethod
+    def forward(ctx, plan, *inputs):
+        calls, names, wheres, every, backend = plan
+        locals_, scales = inputs[:len(names)], inputs[len(names):]
+        # every row's lse (and threshold): O(N) floats, one gather per call
+        sides = []
+        for call in calls:
+            parts = [call.lse.detach()[:, None]]
+            if call.threshold is not None:
+                parts.append(call.threshold.detach().to(call.lse.dtype)[:, None])
+            every_rows = gather_rows(torch.cat(parts, 1), wheres[call.rows])
+            sides.append((every_rows[:, 0], None if call.threshold is None else every_rows[:, 1]))
+        ctx.plan, ctx.sides = plan, sides
+        ctx.save_for_backward(*locals_, *scales)
+        return tuple(call.lse.detach().clone() for call in calls)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        calls, names, wheres, every, backend = ctx.plan
+        saved = ctx.saved_tensors
+        local = dict(zip(names, saved[:len(names)]))
+        scales = saved[len(names):]
+        lse, grad = [], []
+        for call, g in zip(calls, grads):
+            # Rows without a kept key (lse -inf) hold no term: their upstream gradient is 0.
+            finite = torch.isfinite(call.lse)
+            g = torch.zeros_like(call.lse) if g is None else g
+            lse.append(torch.where(finite, call.lse, 0).detach())
+            grad.append(torch.where(finite, g, 0).contiguous())
+        every_g = [gather_rows(g, wheres[call.rows]) for call, g in zip(calls, grad)]  # O(N) floats each
+        every_side = [(torch.where(torch.isfinite(r), r, 0), gr, t)
+                      for (r, t), gr in zip(ctx.sides, every_g)]
+        out = {name: torch.zeros_like(x) for name, x in local.items()}
+        dscales = [torch.zeros_like(s) for s in scales]
+
+        def run(x_name, y_name, w, v):
+            """One paired pass: this rank's rows of set x against every rank's rows of set y;
+            ``w`` (call index, block index) the row side, x's rows in that call against block y,
+            ``v`` the key side, y's rows in that call against block x (either may be None)."""
+            x, keys = local[x_name], every[y_name]
+            if x.shape[0] == 0 or keys.shape[0] == 0:
+                return
+            wx, device = wheres[x_name], x.device
+            n, total = x.shape[0], keys.shape[0]
+            own = wx.offset + torch.arange(n, device=device)
+            call = calls[(w or v)[0]]
+            scale, dtype = scales[(w or v)[0]], call.lse.dtype
+            none = torch.full((n,), -1, dtype=torch.int64, device=device)
+            if w is not None:
+                block = call.blocks[w[1]]
+                row_labels, key_labels = own, _block_labels(block, total, device)
+                positive = own if block.positive else none
+                threshold, g, r = call.threshold, grad[w[0]], lse[w[0]]
+            else:  # no row side: every pair dropped (threshold -inf, no positive), g = 0
+                block = calls[v[0]].blocks[v[1]]
+                row_labels = _block_labels(block, wx.total, device)[wx.offset: wx.offset + n]
+                key_labels = torch.arange(total, device=device)
+                positive, threshold = none, torch.full((n,), float("-inf"), dtype=dtype, device=device)
+                g = r = torch.zeros(n, dtype=dtype, device=device)
+            if v is not None:
+                key_block = calls[v[0]].blocks[v[1]]
+                r_keys, g_keys, t_keys = every_side[v[0]]
+                key_positive = (torch.arange(total, device=device) if key_block.positive
+                                else torch.full((total,), -1, dtype=torch.int64, device=device))
+            else:  # no key side: every pair dropped on it
+                g_keys = r_keys = torch.zeros(total, dtype=dtype, device=device)
+                t_keys = torch.full((total,), float("-inf"), dtype=dtype, device=device)
+                key_positive = torch.full((total,), -1, dtype=torch.int64, device=device)
+            spec = Exclusion(torch.empty(n, 0, dtype=torch.int64, device=device), row_labels, key_labels, positive,
+                             threshold=threshold)
+            key_spec = spec.keys_as_rows(torch.empty(total, 0, dtype=torch.int64, device=device), key_positive,
+                                         t_keys)
+            dx, dscale = ops.lse_backward_paired(g, x, keys, scale, spec, r, g_keys, r_keys, key_spec, wx.offset,
+                                                 backend)
+            out[x_name] += dx if call.factor is None else dx * call.factor
+            if w is not None:
+                dscales[w[0]] += dscale
+
+        rows_side = [(c, b) for c, call in enumerate(calls) for b in range(len(call.blocks))]
+        keys_side = list(rows_side)
+        for w in rows_side:
+            cw, bw = calls[w[0]], calls[w[0]].blocks[w[1]]
+            v = next((v for v in keys_side if _pairs_with((cw, bw), (calls[v[0]], calls[v[0]].blocks[v[1]]))),
+                     None)
+            if v is not None:
+                keys_side.remove(v)
+            run(cw.rows, bw.keys, w, v)
+        for v in keys_side:
+            call = calls[v[0]]
+            run(call.blocks[v[1]].keys, call.rows, None, v)
+        return (None, *(out[name] for name in names), *dscales)
+
+
+def gathered_block_lse(calls, local: dict, every: dict, wheres: dict, *, backend="auto"):
+    """The log-sum-exps of ``calls`` (:class:`LseCall`) with an O(N) backward: each call's
+    values (this rank's rows) with autograd to this rank's rows of every set and to the scales.
+
+    A loss made of several fused log-sum-exps over sets of vectors spread across the ranks
+    (retrieval: queries "q", documents "d", negatives "n"; each call: one set's rows against
+    blocks of sets) gets, on each vector, the sum over every call of its gradient as a row
+    and as a key. As a key of a call whose rows are every rank's rows X:
+
+        dy_j = s Σ_i g_i exp(s <x_i, y_j> − r_i) x_i      (the pairs row i keeps)
+
+    which its owner computes from X (gathered in the forward) and every row's r_i, g_i, threshold
+    and positive: the forward gathers r and the thresholds, the backward gathers g (O(N) floats
+    per call) and no N×d gradient is sent. Each (call, block) contributes one row side (the
+    call's rows against the block) and one key side (the block's vectors against the call's
+    rows); one paired pass (``ops.lse_backward_paired``) computes a row side and a key side that
+    share the vectors, the scale and the label rule (e.g. query_to_doc's queries against
+    documents with doc_to_query's documents against queries, or one set against itself), and a
+    side without a partner runs alone, the other side's pairs all dropped by a -inf threshold.
+
+    Args:
+        calls: list of :class:`LseCall`, their ``lse`` computed by the caller on ``every``.
+        local: set name -> this rank's rows (n_set, d), differentiable.
+        every: set name -> every rank's rows (N_set, d) (``gather_rows`` of ``local``, no autograd).
+        wheres: set name -> :class:`RankRows`. A block with ``positive`` needs its set and the
+            call's rows numbered alike (one RankRows).
+    Returns:
+        a list, per call, of its (n,) log-sum-exps.
+    """
+    names = list(local)
+    _ordinary_autograd(*local.values(), *(c.scale for c in calls))
+    name = ops.resolve_backend(backend, next(iter(local.values())).device)
+    plan = (list(calls), names, wheres, every, name)
+    return list(_GatheredBlockLSE.apply(plan, *(local[n] for n in names), *(c.scale for c in calls)))
 
 
 def scale_loss(per_row: torch.Tensor, reduction: str, where: RankRows) -> torch.Tensor:
