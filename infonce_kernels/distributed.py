@@ -13,6 +13,10 @@ upstream gradient g_j:
 
 so these losses all-gather r in the forward and g in the backward (O(N) floats) and each rank
 computes the complete gradient of its own rows (``lse_bwd_paired``); no N×d tensor goes back.
+:func:`gathered_block_lse` does the same for losses made of several log-sum-exps over sets of
+rows and keys (the retrieval losses: queries, documents, negatives): a key's gradient on its
+owner rank needs every row's vector (gathered in the forward, also where the rows are not keys),
+r, g, threshold and positive.
 
 Loss convention. With ``gather_distributed=True`` a loss returns, on each rank,
 ``world_size / N_global · Σ_{local rows} loss_i`` for ``reduction="mean"`` (``world_size · Σ``

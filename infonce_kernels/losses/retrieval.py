@@ -39,9 +39,18 @@ per-row logit threshold (``Exclusion.threshold``: dropped pairs add nothing and 
 gradient) and count the dropped pairs in the same sweep: the fraction is returned with
 ``return_dropped=True`` and kept by the module as ``last_dropped_fraction``.
 
-Distributed (``gather_distributed=True``): each rank's rows meet every rank's queries, documents
-and negatives, gathered with a gather whose backward reduce-scatters the key gradients (the
-general scheme of :mod:`infonce_kernels.distributed`; batches may differ per rank).
+Distributed (``gather_distributed=True``; batches may differ per rank): each rank's rows meet
+every rank's queries, documents and negatives, all-gathered in the forward without autograd (the
+queries too, even when no direction uses them as keys), with each call's per-row log-sum-exp and
+threshold. The backward all-gathers each call's per-row upstream gradient, O(N) floats, and
+nothing else, in every configuration: each rank computes the whole gradient of its own queries,
+documents and negatives, as rows and as keys of every rank's rows
+(:func:`infonce_kernels.distributed.gathered_block_lse`; the calls are described by the same
+:class:`_Rows` as in one process, their labels and positives in the gathered numbering). Own
+negatives are then ordered rank by rank (the order of a log-sum-exp's keys is immaterial) and
+need the same K on every rank. The choice, against the plain gather whose backward
+reduce-scatters the (B(1+K), d) document and negative gradients: B d floats more in the forward
+(the queries) for B(1+K) d fewer in the backward (docs/retrieval.md).
 """
 
 import math
