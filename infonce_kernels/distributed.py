@@ -30,7 +30,7 @@ its rows serve as another rank's negatives are lost, so the gradient is roughly 
 the true one for the negatives' part (and DDP's averaging shrinks it further).
 """
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -275,11 +275,11 @@ class LseCall(NamedTuple):
     (rows whose every key was dropped hold -inf)."""
 
     rows: str
-    blocks: Tuple[LseBlock, ...]
+    blocks: tuple[LseBlock, ...]
     scale: torch.Tensor
     lse: torch.Tensor
-    factor: Optional[float] = None
-    threshold: Optional[torch.Tensor] = None
+    factor: float | None = None
+    threshold: torch.Tensor | None = None
 
 
 def _block_labels(block: LseBlock, total: int, device) -> torch.Tensor:
@@ -305,7 +305,7 @@ class _GatheredBlockLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, *inputs):
-        calls, names, wheres, every, backend = plan
+        calls, names, wheres, _, _ = plan
         locals_, scales = inputs[:len(names)], inputs[len(names):]
         # every row's lse (and threshold): O(N) floats, one gather per call
         sides = []
@@ -371,12 +371,11 @@ class _GatheredBlockLSE(torch.autograd.Function):
                 g_keys = r_keys = torch.zeros(total, dtype=dtype, device=device)
                 t_keys = torch.full((total,), float("-inf"), dtype=dtype, device=device)
                 key_positive = torch.full((total,), -1, dtype=torch.int64, device=device)
-            spec = Exclusion(torch.empty(n, 0, dtype=torch.int64, device=device), row_labels, key_labels, positive,
-                             threshold=threshold)
-            key_spec = spec.keys_as_rows(torch.empty(total, 0, dtype=torch.int64, device=device), key_positive,
-                                         t_keys)
-            dx, dscale = ops.lse_backward_paired(g, x, keys, scale, spec, r, g_keys, r_keys, key_spec, wx.offset,
-                                                 backend)
+            no_list = torch.empty(n, 0, dtype=torch.int64, device=device)
+            spec = Exclusion(no_list, row_labels, key_labels, positive, threshold=threshold)
+            key_spec = spec.keys_as_rows(no_list.new_empty(total, 0), key_positive, t_keys)
+            dx, dscale = ops.lse_backward_paired(g, x, keys, scale, spec, r, g_keys, r_keys, key_spec,
+                                                 wx.offset, backend)
             out[x_name] += dx if call.factor is None else dx * call.factor
             if w is not None:
                 dscales[w[0]] += dscale

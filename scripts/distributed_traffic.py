@@ -88,8 +88,7 @@ def _plain_retrieval(q, d, n, tau):
     import infonce_kernels as ik
     from infonce_kernels import distributed as dd
 
-    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
-    q, d, n = unit(q), unit(d), unit(n.reshape(-1, n.shape[-1]))
+    q, d, n = (torch.nn.functional.normalize(x, dim=-1) for x in (q, d, n.reshape(-1, n.shape[-1])))
     where = dd.rank_rows(q.shape[0], q.device)
     keys = torch.cat([dd.gather_rows_with_grad(d, where),
                       dd.gather_rows_with_grad(n, dd.rank_rows(n.shape[0], n.device))])

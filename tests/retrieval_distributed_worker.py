@@ -14,7 +14,8 @@ imports). Every rank holds the same model and global batches and takes its own r
   the dropped fraction; and the backward's traffic: every collective the backward calls is an
   all_gather of a 1-D tensor of at most the largest rank's row count (each row's upstream
   gradient), never an N×d tensor (infonce_kernels/distributed.py, ``gathered_block_lse``).
-- the cached (gradient-cache) loss across processes against the plain one.
+- the cached (gradient-cache) loss across processes against the plain one; own negatives with
+  another K on one rank refused on every rank.
 """
 
 import contextlib
@@ -40,8 +41,8 @@ CONFIGS = [
 ]
 # (keyword arguments, negatives: "own" (B, 2, d) | "pool" (2 per row, on its rank) | None, backend)
 NATIVE = [
-    (dict(directions=GTE, hardness_mode="in_batch_negatives", hardness_strength=2.0, false_negative_margin=0.1),
-     "own", "cpu"),
+    (dict(directions=GTE, hardness_mode="in_batch_negatives", hardness_strength=2.0,
+          false_negative_margin=0.1), "own", "cpu"),
     (dict(hardness_mode="hard_negatives", hardness_strength=1.5, false_negative_ratio=0.8), "own", "cpu"),
     (dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
           hardness_mode="all_negatives", hardness_strength=1.0, false_negative_margin=0.05), "pool", "cpu"),
@@ -187,7 +188,8 @@ def _native(rank, world, sizes, entries, group=None):
         what = f"native {index} {kw} {negatives} {backend} world {world}"
         got, grads, dropped, sent = _native_step(params, world, group, lambda: loss(
             mine, slice(cuts[rank], cuts[rank + 1]), gather_distributed=True, group=group))
-        want, want_grads, want_dropped, _ = _native_step(params, 1, None, lambda: loss(slice(None), slice(None)))
+        want, want_grads, want_dropped, _ = _native_step(params, 1, None,
+                                                         lambda: loss(slice(None), slice(None)))
         _close(_mean_over_ranks(got, world, group), want, f"{what}: loss")
         for i, (g, h) in enumerate(zip(grads, want_grads)):
             _close(g, h, f"{what}: gradient {i}")
@@ -236,8 +238,8 @@ def _cached(rank, world, sizes):
     and gradients equal the plain loss's (itself checked against sentence-transformers)."""
     columns, _, model = problem(sizes)
     params, mine, encoder = list(model.parameters()), _mine(sizes, rank), _Encoder(model)
-    kw = dict(directions=GTE, hardness_mode="in_batch_negatives", hardness_strength=1.0, false_negative_margin=0.1,
-              gather_across_devices=True, backend="cpu")
+    kw = dict(directions=GTE, hardness_mode="in_batch_negatives", hardness_strength=1.0,
+              false_negative_margin=0.1, gather_across_devices=True, backend="cpu")
     cached = CachedMultipleNegativesRankingLoss(encoder, mini_batch_size=2, **kw)
     plain = MultipleNegativesRankingLoss(encoder, **kw)
     got = _ddp_step(params, 1, lambda: cached([{"x": x[mine]} for x in columns], None))
@@ -246,6 +248,18 @@ def _cached(rank, world, sizes):
     for i, (g, h) in enumerate(zip(got[1], want[1])):
         _close(g, h, f"cached gradient {i}")
     _close(cached.last_dropped_fraction, plain.last_dropped_fraction, "cached dropped fraction")
+
+
+def _different_k(rank):
+    """Own (B, K, d) negatives need one K on every rank: every rank refuses alike."""
+    x = torch.randn(2, 5, dtype=torch.float64)
+    try:
+        ik.retrieval_info_nce(x, x, torch.randn(2, 1 + (rank == 0), 5, dtype=torch.float64),
+                              gather_distributed=True, backend="cpu")
+    except ValueError as error:
+        assert "same K on every rank" in str(error), error
+    else:
+        raise AssertionError("own negatives with another K on one rank were not refused")
 
 
 def _in_group_of_2(rank):
@@ -268,4 +282,5 @@ def run(rank, world, init_file, expected):
         _in_group_of_2(rank)
         _modules(rank, world, UNEVEN)
         _cached(rank, world, UNEVEN)
-        gc.collect()  # autograd graphs in reference cycles can hold a process group past destroy_process_group
+        _different_k(rank)
+        gc.collect()  # graphs in reference cycles can hold a process group past destroy_process_group

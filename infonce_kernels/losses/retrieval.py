@@ -376,8 +376,9 @@ def retrieval_info_nce(query, positive_key, negative_keys=None, *, temperature=D
             local["n"], owner = neg.reshape(b * k, -1), all_ids.repeat_interleave(k)
             wheres["n"] = distributed.rank_rows(b * k, device, group)
             if wheres["n"].sizes != [k * size for size in where.sizes]:
+                ks = [n // max(m, 1) for n, m in zip(wheres["n"].sizes, where.sizes)]
                 raise ValueError("negative_keys of shape (B, K, d) must have the same K on every rank with "
-                                 f"gather_distributed=True, got {[n // max(m, 1) for n, m in zip(wheres['n'].sizes, where.sizes)]}")
+                                 f"gather_distributed=True, got K = {ks}")
     elif negatives == "pool" and neg is not None:
         local["n"] = neg
         if where is not None:
@@ -385,8 +386,8 @@ def retrieval_info_nce(query, positive_key, negative_keys=None, *, temperature=D
     if where is None:
         sets = _Sets(local, local, owner=owner)
     else:  # gathered without autograd: the backward sends every row's upstream gradient, O(N)
-        sets = _Sets(local, {name: distributed.gather_rows(x.detach(), wheres[name]) for name, x in local.items()},
-                     wheres, owner)
+        every = {name: distributed.gather_rows(x.detach(), wheres[name]) for name, x in local.items()}
+        sets = _Sets(local, every, wheres, owner)
 
     threshold = None
     if kind == "margin":
@@ -431,8 +432,9 @@ def retrieval_info_nce(query, positive_key, negative_keys=None, *, temperature=D
     if "doc_to_doc" in directions:
         d_rows.add("d", "ids")
         d_rows.add("n", "owner")
+    factor = (scale / (scale + alpha)).detach()
     q_term, d_term, penalised_term = ctx.terms([(q_rows, scale, None), (d_rows, scale, None),
-                                                (penalised, scale + alpha, (scale / (scale + alpha)).detach())])
+                                                (penalised, scale + alpha, factor)])
     for term in (q_term, penalised_term):
         if term is not None:
             q_terms.append(term[:, None])
