@@ -283,4 +283,4 @@ def run(rank, world, init_file, expected):
         _modules(rank, world, UNEVEN)
         _cached(rank, world, UNEVEN)
         _different_k(rank)
-        gc.collect()  # graphs in reference cycles can hold a process group past destroy_process_group
+        gc.collect()  # a process group held only by cyclic garbage would outlive destroy_process_group
