@@ -282,10 +282,15 @@ class LseCall(NamedTuple):
     threshold: torch.Tensor | None = None
 
 
+def _by_index(labels) -> bool:
+    return isinstance(labels, str) and labels == "ids"
+
+
 def _block_labels(block: LseBlock, total: int, device) -> torch.Tensor:
+    """(total,) int64: the block's key labels over every rank's rows of its set."""
     if isinstance(block.labels, torch.Tensor):
         return block.labels
-    if block.labels == "ids":
+    if _by_index(block.labels):
         return torch.arange(total, device=device)
     return torch.full((total,), -1, dtype=torch.int64, device=device)
 
@@ -296,7 +301,7 @@ def _pairs_with(w, v) -> bool:
     rule reads the same on both sides (every label is the vector's own index)."""
     (cw, bw), (cv, bv) = w, v
     return (cv.rows == bw.keys and bv.keys == cw.rows and cv.scale is cw.scale and cv.factor == cw.factor
-            and bw.labels == "ids" and bv.labels == "ids")
+            and _by_index(bw.labels) and _by_index(bv.labels))
 
 
 class _GatheredBlockLSE(torch.autograd.Function):
@@ -413,7 +418,8 @@ def gathered_block_lse(calls, local: dict, every: dict, wheres: dict, *, backend
     rows); one paired pass (``ops.lse_backward_paired``) computes a row side and a key side that
     share the vectors, the scale and the label rule (e.g. query_to_doc's queries against
     documents with doc_to_query's documents against queries, or one set against itself), and a
-    side without a partner runs alone, the other side's pairs all dropped by a -inf threshold.
+    side without a partner runs alone, the other side's pairs all dropped by a -inf threshold
+    (the op layer has no key-side-only backward; this pass costs what one would).
 
     Args:
         calls: list of :class:`LseCall`, their ``lse`` computed by the caller on ``every``.
