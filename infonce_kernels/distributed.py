@@ -304,6 +304,22 @@ def _pairs_with(w, v) -> bool:
             and _by_index(bw.labels) and _by_index(bv.labels))
 
 
+def _gather_columns(columns, wheres):
+    """``gather_rows`` of per-row vectors: ``columns[c]`` a list of (n_c,) tensors of call c,
+    whose rows are placed by ``wheres[c]``; one all-gather per distinct RankRows (its columns
+    stacked, in the first column's dtype). Returns the same nesting with every rank's rows."""
+    out = [None] * len(columns)
+    for where in {id(w): w for w in wheres}.values():
+        members = [c for c, w in enumerate(wheres) if w is where]
+        dtype = columns[members[0]][0].dtype
+        stacked = torch.stack([t.to(dtype) for c in members for t in columns[c]], 1)
+        every = gather_rows(stacked, where).unbind(1)
+        start = 0
+        for c in members:
+            out[c], start = list(every[start: start + len(columns[c])]), start + len(columns[c])
+    return out
+
+
 class _GatheredBlockLSE(torch.autograd.Function):
     """The calls' log-sum-exps (their values computed by the caller) with the O(N) backward of
     :func:`gathered_block_lse`."""
@@ -312,15 +328,10 @@ class _GatheredBlockLSE(torch.autograd.Function):
     def forward(ctx, plan, *inputs):
         calls, names, wheres, _, _ = plan
         locals_, scales = inputs[:len(names)], inputs[len(names):]
-        # every row's lse (and threshold): O(N) floats, one gather per call
-        sides = []
-        for call in calls:
-            parts = [call.lse.detach()[:, None]]
-            if call.threshold is not None:
-                parts.append(call.threshold.detach().to(call.lse.dtype)[:, None])
-            every_rows = gather_rows(torch.cat(parts, 1), wheres[call.rows])
-            sides.append((every_rows[:, 0], None if call.threshold is None else every_rows[:, 1]))
-        ctx.plan, ctx.sides = plan, sides
+        # every row's lse and threshold: O(N) floats, one gather per set of rows
+        columns = [[c.lse.detach()] + ([] if c.threshold is None else [c.threshold.detach()]) for c in calls]
+        gathered = _gather_columns(columns, [wheres[c.rows] for c in calls])
+        ctx.plan, ctx.sides = plan, [(g[0], g[1] if len(g) > 1 else None) for g in gathered]
         ctx.save_for_backward(*locals_, *scales)
         return tuple(call.lse.detach().clone() for call in calls)
 
@@ -337,7 +348,7 @@ class _GatheredBlockLSE(torch.autograd.Function):
             g = torch.zeros_like(call.lse) if g is None else g
             lse.append(torch.where(finite, call.lse, 0).detach())
             grad.append(torch.where(finite, g, 0).contiguous())
-        every_g = [gather_rows(g, wheres[call.rows]) for call, g in zip(calls, grad)]  # O(N) floats each
+        every_g = [g[0] for g in _gather_columns([[g] for g in grad], [wheres[c.rows] for c in calls])]
         every_side = [(torch.where(torch.isfinite(r), r, 0), gr, t)
                       for (r, t), gr in zip(ctx.sides, every_g)]
         out = {name: torch.zeros_like(x) for name, x in local.items()}
