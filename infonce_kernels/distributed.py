@@ -357,39 +357,47 @@ class _GatheredBlockLSE(torch.autograd.Function):
         def run(x_name, y_name, w, v):
             """One paired pass: this rank's rows of set x against every rank's rows of set y;
             ``w`` (call index, block index) the row side, x's rows in that call against block y,
-            ``v`` the key side, y's rows in that call against block x (either may be None)."""
+            ``v`` the key side, y's rows in that call against block x. A side that is None gets
+            zero upstream gradients and a +inf log-sum-exp: every weight g exp(s<.,.> - r) of
+            it is exactly 0 (the op layer has no one-sided pass; its exponentials are still
+            evaluated)."""
             x, keys = local[x_name], every[y_name]
             if x.shape[0] == 0 or keys.shape[0] == 0:
                 return
             wx, device = wheres[x_name], x.device
             n, total = x.shape[0], keys.shape[0]
-            own = wx.offset + torch.arange(n, device=device)
+            own, ids = wx.offset + torch.arange(n, device=device), torch.arange(total, device=device)
             call = calls[(w or v)[0]]
             scale, dtype = scales[(w or v)[0]], call.lse.dtype
-            none = torch.full((n,), -1, dtype=torch.int64, device=device)
+            row_block = None if w is None else call.blocks[w[1]]
+            key_block = None if v is None else calls[v[0]].blocks[v[1]]
+            # The label rule only where a block's labels are not the vectors' own indices (own
+            # negatives); "ids" labels are an exclusion list of one (the row's own index) or,
+            # with the positive the row keeps, nothing.
+            labelled = any(isinstance(blk.labels, torch.Tensor) for blk in (row_block, key_block) if blk)
             if w is not None:
-                block = call.blocks[w[1]]
-                row_labels, key_labels = own, _block_labels(block, total, device)
-                positive = own if block.positive else none
                 threshold, g, r = call.threshold, grad[w[0]], lse[w[0]]
-            else:  # no row side: every pair dropped (threshold -inf, no positive), g = 0
-                block = calls[v[0]].blocks[v[1]]
-                row_labels = _block_labels(block, wx.total, device)[wx.offset: wx.offset + n]
-                key_labels = torch.arange(total, device=device)
-                positive, threshold = none, torch.full((n,), float("-inf"), dtype=dtype, device=device)
-                g = r = torch.zeros(n, dtype=dtype, device=device)
+                positive = own if row_block.positive else torch.full_like(own, -1)
+                drop_own = _by_index(row_block.labels) and not row_block.positive
+            else:
+                threshold, g = None, torch.zeros(n, dtype=dtype, device=device)
+                r, positive, drop_own = torch.full_like(g, float("inf")), torch.full_like(own, -1), False
             if v is not None:
-                key_block = calls[v[0]].blocks[v[1]]
                 r_keys, g_keys, t_keys = every_side[v[0]]
-                key_positive = (torch.arange(total, device=device) if key_block.positive
-                                else torch.full((total,), -1, dtype=torch.int64, device=device))
-            else:  # no key side: every pair dropped on it
-                g_keys = r_keys = torch.zeros(total, dtype=dtype, device=device)
-                t_keys = torch.full((total,), float("-inf"), dtype=dtype, device=device)
-                key_positive = torch.full((total,), -1, dtype=torch.int64, device=device)
-            no_list = torch.empty(n, 0, dtype=torch.int64, device=device)
-            spec = Exclusion(no_list, row_labels, key_labels, positive, threshold=threshold)
-            key_spec = spec.keys_as_rows(no_list.new_empty(total, 0), key_positive, t_keys)
+                key_positive = ids if key_block.positive else torch.full_like(ids, -1)
+                key_drop_own = _by_index(key_block.labels) and not key_block.positive
+            else:
+                g_keys, t_keys, key_drop_own = torch.zeros(total, dtype=dtype, device=device), None, False
+                r_keys, key_positive = torch.full_like(g_keys, float("inf")), torch.full_like(ids, -1)
+            exclude = own[:, None] if drop_own and not labelled else own.new_empty(n, 0)
+            key_exclude = ids[:, None] if key_drop_own and not labelled else ids.new_empty(total, 0)
+            if labelled:  # each side's labels: its block's, the rows of a call by their own index
+                row_labels = own if w is not None else _block_labels(key_block, wx.total, device)[own]
+                key_labels = _block_labels(row_block, total, device) if w is not None else ids
+                spec = Exclusion(exclude, row_labels, key_labels, positive, threshold=threshold)
+            else:
+                spec = Exclusion(exclude, positive=None if threshold is None else positive, threshold=threshold)
+            key_spec = spec.keys_as_rows(key_exclude, key_positive, t_keys)
             dx, dscale = ops.lse_backward_paired(g, x, keys, scale, spec, r, g_keys, r_keys, key_spec,
                                                  wx.offset, backend)
             out[x_name] += dx if call.factor is None else dx * call.factor
@@ -429,8 +437,11 @@ def gathered_block_lse(calls, local: dict, every: dict, wheres: dict, *, backend
     rows); one paired pass (``ops.lse_backward_paired``) computes a row side and a key side that
     share the vectors, the scale and the label rule (e.g. query_to_doc's queries against
     documents with doc_to_query's documents against queries, or one set against itself), and a
-    side without a partner runs alone, the other side's pairs all dropped by a -inf threshold
-    (the op layer has no key-side-only backward; this pass costs what one would).
+    side without a partner runs alone, the other side's weights zero (zero upstream gradients,
+    +inf log-sum-exps; the op layer has no one-sided pass, so that side's exponentials are
+    evaluated for nothing: on the CPU backend such a pass costs about a whole dq + dk backward).
+    The label rule runs only where a block's labels are not the vectors' own indices (own
+    negatives); own-index labels become an exclusion list of one, or nothing with the positive.
 
     Args:
         calls: list of :class:`LseCall`, their ``lse`` computed by the caller on ``every``.
