@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from harness import ALL_CPU_BACKENDS, F64, assert_within
 
@@ -113,6 +114,17 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def group_of_one(tmp_path):
+    """A gloo group of this process alone: ``gather_distributed=True`` then runs the cross-process
+    path (gathers, the O(N) backward's row and key sides) with every row on this rank."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 class TestRetrievalInfoNCE:
     # the Triton interpreter's log2 of an empty row's zero sum (a row the filter empties in one call)
     @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
@@ -131,6 +143,28 @@ class TestRetrievalInfoNCE:
         assert float(dropped) == pytest.approx(count / total, abs=1e-12)
         if "false_negative_margin" in options or "false_negative_ratio" in options:
             assert 0 < count < total, "the filter case must drop some pairs and keep others"
+
+    @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+    @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+    @pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+    def test_gathered_backward_matches_one_process(self, group_of_one, backend):
+        """Every case with ``gather_distributed=True`` in a world of one: values, gradients (the
+        paired passes' row and key sides, the hardness factor, each side's thresholds and
+        positives) and the dropped fraction equal the one-process loss's. Worlds of 3 and 2 with
+        uneven batches and the traffic: tests/retrieval_distributed_worker.py. Under the Triton
+        interpreter, three cases that hold every kind of pass (seconds each)."""
+        for case in [6, 8, 10] if backend == "triton" else range(len(CASES)):
+            options, kind, k = CASES[case]
+            tensors = _inputs(4, k, 5, kind, seed=70 + case)
+            outs = [_grads(lambda q, d, n, t: ik.retrieval_info_nce(  # noqa: B023 (called at once)
+                q, d, n, temperature=t, backend=backend, return_dropped=True, gather_distributed=spread,
+                **options), tensors, 0.3) for spread in (True, False)]
+            (got, dropped), grads = outs[0]
+            (want, want_dropped), want_grads = outs[1]
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"case {case}")
+            torch.testing.assert_close(dropped, want_dropped, rtol=0, atol=1e-15, msg=f"case {case}")
+            for g, h in zip(grads, want_grads):
+                torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-12, msg=f"case {case}")
 
     @pytest.mark.parametrize("case", [2, 8])
     def test_float32_within_twice_plain_error(self, case):

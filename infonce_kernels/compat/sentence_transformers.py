@@ -22,7 +22,10 @@ construction (the fused kernels compute scaled inner products only).
 candidates; each rank's loss is its rows' share of the whole batch's loss (for equal batches, the
 mean over its rows, as sentence-transformers returns) and its embeddings get the gradient of the
 sum over ranks, so DistributedDataParallel's average is the gradient of the whole batch. Batches
-may differ in size between ranks (sentence-transformers assumes equal ones).
+may differ in size between ranks (sentence-transformers assumes equal ones). The backward sends
+O(N) floats (each row's upstream gradient), not the N×d embedding gradients that
+sentence-transformers' gather with gradients sends back; the forward gathers the anchors,
+positives and negatives (docs/retrieval.md).
 
 Extra keyword-only arguments: ``false_negative_margin`` / ``false_negative_ratio`` (false-negative
 filtering, see :mod:`infonce_kernels.losses.retrieval`; after each call ``last_dropped_fraction``

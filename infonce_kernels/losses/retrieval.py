@@ -39,9 +39,18 @@ per-row logit threshold (``Exclusion.threshold``: dropped pairs add nothing and 
 gradient) and count the dropped pairs in the same sweep: the fraction is returned with
 ``return_dropped=True`` and kept by the module as ``last_dropped_fraction``.
 
-Distributed (``gather_distributed=True``): each rank's rows meet every rank's queries, documents
-and negatives, gathered with a gather whose backward reduce-scatters the key gradients (the
-general scheme of :mod:`infonce_kernels.distributed`; batches may differ per rank).
+Distributed (``gather_distributed=True``; batches may differ per rank): each rank's rows meet
+every rank's queries, documents and negatives, all-gathered in the forward without autograd (the
+queries too, even when no direction uses them as keys), with each call's per-row log-sum-exp and
+threshold. The backward all-gathers each call's per-row upstream gradient, O(N) floats, and
+nothing else, in every configuration: each rank computes the whole gradient of its own queries,
+documents and negatives, as rows and as keys of every rank's rows
+(:func:`infonce_kernels.distributed.gathered_block_lse`; the calls are described by the same
+:class:`_Rows` as in one process, their labels and positives in the gathered numbering). Own
+negatives are then ordered rank by rank (the order of a log-sum-exp's keys is immaterial) and
+need the same K on every rank. The choice, against the plain gather whose backward
+reduce-scatters the (B(1+K), d) document and negative gradients: B d floats more in the forward
+(the queries) for B(1+K) d fewer in the backward (docs/retrieval.md).
 """
 
 import math
@@ -123,65 +132,98 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-class _Rows:
-    """The rows of one fused log-sum-exp: ``x`` (b, d) (local queries or documents) against the
-    concatenation of key blocks, each (keys (n, d), key labels (n,) int64 or None = keep all)."""
+class _Sets:
+    """The vectors of one loss evaluation, by set: "q" queries, "d" documents, "n" negatives
+    (each query's own, flattened, or the shared pool). ``local``: this rank's rows; ``every``:
+    every rank's (the same tensors in one process; gathered without autograd across processes);
+    ``wheres``: their :class:`~infonce_kernels.distributed.RankRows`, None in one process;
+    ``owner``: (rows of every "n",) the index of each own negative's query."""
 
-    def __init__(self, x, row_ids):
-        self.x, self.row_ids, self.blocks = x, row_ids, []
+    def __init__(self, local, every, wheres=None, owner=None):
+        self.local, self.every, self.wheres, self.owner = local, every, wheres, owner
+
+    def labels(self, name, labels):
+        """A block's key labels as a tensor: "ids" (each key's index in its set), "owner", None."""
+        if labels == "owner":
+            return self.owner
+        if labels == "ids":
+            return torch.arange(self.every[name].shape[0], device=self.every[name].device)
+        return labels
+
+
+class _Rows:
+    """The rows of one fused log-sum-exp: the local rows of set ``name`` ("q" or "d"), labelled
+    by their index ``row_ids`` (b,), against the concatenation of key blocks, each every rank's
+    rows of a set with key labels "ids" (the key's index), "owner" (own negatives: their
+    query's index) or None (keep all)."""
+
+    def __init__(self, sets, name, row_ids):
+        self.sets, self.name, self.row_ids, self.blocks = sets, name, row_ids, []
         self.positive, self.positive_labelled = None, False
 
-    def add(self, keys, labels=None, *, positive=False):
+    def add(self, name, labels=None, *, positive=False):
         """Adds a block; ``positive``: row i's positive is the block's key ``row_ids[i]``
         (kept by the label rule and never dropped by the filter)."""
+        keys = self.sets.every.get(name)
         if keys is None or keys.shape[0] == 0:
             return
-        start = sum(k.shape[0] for k, _ in self.blocks)
+        if labels == "owner" and self.sets.owner is None:  # a pool: nobody's own
+            labels = None
+        start = sum(self.sets.every[n].shape[0] for n, _, _ in self.blocks)
         if positive:
             self.positive, self.positive_labelled = start + self.row_ids, labels is not None
-        self.blocks.append((keys, labels))
+        self.blocks.append((name, labels, positive))
 
     def candidates(self) -> int:
         """Keys per row after the label rule (the same for every row)."""
         out = int(self.positive_labelled)  # the positive, labelled like its row, stays
-        for keys, labels in self.blocks:
-            own = 0 if labels is None else int((labels == self.row_ids[0]).sum())
-            out += keys.shape[0] - own
+        for name, labels, _ in self.blocks:
+            own = 0 if labels is None else int((self.sets.labels(name, labels) == self.row_ids[:1]).sum())
+            out += self.sets.every[name].shape[0] - own
         return out
 
 
 class _Context:
-    """What every fused call of one loss evaluation shares: backend, filter thresholds (in
-    similarity units, per local row) and the dropped-pair tally."""
+    """What every fused call of one loss evaluation shares: the sets, backend, filter thresholds
+    (in similarity units, per local row) and the dropped-pair tally."""
 
-    def __init__(self, backend, threshold):
-        self.backend, self.threshold = backend, threshold
+    def __init__(self, sets, backend, threshold):
+        self.sets, self.backend, self.threshold = sets, backend, threshold
         self.dropped, self.candidates = [], 0  # candidates: pairs (row, key) the filter could see
+
+    def logit_threshold(self, scale):
+        """(b,) the filter's thresholds in logit units at ``scale``, or None without a filter."""
+        return None if self.threshold is None else (scale.detach() * self.threshold).to(scale.dtype)
 
     def lse(self, rows: _Rows, scale, grad_factor=None):
         """(b,) log-sum-exp of ``rows`` at ``scale``; ``grad_factor``: multiply the (x, keys)
-        gradients by it. None when the rows have no candidate."""
+        gradients by it. None when the rows have no candidate. Across processes: the values
+        only (no autograd; :meth:`terms` attaches the backward)."""
         per_row = rows.candidates()
         if per_row == 0:
             return None
-        x = rows.x
-        keys = torch.cat([k for k, _ in rows.blocks]) if len(rows.blocks) > 1 else rows.blocks[0][0]
-        if grad_factor is not None:
+        sets = self.sets
+        x = sets.local[rows.name]
+        keys = torch.cat([sets.every[n] for n, _, _ in rows.blocks]) if len(rows.blocks) > 1 \
+            else sets.every[rows.blocks[0][0]]
+        if sets.wheres is not None:
+            x = x.detach()
+        elif grad_factor is not None:
             x, keys = _ScaleGrad.apply(x, grad_factor), _ScaleGrad.apply(keys, grad_factor)
         m, device = x.shape[0], x.device
-        labelled = any(labels is not None for _, labels in rows.blocks)
+        labelled = any(labels is not None for _, labels, _ in rows.blocks)
         no_positive = torch.full((m,), -1, dtype=torch.int64, device=device)
         positive = no_positive if rows.positive is None else rows.positive
         fields = {}
         if labelled:
-            key_labels = torch.cat([torch.full((k.shape[0],), -1, dtype=torch.int64, device=device)
-                                    if labels is None else labels for k, labels in rows.blocks])
+            key_labels = torch.cat([torch.full((sets.every[n].shape[0],), -1, dtype=torch.int64, device=device)
+                                    if labels is None else sets.labels(n, labels) for n, labels, _ in rows.blocks])
             fields.update(row_labels=rows.row_ids, key_labels=key_labels, positive=positive)
         exclude = torch.empty(m, 0, dtype=torch.int64, device=device)
         self.candidates += per_row * m
         if self.threshold is None:
             return fused_lse(x, keys, scale, Exclusion(exclude, **fields), self.backend)
-        fields.update(positive=positive, threshold=(scale.detach() * self.threshold).to(scale.dtype))
+        fields.update(positive=positive, threshold=self.logit_threshold(scale))
         lse, dropped = fused_lse(x, keys, scale, Exclusion(exclude, **fields), self.backend, return_dropped=True)
         self.dropped.append(dropped.sum())
         empty = dropped == per_row
@@ -195,6 +237,28 @@ class _Context:
             sub = {name: t if name == "key_labels" else t[kept] for name, t in fields.items()}
             out = out.index_put((kept,), fused_lse(x[kept], keys, scale, Exclusion(exclude[kept], **sub),
                                                    self.backend))
+        return out
+
+    def terms(self, calls):
+        """Each call's (b,) log-sum-exp (None without candidates): ``calls`` a list of (rows,
+        scale, gradient factor or None). Across processes every call's values come from
+        :meth:`lse` and one :func:`~infonce_kernels.distributed.gathered_block_lse` attaches
+        their O(N)-traffic backward."""
+        if self.sets.wheres is None:
+            return [self.lse(rows, scale, factor) if rows.blocks else None for rows, scale, factor in calls]
+        with torch.no_grad():
+            out = [self.lse(rows, scale, factor) if rows.blocks else None for rows, scale, factor in calls]
+        made = [i for i, r in enumerate(out) if r is not None]
+        blocks = [distributed.LseCall(
+            calls[i][0].name,
+            tuple(distributed.LseBlock(n, "ids" if labels == "ids" else self.sets.labels(n, labels), positive)
+                  for n, labels, positive in calls[i][0].blocks),
+            calls[i][1], out[i], None if calls[i][2] is None else float(calls[i][2]),
+            self.logit_threshold(calls[i][1])) for i in made]
+        attached = distributed.gathered_block_lse(blocks, self.sets.local, self.sets.every, self.sets.wheres,
+                                                  backend=self.backend)
+        for i, r in zip(made, attached):
+            out[i] = r
         return out
 
     def drop_dense(self, sim, logits):
@@ -296,47 +360,55 @@ def retrieval_info_nce(query, positive_key, negative_keys=None, *, temperature=D
     pos_sim = row_dot(q, d)
     pos = scale * pos_sim
 
-    # Every rank's rows: queries Q, documents D, negatives N (flat, with their queries' ids).
+    # Every rank's rows of each set: queries "q", documents "d", negatives "n" (flat).
     where = distributed.rank_rows(b, device, group) if gather_distributed else None
     offset = 0 if where is None else where.offset
     total = b if where is None else where.total
-    gather = (lambda x: x) if where is None else (lambda x: distributed.gather_rows_with_grad(x, where))
     row_ids = offset + torch.arange(b, device=device)
     all_ids = torch.arange(total, device=device)
-    need_q = bool(set(directions) & {"query_to_query", "doc_to_query"})
-    Q = gather(q) if need_q else None
-    D = gather(d)
-    own = N = n_ids = None
+    local, wheres, owner, own = {"q": q, "d": d}, {"q": where, "d": where}, None, None
     if negatives == "own" and neg is not None:
         k = neg.shape[1]
         own = neg
-        every = gather(neg.reshape(b, -1)).reshape(total, k, -1)
-        N = every.transpose(0, 1).reshape(total * k, -1)  # [n_1 of every query; n_2 ...], as sentence-transformers
-        n_ids = all_ids.repeat(k)
+        if where is None:  # [n_1 of every query; n_2 ...], as sentence-transformers
+            local["n"], owner = neg.transpose(0, 1).reshape(b * k, -1), all_ids.repeat(k)
+        else:  # rank by rank, each rank's queries' n_1..n_K in turn
+            local["n"], owner = neg.reshape(b * k, -1), all_ids.repeat_interleave(k)
+            wheres["n"] = distributed.rank_rows(b * k, device, group)
+            if wheres["n"].sizes != [k * size for size in where.sizes]:
+                ks = [n // max(m, 1) for n, m in zip(wheres["n"].sizes, where.sizes)]
+                raise ValueError("negative_keys of shape (B, K, d) must have the same K on every rank with "
+                                 f"gather_distributed=True, got K = {ks}")
     elif negatives == "pool" and neg is not None:
-        N = neg if where is None else distributed.gather_rows_with_grad(
-            neg, distributed.rank_rows(neg.shape[0], device, group))
+        local["n"] = neg
+        if where is not None:
+            wheres["n"] = distributed.rank_rows(neg.shape[0], device, group)
+    if where is None:
+        sets = _Sets(local, local, owner=owner)
+    else:  # gathered without autograd: the backward sends every row's upstream gradient, O(N)
+        every = {name: distributed.gather_rows(x.detach(), wheres[name]) for name, x in local.items()}
+        sets = _Sets(local, every, wheres, owner)
 
     threshold = None
     if kind == "margin":
         threshold = pos_sim.detach() + level
     elif kind == "ratio":
         threshold = pos_sim.detach() * level
-    ctx = _Context(backend, threshold)
+    ctx = _Context(sets, backend, threshold)
     joint = partition_mode == "joint"
 
     # query_to_doc (with query_to_query in the same rows: they only occur in the joint form). The
     # penalised keys (hardness) form their own rows at scale s + a; the query's own documents, O(B K),
     # are dense logits.
-    q_rows, penalised = _Rows(q, row_ids), _Rows(q, row_ids)
+    q_rows, penalised = _Rows(sets, "q", row_ids), _Rows(sets, "q", row_ids)
     q_terms = []  # (b, 1) log-terms and (b, K) logits, all candidates of query i in these directions
     own_sim = None if own is None else torch.einsum("bd,bkd->bk", q.to(pos.dtype), own.to(pos.dtype))
     if alpha == 0 or hardness_mode == "hard_negatives":
-        q_rows.add(D, all_ids, positive=True)
+        q_rows.add("d", "ids", positive=True)
         if alpha == 0:
-            q_rows.add(N)
+            q_rows.add("n")
         else:  # every document but the own negatives, whose logits carry the penalty
-            q_rows.add(N, n_ids)
+            q_rows.add("n", "owner")
             if own_sim is not None:
                 q_terms.append(ctx.drop_dense(own_sim, scale * own_sim + alpha * own_sim.detach()))
     elif hardness_mode == "in_batch_negatives":  # the other queries' documents are penalised
@@ -344,32 +416,32 @@ def retrieval_info_nce(query, positive_key, negative_keys=None, *, temperature=D
         ctx.candidates += b
         if own_sim is not None:
             q_terms.append(ctx.drop_dense(own_sim, scale * own_sim))
-        penalised.add(D, all_ids)
-        penalised.add(N, n_ids)
+        penalised.add("d", "ids")
+        penalised.add("n", "owner")
     else:  # all_negatives: every document but the positive is penalised (own negatives among N)
         q_terms.append(pos[:, None])
         ctx.candidates += b
-        penalised.add(D, all_ids)
-        penalised.add(N)
+        penalised.add("d", "ids")
+        penalised.add("n")
     if "query_to_query" in directions:
-        q_rows.add(Q, all_ids)
-    for rows, at, factor in ((q_rows, scale, None), (penalised, scale + alpha, (scale / (scale + alpha)).detach())):
-        term = ctx.lse(rows, at, factor) if rows.blocks else None
+        q_rows.add("q", "ids")
+    # doc_to_query and doc_to_doc: rows are the local positive documents
+    d_rows = _Rows(sets, "d", row_ids)
+    if "doc_to_query" in directions:
+        d_rows.add("q", "ids", positive=True)
+    if "doc_to_doc" in directions:
+        d_rows.add("d", "ids")
+        d_rows.add("n", "owner")
+    factor = (scale / (scale + alpha)).detach()
+    q_term, d_term, penalised_term = ctx.terms([(q_rows, scale, None), (d_rows, scale, None),
+                                                (penalised, scale + alpha, factor)])
+    for term in (q_term, penalised_term):
         if term is not None:
             q_terms.append(term[:, None])
 
     per_direction = [torch.logsumexp(torch.cat(q_terms, 1), 1)]
-    # doc_to_query and doc_to_doc: rows are the local positive documents
-    d_rows = _Rows(d, row_ids)
-    if "doc_to_query" in directions:
-        d_rows.add(Q, None, positive=True)
-    if "doc_to_doc" in directions:
-        d_rows.add(D, all_ids)
-        d_rows.add(N, n_ids)
-    if d_rows.blocks:
-        term = ctx.lse(d_rows, scale)
-        if term is not None:
-            per_direction.append(term)
+    if d_term is not None:
+        per_direction.append(d_term)
     if joint:
         log_z = torch.logsumexp(torch.stack(per_direction, 1), 1) if len(per_direction) > 1 else per_direction[0]
     else:
