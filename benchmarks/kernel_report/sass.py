@@ -184,3 +184,62 @@ def ldsm_bytes(ins: list[Ins], body: tuple[int, int], inner_trips: int = 1) -> f
         total += w * 128 * n
     return total
 
+
+
+def _is_commit(i: Ins) -> bool:
+    """An HGMMA that commits its warpgroup's products as one group (``gsb0`` operand)."""
+    return i.op.startswith("HGMMA") and "gsb0" in i.text
+
+
+_DEPBAR = re.compile(r"^WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*(0x[0-9a-f]+|\d+)")
+
+
+def wgmma_overlap(ins: list[Ins], body: tuple[int, int]) -> list[dict]:
+    """The wgmma groups of one iteration of loop ``body`` and the instructions that issue while
+    each is in flight: the overlap evidence of the kernel report's model.
+
+    A group is the HGMMAs up to and including one that commits (``gsb0``); it is retired by the
+    first ``WARPGROUP.DEPBAR.LE gsb0, N`` after its commit that leaves at most N groups pending
+    (older ones first), in loop order, wrapping to the next iteration (the body is walked three
+    times; the middle copy is measured, the first sets the groups pending on entry). The
+    instructions **in flight** of a group are the non-tensor instructions between its commit and
+    that wait: the warp issues them while the tensor cores compute the group. A group waited on
+    right after its commit (what Triton emits for a product the next instructions consume) has
+    none. Conservative: instructions of inner loops (the d-chunk loop) count once, not per trip,
+    and a group inside an inner loop counts the FLOPs of one trip. Per thread (SASS per warp).
+
+    Returns one dict per group committed in an iteration: ``commit`` and ``retire`` addresses (hex),
+    ``flops_per_warp`` (HGMMA FLOPs / 4, as :func:`count_body`), ``in_flight`` (instructions).
+    """
+    seq = [i for i in ins if body[0] <= i.addr <= body[1]]
+    pending: list[dict] = []        # groups committed, not yet retired (oldest first)
+    groups: list[dict] = []         # groups committed in the measured (middle) copy
+    flops = 0.0
+    for copy in range(3):
+        for i in seq:
+            c = classify(i.op)
+            if i.op.startswith("HGMMA"):
+                flops += mma_flops(i.op) / 4
+                if _is_commit(i):
+                    g = dict(commit=hex(i.addr), retire=None, flops_per_warp=flops, in_flight=0, copy=copy)
+                    pending.append(g)
+                    if copy == 1:
+                        groups.append(g)
+                    flops = 0.0
+                continue
+            m = _DEPBAR.match(i.text)
+            if m:
+                keep = int(m.group(1), 0)
+                while len(pending) > keep:
+                    g = pending.pop(0)
+                    if g["retire"] is None:
+                        g["retire"] = hex(i.addr)
+                continue
+            if c != "tensor":
+                for g in pending:
+                    g["in_flight"] += 1
+    per_iteration = sum(1 for i in seq if classify(i.op) != "tensor")
+    for g in groups:
+        g.pop("copy")
+        g["in_flight"] = min(g["in_flight"], per_iteration)   # never retired in the loop: one iteration
+    return groups

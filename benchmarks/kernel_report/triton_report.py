@@ -96,6 +96,10 @@ def per_element(ins, rec: dict, cx: dict, d: int):
         by_class={k: round(v * scale, 2) for k, v in sorted(c["by_class"].items())},
         body_per_thread=c["total"], inner_loops=c["inner_loops"], inner_trips=c["inner_trips"],
         main_loop=c["body"], threads=threads, tile=[bm, bn],
+        overlap=[dict(commit=g["commit"], retire=g["retire"],
+                      mma_flops=round(g["flops_per_warp"] * rec["num_warps"] / (bm * bn) * rep, 1),
+                      in_flight=round(g["in_flight"] * scale, 2))
+                 for g in sass.wgmma_overlap(ins, body)],
     )
 
 
