@@ -307,6 +307,7 @@ PAIRED_CASES = [
     (9, TILE + 4, 6, 1, 2, 5, 0, False),                       # key lists partly outside q's rows
     (TILE + 2, 3 * TILE, 6, 1, 1, TILE - 3, 3, True),          # label rule, offset > 0
     (7, TILE + 5, 4, 0, 1, 0, 2, False),                       # label rule, offset 0, independent q
+    (TILE + 1, 3 * TILE, 5, 0, 1, 0, 0, False),                # only the key side's lists mark tiles masked
 ]
 
 

@@ -19,6 +19,10 @@ Model (H100/H200 SXM, bf16; every figure in the output is labelled "modelled"):
   A kernel whose every product is in flight during all of its other instructions is modelled
   as max(issue, tensor); one without in-flight instructions as their sum.
   Memory traffic, launch overhead and tail effects are ignored (O(N d) bytes against O(N^2 d) FLOPs).
+* masked tiles: the kernels branch once per key tile around their exclusion mask; ``instr`` counts
+  a masked tile (every instruction), ``instr_interior`` an interior one (the SASS's mask path,
+  ``sass.mask_regions``, skipped); a headline launch mixes them by the fraction of its tiles
+  that meet an excluded pair or the end of the keys (:func:`masked_fraction`).
 * the floor of a loss: per pass, max(ideal FLOPs / tensor, ideal exponentials / mufu), summed.
 """
 from __future__ import annotations
@@ -34,15 +38,38 @@ MODEL_TEXT = (
     "the main loop's wgmma groups of min(instructions issued between the group's commit (HGMMA ... gsb0) and "
     "the WARPGROUP.DEPBAR that retires it / issue, the group's FLOPs / tensor): a product waited on right "
     "after it is issued overlaps nothing (issue + tensor), one in flight during all other instructions gives "
-    "max(issue, tensor); memory traffic, launch overhead and tails ignored")
+    "max(issue, tensor); instructions per element mix the masked-tile and interior-tile counts of the SASS by "
+    "the fraction of tiles that meet an excluded pair at the case's shape; memory traffic, launch overhead "
+    "and tails ignored")
 
 #: headline cases; ideal: (pass, FLOPs per element / d, exponentials per element)
+#: self_excluded: each row excludes its own index (NT-Xent), else nothing is excluded (CLIP)
 HEADLINE = {
-    "nt_xent_2B65536_d128_bf16": dict(scenario="nt_xent", rows=65536, d=128, dtype="bf16",
+    "nt_xent_2B65536_d128_bf16": dict(scenario="nt_xent", rows=65536, d=128, dtype="bf16", self_excluded=True,
                                       ideal=[("forward", 2, 1), ("backward", 4, 2)]),
-    "clip_B32768_d512_bf16": dict(scenario="clip", rows=32768, d=512, dtype="bf16",
+    "clip_B32768_d512_bf16": dict(scenario="clip", rows=32768, d=512, dtype="bf16", self_excluded=False,
                                   ideal=[("forward", 2, 2), ("backward", 6, 2)]),
 }
+
+
+def masked_fraction(case: dict, config: dict) -> float:
+    """Fraction of a launch's tiles that take the per-tile mask path at the case's shape: with the
+    self exclusion, the key tiles that meet a row block's own indices (ceil(BLOCK_M / BLOCK_N) of
+    rows / BLOCK_N, aligned blocks); plus a last partial key tile when BLOCK_N does not divide
+    the rows (none here: powers of two)."""
+    bm, bn, n = config.get("BLOCK_M") or 1, config.get("BLOCK_N") or 1, case["rows"]
+    tiles = -(-n // bn)
+    masked = (-(-bm // bn) if case["self_excluded"] else 0) + (1 if n % bn else 0)
+    return min(1.0, masked / tiles)
+
+
+def tile_mix(pe: dict, fraction: float) -> dict:
+    """Per-element counts of a launch whose tiles take the mask path with ``fraction``: the
+    instructions mix ``instr`` (masked tile) and ``instr_interior``; without an interior count
+    (no mask path in the SASS), ``instr`` throughout."""
+    if "instr_interior" not in pe:
+        return pe
+    return dict(pe, instr=fraction * pe["instr"] + (1 - fraction) * pe["instr_interior"])
 
 
 def launch_time(pe: dict, elements: float) -> dict:
@@ -85,8 +112,9 @@ def headline(records: list[dict], cap: int = 90) -> dict:
                 if "instr" not in pe:
                     missing.append(r["kernel"])
                     continue
-                t = launch_time(pe, e)
-                passes.append(dict(name=phase, kernel=r["kernel"], launches=n,
+                f = masked_fraction(case, r["config"])
+                t = launch_time(tile_mix(pe, f), e)
+                passes.append(dict(name=phase, kernel=r["kernel"], launches=n, masked_tiles=round(f, 5),
                                    **{k: round(v * n, 3) for k, v in t.items()}))
                 total += t["ms"] * n
         out[name] = dict(modelled_ms=round(total, 2) if passes else None, floor_ms=round(floor_ms(case), 2),

@@ -125,10 +125,40 @@ def mma_flops(op: str) -> int:
     return 2 * M * N * K
 
 
-def count_body(ins: list[Ins], body: tuple[int, int], inner_trips: int = 1) -> dict:
+_FWD_BRA = re.compile(r"^BRA(?:\.\S+)?\s+(?:!?U?P\d,\s*)?(?:`\()?(0x[0-9a-f]+)")
+
+
+def mask_regions(ins: list[Ins], body: tuple[int, int]) -> list[tuple[int, int]]:
+    """(first, last) addresses of the per-tile mask paths in loop ``body``: code that a predicated
+    forward branch skips, holding integer compares (ISETP: the exclusion rule's index compares) and
+    no exponential (MUFU.EX2), no product (HGMMA/HMMA) and no other branch. The kernels branch
+    once per tile around their exclusion mask (``tile_masked``): interior tiles, which no rule can
+    touch, skip that code."""
+    seq = [i for i in ins if body[0] <= i.addr <= body[1]]
+    out = []
+    for n, i in enumerate(seq):
+        m = _FWD_BRA.match(i.text)
+        if not (i.pred and m):
+            continue
+        target = int(m.group(1), 16)
+        if not i.addr < target <= body[1]:
+            continue
+        region = [j for j in seq[n + 1:] if j.addr < target]
+        if not region:
+            continue
+        ops = [j.op for j in region]
+        if (any(o.startswith(("MUFU.EX2", "HGMMA", "HMMA", "BRA")) for o in ops)
+                or not any(o.startswith("ISETP") for o in ops)):
+            continue
+        out.append((region[0].addr, region[-1].addr))
+    return out
+
+
+def count_body(ins: list[Ins], body: tuple[int, int], inner_trips: int = 1, skip=()) -> dict:
     """Per-thread instruction counts of one iteration of loop ``body``.
 
-    Inner loops (nested backward branches) count ``inner_trips`` times. Returns counts by class, the
+    Inner loops (nested backward branches) count ``inner_trips`` times; instructions in the
+    address ranges ``skip`` (e.g. :func:`mask_regions`) not at all. Returns counts by class, the
     total, the opcodes of the tensor instructions, and ``mma_flops_per_warp``: tensor FLOPs one warp
     accounts for (HGMMA divided among the 4 warps of its warpgroup).
     """
@@ -138,7 +168,7 @@ def count_body(ins: list[Ins], body: tuple[int, int], inner_trips: int = 1) -> d
     flops = 0.0
     total = 0
     for i in ins:
-        if not body[0] <= i.addr <= body[1]:
+        if not body[0] <= i.addr <= body[1] or any(a <= i.addr <= b for a, b in skip):
             continue
         w = inner_trips if any(lp[0] <= i.addr <= lp[1] for lp in top_inner) else 1
         c = classify(i.op)

@@ -7,6 +7,9 @@ tensor-core instruction, and the main-loop counts per unique tile element (see :
     per_element.X = main-loop count per thread x threads per program / (BLOCK_M x BLOCK_N)
                     x programs per tile
 
+``instr`` counts every instruction of the loop body (a tile that takes the masked path);
+``instr_interior`` skips the per-tile mask paths (:func:`.sass.mask_regions`): an interior tile.
+
 where *programs per tile* is the product of the launch grid's dimensions after the first (the
 d-out chunks of the backward: each of those programs recomputes the same score tile), so a
 replicated tile shows as a larger number, never a smaller one.
@@ -85,11 +88,15 @@ def per_element(ins, rec: dict, cx: dict, d: int):
         return {"unavailable": "no BLOCK_M/BLOCK_N constexpr" if body is not None else "no loop"}
     trips = math.ceil(d / cx["BLOCK_D"]) if cx.get("BLOCK_D") else 1
     c = sass.count_body(ins, body, trips)
+    masks = sass.mask_regions(ins, body)
+    interior = sass.count_body(ins, body, trips, skip=masks)
     threads = rec["num_warps"] * 32
     rep = rec["programs_per_tile"] or 1
     scale = threads / (bm * bn) * rep
     return dict(
         instr=round(c["total"] * scale, 2),
+        instr_interior=round(interior["total"] * scale, 2),
+        mask_regions=[[hex(a), hex(b)] for a, b in masks],
         mufu=round(c["by_class"].get("mufu", 0) * scale, 3),
         ex2=round(c["ops"].get("MUFU.EX2", 0) * scale, 3),
         mma_flops=round(c["mma_flops_per_warp"] * rec["num_warps"] / (bm * bn) * rep, 1),

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..ops.precision import accumulation_dtype
 from . import _config
-from ._common import (LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_positives,
+from ._common import (INT32_MAX, LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_positives,
                       load_threshold, load_tile, load_tile_t, log2_prob, scores, threshold_drops)
 
 
@@ -66,6 +66,30 @@ def row_rule(ex_ptr, rlab_ptr, pos_ptr, thr_ptr, rows, M, E: tl.constexpr, HAS_L
     pos = load_positives(pos_ptr, rows, M, HAS_LABELS or HAS_THRESHOLD)
     thr = load_threshold(thr_ptr, rows, M, HAS_THRESHOLD, ACC_DTYPE)
     return ex0, ex1, rlab, pos, thr
+
+
+@triton.jit
+def exclusion_span(ex0, ex1):
+    """(lo, hi): the smallest and largest key index that rows with excluded indices ``ex0``/``ex1``
+    ((BLOCK,) int32, -1 for none) exclude; (2**31 - 1, -1) when they exclude none. Once per
+    program: a key tile that does not meet [lo, hi] holds no excluded pair of these rows."""
+    big = tl.full(ex0.shape, INT32_MAX, tl.int32)
+    lo = tl.minimum(tl.min(tl.where(ex0 >= 0, ex0, big), axis=0), tl.min(tl.where(ex1 >= 0, ex1, big), axis=0))
+    hi = tl.maximum(tl.max(ex0, axis=0), tl.max(ex1, axis=0))
+    return lo, hi
+
+
+@triton.jit
+def tile_masked(n0, N, lo, hi, BLOCK_N: tl.constexpr, ALWAYS: tl.constexpr):
+    """Whether the key tile [n0, n0 + BLOCK_N) needs the per-element mask: it runs past N, meets
+    the rows' exclusion span [lo, hi] (:func:`exclusion_span`), or ``ALWAYS`` (a per-pair rule
+    such as the label rule, which any tile may meet). One scalar test per tile: the other
+    (interior) tiles skip the mask work."""
+    if ALWAYS:
+        out = n0 >= 0
+    else:
+        out = (n0 + BLOCK_N > N) | ((n0 <= hi) & (n0 + BLOCK_N > lo))
+    return out
 
 
 @triton.jit
@@ -119,15 +143,18 @@ def _lse_fwd_kernel(
     keys = tl.arange(0, BLOCK_N)                     # tile-relative key index
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    ex_lo, ex_hi = exclusion_span(ex0, ex1)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + keys
         dots, _ = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_tile,
                              ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
-        klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
-        keep = (keys[None, :] < N - n0) & kept(keys[None, :], (ex0 - n0)[:, None], (ex1 - n0)[:, None],
-                                               rlab[:, None], klab[None, :], (pos - n0)[:, None], HAS_LABELS,
-                                               dots, s, thr[:, None], False)
-        x = tl.where(keep, dots, float("-inf"))                          # <q_i, k_j>, -inf if excluded
+        x = dots                                                         # <q_i, k_j>, -inf if excluded
+        if tile_masked(n0, N, ex_lo, ex_hi, BLOCK_N, HAS_LABELS):
+            klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
+            keep = (keys[None, :] < N - n0) & kept(keys[None, :], (ex0 - n0)[:, None], (ex1 - n0)[:, None],
+                                                   rlab[:, None], klab[None, :], (pos - n0)[:, None], HAS_LABELS,
+                                                   dots, s, thr[:, None], False)
+            x = tl.where(keep, dots, float("-inf"))
         if HAS_THRESHOLD:  # kept(..., HAS_THRESHOLD) in two steps, counting the second (-inf never drops)
             drop = threshold_drops(keys[None, :], x, s, thr[:, None], (pos - n0)[:, None])
             dropped += tl.sum(drop.to(tl.int32), axis=1)
