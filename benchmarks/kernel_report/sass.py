@@ -131,7 +131,8 @@ _FWD_BRA = re.compile(r"^BRA(?:\.\S+)?\s+(?:!?U?P\d,\s*)?(?:`\()?(0x[0-9a-f]+)")
 def mask_regions(ins: list[Ins], body: tuple[int, int]) -> list[tuple[int, int]]:
     """(first, last) addresses of the per-tile mask paths in loop ``body``: code that a predicated
     forward branch skips, holding integer compares (ISETP: the exclusion rule's index compares) and
-    no exponential (MUFU.EX2), no product (HGMMA/HMMA) and no other branch. The kernels branch
+    no exponential (MUFU.EX2), no product (HGMMA/HMMA), no global store (STG: e.g. the pair
+    forward's once-per-row-block partials) and no other branch. The kernels branch
     once per tile around their exclusion mask (``tile_masked``): interior tiles, which no rule can
     touch, skip that code."""
     seq = [i for i in ins if body[0] <= i.addr <= body[1]]
@@ -147,7 +148,7 @@ def mask_regions(ins: list[Ins], body: tuple[int, int]) -> list[tuple[int, int]]
         if not region:
             continue
         ops = [j.op for j in region]
-        if (any(o.startswith(("MUFU.EX2", "HGMMA", "HMMA", "BRA")) for o in ops)
+        if (any(o.startswith(("MUFU.EX2", "HGMMA", "HMMA", "BRA", "STG")) for o in ops)
                 or not any(o.startswith("ISETP") for o in ops)):
             continue
         out.append((region[0].addr, region[-1].addr))

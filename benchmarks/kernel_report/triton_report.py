@@ -11,7 +11,8 @@ tensor-core instruction, and the main-loop counts per unique tile element (see :
 ``instr_interior`` skips the per-tile mask paths (:func:`.sass.mask_regions`): an interior tile.
 
 where *programs per tile* is the product of the launch grid's dimensions after the first (the
-d-out chunks of the backward: each of those programs recomputes the same score tile), so a
+d-out chunks of the backward: each of those programs recomputes the same score tile; 1 for the
+kernels of KEY_SPLIT_KERNELS, whose second axis splits the keys), so a
 replicated tile shows as a larger number, never a smaller one.
 """
 from __future__ import annotations
@@ -27,6 +28,9 @@ from .triton_kernels import Scenario, compile_launch, constexpr_values, cuobjdum
 
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+#: kernels whose grid's second axis splits the keys (each program its own tiles), not d-out chunks
+KEY_SPLIT_KERNELS = {"_lse_pair_fwd_kernel"}
 
 #: scenario name -> whether it runs with the label rule as well
 SCENARIOS = {"nt_xent": True, "general": True, "clip": False}
@@ -65,7 +69,7 @@ def kernel_record(launch, cap: int, d: int, sass_dir: str | None = None) -> dict
         config={k: cx[k] for k in sorted(cx) if k.startswith("BLOCK_") or k in ("SINGLE_D", "E", "KE", "HAS_LABELS",
                                                                                  "INPUT_PRECISION")},
         num_warps=ck.metadata.num_warps, num_stages=launch.kwargs.get("num_stages"),
-        programs_per_tile=math.prod(grid[1:]) if grid else None,
+        programs_per_tile=(1 if launch.name in KEY_SPLIT_KERNELS else math.prod(grid[1:])) if grid else None,
         regs=int(regs.group(1)) if regs else None,
         stack=int(sp.group(1)) if sp else None,
         spill_stores=int(sp.group(2)) if sp else None,

@@ -38,6 +38,11 @@ import torch
 INTERPRET_BLOCK = 16
 #: Largest d chunk under the interpreter.
 INTERPRET_BLOCK_D = 32
+#: Most row groups / key splits of the one-pass pair forward (``pair_splits``): 16 on a GPU
+#: (at most 256 programs, a scratch of at most 2 x 16 (M + N) accumulator values); 2 under the
+#: interpreter, so that tiny test inputs give programs of several row blocks and key tiles.
+PAIR_SPLITS = 16
+INTERPRET_PAIR_SPLITS = 2
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,11 @@ def backward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d:
     if dtype == torch.float64:
         cfg = replace(cfg, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     return cfg
+
+
+def pair_splits() -> int:
+    """Most row groups and most key splits of the one-pass pair forward (``PAIR_SPLITS``)."""
+    return INTERPRET_PAIR_SPLITS if interpret_mode() else PAIR_SPLITS
 
 
 def dk_config(cfg: TileConfig) -> TileConfig:
