@@ -249,15 +249,14 @@ def _lse_pair_fwd_kernel(
     # [c COL_SPLIT, +COL_SPLIT) of b (COL_SPLIT a multiple of BLOCK_N), one flat loop over its tiles,
     # row block by row block. Each tile L = s a b^T is computed once and feeds both sides:
     #   rows:    online (m, l) over the split's keys, stored per row as row_part[c, :, i]
-    #   columns: the tile's (max, sum exp) per key merged into col_part[g, :, j], which only this
-    #            program touches (read, merged, written back; a barrier orders it between row blocks)
+    #   columns: online (m, l) per key over the group's rows, kept in col_part[g, :, j], which only
+    #            this program touches (read and written back once per tile)
     # part[0] holds m (nats, -inf for none), part[1] l; the host merges the partials (logsumexp).
     pid_g = tl.program_id(0)
     pid_c = tl.program_id(1)
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     c0 = pid_c * COL_SPLIT
     n_tiles = tl.cdiv(tl.minimum(COL_SPLIT, N - c0), BLOCK_N)       # key tiles of this split (>= 1)
-    keys = tl.arange(0, BLOCK_N)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     for t in range(0, ROW_BLOCKS * n_tiles):
@@ -296,7 +295,9 @@ def _lse_pair_fwd_kernel(
             tl.store(rpart + M, l_i, mask=row_ok)
             m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
             l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
-        tl.debug_barrier()   # this tile's column partial is stored before any thread reads it again
+        # the partial's stores land before the next row block reads it: the threads that hold a key's
+        # replicated state read it, one of them stores it
+        tl.debug_barrier()
 
 
 def pair_grid(M: int, N: int, cfg) -> tuple[int, int, int, int]:
