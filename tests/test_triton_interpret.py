@@ -307,7 +307,6 @@ PAIRED_CASES = [
     (9, TILE + 4, 6, 1, 2, 5, 0, False),                       # key lists partly outside q's rows
     (TILE + 2, 3 * TILE, 6, 1, 1, TILE - 3, 3, True),          # label rule, offset > 0
     (7, TILE + 5, 4, 0, 1, 0, 2, False),                       # label rule, offset 0, independent q
-    (TILE + 1, 3 * TILE, 5, 0, 1, 0, 0, False),                # only the key side's lists mark tiles masked
 ]
 
 
@@ -315,6 +314,20 @@ PAIRED_CASES = [
 @pytest.mark.parametrize("M,N,d,E,KE,offset,classes,gathered", PAIRED_CASES, ids=lambda v: str(v))
 def test_paired_backward_matches_reference(M, N, d, E, KE, offset, classes, gathered, dtype):
     check_paired(paired_case(M, N, d, dtype, E, KE, offset, classes, seed=M + N, gathered=gathered), dtype)
+
+
+@pytest.mark.parametrize("case", [
+    PAIRED_CASES[1],                                           # both sides: self index, a partner
+    (TILE + 1, 3 * TILE, 5, 0, 1, 0, 0, False),                # only the key side's lists mark tiles masked
+], ids=lambda v: str(v))
+def test_paired_backward_tensor_core_path(case, monkeypatch):
+    """The paired kernel's per-tile branch (interior tiles skip the exclusion rule) is taken on the
+    tensor-core products only: fp32 with torch.set_float32_matmul_precision("high") (tf32; the
+    interpreter computes the product in fp32)."""
+    M, N, d, E, KE, offset, classes, gathered = case
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    check_paired(paired_case(M, N, d, torch.float32, E, KE, offset, classes, seed=M + N, gathered=gathered),
+                 torch.float32)
 
 
 @pytest.mark.parametrize("labelled", [False, True], ids=["plain", "labels"])

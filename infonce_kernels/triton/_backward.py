@@ -264,8 +264,9 @@ def _dq_paired_kernel(
         # Interior tiles skip the exclusion rule: one test per tile (tiles that meet an excluded pair of
         # either side's lists, the end of the keys, or a per-pair rule take the rule); a select, so an
         # excluded pair's exp (may be inf) never reaches the sums. d > BLOCK_D (a 256-wide accumulator)
-        # applies the rule to every tile: the branch costs registers it does not have there.
-        if SINGLE_D:
+        # and the exact FMA products ("ieee": fp32, fp64, whose tiles already fill the registers)
+        # apply the rule to every tile: the branch costs registers they do not have.
+        if SINGLE_D and INPUT_PRECISION != "ieee":
             p_ij = tl.exp2(e_ij)
             q_ji = tl.exp2(e_ji)
             if tile_masked(n0, N, ex_lo, ex_hi, BLOCK_N, HAS_LABELS or HAS_THRESHOLD or KEY_THRESHOLD) | \
