@@ -114,10 +114,16 @@ def merge_into(path: str, records: list[dict], jobs: list[tuple], keep_cuda: boo
         old = json.load(f)
     groups = {(cap, dt, d, lab) for cap, dt, ds, labels, _, _ in jobs for d in ds for lab in labels}
     kept = [r for r in old["triton"] if (r["cap"], r["dtype"], r["d"], r["labels"]) not in groups]
-    updated = dict(base_commit=old.get("commit"), base_command=old.get("command"),
+    # an update of an updated report: the groups of both count as regenerated, against the first base
+    prior = old.get("updated") or {}
+    steps = prior.get("steps", []) + ([dict(commit=old.get("commit"), command=old.get("command"))] if prior else [])
+    every = groups | {tuple(g) for g in prior.get("groups", [])}
+    updated = dict(base_commit=prior.get("base_commit", old.get("commit")),
+                   base_command=prior.get("base_command", old.get("command")), earlier_updates=steps,
                    regenerated=sorted(f"sm_{cap} {dt} d={d} labels {'on' if lab else 'off'}"
-                                      for cap, dt, d, lab in groups),
-                   groups=sorted([cap, dt, d, lab] for cap, dt, d, lab in groups), kept_triton_records=len(kept))
+                                      for cap, dt, d, lab in every),
+                   groups=sorted([cap, dt, d, lab] for cap, dt, d, lab in every),
+                   kept_triton_records=sum((r["cap"], r["dtype"], r["d"], r["labels"]) not in every for r in kept))
     cuda = old.get("cuda", {}) if keep_cuda else {}
     nvcc = old.get("versions", {}).get("nvcc") if keep_cuda else None
     return kept + records, cuda, nvcc, updated

@@ -156,7 +156,9 @@ def markdown(doc: dict) -> str:
         u = doc["updated"]
         lines += [f"Updated in place (`--update`): regenerated {'; '.join(u['regenerated'])}. The other "
                   f"{u['kept_triton_records']} Triton records and the CUDA part are those of commit "
-                  f"{u['base_commit']} (`{u['base_command']}`): they describe the kernels as they were then.", ""]
+                  f"{u['base_commit']} (`{u['base_command']}`): they describe the kernels as they were then."]
+        lines += [f"Earlier update at {e['commit']}: `{e['command']}`." for e in u.get("earlier_updates", [])]
+        lines += [""]
     lines += ["Method:", ""]
     lines += [f"- {k}: {t}" for k, t in doc["method"].items()]
     if doc["headline_modelled"]:

@@ -346,9 +346,9 @@ def lse_pair(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor):
     """``(lse(a, b, s), lse(b, a, s))`` without exclusions: :func:`lse_pair_forward` (one pass)
     when d spans several BLOCK_D chunks, else two :func:`lse_forward` passes. With d in one chunk
     the pass's column reductions (across the rows of a tile: shuffles and shared memory) cost more
-    issue slots than the second product saves (kernel report, sm_90 bf16 d = 128: 35.4
-    thread-instructions per element against 2 x 8.6); with d in chunks the product dominates
-    (d = 512: 62.2 against 2 x 29.8, and half the tensor work)."""
+    issue slots than the second product saves (compiled for sm_90 with the kernel report's tools,
+    bf16 d = 128: 35.4 thread-instructions per element against 2 x 8.6); with d in chunks the
+    product dominates (d = 512: 62.2 against 2 x 29.8, and half the tensor work)."""
     cfg = _config.forward_config(a.device, a.dtype, a.shape[0], b.shape[0], a.shape[1])
     if cfg.SINGLE_D:
         none_a, none_b = Exclusion.none(a.shape[0], a.device), Exclusion.none(b.shape[0], b.device)
