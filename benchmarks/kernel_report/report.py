@@ -208,6 +208,11 @@ def cuda_markdown(doc: dict) -> list[str]:
             for p in h["passes"]:
                 lines.append(f"| {name} | {p['name']} | `{p['kernel']}` | {p['launches']} | {p['issue_ms']:.2f} | "
                              f"{p['mma_ms']:.2f} | {p['mufu_ms']:.2f} | {p['smem_ms']:.2f} | {p['ms']:.2f} |")
+            if h["modelled_ms"] is None:
+                lines.append(f"| **{name}** | total | | | | | | | not modelled: no "
+                             f"{', '.join(f'`{k}`' for k in h['not_modelled'])} in the CUDA part (floor "
+                             f"{h['floor_ms']} ms) |")
+                continue
             verdict = ("not modelled" if h["within_target"] is None else
                        f"{h['ratio_to_triton']}x Triton's {h['triton_modelled_ms']} ms: "
                        f"{'within' if h['within_target'] else 'NOT within'} {h['target_ratio']}x")
