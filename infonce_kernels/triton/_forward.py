@@ -33,8 +33,8 @@ import triton.language as tl
 from ..ops.exclusion import Exclusion
 from ..ops.precision import accumulation_dtype
 from . import _config
-from ._common import (INT32_MAX, LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_positives,
-                      load_threshold, load_tile, load_tile_t, log2_prob, scores, threshold_drops)
+from ._common import (INT32_MAX, LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels,
+                      load_positives, load_threshold, load_tile, load_tile_t, log2_prob, scores, threshold_drops)
 
 
 @triton.jit
