@@ -124,6 +124,90 @@ def test_sass_main_loop_and_counts():
     assert sass.tensor_kind(ins) == "wgmma"
 
 
+# a loop (0x10..0xc0): a score product waited on at once, a per-tile mask branch, exps, and a second
+# product left in flight across the back edge until the next iteration's wait
+_SASS_OVERLAP = """
+        Function : k
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, gsb0 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0040*/               @P0 BRA 0x70 ;
+        /*0050*/                   ISETP.NE.U32.AND P1, PT, R5, R6, PT ;
+        /*0060*/                   FSEL R24, R24, -INF , P1 ;
+        /*0070*/                   MUFU.EX2 R2, R24 ;
+        /*0080*/                   FFMA R3, R2, R2, R3 ;
+        /*0090*/                   HGMMA.64x128x16.F32.BF16 R40, R2, gdesc[UR12], R40, gsb0 ;
+        /*00a0*/                   FADD R7, R7, R3 ;
+        /*00b0*/                   LOP3.LUT R8, R8, 0x1, RZ, 0x3c, !PT ;
+        /*00c0*/              @!P2 BRA 0x10 ;
+        /*00d0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*00e0*/                   EXIT ;
+"""
+
+
+def test_sass_overlap_evidence_and_mask_regions():
+    ins = sass.split_functions(_SASS_OVERLAP)["k"]
+    body = sass.main_loop(ins)
+    assert body == (0x10, 0xc0)
+    groups = sass.wgmma_overlap(ins, body)
+    # the score product: waited on right after its commit, nothing in flight
+    assert groups[0]["commit"] == "0x20" and groups[0]["retire"] == "0x30" and groups[0]["in_flight"] == 0
+    # the second product: FADD, LOP3, BRA (this iteration) and IADD3 (the next) issue before the wait
+    assert groups[1]["commit"] == "0x90" and groups[1]["retire"] == "0x30" and groups[1]["in_flight"] == 4
+    assert groups[1]["flops_per_warp"] == 2 * 64 * 128 * 16 / 4
+    # the per-tile mask path: the ISETP/FSEL that the predicated branch at 0x40 skips
+    assert sass.mask_regions(ins, body) == [(0x50, 0x60)]
+    full, interior = sass.count_body(ins, body), sass.count_body(ins, body, skip=[(0x50, 0x60)])
+    assert full["total"] - interior["total"] == 2
+
+
+def test_overlap_and_tile_mix_in_the_model():
+    e = 2.0 ** 32
+    issue, tensor = 10 * e / model.ISSUE_RATE, 256 * e / model.TENSOR_RATE
+    plain = dict(instr=10.0, mma_flops=256.0, mufu=0.0)
+    # no in-flight instructions: the sum; every instruction in flight under the only product: the max
+    assert model.launch_time(dict(plain, overlap=[dict(mma_flops=256.0, in_flight=0.0)]), e)["ms"] == \
+        pytest.approx((issue + tensor) * 1e3)
+    assert model.launch_time(dict(plain, overlap=[dict(mma_flops=256.0, in_flight=10.0)]), e)["ms"] == \
+        pytest.approx(max(issue, tensor) * 1e3)
+    # a group is credited at most its own tensor time
+    part = model.launch_time(dict(plain, overlap=[dict(mma_flops=64.0, in_flight=10.0)]), e)
+    assert part["overlap_ms"] == pytest.approx(64 * e / model.TENSOR_RATE * 1e3)
+    # NT-Xent's self exclusion: one 128-key tile of 512 per row block takes the mask path
+    case = model.HEADLINE["nt_xent_2B65536_d128_bf16"]
+    f = model.masked_fraction(case, dict(BLOCK_M=128, BLOCK_N=128))
+    assert f == pytest.approx(1 / 512)
+    assert model.tile_mix(dict(instr=10.0, instr_interior=6.0), f)["instr"] == pytest.approx(6 + 4 * f)
+    assert model.masked_fraction(model.HEADLINE["clip_B32768_d512_bf16"], dict(BLOCK_M=128, BLOCK_N=64)) == 0
+
+
+def test_pair_forward_compiles_to_one_pass_without_spills():
+    """CLIP's one-pass forward as the CLIP op launches it (sm_90, bf16, d = 512): no spills, wgmma,
+    one product per unique element (2d FLOPs: no tile computed twice), MUFU per unique element
+    <= 2 x 1.1 (an exponential per element for each LSE side) + 0.5: the key side's running sum is
+    rescaled once per tile per key held, and the product's accumulator layout gives every thread
+    BLOCK_N / 4 keys (256 threads x 16 keys / (128 x 64) = 0.5 per element)."""
+    why = _ptxas_missing()
+    if why:
+        pytest.skip(why)
+    code = (
+        "import json\n"
+        "from benchmarks.kernel_report.triton_kernels import Scenario, record_scenario\n"
+        "from benchmarks.kernel_report.triton_report import kernel_record\n"
+        "ls = [l for l in record_scenario(Scenario('clip', 'bf16', 512, False), 90) if l.phase == 'forward']\n"
+        "print(json.dumps([kernel_record(l, 90, 512) for l in ls], default=str))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "INFONCE_TRITON_AUTOTUNE")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    recs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [x["kernel"] for x in recs] == ["_lse_pair_fwd_kernel"]
+    x = recs[0]
+    assert x["spill_stores"] == 0 and x["spill_loads"] == 0 and x["tensor_core"] == "wgmma"
+    assert x["per_element"]["mma_flops"] == 2 * 512 and x["per_element"]["mufu"] <= 2 * 1.1 + 0.5
+
+
 def test_model_is_the_stated_formula():
     pe = dict(instr=10.0, mma_flops=256.0, mufu=1.0)
     e = 2.0 ** 32

@@ -316,6 +316,20 @@ def test_paired_backward_matches_reference(M, N, d, E, KE, offset, classes, gath
     check_paired(paired_case(M, N, d, dtype, E, KE, offset, classes, seed=M + N, gathered=gathered), dtype)
 
 
+@pytest.mark.parametrize("case", [
+    PAIRED_CASES[1],                                           # both sides: self index, a partner
+    (TILE + 1, 3 * TILE, 5, 0, 1, 0, 0, False),                # only the key side's lists mark tiles masked
+], ids=lambda v: str(v))
+def test_paired_backward_tensor_core_path(case, monkeypatch):
+    """The paired kernel's per-tile branch (interior tiles skip the exclusion rule) is taken on the
+    tensor-core products only: fp32 with torch.set_float32_matmul_precision("high") (tf32; the
+    interpreter computes the product in fp32)."""
+    M, N, d, E, KE, offset, classes, gathered = case
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    check_paired(paired_case(M, N, d, torch.float32, E, KE, offset, classes, seed=M + N, gathered=gathered),
+                 torch.float32)
+
+
 @pytest.mark.parametrize("labelled", [False, True], ids=["plain", "labels"])
 def test_paired_backward_symmetric_special_case(labelled):
     """k = q (as separate tensors), key side = row side, offset 0 gives the symmetric dz and dscale;
@@ -378,8 +392,9 @@ def test_opcheck_triton_backend(symmetric):
 
 def test_compiled_loss_triton_backend():
     """torch.compile(fullgraph=True) of a loss on the triton backend equals eager, forward and
-    backward (the custom op stays opaque to the compiler and runs the kernels)."""
-    z1, z2 = torch.randn(12, 8, dtype=torch.float64), torch.randn(12, 8, dtype=torch.float64)
+    backward (the custom op stays opaque to the compiler and runs the kernels); d > DCHUNK: CLIP's
+    forward is the one-pass pair kernel."""
+    z1, z2 = torch.randn(12, DCHUNK + 6, dtype=torch.float64), torch.randn(12, DCHUNK + 6, dtype=torch.float64)
 
     def step(a, b):
         return infonce_kernels.nt_xent(a, b, 0.3, backend="triton") + infonce_kernels.clip_loss(a, b, 3.0, backend="triton")
@@ -393,3 +408,42 @@ def test_compiled_loss_triton_backend():
     want.backward()
     for x, y in zip(a, e):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- CLIP's pair forward
+PAIR_FORWARD_CASES = [
+    # (M, N, d): d > DCHUNK takes the one-pass kernel (row and column LSEs of one sweep), with
+    # several row blocks and key tiles per program (2 groups x 2 splits under the interpreter)
+    (5 * TILE + 3, 3 * TILE + 5, DCHUNK + 8),     # boundary tiles on both sides, 3 row blocks per program
+    (TILE, 4 * TILE, 2 * DCHUNK),                 # whole tiles only
+    (TILE + 1, 9, 8),                             # d in one chunk: two row passes
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("M,N,d", PAIR_FORWARD_CASES, ids=lambda v: str(v))
+def test_pair_forward_matches_float64(M, N, d, dtype):
+    """forward_pair(a, b, s) = (lse(a, b), lse(b, a)) against float64, within twice the error of
+    PyTorch's own computation in the input precision."""
+    gen = torch.Generator().manual_seed(M * N + d)
+    a = torch.randn(M, d, generator=gen, dtype=torch.float64)
+    b = torch.randn(N, d, generator=gen, dtype=torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = torch.tensor(2.3, dtype=acc)
+    r, t = tbackend.forward_pair(a.to(dtype), b.to(dtype), s)
+    assert r.dtype == acc and t.dtype == acc and r.shape == (M,) and t.shape == (N,)
+    L = 2.3 * (a @ b.T)
+    want_r, want_t = L.logsumexp(1), L.logsumexp(0)
+    same = 2.3 * (a.to(dtype) @ b.to(dtype).T).to(acc)          # PyTorch in the input precision
+    for got, want, plain in ((r, want_r, same.logsumexp(1)), (t, want_t, same.logsumexp(0))):
+        err = (plain.double() - want).abs().max().item()
+        assert (got.double() - want).abs().max().item() <= 2 * err + 1e-12
+
+
+def test_opcheck_pair_forward():
+    """The CLIP op with its one-pass triton forward: torch.library.opcheck (schema, fake tensor,
+    autograd registration, AOT dispatch); torch.compile of clip_loss: test_compiled_loss_triton_backend."""
+    a = torch.randn(TILE + 3, DCHUNK + 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(TILE - 2, DCHUNK + 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.infonce_kernels._lse_pair.default, (a, b, scale, "triton"))

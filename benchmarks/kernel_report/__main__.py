@@ -33,6 +33,10 @@ def parse_args(argv=None):
                    help="git revision whose committed benchmarks/results/kernel_report_<tag>.json the report "
                         "compares against (a before/after table of the sm_90 bf16 and fp32 kernels and headline)")
     p.add_argument("--sass-dir", default=None, help="also keep each Triton kernel's SASS here")
+    p.add_argument("--update", action="store_true",
+                   help="merge into the kernel_report_<tag>.json already in --output: the Triton records of the "
+                        "regenerated (target, dtype, d, label rule) groups replace the old ones, every other record "
+                        "stays (and, with --no-cuda, the CUDA part); the report lists what was regenerated")
     a = p.parse_args(argv)
     if a.small:
         a.dtypes, a.ds, a.sm80_dtypes, a.sm80_ds, a.labels, a.no_cuda = ["bf16"], [128], [], [], "off", True
@@ -71,7 +75,9 @@ def main(argv=None) -> int:
     base = os.path.join(a.output, f"kernel_report_{a.tag}")
     os.makedirs(a.output, exist_ok=True)
 
-    cuda, nvcc_ver = {}, None
+    cuda, nvcc_ver, updated = {}, None, None
+    if a.update:
+        triton_records, cuda, nvcc_ver, updated = merge_into(base + ".json", triton_records, jobs, a.no_cuda)
     if not a.no_cuda:
         # the Triton part first, so that a failure in the CUDA part leaves it on disk
         write(base, report.document(a.label, ROOT, triton_records, {"pending": "CUDA part running"}, None, command))
@@ -91,11 +97,36 @@ def main(argv=None) -> int:
                 print(f"[kernel_report] CUDA sm_{cap} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
     doc = report.document(a.label, ROOT, triton_records, cuda, nvcc_ver, command)
+    if updated:
+        doc["updated"] = updated
     if a.before:
         doc["before"] = report.comparison(report.committed_report(ROOT, a.before, a.tag), doc)
     write(base, doc)
     print(f"[kernel_report] wrote {base}.json and {base}.md", file=sys.stderr)
     return 0
+
+
+def merge_into(path: str, records: list[dict], jobs: list[tuple], keep_cuda: bool):
+    """(records, cuda, nvcc version, what was updated) for ``--update``: the report at ``path``
+    with its Triton records of the groups ``jobs`` compiled, (target, dtype, d, label rule),
+    replaced by ``records``; its CUDA part and nvcc version when ``keep_cuda``."""
+    with open(path) as f:
+        old = json.load(f)
+    groups = {(cap, dt, d, lab) for cap, dt, ds, labels, _, _ in jobs for d in ds for lab in labels}
+    kept = [r for r in old["triton"] if (r["cap"], r["dtype"], r["d"], r["labels"]) not in groups]
+    # an update of an updated report: the groups of both count as regenerated, against the first base
+    prior = old.get("updated") or {}
+    steps = prior.get("steps", []) + ([dict(commit=old.get("commit"), command=old.get("command"))] if prior else [])
+    every = groups | {tuple(g) for g in prior.get("groups", [])}
+    updated = dict(base_commit=prior.get("base_commit", old.get("commit")),
+                   base_command=prior.get("base_command", old.get("command")), earlier_updates=steps,
+                   regenerated=sorted(f"sm_{cap} {dt} d={d} labels {'on' if lab else 'off'}"
+                                      for cap, dt, d, lab in every),
+                   groups=sorted([cap, dt, d, lab] for cap, dt, d, lab in every),
+                   kept_triton_records=sum((r["cap"], r["dtype"], r["d"], r["labels"]) not in every for r in kept))
+    cuda = old.get("cuda", {}) if keep_cuda else {}
+    nvcc = old.get("versions", {}).get("nvcc") if keep_cuda else None
+    return kept + records, cuda, nvcc, updated
 
 
 def _public_args(argv, output: str) -> list[str]:

@@ -6,11 +6,23 @@ Model (H100/H200 SXM, bf16; every figure in the output is labelled "modelled"):
   = 33.4e12 thread-instructions/s;
 * tensor cores: 790e12 dense bf16 FLOP/s (what large wgmma GEMMs reach; 989e12 is the peak);
 * MUFU: 132 SMs x 16 lanes x 1.98 GHz x ~0.93 = 3.9e12 operations/s;
-* a launch over E unique tile elements takes  max(I E / issue + F E / tensor,  U E / mufu)
+* a launch over E unique tile elements takes  max(I E / issue + F E / tensor - O E,  U E / mufu)
   with I, F, U the thread-instructions, tensor FLOPs and MUFU operations per unique element read
-  from the SASS (replication included): the product is waited on before the softmax starts, so
-  the instruction stream and the tensor cores do **not** overlap; the MUFU pipe overlaps with both.
+  from the SASS (replication included); the MUFU pipe overlaps with both other terms.
+* overlap O of the instruction stream with the tensor cores, credited only where the SASS shows
+  it (``sass.wgmma_overlap``): per wgmma group of the main loop (the HGMMAs up to the one that
+  commits with ``gsb0``), the instructions that issue between its commit and the
+  ``WARPGROUP.DEPBAR.LE gsb0, N`` that retires it (in loop order, wrapping to the next
+  iteration) run while it computes, so  O = sum over groups of min(in-flight instr / issue,
+  group FLOPs / tensor). A product waited on right after its commit (Triton's code for a score
+  tile the softmax consumes next) has nothing in flight: issue and tensor time add up for it.
+  A kernel whose every product is in flight during all of its other instructions is modelled
+  as max(issue, tensor); one without in-flight instructions as their sum.
   Memory traffic, launch overhead and tail effects are ignored (O(N d) bytes against O(N^2 d) FLOPs).
+* masked tiles: the kernels branch once per key tile around their exclusion mask; ``instr`` counts
+  a masked tile (every instruction), ``instr_interior`` an interior one (the SASS's mask path,
+  ``sass.mask_regions``, skipped); a headline launch mixes them by the fraction of its tiles
+  that meet an excluded pair or the end of the keys (:func:`masked_fraction`).
 * the floor of a loss: per pass, max(ideal FLOPs / tensor, ideal exponentials / mufu), summed.
 """
 from __future__ import annotations
@@ -21,17 +33,43 @@ MUFU_RATE = 3.9e12                            # MUFU operations / s
 
 MODEL_TEXT = (
     "modelled, not measured: H100/H200 SXM, issue 33.4e12 thread-instr/s (132 SMs x 4 schedulers x 32 x "
-    "1.98 GHz), tensor 790e12 bf16 FLOP/s, MUFU 3.9e12 op/s; launch time = max(instr/issue + mma_flops/tensor, "
-    "mufu/MUFU) over the unique tile elements (no overlap of the instruction stream with the tensor-core "
-    "product, MUFU overlapped); memory traffic, launch overhead and tails ignored")
+    "1.98 GHz), tensor 790e12 bf16 FLOP/s, MUFU 3.9e12 op/s; launch time = max(instr/issue + mma_flops/tensor "
+    "- overlap, mufu/MUFU) over the unique tile elements, MUFU overlapped; overlap (from the SASS) = sum over "
+    "the main loop's wgmma groups of min(instructions issued between the group's commit (HGMMA ... gsb0) and "
+    "the WARPGROUP.DEPBAR that retires it / issue, the group's FLOPs / tensor): a product waited on right "
+    "after it is issued overlaps nothing (issue + tensor), one in flight during all other instructions gives "
+    "max(issue, tensor); instructions per element mix the masked-tile and interior-tile counts of the SASS by "
+    "the fraction of tiles that meet an excluded pair at the case's shape; memory traffic, launch overhead "
+    "and tails ignored")
 
 #: headline cases; ideal: (pass, FLOPs per element / d, exponentials per element)
+#: self_excluded: each row excludes its own index (NT-Xent), else nothing is excluded (CLIP)
 HEADLINE = {
-    "nt_xent_2B65536_d128_bf16": dict(scenario="nt_xent", rows=65536, d=128, dtype="bf16",
+    "nt_xent_2B65536_d128_bf16": dict(scenario="nt_xent", rows=65536, d=128, dtype="bf16", self_excluded=True,
                                       ideal=[("forward", 2, 1), ("backward", 4, 2)]),
-    "clip_B32768_d512_bf16": dict(scenario="clip", rows=32768, d=512, dtype="bf16",
+    "clip_B32768_d512_bf16": dict(scenario="clip", rows=32768, d=512, dtype="bf16", self_excluded=False,
                                   ideal=[("forward", 2, 2), ("backward", 6, 2)]),
 }
+
+
+def masked_fraction(case: dict, config: dict) -> float:
+    """Fraction of a launch's tiles that take the per-tile mask path at the case's shape: with the
+    self exclusion, the key tiles that meet a row block's own indices (ceil(BLOCK_M / BLOCK_N) of
+    rows / BLOCK_N, aligned blocks); plus a last partial key tile when BLOCK_N does not divide
+    the rows (none here: powers of two)."""
+    bm, bn, n = config.get("BLOCK_M") or 1, config.get("BLOCK_N") or 1, case["rows"]
+    tiles = -(-n // bn)
+    masked = (-(-bm // bn) if case["self_excluded"] else 0) + (1 if n % bn else 0)
+    return min(1.0, masked / tiles)
+
+
+def tile_mix(pe: dict, fraction: float) -> dict:
+    """Per-element counts of a launch whose tiles take the mask path with ``fraction``: the
+    instructions mix ``instr`` (masked tile) and ``instr_interior``; without an interior count
+    (no mask path in the SASS), ``instr`` throughout."""
+    if "instr_interior" not in pe:
+        return pe
+    return dict(pe, instr=fraction * pe["instr"] + (1 - fraction) * pe["instr_interior"])
 
 
 def launch_time(pe: dict, elements: float) -> dict:
@@ -39,8 +77,17 @@ def launch_time(pe: dict, elements: float) -> dict:
     t_issue = pe["instr"] * elements / ISSUE_RATE
     t_mma = pe["mma_flops"] * elements / TENSOR_RATE
     t_mufu = pe["mufu"] * elements / MUFU_RATE
-    return dict(issue_ms=t_issue * 1e3, mma_ms=t_mma * 1e3, mufu_ms=t_mufu * 1e3,
-                ms=max(t_issue + t_mma, t_mufu) * 1e3)
+    t_overlap = overlap_seconds(pe.get("overlap") or [], elements)
+    return dict(issue_ms=t_issue * 1e3, mma_ms=t_mma * 1e3, mufu_ms=t_mufu * 1e3, overlap_ms=t_overlap * 1e3,
+                ms=max(t_issue + t_mma - t_overlap, t_mufu) * 1e3)
+
+
+def overlap_seconds(groups: list[dict], elements: float) -> float:
+    """Seconds of instruction issue hidden under the tensor cores: per wgmma group (per unique
+    element: ``in_flight`` instructions issued while it computes, its ``mma_flops``),
+    min(in-flight issue time, the group's tensor time), summed."""
+    return sum(min(g["in_flight"] * elements / ISSUE_RATE, g["mma_flops"] * elements / TENSOR_RATE)
+               for g in groups)
 
 
 def floor_ms(case: dict) -> float:
@@ -65,8 +112,9 @@ def headline(records: list[dict], cap: int = 90) -> dict:
                 if "instr" not in pe:
                     missing.append(r["kernel"])
                     continue
-                t = launch_time(pe, e)
-                passes.append(dict(name=phase, kernel=r["kernel"], launches=n,
+                f = masked_fraction(case, r["config"])
+                t = launch_time(tile_mix(pe, f), e)
+                passes.append(dict(name=phase, kernel=r["kernel"], launches=n, masked_tiles=round(f, 5),
                                    **{k: round(v * n, 3) for k, v in t.items()}))
                 total += t["ms"] * n
         out[name] = dict(modelled_ms=round(total, 2) if passes else None, floor_ms=round(floor_ms(case), 2),

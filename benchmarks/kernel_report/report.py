@@ -21,7 +21,10 @@ METHOD = {
         "main loop = outermost backward-branch loop holding MUFU.EX2 (the key-block loop; fp64: the longest outermost loop); its body is counted "
         "statically per thread (every instruction once, predicated-off ones too; inner loops x their trip count: "
         "Triton ceil(d / BLOCK_D), CUDA 1); per unique element = count x threads per program / (BLOCK_M x BLOCK_N) "
-        "x programs per tile (grid dimensions after the first: d-out chunks that recompute the same tile). "
+        "x programs per tile (grid dimensions after the first: d-out chunks that recompute the same tile; 1 for the "
+        "one-pass pair forward, whose second axis splits the keys). interior instr/elem: the same count without the "
+        "per-tile mask paths (code a predicated forward branch in the main loop skips, with integer compares and no "
+        "exponential, product, global store or branch): a tile no exclusion rule touches. "
         "mma_flops: tensor FLOPs from the HGMMA/HMMA shapes (HGMMA once per warpgroup). Ideal per element: "
         "forward 2d FLOPs and 1 exp; symmetric backward 4d FLOPs and 2 exps; CUDA figures count both sides of "
         "the vector/scalar load branches, so they overstate the instructions of the vector path"),
@@ -85,11 +88,15 @@ def comparison(before: dict, after: dict) -> dict:
     """Before/after figures of the sm_90 bf16 and fp32 variants present in both reports, and
     the headline cases' modelled times."""
     old = {_variant(r): r for r in before["triton"]}
+    fresh = after.get("updated", {}).get("groups")       # --update: only the regenerated groups
+    fresh = None if fresh is None else {tuple(g) for g in fresh}
     rows = []
     for r in sorted(after["triton"], key=lambda r: (r["dtype"], r["d"], r["labels"], r["kernel"],
                                                      r["config"].get("E", 0))):
         b = old.get(_variant(r))
         if r["cap"] != 90 or r["dtype"] not in COMPARED_DTYPES or b is None:
+            continue
+        if fresh is not None and (r["cap"], r["dtype"], r["d"], r["labels"]) not in fresh:
             continue
         rows.append(dict(kernel=r["kernel"], dtype=r["dtype"], d=r["d"], labels=r["labels"],
                          E=r["config"].get("E"), **{f"{k}_{side}": x for side, x in (("before", b), ("after", r))
@@ -104,7 +111,8 @@ def _figures(r: dict) -> dict:
     pe = r.get("per_element") or {}
     return dict(tile=_cfg(r), programs=r["programs_per_tile"], regs=r["regs"],
                 spills=f"{r['spill_stores']}/{r['spill_loads']}", tensor=r["tensor_core"],
-                mufu=pe.get("mufu"), instr=pe.get("instr"), flops=pe.get("mma_flops"))
+                mufu=pe.get("mufu"), instr=pe.get("instr"), interior=pe.get("instr_interior", pe.get("instr")),
+                flops=pe.get("mma_flops"))
 
 
 def _comparison_md(cmp: dict) -> list[str]:
@@ -113,8 +121,8 @@ def _comparison_md(cmp: dict) -> list[str]:
              "| headline case | before modelled ms | after modelled ms | floor ms |", "|---|---|---|---|"]
     lines += [f"| {n} | {h['before']} | {h['after']} | {h['floor']} |" for n, h in cmp["headline"].items()]
     lines += ["", "| kernel | dtype | d | labels | E | tile before -> after | programs/tile | regs | spills st/ld B | "
-                  "tensor core | MUFU/elem | instr/elem | MMA FLOP/elem |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "tensor core | MUFU/elem | instr/elem | interior instr/elem | MMA FLOP/elem |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def pair(r, k):
         return f"{r[k + '_before']} -> {r[k + '_after']}"
@@ -122,7 +130,8 @@ def _comparison_md(cmp: dict) -> list[str]:
     for r in cmp["rows"]:
         lines.append(f"| {r['kernel']} | {r['dtype']} | {r['d']} | {'on' if r['labels'] else 'off'} | {r['E']} | "
                      f"{pair(r, 'tile')} | {pair(r, 'programs')} | {pair(r, 'regs')} | {pair(r, 'spills')} | "
-                     f"{pair(r, 'tensor')} | {pair(r, 'mufu')} | {pair(r, 'instr')} | {pair(r, 'flops')} |")
+                     f"{pair(r, 'tensor')} | {pair(r, 'mufu')} | {pair(r, 'instr')} | {pair(r, 'interior')} | "
+                     f"{pair(r, 'flops')} |")
     return lines
 
 
@@ -142,24 +151,34 @@ def markdown(doc: dict) -> str:
     lines = [f"# Kernel report ({doc['label']}), commit {doc['commit']}", "",
              f"triton {v['triton']}, torch {v['torch']}, nvcc: {v['nvcc']}. Compiled on CPU, no GPU: every "
              "figure is a compiled fact (registers, spills, shared memory, instruction counts) or **modelled**.",
-             f"Command: `{doc['command']}`.", "", "Method:", ""]
+             f"Command: `{doc['command']}`.", ""]
+    if doc.get("updated"):
+        u = doc["updated"]
+        lines += [f"Updated in place (`--update`): regenerated {'; '.join(u['regenerated'])}. The other "
+                  f"{u['kept_triton_records']} Triton records and the CUDA part are those of commit "
+                  f"{u['base_commit']} (`{u['base_command']}`): they describe the kernels as they were then."]
+        lines += [f"Earlier update at {e['commit']}: `{e['command']}`." for e in u.get("earlier_updates", [])]
+        lines += [""]
+    lines += ["Method:", ""]
     lines += [f"- {k}: {t}" for k, t in doc["method"].items()]
     if doc["headline_modelled"]:
         lines += ["", "## Headline cases, sm_90, bf16 (modelled, not measured)", "", f"Model: {doc['model']}.", "",
-                  "| case | pass | kernel | launches | issue ms | tensor ms | MUFU ms | modelled ms |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| case | pass | kernel | launches | issue ms | tensor ms | overlap ms | MUFU ms | modelled ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, h in doc["headline_modelled"].items():
             for p in h["passes"]:
                 lines.append(f"| {name} | {p['name']} | {p['kernel']} | {p['launches']} | {p['issue_ms']:.2f} | "
-                             f"{p['mma_ms']:.2f} | {p['mufu_ms']:.2f} | {p['ms']:.2f} |")
-            lines.append(f"| **{name}** | total | | | | | | **{h['modelled_ms']} ms** (floor {h['floor_ms']} ms) |")
+                             f"{p['mma_ms']:.2f} | {p.get('overlap_ms', 0.0):.2f} | {p['mufu_ms']:.2f} | "
+                             f"{p['ms']:.2f} |")
+            lines.append(f"| **{name}** | total | | | | | | | **{h['modelled_ms']} ms** (floor {h['floor_ms']} ms) |")
     if doc.get("before"):
         lines += _comparison_md(doc["before"])
     for cap in sorted({r["cap"] for r in doc["triton"]}, reverse=True):
         lines += ["", f"## Triton kernels, sm_{cap}", "",
                   "| kernel | dtype | d | labels | E | scenarios | tile BMxBNxBD/warps,stages | programs/tile | regs | "
-                  "spills st/ld B | smem B | tensor core | MUFU/elem | instr/elem | MMA FLOP/elem |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "spills st/ld B | smem B | tensor core | MUFU/elem | instr/elem | interior instr/elem | "
+                  "MMA FLOP/elem |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = sorted((r for r in doc["triton"] if r["cap"] == cap),
                       key=lambda r: (r["dtype"], r["d"], r["labels"], r["kernel"], r["config"].get("E", 0)))
         for r in rows:
@@ -167,7 +186,7 @@ def markdown(doc: dict) -> str:
                 f"| {r['kernel']} | {r['dtype']} | {r['d']} | {'on' if r['labels'] else 'off'} | "
                 f"{r['config'].get('E', '-')} | {', '.join(r['scenarios'])} | {_cfg(r)} | {r['programs_per_tile']} | "
                 f"{r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['smem']} | {r['tensor_core']} | "
-                f"{_pe(r, 'mufu')} | {_pe(r, 'instr')} | {_pe(r, 'mma_flops')} |")
+                f"{_pe(r, 'mufu')} | {_pe(r, 'instr')} | {_pe(r, 'instr_interior')} | {_pe(r, 'mma_flops')} |")
     lines += cuda_markdown(doc)
     return "\n".join(lines) + "\n"
 
@@ -189,6 +208,11 @@ def cuda_markdown(doc: dict) -> list[str]:
             for p in h["passes"]:
                 lines.append(f"| {name} | {p['name']} | `{p['kernel']}` | {p['launches']} | {p['issue_ms']:.2f} | "
                              f"{p['mma_ms']:.2f} | {p['mufu_ms']:.2f} | {p['smem_ms']:.2f} | {p['ms']:.2f} |")
+            if h["modelled_ms"] is None:
+                lines.append(f"| **{name}** | total | | | | | | | not modelled: no "
+                             f"{', '.join(f'`{k}`' for k in h['not_modelled'])} in the CUDA part (floor "
+                             f"{h['floor_ms']} ms) |")
+                continue
             verdict = ("not modelled" if h["within_target"] is None else
                        f"{h['ratio_to_triton']}x Triton's {h['triton_modelled_ms']} ms: "
                        f"{'within' if h['within_target'] else 'NOT within'} {h['target_ratio']}x")

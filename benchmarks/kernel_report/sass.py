@@ -125,10 +125,41 @@ def mma_flops(op: str) -> int:
     return 2 * M * N * K
 
 
-def count_body(ins: list[Ins], body: tuple[int, int], inner_trips: int = 1) -> dict:
+_FWD_BRA = re.compile(r"^BRA(?:\.\S+)?\s+(?:!?U?P\d,\s*)?(?:`\()?(0x[0-9a-f]+)")
+
+
+def mask_regions(ins: list[Ins], body: tuple[int, int]) -> list[tuple[int, int]]:
+    """(first, last) addresses of the per-tile mask paths in loop ``body``: code that a predicated
+    forward branch skips, holding integer compares (ISETP: the exclusion rule's index compares) and
+    no exponential (MUFU.EX2), no product (HGMMA/HMMA), no global store (STG: e.g. the pair
+    forward's once-per-row-block partials) and no other branch. The kernels branch
+    once per tile around their exclusion mask (``tile_masked``): interior tiles, which no rule can
+    touch, skip that code."""
+    seq = [i for i in ins if body[0] <= i.addr <= body[1]]
+    out = []
+    for n, i in enumerate(seq):
+        m = _FWD_BRA.match(i.text)
+        if not (i.pred and m):
+            continue
+        target = int(m.group(1), 16)
+        if not i.addr < target <= body[1]:
+            continue
+        region = [j for j in seq[n + 1:] if j.addr < target]
+        if not region:
+            continue
+        ops = [j.op for j in region]
+        if (any(o.startswith(("MUFU.EX2", "HGMMA", "HMMA", "BRA", "STG")) for o in ops)
+                or not any(o.startswith("ISETP") for o in ops)):
+            continue
+        out.append((region[0].addr, region[-1].addr))
+    return out
+
+
+def count_body(ins: list[Ins], body: tuple[int, int], inner_trips: int = 1, skip=()) -> dict:
     """Per-thread instruction counts of one iteration of loop ``body``.
 
-    Inner loops (nested backward branches) count ``inner_trips`` times. Returns counts by class, the
+    Inner loops (nested backward branches) count ``inner_trips`` times; instructions in the
+    address ranges ``skip`` (e.g. :func:`mask_regions`) not at all. Returns counts by class, the
     total, the opcodes of the tensor instructions, and ``mma_flops_per_warp``: tensor FLOPs one warp
     accounts for (HGMMA divided among the 4 warps of its warpgroup).
     """
@@ -138,7 +169,7 @@ def count_body(ins: list[Ins], body: tuple[int, int], inner_trips: int = 1) -> d
     flops = 0.0
     total = 0
     for i in ins:
-        if not body[0] <= i.addr <= body[1]:
+        if not body[0] <= i.addr <= body[1] or any(a <= i.addr <= b for a, b in skip):
             continue
         w = inner_trips if any(lp[0] <= i.addr <= lp[1] for lp in top_inner) else 1
         c = classify(i.op)
@@ -184,3 +215,62 @@ def ldsm_bytes(ins: list[Ins], body: tuple[int, int], inner_trips: int = 1) -> f
         total += w * 128 * n
     return total
 
+
+
+def _is_commit(i: Ins) -> bool:
+    """An HGMMA that commits its warpgroup's products as one group (``gsb0`` operand)."""
+    return i.op.startswith("HGMMA") and "gsb0" in i.text
+
+
+_DEPBAR = re.compile(r"^WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*(0x[0-9a-f]+|\d+)")
+
+
+def wgmma_overlap(ins: list[Ins], body: tuple[int, int]) -> list[dict]:
+    """The wgmma groups of one iteration of loop ``body`` and the instructions that issue while
+    each is in flight: the overlap evidence of the kernel report's model.
+
+    A group is the HGMMAs up to and including one that commits (``gsb0``); it is retired by the
+    first ``WARPGROUP.DEPBAR.LE gsb0, N`` after its commit that leaves at most N groups pending
+    (older ones first), in loop order, wrapping to the next iteration (the body is walked three
+    times; the middle copy is measured, the first sets the groups pending on entry). The
+    instructions **in flight** of a group are the non-tensor instructions between its commit and
+    that wait: the warp issues them while the tensor cores compute the group. A group waited on
+    right after its commit (what Triton emits for a product the next instructions consume) has
+    none. Conservative: instructions of inner loops (the d-chunk loop) count once, not per trip,
+    and a group inside an inner loop counts the FLOPs of one trip. Per thread (SASS per warp).
+
+    Returns one dict per group committed in an iteration: ``commit`` and ``retire`` addresses (hex),
+    ``flops_per_warp`` (HGMMA FLOPs / 4, as :func:`count_body`), ``in_flight`` (instructions).
+    """
+    seq = [i for i in ins if body[0] <= i.addr <= body[1]]
+    pending: list[dict] = []        # groups committed, not yet retired (oldest first)
+    groups: list[dict] = []         # groups committed in the measured (middle) copy
+    flops = 0.0
+    for copy in range(3):
+        for i in seq:
+            c = classify(i.op)
+            if i.op.startswith("HGMMA"):
+                flops += mma_flops(i.op) / 4
+                if _is_commit(i):
+                    g = dict(commit=hex(i.addr), retire=None, flops_per_warp=flops, in_flight=0, copy=copy)
+                    pending.append(g)
+                    if copy == 1:
+                        groups.append(g)
+                    flops = 0.0
+                continue
+            m = _DEPBAR.match(i.text)
+            if m:
+                keep = int(m.group(1), 0)
+                while len(pending) > keep:
+                    g = pending.pop(0)
+                    if g["retire"] is None:
+                        g["retire"] = hex(i.addr)
+                continue
+            if c != "tensor":
+                for g in pending:
+                    g["in_flight"] += 1
+    per_iteration = sum(1 for i in seq if classify(i.op) != "tensor")
+    for g in groups:
+        g.pop("copy")
+        g["in_flight"] = min(g["in_flight"], per_iteration)   # never retired in the loop: one iteration
+    return groups

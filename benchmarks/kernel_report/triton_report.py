@@ -7,8 +7,12 @@ tensor-core instruction, and the main-loop counts per unique tile element (see :
     per_element.X = main-loop count per thread x threads per program / (BLOCK_M x BLOCK_N)
                     x programs per tile
 
+``instr`` counts every instruction of the loop body (a tile that takes the masked path);
+``instr_interior`` skips the per-tile mask paths (:func:`.sass.mask_regions`): an interior tile.
+
 where *programs per tile* is the product of the launch grid's dimensions after the first (the
-d-out chunks of the backward: each of those programs recomputes the same score tile), so a
+d-out chunks of the backward: each of those programs recomputes the same score tile; 1 for the
+kernels of KEY_SPLIT_KERNELS, whose second axis splits the keys), so a
 replicated tile shows as a larger number, never a smaller one.
 """
 from __future__ import annotations
@@ -24,6 +28,9 @@ from .triton_kernels import Scenario, compile_launch, constexpr_values, cuobjdum
 
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+#: kernels whose grid's second axis splits the keys (each program its own tiles), not d-out chunks
+KEY_SPLIT_KERNELS = {"_lse_pair_fwd_kernel"}
 
 #: scenario name -> whether it runs with the label rule as well
 SCENARIOS = {"nt_xent": True, "general": True, "clip": False}
@@ -62,7 +69,7 @@ def kernel_record(launch, cap: int, d: int, sass_dir: str | None = None) -> dict
         config={k: cx[k] for k in sorted(cx) if k.startswith("BLOCK_") or k in ("SINGLE_D", "E", "KE", "HAS_LABELS",
                                                                                  "INPUT_PRECISION")},
         num_warps=ck.metadata.num_warps, num_stages=launch.kwargs.get("num_stages"),
-        programs_per_tile=math.prod(grid[1:]) if grid else None,
+        programs_per_tile=(1 if launch.name in KEY_SPLIT_KERNELS else math.prod(grid[1:])) if grid else None,
         regs=int(regs.group(1)) if regs else None,
         stack=int(sp.group(1)) if sp else None,
         spill_stores=int(sp.group(2)) if sp else None,
@@ -85,17 +92,25 @@ def per_element(ins, rec: dict, cx: dict, d: int):
         return {"unavailable": "no BLOCK_M/BLOCK_N constexpr" if body is not None else "no loop"}
     trips = math.ceil(d / cx["BLOCK_D"]) if cx.get("BLOCK_D") else 1
     c = sass.count_body(ins, body, trips)
+    masks = sass.mask_regions(ins, body)
+    interior = sass.count_body(ins, body, trips, skip=masks)
     threads = rec["num_warps"] * 32
     rep = rec["programs_per_tile"] or 1
     scale = threads / (bm * bn) * rep
     return dict(
         instr=round(c["total"] * scale, 2),
+        instr_interior=round(interior["total"] * scale, 2),
+        mask_regions=[[hex(a), hex(b)] for a, b in masks],
         mufu=round(c["by_class"].get("mufu", 0) * scale, 3),
         ex2=round(c["ops"].get("MUFU.EX2", 0) * scale, 3),
         mma_flops=round(c["mma_flops_per_warp"] * rec["num_warps"] / (bm * bn) * rep, 1),
         by_class={k: round(v * scale, 2) for k, v in sorted(c["by_class"].items())},
         body_per_thread=c["total"], inner_loops=c["inner_loops"], inner_trips=c["inner_trips"],
         main_loop=c["body"], threads=threads, tile=[bm, bn],
+        overlap=[dict(commit=g["commit"], retire=g["retire"],
+                      mma_flops=round(g["flops_per_warp"] * rec["num_warps"] / (bm * bn) * rep, 1),
+                      in_flight=round(g["in_flight"] * scale, 2))
+                 for g in sass.wgmma_overlap(ins, body)],
     )
 
 

@@ -109,7 +109,9 @@ def fused_lse(q, k, scale, spec: Exclusion, backend="auto", *, return_dropped=Fa
 def fused_lse_pair(a, b, scale, backend="auto"):
     """Both directions of a paired batch, e.g. CLIP's: ``(lse(a, b, s), lse(b, a, s))`` for
     checked (n, d) rows a, b and a 0-d ``scale``; the backward produces each side's gradient in
-    one pass (the paired backward) instead of two general backward calls."""
+    one pass (the paired backward) instead of two general backward calls. A backend with
+    ``forward_pair`` (triton) computes both directions from one sweep over the score tiles;
+    the others run two row passes."""
     op = lse_pair_op if torch.compiler.is_compiling() else LsePairFunction.apply  # see ops/transforms.py
     return op(a, b, scale, resolve_backend(backend, a.device))
 

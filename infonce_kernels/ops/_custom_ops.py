@@ -156,6 +156,8 @@ def _(grad, q, k, scale, *rest):
 
 @torch.library.custom_op("infonce_kernels::_lse_pair", mutates_args=())
 def lse_pair_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(implementation(backend), "forward_pair"):    # one pass for both directions (optional)
+        return _run(backend, "forward_pair", a, b, scale)
     none_a, none_b = Exclusion.none(a.shape[0], a.device), Exclusion.none(b.shape[0], b.device)
     return (_run(backend, "forward", a, b, scale, _spec(*none_a.tensors()[:4])),
             _run(backend, "forward", b, a, scale, _spec(*none_b.tensors()[:4])))

@@ -14,6 +14,14 @@ and ``grad`` (M,) of the accumulation dtype. When ``spec.symmetric`` dq is the w
 z and dk is empty. ``backward_paired`` is the gradient on q when the keys are rows of a
 log-sum-exp too (``key_grad``/``key_lse`` (N,), ``key_spec`` from ``spec.keys_as_rows``).
 
+A backend may add (the CLIP op ``infonce_kernels::_lse_pair`` uses it when present, else two
+``forward`` calls without exclusions):
+
+    forward_pair(a, b, scale) -> (lse(a, b, scale), lse(b, a, scale))          (M,), (N,)
+
+both directions of a paired batch without exclusions, from one pass over the score tiles
+(triton).
+
 The pairwise sigmoid (SigLIP) op adds two functions (``infonce_kernels.ops.sigmoid``; docs/design.md,
 The pairwise sigmoid op). x (M, d) and y (N, d) of one dtype, ``scale`` t and ``bias`` b 0-d
 tensors of the accumulation dtype, ``labels`` ``()`` or ``(row_labels (M,), col_labels (N,))``

@@ -4,6 +4,7 @@ Public functions: the backend contract of ``infonce_kernels.ops.backends`` (call
 layer with contiguous arguments it has checked, on one device), and the registry's probe:
 
     forward(q, k, scale, spec) -> lse
+    forward_pair(a, b, scale) -> (lse(a, b), lse(b, a))       (optional: CLIP's forward, one pass)
     backward(grad, q, k, scale, spec, lse) -> (dq, dk, dscale)
     backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset)
         -> (dq, dscale)
@@ -36,7 +37,8 @@ that copies and zero-pads when they are not; the gradients are cut back to d).
 Layout:
     _config.py    tile sizes per GPU generation, autotune switch (no triton import)
     _common.py    tile loads, exclusion loads, ``kept`` (is pair (i, j) kept), the score tile
-    _forward.py   forward kernel: row-block online LSE
+    _forward.py   forward kernel: row-block online LSE; the one-pass pair forward (row and
+                  column LSEs of one sweep, partials merged on the host)
     _backward.py  dq / dk kernels (general), the paired dq kernel (paired and
                   symmetric backward), dscale
     _sigmoid.py   the pairwise sigmoid (SigLIP) kernels: row sweep (loss, dx, dscale, dbias)
@@ -48,7 +50,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["forward", "backward", "backward_paired", "available", "sigmoid_forward", "sigmoid_backward"]
+__all__ = ["forward", "forward_pair", "backward", "backward_paired", "available", "sigmoid_forward", "sigmoid_backward"]
 
 _kernels_mode = None  # interpret mode the kernel modules were decorated in (None: not loaded yet)
 
@@ -156,6 +158,15 @@ def forward(q, k, scale, spec, *, count=False) -> torch.Tensor:
     fwd, _ = _load(q)
     with _device_guard(q):
         return fwd.lse_forward(*_pair(q, k), scale, spec, count)
+
+
+def forward_pair(a, b, scale):
+    """``(lse(a, b, s), lse(b, a, s))`` without exclusions (CLIP's two directions) from one pass
+    over the score tiles: a (M, d), b (N, d) one dtype, scale () fp32 (fp64 for fp64). Returns
+    r (M,), t (N,) in the accumulation dtype."""
+    fwd, _ = _load(a)
+    with _device_guard(a):
+        return fwd.lse_pair(*_pair(a, b), scale)
 
 
 def backward(grad, q, k, scale, spec, lse):

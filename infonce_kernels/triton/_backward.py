@@ -53,7 +53,8 @@ import triton.language as tl
 from . import _config
 from ..ops.precision import accumulation_dtype
 from ._common import acc_dtype, input_precision, kept, load_labels, load_tile, log2_prob
-from ._forward import block_range, program_block, resident_tile, row_rule, rule_args, score_tile
+from ._forward import (block_range, exclusion_span, program_block, resident_tile, row_rule, rule_args, score_tile,
+                       tile_masked)
 
 
 @triton.jit
@@ -87,6 +88,37 @@ def _lse_rows(start, BLOCK: tl.constexpr, bound, ex_ptr, lab_ptr, pos_ptr, thr_p
     lse = tl.load(lse_ptr + idx, mask=ok, other=0.0).to(ACC_DTYPE)
     g = tl.load(g_ptr + idx, mask=ok, other=0.0).to(ACC_DTYPE) / gs
     return idx, ok, ex0, ex1, lab, pos, thr, lse, g
+
+
+@triton.jit
+def rows_hit(ex0, ex1, base, BLOCK_R: tl.constexpr, E: tl.constexpr):
+    """Whether any of the excluded indices ``ex0``/``ex1`` ((BLOCK,) int32, -1 none) falls in
+    [base, base + BLOCK_R): one reduction per tile (false without lists, E = 0)."""
+    if E == 0:
+        out = base < 0
+    else:
+        hit = ((ex0 - base).to(tl.uint32) < BLOCK_R) | ((ex1 - base).to(tl.uint32) < BLOCK_R)
+        out = tl.max(hit.to(tl.int32), axis=0) > 0
+    return out
+
+
+@triton.jit
+def _pair_keeps(dots, s, n0, kj, ri, r_base, row_ok, col_ok, exr0, exr1, rlab_r, pos_r, thr_r,
+                exc0, exc1, krlab_c, kpos_c, thr_c, kklab_r, klab_ptr, cols, N,
+                HAS_LABELS: tl.constexpr, HAS_THRESHOLD: tl.constexpr, KEY_THRESHOLD: tl.constexpr):
+    """(keep_ij, keep_ji) (BLOCK_M, BLOCK_N) of the paired kernel's tile: whether the row side (row
+    i's rule: its lists ``exr0``/``exr1`` in key numbering, labels, threshold) and the key side (key
+    j's rule over the rows of q, numbered here from ``r_base``, the tile's first row: ``exc0``/
+    ``exc1``, labels, threshold) keep pair (i, j), rows and keys in range. Indices tile-relative
+    int32 (``kept``); the keys of the tile are ``n0 + kj``."""
+    both = row_ok[:, None] & col_ok[None, :]
+    klab_c = load_labels(klab_ptr, cols, N, HAS_LABELS)
+    keep_ij = both & kept(kj[None, :], (exr0 - n0)[:, None], (exr1 - n0)[:, None], rlab_r[:, None], klab_c[None, :],
+                          (pos_r - n0)[:, None], HAS_LABELS, dots, s, thr_r[:, None], HAS_THRESHOLD)
+    keep_ji = both & kept(ri[:, None], (exc0 - r_base)[None, :], (exc1 - r_base)[None, :], krlab_c[None, :],
+                          kklab_r[:, None], (kpos_c - r_base)[None, :], HAS_LABELS, dots, s, thr_c[None, :],
+                          KEY_THRESHOLD)
+    return keep_ij, keep_ji
 
 
 @triton.jit
@@ -217,6 +249,7 @@ def _dq_paired_kernel(
     kj = tl.arange(0, BLOCK_N)
     ri = tl.arange(0, BLOCK_M)
     r_base = pid_m * BLOCK_M + row_offset
+    ex_lo, ex_hi = exclusion_span(exr0, exr1)       # the keys this program's rows exclude
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC_DTYPE)
     pl = tl.zeros((BLOCK_M,), ACC_DTYPE)             # sum_j P_ij <q_i, k_j>  (for dscale)
     for n0 in range(0, N, BLOCK_N):
@@ -226,16 +259,29 @@ def _dq_paired_kernel(
             ACC_DTYPE)
         dots, k_cols_t = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_rows,
                                     ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
-        both = row_ok[:, None] & col_ok[None, :]
-        klab_c = load_labels(klab_ptr, cols, N, HAS_LABELS)
-        keep_ij = both & kept(kj[None, :], (exr0 - n0)[:, None], (exr1 - n0)[:, None], rlab_r[:, None],
-                              klab_c[None, :], (pos_r - n0)[:, None], HAS_LABELS, dots, s, thr_r[:, None],
-                              HAS_THRESHOLD)
-        keep_ji = both & kept(ri[:, None], (exc0 - r_base)[None, :], (exc1 - r_base)[None, :], krlab_c[None, :],
-                              kklab_r[:, None], (kpos_c - r_base)[None, :], HAS_LABELS, dots, s, thr_c[None, :],
-                              KEY_THRESHOLD)
-        p_ij = tl.exp2(tl.where(keep_ij, log2_prob(dots, s, lse_r[:, None], INPUT_PRECISION), float("-inf")))
-        q_ji = tl.exp2(tl.where(keep_ji, log2_prob(dots, s, lse_c[None, :], INPUT_PRECISION), float("-inf")))
+        e_ij = log2_prob(dots, s, lse_r[:, None], INPUT_PRECISION)      # log2 P_ij where kept
+        e_ji = log2_prob(dots, s, lse_c[None, :], INPUT_PRECISION)      # log2 Q_ji where kept
+        # Interior tiles skip the exclusion rule: one test per tile (tiles that meet an excluded pair of
+        # either side's lists, the end of the keys, or a per-pair rule take the rule); a select, so an
+        # excluded pair's exp (may be inf) never reaches the sums. d > BLOCK_D (a 256-wide accumulator)
+        # and the exact FMA products ("ieee": fp32, fp64, whose tiles already fill the registers)
+        # apply the rule to every tile: the branch costs registers they do not have.
+        if SINGLE_D and INPUT_PRECISION != "ieee":
+            p_ij = tl.exp2(e_ij)
+            q_ji = tl.exp2(e_ji)
+            if tile_masked(n0, N, ex_lo, ex_hi, BLOCK_N, HAS_LABELS or HAS_THRESHOLD or KEY_THRESHOLD) | \
+                    rows_hit(exc0, exc1, r_base, BLOCK_M, KE):
+                keep_ij, keep_ji = _pair_keeps(dots, s, n0, kj, ri, r_base, row_ok, col_ok, exr0, exr1, rlab_r, pos_r,
+                                               thr_r, exc0, exc1, krlab_c, kpos_c, thr_c, kklab_r, klab_ptr, cols, N,
+                                               HAS_LABELS, HAS_THRESHOLD, KEY_THRESHOLD)
+                p_ij = tl.where(keep_ij, p_ij, 0.0)
+                q_ji = tl.where(keep_ji, q_ji, 0.0)
+        else:
+            keep_ij, keep_ji = _pair_keeps(dots, s, n0, kj, ri, r_base, row_ok, col_ok, exr0, exr1, rlab_r, pos_r,
+                                           thr_r, exc0, exc1, krlab_c, kpos_c, thr_c, kklab_r, klab_ptr, cols, N,
+                                           HAS_LABELS, HAS_THRESHOLD, KEY_THRESHOLD)
+            p_ij = tl.exp2(tl.where(keep_ij, e_ij, float("-inf")))
+            q_ji = tl.exp2(tl.where(keep_ji, e_ji, float("-inf")))
         pl += tl.sum(p_ij * dots, axis=1)
         w = g_r[:, None] * p_ij + h_c[None, :] * q_ji              # (W_ij + V_ji) / gs
         acc = _accumulate(acc, w, k_ptr, cols, N, k_cols_t, do0, D,
@@ -292,7 +338,8 @@ def _dq_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_of
     exclude, key_exclude, labels = spec.exclude, key_spec.exclude, spec.labels
     E, KE = exclude.shape[1], key_exclude.shape[1]
     has_threshold, key_threshold = spec.threshold is not None, key_spec.threshold is not None
-    cfg = _config.backward_config(q.device, q.dtype, M, N, D, labels=_holds_rule_vectors(spec, key_spec))
+    cfg = _config.backward_config(q.device, q.dtype, M, N, D, labels=_holds_rule_vectors(spec, key_spec),
+                                  paired=True)
     tune = _config.autotune_enabled()
     ex = exclude if E > 0 else q                       # dummy pointers, never read
     kex = key_exclude if KE > 0 else q

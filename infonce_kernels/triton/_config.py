@@ -38,6 +38,11 @@ import torch
 INTERPRET_BLOCK = 16
 #: Largest d chunk under the interpreter.
 INTERPRET_BLOCK_D = 32
+#: Most row groups / key splits of the one-pass pair forward (``pair_splits``): 16 on a GPU
+#: (at most 256 programs, a scratch of at most 2 x 16 (M + N) accumulator values); 2 under the
+#: interpreter, so that tiny test inputs give programs of several row blocks and key tiles.
+PAIR_SPLITS = 16
+INTERPRET_PAIR_SPLITS = 2
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ def forward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: 
 
 
 def backward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d: int,
-                    labels: bool = False) -> TileConfig:
+                    labels: bool = False, paired: bool = False) -> TileConfig:
     """Tiles of the three backward kernels (dq rows, dk keys, symmetric dz rows).
 
     The backward keeps a (BLOCK_M, BLOCK_DO) fp32 accumulator and does two chained dots per
@@ -134,7 +139,9 @@ def backward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d:
     128 x 256 fp32 accumulator, with 32-key tiles to leave it the registers), so the score tile
     and its exponentials are computed once per tile; beyond 256, one program per 256 output
     features. The label rule holds two more key vectors (int64 labels): 32-key tiles and
-    128-wide output chunks keep it free of spills (ptxas -v, triton 3.9, sm_90).
+    128-wide output chunks keep it free of spills (ptxas -v, triton 3.9, sm_90). The paired kernel
+    (``paired``) takes 32-key tiles too: its per-tile branch around the exclusion mask (interior
+    tiles skip it) spills 48 B with 64-key tiles at d = 128 (ptxas -v, triton 3.9, sm_90).
 
     Those 128-row tiles are for sm_90's tensor cores. Exact fp32 ("ieee": FMA products, no
     tensor cores) and capabilities below sm_90 keep 64 x 64 tiles on 8 warps, with output
@@ -153,11 +160,16 @@ def backward_config(device: torch.device, dtype: torch.dtype, M: int, N: int, d:
         cfg = TileConfig(64, 64, bd, bdo, single, 8, 2)
     else:
         bd, bdo, single = _split_d(d, _max_block_d(dtype), 256 if (wide and not labels) else 0)
-        narrow = labels or not single
+        narrow = labels or paired or not single
         cfg = TileConfig(128, 32 if narrow else 64, bd, bdo, single, 8, 2)
     if dtype == torch.float64:
         cfg = replace(cfg, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     return cfg
+
+
+def pair_splits() -> int:
+    """Most row groups and most key splits of the one-pass pair forward (``PAIR_SPLITS``)."""
+    return INTERPRET_PAIR_SPLITS if interpret_mode() else PAIR_SPLITS
 
 
 def dk_config(cfg: TileConfig) -> TileConfig:

@@ -30,10 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.exclusion import Exclusion
 from ..ops.precision import accumulation_dtype
 from . import _config
-from ._common import (LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels, load_positives,
-                      load_threshold, load_tile, load_tile_t, log2_prob, scores, threshold_drops)
+from ._common import (INT32_MAX, LN2, LOG2E, acc_dtype, input_precision, kept, load_exclusions, load_labels,
+                      load_positives, load_threshold, load_tile, load_tile_t, log2_prob, scores, threshold_drops)
 
 
 @triton.jit
@@ -66,6 +67,30 @@ def row_rule(ex_ptr, rlab_ptr, pos_ptr, thr_ptr, rows, M, E: tl.constexpr, HAS_L
     pos = load_positives(pos_ptr, rows, M, HAS_LABELS or HAS_THRESHOLD)
     thr = load_threshold(thr_ptr, rows, M, HAS_THRESHOLD, ACC_DTYPE)
     return ex0, ex1, rlab, pos, thr
+
+
+@triton.jit
+def exclusion_span(ex0, ex1):
+    """(lo, hi): the smallest and largest key index that rows with excluded indices ``ex0``/``ex1``
+    ((BLOCK,) int32, -1 for none) exclude; (2**31 - 1, -1) when they exclude none. Once per
+    program: a key tile that does not meet [lo, hi] holds no excluded pair of these rows."""
+    big = tl.full(ex0.shape, INT32_MAX, tl.int32)
+    lo = tl.minimum(tl.min(tl.where(ex0 >= 0, ex0, big), axis=0), tl.min(tl.where(ex1 >= 0, ex1, big), axis=0))
+    hi = tl.maximum(tl.max(ex0, axis=0), tl.max(ex1, axis=0))
+    return lo, hi
+
+
+@triton.jit
+def tile_masked(n0, N, lo, hi, BLOCK_N: tl.constexpr, ALWAYS: tl.constexpr):
+    """Whether the key tile [n0, n0 + BLOCK_N) needs the per-element mask: it runs past N, meets
+    the rows' exclusion span [lo, hi] (:func:`exclusion_span`), or ``ALWAYS`` (a per-pair rule
+    such as the label rule, which any tile may meet). One scalar test per tile: the other
+    (interior) tiles skip the mask work."""
+    if ALWAYS:
+        out = n0 >= 0
+    else:
+        out = (n0 + BLOCK_N > N) | ((n0 <= hi) & (n0 + BLOCK_N > lo))
+    return out
 
 
 @triton.jit
@@ -119,15 +144,18 @@ def _lse_fwd_kernel(
     keys = tl.arange(0, BLOCK_N)                     # tile-relative key index
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    ex_lo, ex_hi = exclusion_span(ex0, ex1)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + keys
         dots, _ = score_tile(q_ptr, k_ptr, rows, cols, M, N, D, q_tile,
                              ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
-        klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
-        keep = (keys[None, :] < N - n0) & kept(keys[None, :], (ex0 - n0)[:, None], (ex1 - n0)[:, None],
-                                               rlab[:, None], klab[None, :], (pos - n0)[:, None], HAS_LABELS,
-                                               dots, s, thr[:, None], False)
-        x = tl.where(keep, dots, float("-inf"))                          # <q_i, k_j>, -inf if excluded
+        x = dots                                                         # <q_i, k_j>, -inf if excluded
+        if tile_masked(n0, N, ex_lo, ex_hi, BLOCK_N, HAS_LABELS):
+            klab = load_labels(klab_ptr, cols, N, HAS_LABELS)
+            keep = (keys[None, :] < N - n0) & kept(keys[None, :], (ex0 - n0)[:, None], (ex1 - n0)[:, None],
+                                                   rlab[:, None], klab[None, :], (pos - n0)[:, None], HAS_LABELS,
+                                                   dots, s, thr[:, None], False)
+            x = tl.where(keep, dots, float("-inf"))
         if HAS_THRESHOLD:  # kept(..., HAS_THRESHOLD) in two steps, counting the second (-inf never drops)
             drop = threshold_drops(keys[None, :], x, s, thr[:, None], (pos - n0)[:, None])
             dropped += tl.sum(drop.to(tl.int32), axis=1)
@@ -206,3 +234,128 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, spec, cou
         grid = (triton.cdiv(M, cfg.BLOCK_M),)
         _lse_fwd_kernel[grid](q, k, scale, ex, *rules, lse, dropped, M, N, D, **common, **cfg.meta())
     return (lse, dropped) if count else lse
+
+
+# --------------------------------------------------------------------------- both directions, one pass
+@triton.jit
+def _lse_pair_fwd_kernel(
+    a_ptr, b_ptr, scale_ptr, row_part_ptr, col_part_ptr,
+    M, N, D, ROW_BLOCKS, COL_SPLIT,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, SINGLE_D: tl.constexpr,
+):
+    # Program (g, c): rows [g ROW_BLOCKS BLOCK_M, +ROW_BLOCKS BLOCK_M) of a against keys
+    # [c COL_SPLIT, +COL_SPLIT) of b (COL_SPLIT a multiple of BLOCK_N), one flat loop over its tiles,
+    # row block by row block. Each tile L = s a b^T is computed once and feeds both sides:
+    #   rows:    online (m, l) over the split's keys, stored per row as row_part[c, :, i]
+    #   columns: online (m, l) per key over the group's rows, kept in col_part[g, :, j], which only
+    #            this program touches (read and written back once per tile)
+    # part[0] holds m (nats, -inf for none), part[1] l; the host merges the partials (logsumexp).
+    pid_g = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    s = tl.load(scale_ptr).to(ACC_DTYPE)
+    c0 = pid_c * COL_SPLIT
+    n_tiles = tl.cdiv(tl.minimum(COL_SPLIT, N - c0), BLOCK_N)       # key tiles of this split (>= 1)
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    for t in range(0, ROW_BLOCKS * n_tiles):
+        rb = t // n_tiles
+        n0 = c0 + (t - rb * n_tiles) * BLOCK_N
+        m0 = (pid_g * ROW_BLOCKS + rb) * BLOCK_M
+        rows, row_ok = block_range(m0, BLOCK_M, M)
+        cols, col_ok = block_range(n0, BLOCK_N, N)
+        q_tile = resident_tile(a_ptr, rows, M, D, BLOCK_M, BLOCK_D, SINGLE_D)
+        x, _ = score_tile(a_ptr, b_ptr, rows, cols, M, N, D, q_tile,
+                          ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D)
+        if (m0 + BLOCK_M > M) | (n0 + BLOCK_N > N):       # boundary tile: rows or keys out of range
+            x = tl.where(row_ok[:, None] & col_ok[None, :], x, float("-inf"))
+        # rows: the online LSE of the forward kernel (new max first, one exp per element)
+        m_new = tl.maximum(m_i, tl.max(x, axis=1) * s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC_DTYPE)
+        l_i = l_i * tl.exp2((m_i - m_safe) * LOG2E) + tl.sum(
+            tl.exp2(log2_prob(x, s, m_safe[:, None], INPUT_PRECISION)), axis=1)
+        m_i = m_new
+        # columns: the same online LSE per key, its state read from and written back to this
+        # program's partial (the first row block starts it)
+        cpart = col_part_ptr + pid_g * 2 * N + cols
+        seen = rb > 0
+        cm = tl.where(seen, tl.load(cpart, mask=col_ok, other=float("-inf")), float("-inf"))
+        cl = tl.where(seen, tl.load(cpart + N, mask=col_ok, other=0.0), 0.0)
+        c_new = tl.maximum(cm, tl.max(x, axis=0) * s)
+        c_safe = tl.where(c_new == float("-inf"), 0.0, c_new).to(ACC_DTYPE)
+        cl = cl * tl.exp2((cm - c_safe) * LOG2E) + tl.sum(
+            tl.exp2(log2_prob(x, s, c_safe[None, :], INPUT_PRECISION)), axis=0)
+        cm = c_new
+        tl.store(cpart, cm, mask=col_ok)
+        tl.store(cpart + N, cl, mask=col_ok)
+        if t - rb * n_tiles == n_tiles - 1:                # the row block's last key tile
+            rpart = row_part_ptr + pid_c * 2 * M + rows
+            tl.store(rpart, m_i, mask=row_ok)
+            tl.store(rpart + M, l_i, mask=row_ok)
+            m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+            l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
+        # the partial's stores land before the next row block reads it: the threads that hold a key's
+        # replicated state read it, one of them stores it
+        tl.debug_barrier()
+
+
+def pair_grid(M: int, N: int, cfg) -> tuple[int, int, int, int]:
+    """(groups, splits, row_blocks, col_split) of the one-pass pair forward: at most P =
+    ``_config.pair_splits()`` row groups of row_blocks BLOCK_M-row blocks each and P key splits of
+    col_split keys (a multiple of BLOCK_N): groups x splits programs (256 at most on a GPU: about
+    two per SM of an H100) and a scratch of 2 (splits M + groups N) accumulator values."""
+    most = _config.pair_splits()
+    blocks_m, blocks_n = triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N)
+    row_blocks = triton.cdiv(blocks_m, min(most, blocks_m))
+    tiles = triton.cdiv(blocks_n, min(most, blocks_n))
+    return triton.cdiv(blocks_m, row_blocks), triton.cdiv(blocks_n, tiles), row_blocks, tiles * cfg.BLOCK_N
+
+
+def lse_pair_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor):
+    """``(lse(a, b, s), lse(b, a, s))`` without exclusions in one pass over the tiles of
+    s a b^T: each score tile is computed once and feeds the row and the column log-sum-exp.
+
+    Args:
+        a: (M, d), b: (N, d) contiguous, one dtype (fp16/bf16/fp32/fp64); scale () fp32 (fp64).
+
+    Returns:
+        r (M,), t (N,) in the accumulation dtype (fp32, fp64 for fp64 inputs).
+
+    Scratch: partial (max, sum) pairs, 2 (C M + G N) accumulator values for G row groups and C key
+    splits (:func:`pair_grid`, both <= ``_config.PAIR_SPLITS`` = 16): at most 2 x 16 x 4 B (M + N)
+    = 128 B per row of either side for fp32 (B = 32,768 rows each side: 8.4 MB, an eighth of the
+    bf16 d = 512 embeddings' 67 MB; at most half of 16-bit embeddings for any d >= 128), merged
+    here with one logsumexp per side.
+    """
+    M, D = a.shape
+    N = b.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    cfg = _config.forward_config(a.device, a.dtype, M, N, D)
+    groups, splits, row_blocks, col_split = pair_grid(M, N, cfg)
+    # every (split, row) and (group, key) slot is written: each split has keys, each group rows
+    row_part = torch.empty(splits, 2, M, device=a.device, dtype=acc)
+    col_part = torch.empty(groups, 2, N, device=a.device, dtype=acc)
+    _lse_pair_fwd_kernel[(groups, splits)](
+        a, b, scale, row_part, col_part, M, N, D, row_blocks, col_split,
+        ACC_DTYPE=acc_dtype(a.dtype), INPUT_PRECISION=input_precision(a.dtype), **cfg.meta())
+    return _merge_partials(row_part), _merge_partials(col_part)
+
+
+def lse_pair(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor):
+    """``(lse(a, b, s), lse(b, a, s))`` without exclusions: :func:`lse_pair_forward` (one pass)
+    when d spans several BLOCK_D chunks, else two :func:`lse_forward` passes. With d in one chunk
+    the pass's column reductions (across the rows of a tile: shuffles and shared memory) cost more
+    issue slots than the second product saves (compiled for sm_90 with the kernel report's tools,
+    bf16 d = 128: 35.4 thread-instructions per element against 2 x 8.6); with d in chunks the
+    product dominates (d = 512: 62.2 against 2 x 29.8, and half the tensor work)."""
+    cfg = _config.forward_config(a.device, a.dtype, a.shape[0], b.shape[0], a.shape[1])
+    if cfg.SINGLE_D:
+        none_a, none_b = Exclusion.none(a.shape[0], a.device), Exclusion.none(b.shape[0], b.device)
+        return lse_forward(a, b, scale, none_a), lse_forward(b, a, scale, none_b)
+    return lse_pair_forward(a, b, scale)
+
+
+def _merge_partials(part: torch.Tensor) -> torch.Tensor:
+    """(P, 2, R) partial (m, l) pairs -> (R,) log-sum-exp: logsumexp_p(m_p + log l_p)."""
+    return torch.logsumexp(part[:, 0] + torch.log(part[:, 1]), dim=0)
