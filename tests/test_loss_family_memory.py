@@ -1,6 +1,6 @@
-"""Every loss of the family stays O(N d) in memory: forward+backward at 2B = 32,768 anchors,
-d = 32, on the cpu backend, with a peak extra resident memory under 1 GiB per loss (one fp32
-N x N matrix alone would be 4 GiB).
+"""Every loss of the family stays O(N d) in memory: forward+backward at 2B = 8,192 anchors,
+d = 32, on the cpu backend, with a peak extra resident memory under 64 MiB per loss (one fp32
+N x N matrix alone would be 256 MiB; the losses measure 3-7 MiB).
 
 All losses run in ONE fresh subprocess (this file run as a script), one after the other; before
 each step the peak counter (VmHWM) is reset through /proc/self/clear_refs, so each loss's extra
@@ -8,10 +8,10 @@ peak over the resident size just before it is measured separately (as tests/rss_
 ``MALLOC_MMAP_THRESHOLD_`` (1 MiB) makes glibc return freed large blocks to the OS, so memory freed by one
 step is not silently reused by the next.
 
-    python tests/test_loss_family_memory.py --rows 32768 --dim 32     # prints one JSON line per loss
+    python tests/test_loss_family_memory.py --rows 32768 --dim 32     # one JSON line per loss, any size
 
-Marked ``slow``: the 2B = 32,768 forward+backward passes are ~1.2e9 pairs each (about a minute for
-the whole family on 2 cores).
+Marked ``slow``: the 2B = 8,192 forward+backward passes are ~6.7e7 pairs each (about 15 s for the
+whole family on 2 cores).
 """
 
 import argparse
@@ -25,8 +25,8 @@ import time
 import pytest
 from rss_probe import status_kib  # this folder is on sys.path both under pytest and as a script
 
-ROWS, DIM = 32768, 32
-LIMIT = 1 << 30  # 1 GiB
+ROWS, DIM = 8192, 32
+LIMIT = 64 << 20  # a quarter of one fp32 ROWS x ROWS matrix
 
 
 def _cases(ik, torch, z1, z2, labels, backend):
@@ -104,7 +104,7 @@ def test_loss_family_peak_memory_is_linear():
                                             "debiased_nt_xent", "uniformity", "alignment"]
     for r in results:
         assert r["finite"], r
-        assert r["extra_bytes"] < LIMIT, f"{r['loss']}: peak extra {r['extra_bytes'] / 2**20:.0f} MiB >= 1 GiB ({r})"
+        assert r["extra_bytes"] < LIMIT, f"{r['loss']}: peak extra {r['extra_bytes'] / 2**20:.0f} MiB >= 64 MiB ({r})"
 
 
 if __name__ == "__main__":
