@@ -110,7 +110,7 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_train_bench_out"))
     a = p.parse_args()
     if a.quick:
-        a.batch, a.max_batch, a.steps, a.chunk = 64, 128, 6, 16
+        a.batch, a.max_batch, a.steps, a.chunk = 16, 32, 6, 8
     sections = set(a.sections.split(","))
     unknown = sections - {"digits", "imagefolder", "largest_batch", "grad_cache"}
     if unknown:

@@ -686,4 +686,4 @@ def test_gpu_train_bench_dry_run_on_cpu(tmp_path):
     for backend in ("cpu", "reference"):
         assert res["imagefolder"][backend]["samples_per_s"] > 0
         largest = res["largest_batch"][backend]
-        assert largest["largest"] == 128 and largest["limit"] == "--max-batch"  # --quick: 64 and 128 fit
+        assert largest["largest"] == 32 and largest["limit"] == "--max-batch"  # --quick: 16 and 32 fit
