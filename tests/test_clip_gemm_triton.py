@@ -115,11 +115,22 @@ class TestPairGemm:
 
     def test_headline_plan_fits_half_the_embeddings(self, monkeypatch):
         """The headline shape's plan on sm_90 (B = 32,768, d = 512, bf16): scratch <= 0.5x the
-        embeddings, bands >= MIN_BAND_ROWS."""
+        embeddings, bands of MIN_BAND_ROWS."""
         monkeypatch.setattr(_config, "interpret_mode", lambda: False)
         monkeypatch.setattr(_config, "_capability", lambda device: (9, 0))
         B, d = 32768, 512
         p = _pair_gemm.plan(B, B, d, torch.bfloat16, torch.device("meta"))
         emb = 2 * B * d * 2
         assert p.scratch_bytes(d, torch.bfloat16) <= 0.5 * emb
-        assert (p.band, p.groups, p.cols) == (2048, 7, 4736), p
+        assert (p.band, p.groups, p.cols) == (2048, 8, 4096), p
+
+    def test_opcheck_pair_backward_op(self):
+        """The one-call backward op (``_lse_pair_backward``): torch.library.opcheck (schema, fake
+        tensor) on the path's inputs."""
+        gen = torch.Generator().manual_seed(3)
+        a, b = torch.randn(9, D, generator=gen).half(), torch.randn(7, D, generator=gen).half()
+        s = torch.tensor(2.0)
+        r, t = tb.forward_pair(a, b, s)
+        g_r, g_t = torch.rand(9, generator=gen), torch.rand(7, generator=gen)
+        torch.library.opcheck(torch.ops.infonce_kernels._lse_pair_backward.default, (a, b, s, r, t, g_r, g_t, "triton"),
+                              test_utils=("test_schema", "test_faketensor"))

@@ -8,7 +8,8 @@ d; two GEMMs with fp32 results do the products:
     dy_c += G_rc^T x_r          (fp32 accumulator of the column group, rounded once at its end)
     dx_r  = round(dx_r + G_rc y_c)   (the product in fp32, rounded once per column group)
 
-:func:`plan` picks R and C from a memory budget; :func:`mm_into` runs one GEMM.
+:func:`plan` picks R and C from a memory budget; :func:`mm_into` runs one GEMM;
+:func:`score_block` is the G kernels' S tile over all of d.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from ..ops.precision import accumulation_dtype
 from . import _config
@@ -51,10 +54,11 @@ class GemmPlan:
         return self.band * self.cols * el + self.cols * d * acc + self.band * d * acc
 
 
-def plan(M: int, N: int, d: int, dtype: torch.dtype, tiles: tuple, budget: float, min_band: int = None) -> GemmPlan:
+def plan(M: int, N: int, d: int, dtype: torch.dtype, tiles: tuple, budget: float, min_band: int = None,
+         min_scratch: int = MIN_SCRATCH_BYTES) -> GemmPlan:
     """The fewest column groups C (then the largest band R, a multiple of BLOCK_M up to M) whose
     outputs + scratch fit ``budget`` x the embeddings (on a GPU the scratch may always take
-    MIN_SCRATCH_BYTES); at least ``min_band`` rows per band (or M). ``tiles``: the G kernel's
+    ``min_scratch`` bytes); at least ``min_band`` rows per band (or M). ``tiles``: the G kernel's
     (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)."""
     bm, bn, bd, warps, stages = tiles
     if min_band is None:
@@ -63,7 +67,7 @@ def plan(M: int, N: int, d: int, dtype: torch.dtype, tiles: tuple, budget: float
     emb = (M + N) * d * el
     room = budget * emb - emb                            # beyond the outputs dx, dy
     if not _config.interpret_mode():
-        room = max(room, MIN_SCRATCH_BYTES)
+        room = max(room, min_scratch)
     rows_cap = max(bm, -(-M // bm) * bm)
     align = 1 if _config.interpret_mode() else COL_ALIGN
     for groups in range(1, max(1, N) + 1):
@@ -106,3 +110,23 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: boo
         torch.addmm(out, a, b, out=out, **kw)
     else:
         torch.mm(a, b, out=out, **kw)
+
+
+@triton.jit
+def score_block(x_ptr, y_ptr, xoff, yoff, D, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """S = X Y^T (BLOCK_M, BLOCK_N) over all of d, X the rows of x at element offsets ``xoff``
+    (BLOCK_M,) int64, Y those of y at ``yoff`` (BLOCK_N,) (contiguous, D features). The callers
+    clamp out-of-range rows / columns to a valid one (no row masks: their products are discarded
+    by the epilogue's masks), so with D % BLOCK_D == 0 (EVEN_D) the d loop loads without any mask."""
+    dots = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+    for k0 in range(0, D, BLOCK_D):
+        kk = k0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            xa = tl.load(x_ptr + (xoff[:, None] + kk[None, :]))
+            yb = tl.load(y_ptr + (yoff[None, :] + kk[:, None]))
+        else:
+            xa = tl.load(x_ptr + (xoff[:, None] + kk[None, :]), mask=kk[None, :] < D, other=0.0)
+            yb = tl.load(y_ptr + (yoff[None, :] + kk[:, None]), mask=kk[:, None] < D, other=0.0)
+        dots = tl.dot(xa, yb, dots, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return dots

@@ -31,12 +31,15 @@ import triton.language as tl
 from ..ops.precision import accumulation_dtype
 from . import _config, _gemm
 from ._common import acc_dtype, input_precision, log2_prob
-from ._gemm import GemmPlan, mm_into as _mm_into
+from ._gemm import GemmPlan, mm_into as _mm_into, score_block
 from ._sigmoid_gemm import TARGET_PROGRAMS, kernel_tiles
 
-#: outputs (da, db) + scratch at most this many times the embeddings (a and b): the scratch at
-#: most half of them
-MEMORY_BUDGET = 1.5
+#: outputs (da, db) + the plan's scratch at most this many times the embeddings (a and b): the
+#: scratch at most 0.45x them, leaving room under half of them for the partial sums, the upstream
+#: gradients' temporaries and cuBLAS's workspace
+MEMORY_BUDGET = 1.45
+#: scratch a GPU call may always take, whatever the budget (small batches: bands of MIN_BAND_ROWS)
+MIN_SCRATCH_BYTES = 16 << 20
 
 
 def uses_gemm_path(device: torch.device, dtype: torch.dtype, d: int) -> bool:
@@ -53,10 +56,10 @@ def plan(M: int, N: int, d: int, dtype: torch.dtype, device: torch.device, *,
          budget: float = None, min_band: int = None) -> GemmPlan:
     """``_gemm.plan`` with the G kernel's tiles (those of ``_sigmoid_gemm``) and ``MEMORY_BUDGET``.
 
-    B = 32,768, d = 512, bf16 (sm_90): C = 7 groups of 4,736 columns, R = 2,048 (G block 18.5 MiB,
-    db_c 9.25 MiB, da product 4 MiB: 31.75 MiB, 0.496x the 64 MiB of embeddings)."""
+    B = 32,768, d = 512, bf16 (sm_90): C = 8 groups of 4,096 columns, R = 2,048 (G block 16 MiB,
+    db_c 8 MiB, da product 4 MiB: 28 MiB, 0.44x the 64 MiB of embeddings)."""
     return _gemm.plan(M, N, d, dtype, kernel_tiles(device, dtype), MEMORY_BUDGET if budget is None else budget,
-                      min_band)
+                      min_band, MIN_SCRATCH_BYTES)
 
 
 @triton.jit
@@ -94,16 +97,7 @@ def _gpair_kernel(
         # S over all of d; out-of-range rows / columns read the last valid one (clamped, no load
         # masks; the epilogue's select discards them)
         boff = tl.minimum(cols, n_cols - 1).to(tl.int64) * D
-        dots = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
-        for k0 in range(0, D, BLOCK_D):
-            kk = k0 + tl.arange(0, BLOCK_D)
-            if EVEN_D:
-                xa = tl.load(a_ptr + (aoff[:, None] + kk[None, :]))
-                yb = tl.load(b_ptr + (boff[None, :] + kk[:, None]))
-            else:
-                xa = tl.load(a_ptr + (aoff[:, None] + kk[None, :]), mask=kk[None, :] < D, other=0.0)
-                yb = tl.load(b_ptr + (boff[None, :] + kk[:, None]), mask=kk[:, None] < D, other=0.0)
-            dots = tl.dot(xa, yb, dots, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dots = score_block(a_ptr, b_ptr, aoff, boff, D, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D)
         t = tl.load(t_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
         g_t = tl.load(gt_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE) / gm
         w = g_r[:, None] * tl.exp2(log2_prob(dots, s, r[:, None], INPUT_PRECISION)) + \

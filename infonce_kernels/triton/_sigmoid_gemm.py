@@ -32,7 +32,7 @@ import triton.language as tl
 from ..ops.precision import accumulation_dtype
 from . import _config, _gemm
 from ._common import acc_dtype, input_precision
-from ._gemm import GemmPlan, mm_into as _mm_into
+from ._gemm import GemmPlan, mm_into as _mm_into, score_block
 from ._sigmoid import pair_terms
 
 #: the extra memory the gradients may take, outputs (dx, dy) included, in units of the embeddings
@@ -111,16 +111,7 @@ def _gblock_kernel(
         # load masks: their products are discarded by the masks of the epilogue), so with
         # D % BLOCK_D == 0 the d loop loads without any mask
         yoff = tl.minimum(cols, n_cols - 1).to(tl.int64) * D
-        dots = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
-        for k0 in range(0, D, BLOCK_D):
-            kk = k0 + tl.arange(0, BLOCK_D)
-            if EVEN_D:
-                xa = tl.load(x_ptr + (xoff[:, None] + kk[None, :]))
-                yb = tl.load(y_ptr + (yoff[None, :] + kk[:, None]))
-            else:
-                xa = tl.load(x_ptr + (xoff[:, None] + kk[None, :]), mask=kk[None, :] < D, other=0.0)
-                yb = tl.load(y_ptr + (yoff[None, :] + kk[:, None]), mask=kk[:, None] < D, other=0.0)
-            dots = tl.dot(xa, yb, dots, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dots = score_block(x_ptr, y_ptr, xoff, yoff, D, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D)
         l = dots * t + b
         if HAS_LABELS:
             pos = row_lab[:, None] == tl.load(col_lab_ptr + cols, mask=col_ok, other=-1)[None, :]
