@@ -24,6 +24,10 @@ Model (H100/H200 SXM, bf16; every figure in the output is labelled "modelled"):
   ``sass.mask_regions``, skipped); a headline launch mixes them by the fraction of its tiles
   that meet an excluded pair or the end of the keys (:func:`masked_fraction`).
 * the floor of a loss: per pass, max(ideal FLOPs / tensor, ideal exponentials / mufu), summed.
+* a backward by G blocks and GEMMs (CLIP at d = 512: :mod:`.clip`): the G kernel's launches share
+  one pass over the pairs (:data:`BLOCK_KERNELS`), at least its G writes at the HBM rate; the
+  GEMMs (cuBLAS, not compiled here) per call max(FLOPs / tensor, bytes / HBM rate) and the
+  elementwise passes over the fp32 products at the HBM rate (3.35e12 B/s, H100 SXM), added.
 """
 from __future__ import annotations
 
