@@ -24,6 +24,10 @@ Model (H100/H200 SXM, bf16; every figure in the output is labelled "modelled"):
   ``sass.mask_regions``, skipped); a headline launch mixes them by the fraction of its tiles
   that meet an excluded pair or the end of the keys (:func:`masked_fraction`).
 * the floor of a loss: per pass, max(ideal FLOPs / tensor, ideal exponentials / mufu), summed.
+* a backward by G blocks and GEMMs (CLIP at d = 512: :mod:`.clip`): the G kernel's launches share
+  one pass over the pairs (:data:`BLOCK_KERNELS`), at least its G writes at the HBM rate; the
+  GEMMs (cuBLAS, not compiled here) per call max(FLOPs / tensor, bytes / HBM rate) and the
+  elementwise passes over the fp32 products at the HBM rate (3.35e12 B/s, H100 SXM), added.
 """
 from __future__ import annotations
 
@@ -96,29 +100,66 @@ def floor_ms(case: dict) -> float:
     return sum(max(fl * case["d"] * e / TENSOR_RATE, ex * e / MUFU_RATE) for _, fl, ex in case["ideal"]) * 1e3
 
 
-def headline(records: list[dict], cap: int = 90) -> dict:
-    """Modelled time of each headline case: every launch the loss makes (records' ``uses``)."""
+#: kernels whose launches share the pairs of a pass (each launch one G block of rows x columns):
+#: a variant's time is its share of the launches of that kernel in the pass times one full pass
+BLOCK_KERNELS = {"_gpair_kernel"}
+
+
+def headline(records: list[dict], cap: int = 90, extras: dict | None = None) -> dict:
+    """Modelled time of each headline case: every launch the loss makes (records' ``uses``).
+
+    ``extras``: {case: :func:`.clip.recorded_backward`} for a case whose backward takes G blocks
+    and GEMMs: the G kernel's launches share the pairs (:data:`BLOCK_KERNELS`) and are bounded
+    below by their G writes at ``hbm_rate``; the GEMMs (modelled at the tensor rate, not compiled
+    here) and the elementwise passes over the fp32 products (HBM bytes at ``hbm_rate``) are passes
+    of their own, and the case states its extra memory."""
     out = {}
+    extras = extras or {}
     for name, case in HEADLINE.items():
         e = float(case["rows"]) ** 2
+        ext = extras.get(name)
         passes, total, missing = [], 0.0, []
         for phase in ("forward", "backward"):
             use = f"{case['scenario']}/{phase}/nolabels"
-            for r in records:
-                if (r["cap"], r["dtype"], r["d"]) != (cap, case["dtype"], case["d"]) or use not in r.get("uses", {}):
-                    continue
+            mine = [r for r in records if (r["cap"], r["dtype"], r["d"]) == (cap, case["dtype"], case["d"])
+                    and use in r.get("uses", {})]
+            block_launches = {}
+            for r in mine:
+                if r["kernel"] in BLOCK_KERNELS:
+                    block_launches[r["kernel"]] = block_launches.get(r["kernel"], 0) + r["uses"][use]
+            for r in mine:
                 n = r["uses"][use]
                 pe = r.get("per_element") or {}
                 if "instr" not in pe:
                     missing.append(r["kernel"])
                     continue
                 f = masked_fraction(case, r["config"])
-                t = launch_time(tile_mix(pe, f), e)
+                share = n / block_launches[r["kernel"]] if r["kernel"] in BLOCK_KERNELS else n
+                t = {k: v * share for k, v in launch_time(tile_mix(pe, f), e).items()}
+                if r["kernel"] in BLOCK_KERNELS and ext:        # its G writes: a lower bound
+                    t["hbm_ms"] = ext["g_block_hbm_bytes"] * share / ext["hbm_rate"] * 1e3
+                    t["ms"] = max(t["ms"], t["hbm_ms"])
+                if r["kernel"] in BLOCK_KERNELS and ext:        # the launches at the case's shape
+                    p = ext["plan"]
+                    n = round(share * p["groups"] * -(-case["rows"] // p["band"]))
                 passes.append(dict(name=phase, kernel=r["kernel"], launches=n, masked_tiles=round(f, 5),
-                                   **{k: round(v * n, 3) for k, v in t.items()}))
-                total += t["ms"] * n
+                                   **{k: round(v, 3) for k, v in t.items()}))
+                total += t["ms"]
+        if ext and passes:
+            gt = ext["gemms"]
+            passes.append(dict(name="backward GEMMs (cuBLAS: modelled at the tensor rate, not compiled here)",
+                               kernel="torch.mm / torch.addmm", launches=gt["calls"], issue_ms=0.0,
+                               mma_ms=round(gt["tensor_ms"], 3), mufu_ms=0.0, hbm_ms=round(gt["hbm_ms"], 3),
+                               ms=round(gt["ms"], 3)))
+            passes.append(dict(name="backward elementwise (fp32 products scaled / added / rounded: HBM bytes)",
+                               kernel="torch addcmul / mul / copy", launches="-", issue_ms=0.0, mma_ms=0.0,
+                               mufu_ms=0.0, hbm_ms=round(ext["elementwise_ms"], 3),
+                               ms=round(ext["elementwise_ms"], 3)))
+            total += gt["ms"] + ext["elementwise_ms"]
         out[name] = dict(modelled_ms=round(total, 2) if passes else None, floor_ms=round(floor_ms(case), 2),
                          passes=passes, not_modelled=missing, rows=case["rows"], d=case["d"], dtype=case["dtype"])
+        if ext and passes:
+            out[name]["g_block_path"] = ext
     return out
 
 

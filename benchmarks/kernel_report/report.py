@@ -51,7 +51,8 @@ def versions(nvcc_version: str | None) -> dict:
 
 def document(label: str, root: str, triton_records: list[dict], cuda: dict, nvcc_version: str | None,
              command: str) -> dict:
-    headline = model.headline(triton_records, 90) if triton_records else {}
+    from . import clip  # noqa: PLC0415
+    headline = model.headline(triton_records, 90, clip.headline_extras(90)) if triton_records else {}
     return dict(schema=1, label=label, command=command, commit=git_commit(root), versions=versions(nvcc_version),
                 method=METHOD, model=model.MODEL_TEXT, headline_modelled=headline,
                 triton=triton_records, cuda=cuda, **cuda_headline(cuda, headline))
@@ -171,6 +172,8 @@ def markdown(doc: dict) -> str:
                              f"{p['mma_ms']:.2f} | {p.get('overlap_ms', 0.0):.2f} | {p['mufu_ms']:.2f} | "
                              f"{p['ms']:.2f} |")
             lines.append(f"| **{name}** | total | | | | | | | **{h['modelled_ms']} ms** (floor {h['floor_ms']} ms) |")
+        for name, h in doc["headline_modelled"].items():
+            lines += _g_block_md(name, h.get("g_block_path"))
     if doc.get("before"):
         lines += _comparison_md(doc["before"])
     for cap in sorted({r["cap"] for r in doc["triton"]}, reverse=True):
@@ -189,6 +192,22 @@ def markdown(doc: dict) -> str:
                 f"{_pe(r, 'mufu')} | {_pe(r, 'instr')} | {_pe(r, 'instr_interior')} | {_pe(r, 'mma_flops')} |")
     lines += cuda_markdown(doc)
     return "\n".join(lines) + "\n"
+
+
+def _g_block_md(name: str, g: dict | None) -> list[str]:
+    """What a headline case's G-block backward adds: plan, HBM bytes, GEMMs, extra memory."""
+    if not g:
+        return []
+    m, gm, p = g["memory"], g["gemms"], g["plan"]
+    mib = 1 << 20
+    return ["", f"{name}, backward by G blocks + GEMMs (`_pair_gemm`): R = {p['band']} rows x C = {p['groups']} "
+            f"groups of {p['cols']} columns. G blocks: {g['g_block_hbm_bytes'] / 1e9:.2f} GB written once (the G "
+            f"kernel's time is at least that at {g['hbm_rate'] / 1e12:.2f} TB/s). GEMMs (cuBLAS, **not compiled "
+            f"here**): {gm['calls']} calls, {gm['flops'] / 1e12:.2f} TFLOP, {gm['hbm_bytes'] / 1e9:.2f} GB, modelled "
+            f"per call as max(FLOPs / tensor rate, bytes / HBM rate). Elementwise passes over the fp32 products: "
+            f"{g['elementwise_bytes'] / 1e9:.2f} GB. Extra memory (meta-tensor allocations): outputs "
+            f"{m['outputs_bytes'] / mib:.1f} MiB, scratch {m['scratch_bytes'] / mib:.2f} MiB = "
+            f"{m['scratch_ratio']}x the {m['embeddings_bytes'] / mib:.0f} MiB of embeddings."]
 
 
 def _pe_at(r: dict, d: int, k: str):

@@ -27,6 +27,7 @@ scratch, peak of what is alive at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -113,9 +114,6 @@ def _constexpr(launch, name):
 def _recorded_call(rows: int, d: int, dtype: str, cap: int):
     """Run the fused call on meta tensors at ``rows`` x ``d`` with launches recorded, the wrapper's
     allocations tracked and the G-block path's GEMMs logged -> (outputs, launches, gemms, memory)."""
-    from torch.multiprocessing.reductions import StorageWeakRef  # noqa: PLC0415
-    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
-
     from .triton_kernels import DTYPES, recording  # noqa: PLC0415
     tb = importlib.import_module("infonce_kernels.triton")
     gm = importlib.import_module("infonce_kernels.triton._sigmoid_gemm")
@@ -124,16 +122,60 @@ def _recorded_call(rows: int, d: int, dtype: str, cap: int):
     x = torch.empty(rows, d, dtype=dt, device="meta")
     t = torch.empty((), dtype=acc, device="meta")
 
+    with gemm_log(gm) as gemms, recording(cap, precision) as rec, allocations((x, t)) as alloc:
+        outs = tb.sigmoid_forward(x, x, t, t, (), 0, True)
+    out_bytes = sum(o.numel() * o.element_size() for o in outs)
+    emb = 2 * rows * d * torch.empty((), dtype=dt).element_size()
+    scratch = alloc.peak - out_bytes
+    mem = dict(outputs_bytes=out_bytes, scratch_bytes=scratch, extra_bytes=alloc.peak, embeddings_bytes=emb,
+               ratio=round(alloc.peak / emb, 4))
+    return outs, rec, gemms, mem
+
+
+@contextlib.contextmanager
+def gemm_log(module):
+    """The GEMM calls ``module._mm_into(out, a, b, accumulate)`` makes inside, logged (m, n, k,
+    accumulate, operand and result bytes per element) into the list it yields."""
+    gemms, orig = [], module._mm_into
+
+    def logged(out, a, b, accumulate):
+        gemms.append(dict(m=a.shape[0], n=b.shape[1], k=a.shape[1], accumulate=accumulate,
+                          in_bytes=a.element_size(), out_bytes=out.element_size()))
+        return orig(out, a, b, accumulate)
+
+    module._mm_into = logged
+    try:
+        yield gemms
+    finally:
+        module._mm_into = orig
+
+
+def allocations(inputs):
+    """A dispatch mode that tracks the bytes of the storages created inside it that are alive
+    (``peak``: their largest sum), ``inputs``' storages excluded; and (``elementwise_bytes``) the
+    bytes read and written by every op that is neither a view, an allocation nor a GEMM: the
+    wrapper's elementwise passes over its buffers."""
+    from torch.multiprocessing.reductions import StorageWeakRef  # noqa: PLC0415
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+    skip = {"mm", "addmm", "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "zero_", "full", "fill_",
+            "ones_like", "scalar_tensor", "lift_fresh"}
+
     class Alloc(TorchDispatchMode):
-        """Bytes of the storages created inside the call that are alive, and their peak."""
-        def __init__(self, inputs):
+        def __init__(self):
             super().__init__()
-            self.live, self.peak = {}, 0
+            self.live, self.peak, self.elementwise_bytes = {}, 0, 0
             self.inputs = {a.untyped_storage()._cdata for a in inputs}      # not the call's allocations
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if not func.is_view and func._schema.name.split("::")[-1] not in skip:
+                seen = {}
+                for a in list(args) + list((kwargs or {}).values()) + list(outs):
+                    if isinstance(a, torch.Tensor) and a.dim() > 0:
+                        seen[id(a)] = a.numel() * a.element_size()
+                self.elementwise_bytes += sum(seen.values())
+            for o in outs:
                 if isinstance(o, torch.Tensor):
                     st = o.untyped_storage()
                     key = st._cdata
@@ -143,26 +185,7 @@ def _recorded_call(rows: int, d: int, dtype: str, cap: int):
             self.peak = max(self.peak, sum(n for _, n in self.live.values()))
             return out
 
-    gemms = []
-    orig = gm._mm_into
-
-    def logged(out, a, b, accumulate):
-        gemms.append(dict(m=a.shape[0], n=b.shape[1], k=a.shape[1], accumulate=accumulate,
-                          in_bytes=a.element_size(), out_bytes=out.element_size()))
-        return orig(out, a, b, accumulate)
-
-    gm._mm_into = logged
-    try:
-        with recording(cap, precision) as rec, Alloc((x, t)) as alloc:
-            outs = tb.sigmoid_forward(x, x, t, t, (), 0, True)
-    finally:
-        gm._mm_into = orig
-    out_bytes = sum(o.numel() * o.element_size() for o in outs)
-    emb = 2 * rows * d * torch.empty((), dtype=dt).element_size()
-    scratch = alloc.peak - out_bytes
-    mem = dict(outputs_bytes=out_bytes, scratch_bytes=scratch, extra_bytes=alloc.peak, embeddings_bytes=emb,
-               ratio=round(alloc.peak / emb, 4))
-    return outs, rec, gemms, mem
+    return Alloc()
 
 
 def extra_memory(rows: int, d: int, dtype: str, cap: int = 90) -> dict:

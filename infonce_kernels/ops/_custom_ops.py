@@ -3,7 +3,8 @@
 ``infonce_kernels::lse`` is the public op (a fake implementation and registered autograd make
 it work under ``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``); its
 backward and the internal ops are private: ``_lse_backward``, ``_lse_backward_paired`` and
-``_lse_pair`` (CLIP's two directions, whose backward is two paired passes), and ``_lse_counted``,
+``_lse_pair`` (CLIP's two directions, whose backward is two paired passes, or one
+``_lse_pair_backward`` call where the backend has one for the inputs), and ``_lse_counted``,
 ``lse`` that also returns the per-row count of the keys the threshold rule dropped (the same
 forward sweep; same autograd).
 
@@ -21,7 +22,8 @@ from .backends import implementation
 from .exclusion import Exclusion
 from .precision import accumulation_dtype
 
-__all__ = ["lse_op", "lse_counted_op", "lse_backward_op", "lse_backward_paired_op", "lse_pair_op", "lse_gradients", "pair_backward"]
+__all__ = ["lse_op", "lse_counted_op", "lse_backward_op", "lse_backward_paired_op", "lse_pair_op", "lse_pair_backward_op",
+           "lse_gradients", "pair_backward"]
 
 
 def _run(backend: str, method: str, *args, **options):
@@ -175,12 +177,35 @@ def _setup_pair(ctx, inputs, output):
     ctx.save_for_backward(a, b, scale, *output)
 
 
-def pair_backward(a, b, scale, r, t, g_r, g_t, backend, paired=None):
+@torch.library.custom_op("infonce_kernels::_lse_pair_backward", mutates_args=())
+def lse_pair_backward_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                         g_r: torch.Tensor, g_t: torch.Tensor,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both sides' gradients of ``lse_pair`` at once (a backend's optional ``backward_pair``)."""
+    return _run(backend, "backward_pair", a, b, scale, r, t, g_r, g_t)
+
+
+@lse_pair_backward_op.register_fake
+def _(a, b, scale, r, t, g_r, g_t, backend):
+    return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale)
+
+
+def uses_pair_backward(a, backend) -> bool:
+    """Whether ``backend`` computes CLIP's backward for ``a``'s device, dtype and d in one call
+    (``uses_backward_pair`` / ``backward_pair``, optional: triton's G blocks and GEMMs for large d)."""
+    impl = implementation(backend)
+    return hasattr(impl, "backward_pair") and impl.uses_backward_pair(a.device, a.dtype, a.shape[1])
+
+
+def pair_backward(a, b, scale, r, t, g_r, g_t, backend, paired=None, pair=None):
     """(da, db, dscale) of ``sum(g_r * r) + sum(g_t * t)`` for ``(r, t) = lse_pair(a, b, scale)``.
 
-    Each side's gradient in one pass (the paired backward): a's rows against b, with every b row
-    (as a row against a) on the key side, and the other way round. ``paired`` runs the paired
-    backward op (default: the op itself)."""
+    Where the backend has a one-call backward for these inputs (:func:`uses_pair_backward`), that
+    one (``pair`` runs it; default: ``lse_pair_backward_op``). Else each side's gradient in one pass
+    (the paired backward): a's rows against b, with every b row (as a row against a) on the key
+    side, and the other way round. ``paired`` runs the paired backward op (default: the op itself)."""
+    if uses_pair_backward(a, backend):
+        return (pair or lse_pair_backward_op)(a, b, scale, r, t, g_r, g_t, backend)
     paired = paired or lse_backward_paired_op
     none_a = Exclusion.none(a.shape[0], a.device).tensors()[:4]
     none_b = Exclusion.none(b.shape[0], b.device).tensors()[:4]

@@ -20,7 +20,14 @@ A backend may add (the CLIP op ``infonce_kernels::_lse_pair`` uses it when prese
     forward_pair(a, b, scale) -> (lse(a, b, scale), lse(b, a, scale))          (M,), (N,)
 
 both directions of a paired batch without exclusions, from one pass over the score tiles
-(triton).
+(triton), and, for its backward (the op uses them when ``uses_backward_pair`` says so, else two
+``backward_paired`` calls):
+
+    uses_backward_pair(device, dtype, d) -> bool
+    backward_pair(a, b, scale, r, t, g_r, g_t) -> (da, db, dscale)
+
+the gradients of ``sum(g_r * r) + sum(g_t * t)`` in one call (triton: G blocks and GEMMs for d
+beyond one output chunk of its paired kernel).
 
 The pairwise sigmoid (SigLIP) op adds two functions (``infonce_kernels.ops.sigmoid``; docs/design.md,
 The pairwise sigmoid op). x (M, d) and y (N, d) of one dtype, ``scale`` t and ``bias`` b 0-d

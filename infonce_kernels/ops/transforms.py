@@ -28,7 +28,7 @@ import functools
 import torch
 
 from ._custom_ops import (lse_backward_op, lse_backward_paired_op, lse_counted_op, lse_gradients, lse_op, lse_pair_op,
-                          pair_backward, saved_inputs)
+                          lse_pair_backward_op, pair_backward, saved_inputs)
 from .exclusion import Exclusion
 
 __all__ = ["LseFunction", "LsePairFunction", "first_order", "lse_tangent"]
@@ -162,7 +162,8 @@ class LsePairFunction(torch.autograd.Function):
     def backward(ctx, g_r, g_t):
         a, b, scale, r, t = ctx.saved_tensors
         paired = functools.partial(first_order, lse_backward_paired_op)
-        return (*pair_backward(a, b, scale, r, t, g_r, g_t, ctx.backend, paired=paired), None)
+        pair = functools.partial(first_order, lse_pair_backward_op)
+        return (*pair_backward(a, b, scale, r, t, g_r, g_t, ctx.backend, paired=paired, pair=pair), None)
 
     @staticmethod
     def jvp(ctx, da, db, dscale, _):

@@ -5,6 +5,8 @@ layer with contiguous arguments it has checked, on one device), and the registry
 
     forward(q, k, scale, spec) -> lse
     forward_pair(a, b, scale) -> (lse(a, b), lse(b, a))       (optional: CLIP's forward, one pass)
+    uses_backward_pair(device, dtype, d) -> bool              (optional: CLIP's backward by
+    backward_pair(a, b, scale, r, t, g_r, g_t) -> (da, db, dscale)     G blocks and GEMMs, large d)
     backward(grad, q, k, scale, spec, lse) -> (dq, dk, dscale)
     backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, row_offset)
         -> (dq, dscale)
@@ -41,6 +43,8 @@ Layout:
                   column LSEs of one sweep, partials merged on the host)
     _backward.py  dq / dk kernels (general), the paired dq kernel (paired and
                   symmetric backward), dscale
+    _gemm.py      the G-block + GEMM schedule (plan, GEMM driver) of the large-d gradients
+    _pair_gemm.py CLIP's backward for large d: G blocks (S once per tile) and GEMMs
     _sigmoid.py   the pairwise sigmoid (SigLIP) kernels: row sweep (loss, dx, dscale, dbias)
                   and column sweep (dy)
 """
@@ -50,7 +54,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["forward", "forward_pair", "backward", "backward_paired", "available", "sigmoid_forward", "sigmoid_backward"]
+__all__ = ["forward", "forward_pair", "backward", "backward_paired", "uses_backward_pair", "backward_pair", "available", "sigmoid_forward", "sigmoid_backward"]
 
 _kernels_mode = None  # interpret mode the kernel modules were decorated in (None: not loaded yet)
 
@@ -199,6 +203,29 @@ def backward_paired(grad, q, k, scale, spec, lse, key_grad, key_lse, key_spec, r
         dq, dscale = bwd.lse_backward_paired(grad.to(lse.dtype), *_pair(q, k), scale, spec, lse,
                                              key_grad.to(lse.dtype), key_lse.to(lse.dtype), key_spec, int(row_offset))
     return _unpad(dq, d), dscale
+
+
+def uses_backward_pair(device, dtype, d) -> bool:
+    """Whether :func:`backward_pair` is this backend's CLIP backward for (a, b) of ``dtype`` with
+    d features on ``device``: 16-bit / tf32 inputs whose d spans several output chunks of the
+    paired kernel (``_pair_gemm.uses_gemm_path``); else the op layer runs two paired backwards."""
+    from ._pair_gemm import uses_gemm_path  # noqa: PLC0415
+    return uses_gemm_path(torch.device(device), dtype, int(d))
+
+
+def backward_pair(a, b, scale, r, t, g_r, g_t):
+    """(da, db, dscale) of ``sum(g_r * r) + sum(g_t * t)`` for ``(r, t) = forward_pair(a, b,
+    scale)`` by G blocks and GEMMs (``_pair_gemm``): a (M, d), b (N, d) one dtype, scale () and
+    r, g_r (M,), t, g_t (N,) in the accumulation dtype; da/db in the input dtype, dscale () in
+    scale's dtype."""
+    _load(a)
+    from . import _pair_gemm  # noqa: PLC0415
+    d = a.shape[1]
+    aa, ba = _pair(a, b)
+    p = _pair_gemm.plan(aa.shape[0], ba.shape[0], aa.shape[1], aa.dtype, aa.device)
+    with _device_guard(a):
+        da, db, dscale = _pair_gemm.pair_gradients(aa, ba, scale, r, t, g_r.to(r.dtype), g_t.to(t.dtype), p)
+    return _unpad(da, d), _unpad(db, d), dscale
 
 
 def _load_sigmoid(x: torch.Tensor):

@@ -25,52 +25,21 @@ and dy_c together at most ``MEMORY_BUDGET`` x the embeddings.
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from ..ops.precision import accumulation_dtype
-from . import _config
+from . import _config, _gemm
 from ._common import acc_dtype, input_precision
+from ._gemm import GemmPlan, mm_into as _mm_into, score_block
 from ._sigmoid import pair_terms
 
 #: the extra memory the gradients may take, outputs (dx, dy) included, in units of the embeddings
 #: (x and y); issue 17's target is 1.5, the rest is left for the loss rows and cuBLAS's workspace
 MEMORY_BUDGET = 1.45
-#: smallest row band on a GPU: each band's dy_c += G'^T x_r reads and writes the fp32 dy_c
-#: (8 cols d bytes) for 2 cols d R FLOPs, compute-bound on an H100/H200 (790 TFLOP/s, 3.35 TB/s)
-#: from R ~ 1,400 at d = 768; smaller bands also leave the dx GEMM's R x d output too few tiles
-MIN_BAND_ROWS = 2048
-#: scratch a GPU call may always take, whatever the budget (small problems: one band, one group)
-MIN_SCRATCH_BYTES = 32 << 20
-#: column groups start on multiples of this many columns on a GPU (16-byte aligned G rows and y
-#: slices for cuBLAS)
-COL_ALIGN = 64
 #: programs per G block launch the column split aims at (two per SM of an H100/H200)
 TARGET_PROGRAMS = 264
-
-
-@dataclass(frozen=True)
-class GemmPlan:
-    """Blocking of the G-block path: ``band`` rows x ``cols`` columns per G block (``groups``
-    column groups), and the G kernel's tiles."""
-    band: int
-    groups: int
-    cols: int
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_D: int
-    num_warps: int
-    num_stages: int
-
-    def scratch_bytes(self, d: int, dtype: torch.dtype) -> int:
-        """G block + dy_c + the dx product (the wrapper's scratch, partial sums aside)."""
-        acc = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
-        el = torch.empty((), dtype=dtype).element_size()
-        return self.band * self.cols * el + self.cols * d * acc + self.band * d * acc
 
 
 def kernel_tiles(device: torch.device, dtype: torch.dtype) -> tuple:
@@ -90,39 +59,13 @@ def kernel_tiles(device: torch.device, dtype: torch.dtype) -> tuple:
 
 def plan(M: int, N: int, d: int, dtype: torch.dtype, device: torch.device, *,
          budget: float = None, min_band: int = None) -> GemmPlan:
-    """The fewest column groups C (then the largest band R, a multiple of BLOCK_M up to M) whose
-    outputs + scratch fit ``budget`` x the embeddings (on a GPU the scratch may always take
-    MIN_SCRATCH_BYTES); at least ``min_band`` rows per band (or M).
+    """``_gemm.plan`` with this kernel's tiles and ``MEMORY_BUDGET`` (default).
 
     B = 65,536, d = 768, bf16: C = 6 groups of 10,944 columns, R = 2,048 (G block 42.8 MiB, dy_c
     32.1 MiB, dx product 6 MiB, outputs 192 MiB: 1.42x the embeddings).
     """
-    budget = MEMORY_BUDGET if budget is None else budget
-    bm, bn, bd, warps, stages = kernel_tiles(device, dtype)
-    if min_band is None:
-        min_band = bm if _config.interpret_mode() else MIN_BAND_ROWS
-    el = torch.empty((), dtype=dtype).element_size()
-    emb = (M + N) * d * el
-    room = budget * emb - emb                            # beyond the outputs dx, dy
-    if not _config.interpret_mode():
-        room = max(room, MIN_SCRATCH_BYTES)
-    rows_cap = max(bm, -(-M // bm) * bm)
-    align = 1 if _config.interpret_mode() else COL_ALIGN
-    for groups in range(1, max(1, N) + 1):
-        cols = -(-max(N, 1) // groups)
-        cols = -(-cols // align) * align
-        if groups > 1 and (groups - 1) * cols >= N:         # the alignment left a group empty
-            continue
-        band = rows_cap
-        while band > bm:
-            if GemmPlan(band, groups, cols, bm, bn, bd, warps, stages).scratch_bytes(d, dtype) <= room:
-                break
-            band = max(bm, (band // 2) // bm * bm)
-        p = GemmPlan(band, groups, cols, bm, bn, bd, warps, stages)
-        # the kernel addresses a G block with int32 offsets
-        if band >= min(min_band, rows_cap) and p.scratch_bytes(d, dtype) <= room and band * cols < 2**31:
-            return p
-    return GemmPlan(bm, max(1, N), 1, bm, bn, bd, warps, stages)   # unreachable for d >= 1: cols = 1 fits
+    return _gemm.plan(M, N, d, dtype, kernel_tiles(device, dtype), MEMORY_BUDGET if budget is None else budget,
+                      min_band)
 
 
 @triton.jit
@@ -168,16 +111,7 @@ def _gblock_kernel(
         # load masks: their products are discarded by the masks of the epilogue), so with
         # D % BLOCK_D == 0 the d loop loads without any mask
         yoff = tl.minimum(cols, n_cols - 1).to(tl.int64) * D
-        dots = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
-        for k0 in range(0, D, BLOCK_D):
-            kk = k0 + tl.arange(0, BLOCK_D)
-            if EVEN_D:
-                xa = tl.load(x_ptr + (xoff[:, None] + kk[None, :]))
-                yb = tl.load(y_ptr + (yoff[None, :] + kk[:, None]))
-            else:
-                xa = tl.load(x_ptr + (xoff[:, None] + kk[None, :]), mask=kk[None, :] < D, other=0.0)
-                yb = tl.load(y_ptr + (yoff[None, :] + kk[:, None]), mask=kk[:, None] < D, other=0.0)
-            dots = tl.dot(xa, yb, dots, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dots = score_block(x_ptr, y_ptr, xoff, yoff, D, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D)
         l = dots * t + b
         if HAS_LABELS:
             pos = row_lab[:, None] == tl.load(col_lab_ptr + cols, mask=col_ok, other=-1)[None, :]
@@ -198,31 +132,6 @@ def _gblock_kernel(
         tl.store(loss_ptr + cp * (n_rows - row0) + (rows - row0), loss, mask=row_ok)
     tl.store(gs_ptr + pid, tl.sum(tl.where(row_ok, gs, 0.0), 0))
     tl.store(gsum_ptr + pid, tl.sum(tl.where(row_ok, gsum, 0.0), 0))
-
-
-@functools.lru_cache(maxsize=None)
-def _fp32_result_gemm(device_type: str) -> bool:
-    """Whether torch has 16-bit GEMMs with an fp32 result (``mm`` / ``addmm`` with ``out_dtype``)
-    for this device type: meta always, CUDA where the installed torch registers them."""
-    if device_type == "meta":
-        return True
-    if device_type != "cuda":
-        return False
-    has = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
-    return bool(has) and all(has(op, "CUDA") for op in ("aten::mm.dtype_out", "aten::addmm.dtype_out"))
-
-
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """out (accumulation dtype) = [out +] a @ b for operands of the input dtype: one GEMM with an
-    fp32 result (cuBLAS ``out_dtype``) where torch has it, else on operands widened to out's dtype
-    (a temporary copy of the G block: more memory, the same numbers)."""
-    if a.dtype != out.dtype and not _fp32_result_gemm(out.device.type):
-        a, b = a.to(out.dtype), b.to(out.dtype)
-    kw = {} if a.dtype == out.dtype else {"out_dtype": out.dtype}
-    if accumulate:
-        torch.addmm(out, a, b, out=out, **kw)
-    else:
-        torch.mm(a, b, out=out, **kw)
 
 
 def gemm_gradients(x, y, scale, bias, labels, offset, g, with_loss, p: GemmPlan):
