@@ -78,6 +78,11 @@ TORCH_LIBRARY(infonce_kernels, m) {
   // The pairwise sigmoid (SigLIP) op; labels: [] (diagonal rule with offset) or [row_labels, col_labels].
   m.def("_sigmoid_fwd(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor[] labels, int offset, bool with_grad) -> Tensor[]");
   m.def("_sigmoid_bwd(Tensor grad, Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor[] labels, int offset) -> Tensor[]");
+  // CLIP's pair backward by G blocks (CUDA only, csrc/common/pair_gblock_impls.h): G' of the block
+  // [row0, row1) x [col0, col1) into gblk, per-program partial sums of G' S into gs.
+  m.def(
+      "_lse_pair_gblock(Tensor a, Tensor b, Tensor scale, Tensor r, Tensor t, Tensor g_r, Tensor g_t, Tensor gmax, "
+      "Tensor(a!) gblk, Tensor(b!) gs, int row0, int row1, int col0, int col1, int col_progs) -> ()");
 }
 
 #ifdef INFONCE_PYTHON_MODULE
