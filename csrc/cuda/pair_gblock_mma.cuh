@@ -6,15 +6,16 @@
 // fragment read from shared memory serves both), column tiles of kGBN = 64. S = A B^T over all of
 // d once per tile: the stream of (column tile, feature chunk of kDK) stages runs kStages = 2 deep
 // (stage t in buffer t % 2: wait + barrier, issue stage t + 1's cp.async copies, multiply stage
-// t), so a tile's copy overlaps the previous one's product. After a tile's last chunk, per element
+// t), so each copy overlaps the previous stage's product; the loops are column tiles (outer) x
+// chunks (inner), the shape the kernel report counts (inner loop x ceil(d / kDK)). After a tile's last chunk, per element
 // (log2 domain, c2 = s log2(e), r2 = r log2(e), t2 = t log2(e)):
 //   P = ex2(S c2 - r2_i),  Q = ex2(S c2 - t2_j)            (one FFMA + one MUFU.EX2 each)
 //   G' = (g_r_i / gm) P + (g_t_j / gm) Q                    (FMUL + FFMA)
 //   G' = 0 outside the block (rows >= row1, columns >= col1: one select), sum += G' S,
 // and G' is stored in the input dtype, two columns per 32-bit store, unmasked (the block's
 // buffer has room for whole tiles). The column data (t2, g_t / gm) of the next tile is written
-// to shared memory by-parity during the current tile's last stage and published by the next
-// stage's barrier.
+// to shared memory by tile parity after the current tile's last barrier and published by the
+// next tile's first barrier.
 // Launched from pair_gblock.cu.
 #pragma once
 
@@ -103,66 +104,56 @@ __global__ void __launch_bounds__(kMmaThreads, 1) pair_gblock_mma_kernel(const G
     load_stage(0, 0, 0);
     cp_async_commit();
   }
-  int k = 0, c = 0, buf = 0;
+  int buf = 0;
   int64_t col = a.col0 + int64_t(cp) * kGBN;
-  for (int64_t st = 0, T = int64_t(ntiles) * nchunks; st < T; ++st) {
-    cp_async_wait_all();
-    __syncthreads();  // stage st landed and is visible; every warp is done with buffer buf ^ 1
-    if (st + 1 < T) {
-      const bool next_tile = c + 1 == nchunks;
-      load_stage(next_tile ? k + 1 : k, next_tile ? 0 : c + 1, buf ^ 1);
+  for (int k = 0; k < ntiles; ++k, col += tile_step) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+    for (int c = 0; c < nchunks; ++c, buf ^= 1) {
+      cp_async_wait_all();
+      __syncthreads();  // this stage landed and is visible; every warp is done with buffer buf ^ 1
+      const bool last = c + 1 == nchunks;  // the next stage: this tile's next chunk, or the next tile's first
+      if (!last || k + 1 < ntiles) load_stage(last ? k + 1 : k, last ? 0 : c + 1, buf ^ 1);
+      cp_async_commit();
+      const int kvalid = static_cast<int>(a.d - int64_t(c) * kDK < kDK ? a.d - int64_t(c) * kDK : kDK);
+      mma_qk<Tag, 2>(s, sX + buf * kGBM * kLds, sY + buf * kGBN * kLds, warp, lane, kvalid);
     }
-    cp_async_commit();
-    if (c == 0) {
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
-    }
-    const int kvalid = static_cast<int>(a.d - int64_t(c) * kDK < kDK ? a.d - int64_t(c) * kDK : kDK);
-    mma_qk<Tag, 2>(s, sX + buf * kGBM * kLds, sY + buf * kGBN * kLds, warp, lane, kvalid);
 
-    if (c + 1 == nchunks) {
-      if (k + 1 < ntiles) column_data(k + 1);  // parity (k+1)&1: last read by tile k-1, before this barrier
-      const int cvalid = static_cast<int>(a.col1 - col < kGBN ? a.col1 - col : kGBN);
-      float2 ct[8], cg[8];
-      uint32_t cmask = 0u;  // bit 2 nt + e: column nt * 8 + 2 tq + e of the tile is in the block
+    if (k + 1 < ntiles) column_data(k + 1);  // parity (k+1)&1: last read by tile k-1, before the barrier above
+    const int cvalid = static_cast<int>(a.col1 - col < kGBN ? a.col1 - col : kGBN);
+    float2 ct[8], cg[8];
+    uint32_t cmask = 0u;  // bit 2 nt + e: column nt * 8 + 2 tq + e of the tile is in the block
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      ct[nt] = *reinterpret_cast<const float2*>(&sCT[k & 1][nt * 8 + 2 * tq]);
+      cg[nt] = *reinterpret_cast<const float2*>(&sCG[k & 1][nt * 8 + 2 * tq]);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) cmask |= uint32_t(nt * 8 + 2 * tq + e < cvalid) << (2 * nt + e);
+    }
+    const int64_t gcol = (col - a.col0) / 2;  // the tile's first column, in 32-bit pairs
+#pragma unroll
+    for (int r = 0; r < kGRows; ++r) {
+      const uint32_t m = rv[r] ? cmask : 0u;
+      uint32_t* out = gp[r] + gcol;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
-        ct[nt] = *reinterpret_cast<const float2*>(&sCT[k & 1][nt * 8 + 2 * tq]);
-        cg[nt] = *reinterpret_cast<const float2*>(&sCG[k & 1][nt * 8 + 2 * tq]);
+        float w[2];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) cmask |= uint32_t(nt * 8 + 2 * tq + e < cvalid) << (2 * nt + e);
-      }
-      const int64_t gcol = (col - a.col0) / 2;  // the tile's first column, in 32-bit pairs
-#pragma unroll
-      for (int r = 0; r < kGRows; ++r) {
-        const uint32_t m = rv[r] ? cmask : 0u;
-        uint32_t* out = gp[r] + gcol;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          float w[2];
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float sv = s[r >> 1][nt][2 * (r & 1) + e];
-            const float p = fast_exp2(fmaf(sv, c2, -r2[r]));
-            const float q = fast_exp2(fmaf(sv, c2, -(e ? ct[nt].y : ct[nt].x)));
-            const float v = fmaf(gr[r], p, (e ? cg[nt].y : cg[nt].x) * q);
-            w[e] = (m >> (2 * nt + e)) & 1u ? v : 0.f;  // a padded row / column's exp may be inf
-            gsum = fmaf(w[e], sv, gsum);
-          }
-          out[nt * 4] = Tag::pack(w[0], w[1]);
+        for (int e = 0; e < 2; ++e) {
+          const float sv = s[r >> 1][nt][2 * (r & 1) + e];
+          const float p = fast_exp2(fmaf(sv, c2, -r2[r]));
+          const float q = fast_exp2(fmaf(sv, c2, -(e ? ct[nt].y : ct[nt].x)));
+          const float v = fmaf(gr[r], p, (e ? cg[nt].y : cg[nt].x) * q);
+          w[e] = (m >> (2 * nt + e)) & 1u ? v : 0.f;  // a padded row / column's exp may be inf
+          gsum = fmaf(w[e], sv, gsum);
         }
+        out[nt * 4] = Tag::pack(w[0], w[1]);
       }
-      ++k;
-      c = 0;
-      col += tile_step;
-    } else {
-      ++c;
     }
-    buf ^= 1;
   }
 
   // the program's partial of sum G' S: warp shuffles, then the 4 warps in a fixed order

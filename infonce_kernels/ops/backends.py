@@ -26,8 +26,10 @@ both directions of a paired batch without exclusions, from one pass over the sco
     uses_backward_pair(device, dtype, d) -> bool
     backward_pair(a, b, scale, r, t, g_r, g_t) -> (da, db, dscale)
 
-the gradients of ``sum(g_r * r) + sum(g_t * t)`` in one call (triton: G blocks and GEMMs for d
-beyond one output chunk of its paired kernel).
+the gradients of ``sum(g_r * r) + sum(g_t * t)`` in one call by G blocks and GEMMs
+(``ops/pair_gemm.py``) for d beyond one output chunk of the backend's paired kernel: triton for
+16-bit / tf32 inputs (``triton/_pair_gemm.py``), cuda for fp16 / bf16 with d > 128 (the G kernel
+csrc/cuda/pair_gblock_mma.cuh; fp32 / fp64 and d <= 128 keep two paired backwards).
 
 The pairwise sigmoid (SigLIP) op adds two functions (``infonce_kernels.ops.sigmoid``; docs/design.md,
 The pairwise sigmoid op). x (M, d) and y (N, d) of one dtype, ``scale`` t and ``bias`` b 0-d

@@ -29,10 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import gblock_gemm
+from ..ops.gblock_gemm import GemmPlan, mm_into as _mm_into
 from ..ops.precision import accumulation_dtype
-from . import _config, _gemm
+from . import _config
 from ._common import acc_dtype, input_precision
-from ._gemm import GemmPlan, mm_into as _mm_into, score_block
+from ._gemm import score_block
 from ._sigmoid import pair_terms
 
 #: the extra memory the gradients may take, outputs (dx, dy) included, in units of the embeddings
@@ -59,13 +61,13 @@ def kernel_tiles(device: torch.device, dtype: torch.dtype) -> tuple:
 
 def plan(M: int, N: int, d: int, dtype: torch.dtype, device: torch.device, *,
          budget: float = None, min_band: int = None) -> GemmPlan:
-    """``_gemm.plan`` with this kernel's tiles and ``MEMORY_BUDGET`` (default).
+    """``gblock_gemm.plan`` with this kernel's tiles and ``MEMORY_BUDGET`` (default).
 
     B = 65,536, d = 768, bf16: C = 6 groups of 10,944 columns, R = 2,048 (G block 42.8 MiB, dy_c
     32.1 MiB, dx product 6 MiB, outputs 192 MiB: 1.42x the embeddings).
     """
-    return _gemm.plan(M, N, d, dtype, kernel_tiles(device, dtype), MEMORY_BUDGET if budget is None else budget,
-                      min_band)
+    return gblock_gemm.plan(M, N, d, dtype, kernel_tiles(device, dtype), MEMORY_BUDGET if budget is None else budget,
+                            min_band, interpret=_config.interpret_mode())
 
 
 @triton.jit
