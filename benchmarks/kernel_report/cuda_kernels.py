@@ -121,9 +121,12 @@ def geometry(short: str, consts: dict[str, int]):
     """(rows, keys, threads) of one CTA tile, or (None, reason)."""
     if "_mma_kernel" in short:
         rows = "kFwdBM" if short.startswith("lse_fwd_") and "kFwdBM" in consts else "kBM"
-        need = (rows, "kBN", "kMmaThreads")
+        keys = "kBN"
+        if short.startswith("pair_gblock_"):            # CLIP's G kernel (pair_gblock.h)
+            rows, keys = "kGBM", "kGBN"
+        need = (rows, keys, "kMmaThreads")
         if all(k in consts for k in need):
-            return consts[rows], consts["kBN"], consts["kMmaThreads"]
+            return consts[rows], consts[keys], consts["kMmaThreads"]
         return None, f"constants {need} not found in csrc/cuda"
     if "_simt_kernel" in short:
         m = re.search(r"<\w+, (\d+)", short)
@@ -212,6 +215,8 @@ def mma_dynamic_smem(short: str, consts: dict[str, int], d: int) -> int | None:
         return 2 * lds * (xbuf * consts["kFwdBM"] + stages * consts["kBN"])
     if short.startswith("lse_bwd_"):
         return 2 * lds * consts["kBM"] * (xbuf + stages + (0 if x_resident else stages))
+    if short.startswith("pair_gblock_") and "kGBM" in consts:   # pair_gblock_smem(): X and Y, kStages each
+        return 2 * lds * stages * (consts["kGBM"] + consts["kGBN"])
     return None
 
 

@@ -168,13 +168,19 @@ def headline(records: list[dict], cap: int = 90, extras: dict | None = None) -> 
 #: shared memory: 128 B per clock per SM (32 banks x 4 B) x 132 SMs x 1.98 GHz
 SMEM_RATE = 128 * 132 * 1.98e9
 #: the CUDA backend's launches in each headline case: (pass, kernel, launches); the backward adds
-#: absmax / sum_partials, O(N) work, not modelled
+#: absmax / sum_partials, O(N) work, not modelled. CLIP at d = 512 (bf16, d > 128: the backend's
+#: ``uses_backward_pair``): the backward by G blocks and GEMMs (``ops/pair_gemm.py``), the G
+#: kernel's launches (one per band x column group) sharing one pass over the pairs
+#: (:data:`CUDA_BLOCK_KERNELS`), the GEMMs and elementwise passes from :func:`.clip.recorded_backward`
 CUDA_HEADLINE = {
     "nt_xent_2B65536_d128_bf16": [("forward", "lse_fwd_mma_kernel<BF16Tag, false, false>", 1),
                                   ("backward", "lse_bwd_mma_kernel<BF16Tag, 2, false, false>", 1)],
     "clip_B32768_d512_bf16": [("forward", "lse_fwd_mma_kernel<BF16Tag, false, false>", 2),
-                              ("backward", "lse_bwd_mma_kernel<BF16Tag, 2, false, false>", 2)],
+                              ("backward", "pair_gblock_mma_kernel<BF16Tag>", 1)],
 }
+#: CUDA kernels whose launches share the pairs of a pass (each launch one G block): modelled as one
+#: full pass, at least its G writes at the HBM rate, with the GEMMs of the G-block path beside it
+CUDA_BLOCK_KERNELS = {"pair_gblock_mma_kernel<BF16Tag>", "pair_gblock_mma_kernel<F16Tag>"}
 #: issue 16: the CUDA backend within this factor of Triton on the headline cases
 CUDA_TARGET_RATIO = 1.5
 
@@ -184,7 +190,10 @@ CUDA_MODEL_TEXT = (
     "(128 B/clock/SM x 132 x 1.98 GHz; the tiles' cp.async stores and the column-data loads are not counted); "
     "per-element counts at the case's d (the S product's chunk loop x ceil(d/128), the backward's ceil(d/128) "
     "programs per tile); the SASS counts include both sides of the vector/scalar tile-load branches, which "
-    "overstates the instructions of the vector path that these aligned, d % 8 == 0 cases take")
+    "overstates the instructions of the vector path that these aligned, d % 8 == 0 cases take; CLIP's backward "
+    "by G blocks: the G kernel's launches one pass over the pairs (at least its G writes at the HBM rate), the "
+    "GEMMs (cuBLAS, not compiled here) per call max(FLOPs / tensor, bytes / HBM) and the elementwise passes over "
+    "the fp32 products at the HBM rate (3.35e12 B/s), added")
 
 
 def cuda_launch_time(pe: dict, elements: float) -> dict:
@@ -194,27 +203,57 @@ def cuda_launch_time(pe: dict, elements: float) -> dict:
     return dict(t, smem_ms=t_smem, ms=max(t["ms"], t_smem))
 
 
-def cuda_headline(kernels: dict, triton_headline: dict) -> dict:
+def cuda_headline(kernels: dict, triton_headline: dict, extras: dict | None = None) -> dict:
     """Modelled time of each headline case on the CUDA backend (``kernels``: one architecture's
     records of cuda_kernels.compile_arch) and the verdict on "within CUDA_TARGET_RATIO x of
-    Triton" against ``triton_headline`` (:func:`headline`)."""
+    Triton" against ``triton_headline`` (:func:`headline`).
+
+    ``extras``: {case: :func:`.clip.recorded_backward` on the cuda backend} for the cases whose
+    backward takes G blocks (default: recorded here); their G kernel's launches are one pass
+    (:data:`CUDA_BLOCK_KERNELS`), at least the G writes at the HBM rate, and the GEMMs (cuBLAS,
+    modelled at the tensor rate) and elementwise passes are added as passes of their own."""
+    if extras is None and any(k in CUDA_BLOCK_KERNELS for launches in CUDA_HEADLINE.values() for _, k, _ in launches):
+        from . import clip  # noqa: PLC0415
+        extras = clip.headline_extras(90, backend="cuda")
+    extras = extras or {}
     out = {}
     for name, launches in CUDA_HEADLINE.items():
         case = HEADLINE[name]
         e = float(case["rows"]) ** 2
+        ext = extras.get(name)
         passes, total, missing = [], 0.0, []
         for phase, kernel, n in launches:
             pe = ((kernels.get(kernel) or {}).get("per_element_at") or {}).get(str(case["d"]))
             if not pe or "instr" not in pe:
                 missing.append(kernel)
                 continue
-            t = cuda_launch_time(pe, e)
-            passes.append(dict(name=phase, kernel=kernel, launches=n, **{k: round(v * n, 3) for k, v in t.items()}))
-            total += t["ms"] * n
+            t = {k: v * n for k, v in cuda_launch_time(pe, e).items()}
+            if kernel in CUDA_BLOCK_KERNELS:
+                if not ext:
+                    missing.append(f"{kernel}'s GEMMs (the G-block path not recorded: infonce_kernels._C not built?)")
+                    continue
+                t["hbm_ms"] = ext["g_block_hbm_bytes"] / ext["hbm_rate"] * 1e3
+                t["ms"] = max(t["ms"], t["hbm_ms"])
+                n = ext["plan"]["groups"] * -(-case["rows"] // ext["plan"]["band"])
+            passes.append(dict(name=phase, kernel=kernel, launches=n, **{k: round(v, 3) for k, v in t.items()}))
+            total += t["ms"]
+            if kernel in CUDA_BLOCK_KERNELS:
+                gt = ext["gemms"]
+                passes.append(dict(name="backward GEMMs (cuBLAS: modelled at the tensor rate, not compiled here)",
+                                   kernel="torch.mm / torch.addmm", launches=gt["calls"], issue_ms=0.0,
+                                   mma_ms=round(gt["tensor_ms"], 3), mufu_ms=0.0, smem_ms=0.0,
+                                   hbm_ms=round(gt["hbm_ms"], 3), ms=round(gt["ms"], 3)))
+                passes.append(dict(name="backward elementwise (fp32 products scaled / added / rounded: HBM bytes)",
+                                   kernel="torch addcmul / mul / copy", launches="-", issue_ms=0.0, mma_ms=0.0,
+                                   mufu_ms=0.0, smem_ms=0.0, hbm_ms=round(ext["elementwise_ms"], 3),
+                                   ms=round(ext["elementwise_ms"], 3)))
+                total += gt["ms"] + ext["elementwise_ms"]
         tri = (triton_headline.get(name) or {}).get("modelled_ms")
         ms = round(total, 2) if passes and not missing else None
         ratio = round(ms / tri, 2) if ms and tri else None
         out[name] = dict(modelled_ms=ms, floor_ms=round(floor_ms(case), 2), passes=passes, not_modelled=missing,
                          triton_modelled_ms=tri, ratio_to_triton=ratio, target_ratio=CUDA_TARGET_RATIO,
                          within_target=None if ratio is None else ratio <= CUDA_TARGET_RATIO)
+        if ext and passes:
+            out[name]["g_block_path"] = ext
     return out
