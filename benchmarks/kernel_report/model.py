@@ -170,17 +170,18 @@ SMEM_RATE = 128 * 132 * 1.98e9
 #: the CUDA backend's launches in each headline case: (pass, kernel, launches); the backward adds
 #: absmax / sum_partials, O(N) work, not modelled. CLIP at d = 512 (bf16, d > 128: the backend's
 #: ``uses_backward_pair``): the backward by G blocks and GEMMs (``ops/pair_gemm.py``), the G
-#: kernel's launches (one per band x column group) sharing one pass over the pairs
+#: kernel's launches (one per band x column group; the cp.async variant: d % 8 == 0) sharing one pass over the pairs
 #: (:data:`CUDA_BLOCK_KERNELS`), the GEMMs and elementwise passes from :func:`.clip.recorded_backward`
 CUDA_HEADLINE = {
     "nt_xent_2B65536_d128_bf16": [("forward", "lse_fwd_mma_kernel<BF16Tag, false, false>", 1),
                                   ("backward", "lse_bwd_mma_kernel<BF16Tag, 2, false, false>", 1)],
     "clip_B32768_d512_bf16": [("forward", "lse_fwd_mma_kernel<BF16Tag, false, false>", 2),
-                              ("backward", "pair_gblock_mma_kernel<BF16Tag>", 1)],
+                              ("backward", "pair_gblock_mma_kernel<BF16Tag, true>", 1)],
 }
 #: CUDA kernels whose launches share the pairs of a pass (each launch one G block): modelled as one
 #: full pass, at least its G writes at the HBM rate, with the GEMMs of the G-block path beside it
-CUDA_BLOCK_KERNELS = {"pair_gblock_mma_kernel<BF16Tag>", "pair_gblock_mma_kernel<F16Tag>"}
+CUDA_BLOCK_KERNELS = {f"pair_gblock_mma_kernel<{tag}, {vec}>"
+                      for tag in ("BF16Tag", "F16Tag") for vec in ("true", "false")}
 #: issue 16: the CUDA backend within this factor of Triton on the headline cases
 CUDA_TARGET_RATIO = 1.5
 

@@ -39,7 +39,7 @@ struct PairGBlockParams {
   const float* gmax = nullptr;     // one device scalar, > 0 and finite
   int64_t M = 0, N = 0, d = 0;
   int64_t row0 = 0, row1 = 0, col0 = 0, col1 = 0;
-  int64_t col_progs = 1;
+  int64_t col_progs = 1;  // in [1, 65536]
   void* gblk = nullptr;  // input dtype, row stride ldg (even), 4-byte aligned; room for whole tiles
   int64_t ldg = 0;
   float* gs = nullptr;   // (pair_gblock_programs(p),)

@@ -25,30 +25,16 @@
 namespace infonce_cuda {
 namespace {
 
-// The kernel's arguments (by value as the kernel parameter).
-struct GBlockArgs {
-  const uint16_t* A;
-  const uint16_t* B;
-  const float* scale;
-  const float* r;
-  const float* t;
-  const float* g_r;
-  const float* g_t;
-  const float* gmax;
-  uint32_t* G;  // the block buffer as pairs of 16-bit values
-  int64_t ldg;  // its row stride in elements (even)
-  float* gs;
-  int64_t row0, row1, col0, col1, d;
-  int col_progs;
-  bool vec;  // d % 8 == 0 and 16-byte aligned a, b: cp.async tile loads
-};
-
 constexpr float kLog2eG = 1.4426950408889634f;
 constexpr int kGRows = 4;  // rows per thread: two m16 tiles x (gq, gq + 8)
 constexpr size_t pair_gblock_smem() { return size_t(kStages) * (kGBM + kGBN) * kLds * sizeof(uint16_t); }
 
-template <typename Tag>
-__global__ void __launch_bounds__(kMmaThreads, 1) pair_gblock_mma_kernel(const GBlockArgs a) {
+// VEC: d % 8 == 0 and 16-byte aligned a, b: cp.async tile loads (load_tile16's vector path, the
+// element-wise one compiled out); else element loads.
+template <typename Tag, bool VEC>
+__global__ void __launch_bounds__(kMmaThreads, 1) pair_gblock_mma_kernel(const PairGBlockParams a) {
+  const uint16_t* __restrict__ A = static_cast<const uint16_t*>(a.a);
+  const uint16_t* __restrict__ B = static_cast<const uint16_t*>(a.b);
   extern __shared__ __align__(16) uint16_t smem16[];
   uint16_t* sX = smem16;                           // kStages x (kGBM x kLds)
   uint16_t* sY = smem16 + kStages * kGBM * kLds;   // kStages x (kGBN x kLds)
@@ -58,14 +44,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1) pair_gblock_mma_kernel(const G
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
-  const int rb = static_cast<int>(blockIdx.x / a.col_progs), cp = static_cast<int>(blockIdx.x % a.col_progs);
+  const int col_progs = static_cast<int>(a.col_progs);  // <= 65536 (the binding's check)
+  const int rb = static_cast<int>(blockIdx.x / unsigned(col_progs)), cp = static_cast<int>(blockIdx.x % unsigned(col_progs));
   const int64_t row_base = a.row0 + int64_t(rb) * kGBM;
   const float inv_gm = 1.f / __ldg(a.gmax);
   const float c2 = __ldg(a.scale) * kLog2eG;
   const int nchunks = static_cast<int>((a.d + kDK - 1) / kDK);
   const int64_t ctiles = (a.col1 - a.col0 + kGBN - 1) / kGBN;
-  const int ntiles = cp < ctiles ? static_cast<int>((ctiles - cp + a.col_progs - 1) / a.col_progs) : 0;
-  const int64_t tile_step = int64_t(a.col_progs) * kGBN;
+  const int ntiles = cp < ctiles ? static_cast<int>((ctiles - cp + col_progs - 1) / col_progs) : 0;
+  const int64_t tile_step = int64_t(col_progs) * kGBN;
 
   // this thread's rows: r = 2 mt + h -> row 32 warp + 16 mt + gq + 8 h of the CTA
   bool rv[kGRows];
@@ -78,13 +65,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) pair_gblock_mma_kernel(const G
     rv[r] = row < a.row1;
     r2[r] = rv[r] ? __ldg(a.r + row) * kLog2eG : 0.f;
     gr[r] = rv[r] ? __ldg(a.g_r + row) * inv_gm : 0.f;
-    gp[r] = a.G + ((row - a.row0) * a.ldg) / 2 + tq;
+    gp[r] = static_cast<uint32_t*>(a.gblk) + ((row - a.row0) * a.ldg) / 2 + tq;  // the buffer as 16-bit pairs
   }
 
   // column data of tile k into parity k & 1 (threads < kGBN, one column each)
   auto column_data = [&](int k) {
     if (threadIdx.x < kGBN) {
-      const int64_t j = a.col0 + (int64_t(cp) + int64_t(k) * a.col_progs) * kGBN + threadIdx.x;
+      const int64_t j = a.col0 + (int64_t(cp) + int64_t(k) * col_progs) * kGBN + threadIdx.x;
       const bool in = j < a.col1;
       sCT[k & 1][threadIdx.x] = in ? __ldg(a.t + j) * kLog2eG : 0.f;
       sCG[k & 1][threadIdx.x] = in ? __ldg(a.g_t + j) * inv_gm : 0.f;
@@ -92,9 +79,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1) pair_gblock_mma_kernel(const G
   };
   // the copies of stage (tile k, chunk c) into buffer `buf`
   auto load_stage = [&](int k, int c, int buf) {
-    const int64_t col = a.col0 + (int64_t(cp) + int64_t(k) * a.col_progs) * kGBN;
-    load_tile16<kGBM>(sX + buf * kGBM * kLds, a.A, row_base, a.row1, int64_t(c) * kDK, a.d, a.vec);
-    load_tile16<kGBN>(sY + buf * kGBN * kLds, a.B, col, a.col1, int64_t(c) * kDK, a.d, a.vec);
+    const int64_t col = a.col0 + (int64_t(cp) + int64_t(k) * col_progs) * kGBN;
+    load_tile16<kGBM>(sX + buf * kGBM * kLds, A, row_base, a.row1, int64_t(c) * kDK, a.d, VEC);
+    load_tile16<kGBN>(sY + buf * kGBN * kLds, B, col, a.col1, int64_t(c) * kDK, a.d, VEC);
   };
 
   float gsum = 0.f;
@@ -125,33 +112,35 @@ __global__ void __launch_bounds__(kMmaThreads, 1) pair_gblock_mma_kernel(const G
 
     if (k + 1 < ntiles) column_data(k + 1);  // parity (k+1)&1: last read by tile k-1, before the barrier above
     const int cvalid = static_cast<int>(a.col1 - col < kGBN ? a.col1 - col : kGBN);
-    float2 ct[8], cg[8];
-    uint32_t cmask = 0u;  // bit 2 nt + e: column nt * 8 + 2 tq + e of the tile is in the block
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      ct[nt] = *reinterpret_cast<const float2*>(&sCT[k & 1][nt * 8 + 2 * tq]);
-      cg[nt] = *reinterpret_cast<const float2*>(&sCG[k & 1][nt * 8 + 2 * tq]);
-#pragma unroll
-      for (int e = 0; e < 2; ++e) cmask |= uint32_t(nt * 8 + 2 * tq + e < cvalid) << (2 * nt + e);
-    }
     const int64_t gcol = (col - a.col0) / 2;  // the tile's first column, in 32-bit pairs
+    uint32_t m[kGRows];  // bit 2 nt + e: (row r, column nt * 8 + 2 tq + e of the tile) is in the block
 #pragma unroll
     for (int r = 0; r < kGRows; ++r) {
-      const uint32_t m = rv[r] ? cmask : 0u;
-      uint32_t* out = gp[r] + gcol;
+      m[r] = 0u;
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) m[r] |= uint32_t(rv[r] && nt * 8 + 2 * tq + e < cvalid) << (2 * nt + e);
+    }
+    // column by column (8 columns per n-tile, this thread's two), the column data read once for
+    // the 4 rows (few registers live beside the 64 accumulators)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const float2 ct = *reinterpret_cast<const float2*>(&sCT[k & 1][nt * 8 + 2 * tq]);
+      const float2 cg = *reinterpret_cast<const float2*>(&sCG[k & 1][nt * 8 + 2 * tq]);
+#pragma unroll
+      for (int r = 0; r < kGRows; ++r) {
         float w[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const float sv = s[r >> 1][nt][2 * (r & 1) + e];
           const float p = fast_exp2(fmaf(sv, c2, -r2[r]));
-          const float q = fast_exp2(fmaf(sv, c2, -(e ? ct[nt].y : ct[nt].x)));
-          const float v = fmaf(gr[r], p, (e ? cg[nt].y : cg[nt].x) * q);
-          w[e] = (m >> (2 * nt + e)) & 1u ? v : 0.f;  // a padded row / column's exp may be inf
+          const float q = fast_exp2(fmaf(sv, c2, -(e ? ct.y : ct.x)));
+          const float v = fmaf(gr[r], p, (e ? cg.y : cg.x) * q);
+          w[e] = (m[r] >> (2 * nt + e)) & 1u ? v : 0.f;  // a padded row / column's exp may be inf
           gsum = fmaf(w[e], sv, gsum);
         }
-        out[nt * 4] = Tag::pack(w[0], w[1]);
+        gp[r][gcol + nt * 4] = Tag::pack(w[0], w[1]);
       }
     }
   }

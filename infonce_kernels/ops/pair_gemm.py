@@ -21,11 +21,12 @@ dscale = gmax * (the partials summed in float64, in a fixed order: deterministic
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from .gblock_gemm import GemmPlan, mm_into as _mm_into
+from .gblock_gemm import GemmPlan
+from .gblock_gemm import mm_into as _mm_into
 from .precision import accumulation_dtype
 
 #: outputs (da, db) + the plan's scratch at most this many times the embeddings (a and b): the

@@ -21,8 +21,6 @@ from ._common import acc_dtype, input_precision, log2_prob
 from ._gemm import score_block
 from ._sigmoid_gemm import TARGET_PROGRAMS, kernel_tiles
 
-__all__ = ["MEMORY_BUDGET", "MIN_SCRATCH_BYTES", "uses_gemm_path", "plan", "pair_gradients"]
-
 
 def uses_gemm_path(device: torch.device, dtype: torch.dtype, d: int) -> bool:
     """Whether CLIP's backward takes this path: 16-bit or tf32 inputs whose d spans more than one

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from ..ops import gblock_gemm
-from ..ops.gblock_gemm import GemmPlan, mm_into as _mm_into
+from ..ops.gblock_gemm import GemmPlan
+from ..ops.gblock_gemm import mm_into as _mm_into
 from ..ops.precision import accumulation_dtype
 from . import _config
 from ._common import acc_dtype, input_precision
