@@ -179,3 +179,36 @@ class TestCudaPairBackward:
             with pytest.raises((ValueError, TypeError), match=word):
                 op(*args)
 
+
+
+class TestKernelReport:
+    def test_recorded_backward_on_the_cuda_backend(self):
+        """The kernel report's record of the cuda backend's backward at the headline shape: the
+        plan, 4 B^2 d GEMM FLOPs (da and db once each), scratch under half the embeddings."""
+        from benchmarks.kernel_report import clip  # noqa: PLC0415
+        rec = clip.recorded_backward(32768, 512, "bf16", backend="cuda")
+        assert rec["plan"] == dict(band=2048, groups=8, cols=4096)
+        assert rec["gemms"]["flops"] == 4 * 32768.0 ** 2 * 512 and rec["gemms"]["calls"] == 2 * 8 * 16
+        assert rec["memory"]["scratch_ratio"] <= 0.5 and rec["memory"]["outputs_bytes"] == rec["memory"]["embeddings_bytes"]
+        assert clip.recorded_backward(32768, 128, "bf16", backend="cuda") is None     # d <= 128: paired kernels
+
+    def test_cuda_headline_counts_the_g_kernel_once_with_its_gemms(self):
+        """CUDA CLIP: the G kernel's launches are one pass over the pairs (at least its G writes at
+        the HBM rate), plus the GEMMs and elementwise passes; the two forward row passes as before."""
+        from benchmarks.kernel_report import model  # noqa: PLC0415
+        case = model.HEADLINE["clip_B32768_d512_bf16"]
+        e = float(case["rows"]) ** 2
+        fwd, g = dict(instr=30.0, mma_flops=1024.0, mufu=1.0, ldsm_bytes=40.0), dict(instr=1.0, mma_flops=1.0, mufu=0.1)
+        kernels = {"lse_fwd_mma_kernel<BF16Tag, false, false>": dict(per_element_at={"512": fwd}),
+                   "pair_gblock_mma_kernel<BF16Tag, true>": dict(per_element_at={"512": g})}
+        ext = dict(plan=dict(band=2048, groups=8, cols=4096), gemms=dict(calls=256, tensor_ms=2.0, hbm_ms=1.0, ms=2.5),
+                   elementwise_ms=0.5, g_block_hbm_bytes=2.0 ** 31, hbm_rate=3.35e12)
+        h = model.cuda_headline(kernels, {"clip_B32768_d512_bf16": dict(modelled_ms=10.0)},
+                                {"clip_B32768_d512_bf16": ext})["clip_B32768_d512_bf16"]
+        hbm = 2.0 ** 31 / 3.35e12 * 1e3
+        assert [p["launches"] for p in h["passes"]] == [2, 128, 256, "-"]
+        assert h["passes"][1]["ms"] == pytest.approx(hbm, abs=1e-3)       # the G writes bound this toy kernel
+        want = 2 * model.cuda_launch_time(fwd, e)["ms"] + hbm + 2.5 + 0.5
+        assert h["modelled_ms"] == pytest.approx(want, abs=0.01) and h["ratio_to_triton"] == round(h["modelled_ms"] / 10, 2)
+        no_ext = model.cuda_headline(kernels, {}, {})["clip_B32768_d512_bf16"]
+        assert no_ext["modelled_ms"] is None and no_ext["not_modelled"]
