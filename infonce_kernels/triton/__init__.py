@@ -43,7 +43,8 @@ Layout:
                   column LSEs of one sweep, partials merged on the host)
     _backward.py  dq / dk kernels (general), the paired dq kernel (paired and
                   symmetric backward), dscale
-    _gemm.py      the G-block + GEMM schedule (plan, GEMM driver) of the large-d gradients
+    _gemm.py      the G kernels' S tile over all of d (their schedule, plan and GEMM driver:
+                  ops/gblock_gemm.py and ops/pair_gemm.py, shared with the cuda backend)
     _pair_gemm.py CLIP's backward for large d: G blocks (S once per tile) and GEMMs
     _sigmoid.py   the pairwise sigmoid (SigLIP) kernels: row sweep (loss, dx, dscale, dbias)
                   and column sweep (dy)
