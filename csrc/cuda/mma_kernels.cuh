@@ -3,9 +3,13 @@
 // by ex2.approx (one MUFU.EX2). CTA = 4 warps; forward 128 rows (32 per warp), backward 64 rows
 // (16 per warp); key tiles of 64; the QK product loops over d in chunks of 128, the backward
 // output loops over d in chunks of 128 on grid.y (each output chunk recomputes S and P: any d
-// works, and d <= 128 costs no recomputation). The invariants: csrc/cuda/README.md. Maths and
-// the exclusion rule: lse_kernels.cu's header and csrc/common/exclusion.h; launched from
-// launch_mma.cu.
+// works, and d <= 128 costs no recomputation). Masked and interior tiles: once per key tile a
+// warp vote decides whether an exclusion, the end of the keys or a rule touches the tile; only
+// then does the warp run the per-element mask code (interior tiles: no per-element compares).
+// Two kernels per body: the general one (any d, alignment and rule) and, for the rule-free launch
+// with d <= kDK and 16-B aligned rows, a resident one with the other cases compiled out. The
+// invariants: csrc/cuda/README.md. Maths and the exclusion rule: lse_kernels.cu's header and
+// csrc/common/exclusion.h; launched from launch_mma.cu.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -218,20 +222,24 @@ __device__ __forceinline__ void mma_qk(float (&s)[MT][8][4], const uint16_t* sX,
 // THR = false code is the rule-free kernel): each row's threshold and positive in registers, the
 // logit s * S (nats) compared through exclusion.h's threshold_dropped inside the same
 // branch-free mask, and the keys it drops counted per row into dropped[row] (quad-reduced).
-template <typename Tag, bool LBL, bool THR>
-__global__ void __launch_bounds__(kMmaThreads)
-    lse_fwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
-                       const float* __restrict__ scale_ptr, const infonce_kernels::ExclusionRule rule,
-                       int64_t M, int64_t N, int64_t d, bool vec, float* __restrict__ lse,
-                       int32_t* __restrict__ dropped) {
+// RES (the resident kernel, lse_fwd_resident_mma_kernel): the launch has d <= kDK and 16-B
+// aligned rows, so the q tile is resident, every tile load takes the cp.async path and the
+// feature-chunk loop runs once: the code of the other cases is compiled out.
+template <typename Tag, bool LBL, bool THR, bool RES>
+__device__ __forceinline__ void lse_fwd_mma(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                                            const float* __restrict__ scale_ptr,
+                                            const infonce_kernels::ExclusionRule& rule, int64_t M, int64_t N,
+                                            int64_t d, bool vec, float* __restrict__ lse,
+                                            int32_t* __restrict__ dropped) {
   constexpr int MT = kFwdMTiles, R = 2 * MT;  // m16 tiles and rows per thread
   const int64_t* __restrict__ exclude = rule.lists;
   const int64_t* __restrict__ row_labels = rule.row_labels;
   const int64_t* __restrict__ key_labels = rule.key_labels;
   const int64_t* __restrict__ positive = rule.positive;
   const int E = static_cast<int>(rule.E);
-  const int nchunks = static_cast<int>((d + kDK - 1) / kDK);
-  const bool x_resident = nchunks == 1;  // d <= kDK: the q tile is loaded once
+  vec = RES || vec;
+  const int nchunks = RES ? 1 : static_cast<int>((d + kDK - 1) / kDK);
+  const bool x_resident = RES || nchunks == 1;  // d <= kDK: the q tile is loaded once
   // Dynamic smem (fwd_mma_smem): X (1 or kStages row tiles), then kStages key tiles.
   extern __shared__ __align__(16) uint16_t smem16[];
   uint16_t* sX = smem16;
@@ -305,7 +313,8 @@ __global__ void __launch_bounds__(kMmaThreads)
       if (ncol < N) issue(ncol, last ? 0 : c + 1, b ^ 1);
       if (new_tile) issue_labels(ncol, tb ^ 1);
       cp_async_commit();
-      const int kvalid = static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
+      // RES: every k-step (the columns past d are zero and add nothing): no guards in the product
+      const int kvalid = RES ? kDK : static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
       mma_qk<Tag, MT>(s, sX + (x_resident ? 0 : b * kFwdXElems), sY + b * kTileElems, warp, lane, kvalid);
       b ^= 1;
     }
@@ -440,9 +449,11 @@ struct ColStage {
 // factor pulled out is g_a itself (kRow: W' = P in [0, 1]) or gmax = max_b |g_b| (kCol/kSym:
 // |W'| <= 2; gmax = max over both sides' gradients when paired) -- a plain g_b P with g = 1/M
 // would fall into fp16 subnormals for M > 16384.
-// Masks are branch-free: an excluded entry's exponent is replaced by -inf before ex2 (2^-inf = 0),
-// so every entry runs the same FFMA / FSEL / MUFU sequence.
-// dscale partial (kRow, kSym; blockIdx.y == 0 only): sum_ab g_a P_ab S_ab in fp32, exact W.
+// Masks: on a masked tile (see `masked` below) an excluded entry's exponent is replaced by -inf
+// before ex2 (2^-inf = 0), branch-free inside the tile; an interior tile runs the copy of the
+// S -> W' loop without any per-element test (FFMA, MUFU per term).
+// dscale partial (kRow, kSym; blockIdx.y == 0 only): sum_ab g_a P_ab S_ab in fp32, exact W
+// (per row: sum_b P_ab S_ab, times g_a at the end).
 // Registers: 64 (output acc) + 32 (S) fp32 + fragments + the next tile's ColStage; no spills
 // (see the ptxas report). The min-blocks hint 2 of __launch_bounds__ matters: with (128) alone
 // ptxas (13.0) chose a 168-register budget for kRow on sm_80 and spilled; with (128, 2) the
@@ -462,18 +473,21 @@ struct ColStage {
 // the row block per column), both from shared memory where they are used: no registers live
 // across the product (the two-sided kernel is at 233-254 of 255). The logit s * S (nats) is
 // compared through exclusion.h's threshold_dropped and folded into the same branch-free -inf mask.
-template <typename Tag, int MODE, bool LBL, bool THR>
-__global__ void __launch_bounds__(kMmaThreads, 2)
-    lse_bwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
-                       const float* __restrict__ scale_ptr, const Sides<float> sides, int64_t nX,
-                       int64_t nY, int64_t d, bool vec, const float* __restrict__ gmax_ptr,
-                       typename Tag::T* __restrict__ dX, float* __restrict__ dscale_partial) {
+// RES: as in the forward (lse_bwd_resident_mma_kernel: d <= kDK, aligned; the key tile is the
+// value tile and grid.y = 1).
+template <typename Tag, int MODE, bool LBL, bool THR, bool RES>
+__device__ __forceinline__ void lse_bwd_mma(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                                            const float* __restrict__ scale_ptr, const Sides<float>& sides,
+                                            int64_t nX, int64_t nY, int64_t d, bool vec,
+                                            const float* __restrict__ gmax_ptr, typename Tag::T* __restrict__ dX,
+                                            float* __restrict__ dscale_partial) {
   const QuerySide<float> xq = sides.rows, yq = sides.keys;
   const int64_t* __restrict__ y_key_labels = sides.key_labels;
   const int64_t* __restrict__ x_key_labels = sides.row_labels;
   const int64_t x_offset = sides.row_offset;
-  const int nchunks = static_cast<int>((d + kDK - 1) / kDK);
-  const bool x_resident = nchunks == 1;
+  vec = RES || vec;
+  const int nchunks = RES ? 1 : static_cast<int>((d + kDK - 1) / kDK);
+  const bool x_resident = RES || nchunks == 1;
   const bool need_v = !x_resident;  // else the (single) key tile holds features [0, kDK) = chunk
   // Dynamic smem (bwd_mma_smem): X (1 or kStages), Y (kStages), V (kStages, only when need_v).
   extern __shared__ __align__(16) uint16_t smem16[];
@@ -625,7 +639,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       cp_async_commit();
       ColStage next;
       if (new_tile) next = fetch_col(ncol);
-      const int kvalid = static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
+      // RES: every k-step (the columns past d are zero and add nothing): no guards in the product
+      const int kvalid = RES ? kDK : static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
       mma_qk<Tag, 1>(s1, sX + (x_resident ? 0 : b * kTileElems), sY + b * kTileElems, warp, lane, kvalid);
       if (new_tile) store_col(next, tb ^ 1);
       yb = b;
@@ -792,6 +807,42 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   }
 }
 
+// The kernels. lse_*_mma_kernel: every case (any d, any alignment, both rules);
+// lse_*_resident_mma_kernel: the rule-free launch with d <= kDK and 16-B aligned rows (the
+// launchers pick it), the same code with the other cases compiled out.
+template <typename Tag, bool LBL, bool THR>
+__global__ void __launch_bounds__(kMmaThreads)
+    lse_fwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                       const float* __restrict__ scale_ptr, const infonce_kernels::ExclusionRule rule,
+                       int64_t M, int64_t N, int64_t d, bool vec, float* __restrict__ lse,
+                       int32_t* __restrict__ dropped) {
+  lse_fwd_mma<Tag, LBL, THR, false>(X, Y, scale_ptr, rule, M, N, d, vec, lse, dropped);
+}
+template <typename Tag>
+__global__ void __launch_bounds__(kMmaThreads)
+    lse_fwd_resident_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                                const float* __restrict__ scale_ptr, const infonce_kernels::ExclusionRule rule,
+                                int64_t M, int64_t N, int64_t d, float* __restrict__ lse) {
+  lse_fwd_mma<Tag, false, false, true>(X, Y, scale_ptr, rule, M, N, d, true, lse, nullptr);
+}
+// The min-blocks hint 2 of __launch_bounds__ matters: see lse_bwd_mma's header.
+template <typename Tag, int MODE, bool LBL, bool THR>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+    lse_bwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                       const float* __restrict__ scale_ptr, const Sides<float> sides, int64_t nX,
+                       int64_t nY, int64_t d, bool vec, const float* __restrict__ gmax_ptr,
+                       typename Tag::T* __restrict__ dX, float* __restrict__ dscale_partial) {
+  lse_bwd_mma<Tag, MODE, LBL, THR, false>(X, Y, scale_ptr, sides, nX, nY, d, vec, gmax_ptr, dX, dscale_partial);
+}
+template <typename Tag, int MODE>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+    lse_bwd_resident_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                                const float* __restrict__ scale_ptr, const Sides<float> sides, int64_t nX,
+                                int64_t nY, int64_t d, const float* __restrict__ gmax_ptr,
+                                typename Tag::T* __restrict__ dX, float* __restrict__ dscale_partial) {
+  lse_bwd_mma<Tag, MODE, false, false, true>(X, Y, scale_ptr, sides, nX, nY, d, true, gmax_ptr, dX,
+                                             dscale_partial);
+}
 
 }  // namespace
 }  // namespace infonce_cuda
