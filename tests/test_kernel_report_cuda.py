@@ -105,3 +105,34 @@ def test_cuda_model_mixes_masked_and_interior_tiles():
     # the shared-memory bound: ldmatrix bytes at the smem rate
     smem = model.cuda_launch_time(dict(plain, ldsm_bytes=1e3), e)
     assert smem["ms"] == pytest.approx(1e3 * e / model.SMEM_RATE * 1e3)
+
+
+def _doc(kernel: str, instr: float, ms: float) -> dict:
+    """A kernel report document with one CUDA headline pass (sm_90 record of ``kernel``)."""
+    rec = dict(regs=200, spill_stores=0, spill_loads=0,
+               per_element_at={"128": dict(instr=instr, instr_interior=instr / 2)})
+    head = dict(passes=[dict(name="forward", kernel=kernel, ms=ms)], modelled_ms=ms, d=128,
+                triton_modelled_ms=5.0, ratio_to_triton=round(ms / 5.0, 2))
+    return dict(commit="c0", label="before", cuda={"90": {kernel: rec}},
+                cuda_headline_modelled={"nt_xent_2B65536_d128_bf16": head})
+
+
+def test_cuda_before_after_pairs_the_headline_passes():
+    from benchmarks.kernel_report import report  # noqa: PLC0415
+    before, after = _doc("old_kernel<BF16Tag>", 20.0, 8.0), _doc("new_kernel<BF16Tag>", 10.0, 4.0)
+    cmp = report.cuda_comparison(before, after, "old.json")
+    case = cmp["cases"]["nt_xent_2B65536_d128_bf16"]
+    assert (case["before_ms"], case["after_ms"], case["ratio_after"]) == (8.0, 4.0, 0.8)
+    row = case["rows"][0]
+    assert row["before"]["kernel"] == "old_kernel<BF16Tag>" and row["after"]["kernel"] == "new_kernel<BF16Tag>"
+    assert (row["before"]["instr"], row["after"]["instr"], row["after"]["instr_interior"]) == (20.0, 10.0, 5.0)
+    md = "\n".join(report._cuda_comparison_md(cmp))  # noqa: SLF001
+    assert "`old_kernel<BF16Tag>` -> `new_kernel<BF16Tag>`" in md and "**8 -> 4 ms**" in md
+
+
+def test_cuda_only_options():
+    from benchmarks.kernel_report.__main__ import parse_args  # noqa: PLC0415
+    a = parse_args(["--output", "x", "--cuda-only", "--cuda-before", "b.json"])
+    assert a.cuda_only and a.cuda_before == "b.json"
+    with pytest.raises(SystemExit):
+        parse_args(["--output", "x", "--cuda-before", "b.json"])
