@@ -111,7 +111,7 @@ def _doc(kernel: str, instr: float, ms: float) -> dict:
     """A kernel report document with one CUDA headline pass (sm_90 record of ``kernel``)."""
     rec = dict(regs=200, spill_stores=0, spill_loads=0,
                per_element_at={"128": dict(instr=instr, instr_interior=instr / 2)})
-    head = dict(passes=[dict(name="forward", kernel=kernel, ms=ms)], modelled_ms=ms, d=128,
+    head = dict(passes=[dict(name="forward", kernel=kernel, ms=ms)], modelled_ms=ms,
                 triton_modelled_ms=5.0, ratio_to_triton=round(ms / 5.0, 2))
     return dict(commit="c0", label="before", cuda={"90": {kernel: rec}},
                 cuda_headline_modelled={"nt_xent_2B65536_d128_bf16": head})

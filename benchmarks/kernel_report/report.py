@@ -231,7 +231,7 @@ def cuda_comparison(before: dict, after: dict, source: str) -> dict:
     for case, h in (after.get("cuda_headline_modelled") or {}).items():
         bh = (before.get("cuda_headline_modelled") or {}).get(case) or {}
         old = {p["name"]: p for p in bh.get("passes", [])}
-        d = str(h.get("d"))
+        d = str(model.HEADLINE[case]["d"])
         rows = []
         for p in h.get("passes", []):
             b = old.get(p["name"], {})
