@@ -26,8 +26,10 @@ METHOD = {
         "per-tile mask paths (code a predicated forward branch in the main loop skips, with integer compares and no "
         "exponential, product, global store or branch): a tile no exclusion rule touches. "
         "mma_flops: tensor FLOPs from the HGMMA/HMMA shapes (HGMMA once per warpgroup). Ideal per element: "
-        "forward 2d FLOPs and 1 exp; symmetric backward 4d FLOPs and 2 exps; CUDA figures count both sides of "
-        "the vector/scalar load branches, so they overstate the instructions of the vector path"),
+        "forward 2d FLOPs and 1 exp; symmetric backward 4d FLOPs and 2 exps; CUDA figures of the general kernels "
+        "count both sides of the vector/scalar load branches, so they overstate the instructions of the vector "
+        "path (the resident kernels, launched for rule-free d <= 128 aligned inputs, hold only the vector path); "
+        "CUDA interior instr/elem: without the masked-tile code (cuda_kernels.masked_tile_code)"),
 }
 
 
