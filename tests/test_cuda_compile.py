@@ -23,7 +23,7 @@ SCRIPT = ROOT / "scripts" / "check_cuda_compile"
 # Every kernel the launchers instantiate, as printed (demangled) in the resource summary. The
 # SIMT forward kernels' last template argument is the label rule (LBL), the tensor-core forward's
 # and every backward kernel's last two the label rule and the threshold rule (THR): every variant
-# is launched.
+# is launched (the tensor-core ones beside their rule-free resident kernels).
 # Backward MODE 2 (two-sided) serves both the symmetric lse_bwd and lse_bwd_paired.
 _LBL = ("false", "true")
 _LBL_THR = [f"{lbl}, {thr}" for lbl in _LBL for thr in _LBL]
@@ -31,6 +31,11 @@ KERNELS = [
     *[f"lse_fwd_mma_kernel<{tag}, {rules}>" for tag in ("F16Tag", "BF16Tag") for rules in _LBL_THR],
     *[f"lse_bwd_mma_kernel<{tag}, {mode}, {rules}>"
       for tag in ("F16Tag", "BF16Tag") for mode in (0, 1, 2) for rules in _LBL_THR],
+    # the rule-free launches with d <= kDK and 16-B aligned rows (launch_mma.cu picks them)
+    *[f"lse_fwd_resident_mma_kernel<{tag}>" for tag in ("F16Tag", "BF16Tag")],
+    *[f"lse_bwd_resident_mma_kernel<{tag}, {mode}>" for tag in ("F16Tag", "BF16Tag") for mode in (0, 1, 2)],
+    # CLIP's pair backward by G blocks (fp16/bf16, d > kDK): cp.async and element-load variants
+    *[f"pair_gblock_mma_kernel<{tag}, {vec}>" for tag in ("F16Tag", "BF16Tag") for vec in ("false", "true")],
     *[f"lse_fwd_simt_kernel<{t}, {lbl}>" for t in ("float, 4", "double, 2") for lbl in _LBL],
     *[f"lse_bwd_simt_kernel<{t}, {mode}, {rules}>"
       for t in ("float, 4", "double, 2") for mode in (0, 1, 2) for rules in _LBL_THR],

@@ -37,7 +37,16 @@ def parse_args(argv=None):
                    help="merge into the kernel_report_<tag>.json already in --output: the Triton records of the "
                         "regenerated (target, dtype, d, label rule) groups replace the old ones, every other record "
                         "stays (and, with --no-cuda, the CUDA part); the report lists what was regenerated")
+    p.add_argument("--cuda-only", action="store_true",
+                   help="recompile only the CUDA kernels into the kernel_report_<tag>.json already in --output: its "
+                        "Triton part (records, headline, before/after table, update history) stays as it is; the "
+                        "report records the CUDA part's own commit, command and --label")
+    p.add_argument("--cuda-before", default=None, metavar="JSON",
+                   help="with --cuda-only: a kernel report JSON whose CUDA headline passes the new ones are compared "
+                        "with (a before/after table of the CUDA part)")
     a = p.parse_args(argv)
+    if a.cuda_before and not a.cuda_only:
+        p.error("--cuda-before needs --cuda-only")
     if a.small:
         a.dtypes, a.ds, a.sm80_dtypes, a.sm80_ds, a.labels, a.no_cuda = ["bf16"], [128], [], [], "off", True
         a.scenarios = ["nt_xent", "general"]
@@ -62,6 +71,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # what gpu_check and the GPU run use
     os.environ.pop("INFONCE_TRITON_AUTOTUNE", None)           # the default configurations
     from . import cuda_kernels, report  # noqa: PLC0415
+    if a.cuda_only:
+        return cuda_only(a, argv)
     labels = {"off": (False,), "on": (True,), "both": (False, True)}[a.labels]
     jobs = [(90, dt, a.ds, labels, a.scenarios, a.sass_dir) for dt in a.dtypes]
     jobs += [(80, dt, a.sm80_ds, labels, a.scenarios, a.sass_dir) for dt in a.sm80_dtypes]
@@ -81,20 +92,7 @@ def main(argv=None) -> int:
     if not a.no_cuda:
         # the Triton part first, so that a failure in the CUDA part leaves it on disk
         write(base, report.document(a.label, ROOT, triton_records, {"pending": "CUDA part running"}, None, command))
-        nvcc = cuda_kernels.nvcc_path()
-        if nvcc is None:
-            cuda = {"error": "nvcc not found"}
-        else:
-            nvcc_ver = cuda_kernels.nvcc_version(nvcc)
-            import tempfile  # noqa: PLC0415
-            for cap in a.cuda_caps:
-                t0 = time.time()
-                with tempfile.TemporaryDirectory() as tmp:
-                    try:
-                        cuda[str(cap)] = cuda_kernels.compile_arch(ROOT, cap, tmp, nvcc)
-                    except Exception as e:  # noqa: BLE001  (recorded in the report, the Triton part stays)
-                        cuda[str(cap)] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-                print(f"[kernel_report] CUDA sm_{cap} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        cuda, nvcc_ver = compile_cuda(a.cuda_caps)
 
     doc = report.document(a.label, ROOT, triton_records, cuda, nvcc_ver, command)
     if updated:
@@ -104,6 +102,59 @@ def main(argv=None) -> int:
     write(base, doc)
     print(f"[kernel_report] wrote {base}.json and {base}.md", file=sys.stderr)
     return 0
+
+
+def compile_cuda(caps: list[int]):
+    """({cap: records of cuda_kernels.compile_arch, or {"error": ...}}, nvcc version or None)."""
+    import tempfile  # noqa: PLC0415
+
+    from . import cuda_kernels  # noqa: PLC0415
+    nvcc = cuda_kernels.nvcc_path()
+    if nvcc is None:
+        return {"error": "nvcc not found"}, None
+    cuda = {}
+    for cap in caps:
+        t0 = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                cuda[str(cap)] = cuda_kernels.compile_arch(ROOT, cap, tmp, nvcc)
+            except Exception as e:  # noqa: BLE001  (recorded in the report, the Triton part stays)
+                cuda[str(cap)] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        print(f"[kernel_report] CUDA sm_{cap} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return cuda, cuda_kernels.nvcc_version(nvcc)
+
+
+def cuda_only(a, argv) -> int:
+    """``--cuda-only``: the report in --output with its CUDA part (kernels, CUDA headline, nvcc version)
+    recompiled from this tree and everything of the Triton part kept."""
+    from . import report  # noqa: PLC0415
+    base = os.path.join(a.output, f"kernel_report_{a.tag}")
+    with open(base + ".json") as f:
+        doc = json.load(f)
+    cuda, nvcc_ver = compile_cuda(a.cuda_caps)
+    if nvcc_ver is None:
+        print("kernel_report: --cuda-only needs nvcc", file=sys.stderr)
+        return 2
+    for k in ("cuda_model", "cuda_headline_modelled", "cuda_before"):
+        doc.pop(k, None)
+    doc["cuda"] = cuda
+    doc["versions"]["nvcc"] = nvcc_ver
+    doc.update(report.cuda_headline(cuda, doc.get("headline_modelled") or {}))
+    command = "python -m benchmarks.kernel_report " + " ".join(shlex.quote(x) for x in _public_args(argv, a.output))
+    doc["cuda_updated"] = dict(commit=report.git_commit(ROOT), command=command, label=a.label)
+    if a.cuda_before:
+        with open(a.cuda_before) as f:
+            before = json.load(f)
+        doc["cuda_before"] = report.cuda_comparison(before, doc, _shown(a.cuda_before))
+    write(base, doc)
+    print(f"[kernel_report] wrote the CUDA part of {base}.json and {base}.md", file=sys.stderr)
+    return 0
+
+
+def _shown(path: str) -> str:
+    """A path as the report records it: relative to the repository, or its file name."""
+    rel = os.path.relpath(os.path.abspath(path), ROOT)
+    return rel if not rel.startswith("..") else os.path.basename(path)
 
 
 def merge_into(path: str, records: list[dict], jobs: list[tuple], keep_cuda: bool):

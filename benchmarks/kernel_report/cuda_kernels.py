@@ -11,8 +11,15 @@ Tile geometry (rows x keys of one CTA's tile, threads per CTA) comes from the so
 argument); a kernel of another family gets no per-element figures (``per_element: null`` with the
 reason). The tensor-core kernels also get their figures at the feature dimensions of the modelled
 cases (``per_element_at``: the S product loops over ceil(d / kDK) chunks, the backward runs
-ceil(d / kDV) programs per tile that each recompute S) and their dynamic shared memory
-(``smem_dynamic``, the launchers' formula of tile_sizes.cuh evaluated on its constants).
+ceil(d / kDV) programs per tile that each recompute S; a resident kernel, launched only for
+d <= kDK, only there) and their dynamic shared memory (``smem_dynamic``, the launchers' formula of
+tile_sizes.cuh evaluated on its constants).
+
+Masked and interior tiles: the tensor-core kernels decide once per key tile (one warp vote)
+whether an exclusion, the end of the keys or a rule touches the tile; only such a masked tile runs
+the per-element mask code. ``instr`` / ``mufu`` count every instruction of the main loop (a masked
+tile, conservatively: both arms); ``instr_interior`` / ``mufu_interior`` the loop without the
+masked-tile code (:func:`masked_tile_code`), what an interior tile runs.
 """
 from __future__ import annotations
 
@@ -220,6 +227,62 @@ def mma_dynamic_smem(short: str, consts: dict[str, int], d: int) -> int | None:
     return None
 
 
+#: opcodes the mask pass never holds: it only reads S and the tile's rule data, and writes registers
+_NOT_MASK = ("LDGSTS", "LDG", "STS", "STG", "ST.")
+#: a branch: BRA [predicate,] target (the predicated form of the masked-tile test: ``@!P1 BRA 0x...``)
+_BRANCH = re.compile(r"^BRA(?:\.\S+)?\s+(?:!?U?P\d,\s*)?(?:`\()?(0x[0-9a-f]+)")
+
+
+def masked_tile_code(ins, body: tuple[int, int]) -> list[tuple[int, int]]:
+    """(first, last) addresses of the masked-tile code in main loop ``body`` of a tensor-core kernel:
+
+    * the forward's mask pass: :func:`sass.mask_regions` (code a predicated forward branch skips,
+      with integer compares and no exponential, product, global store or branch), less any region
+      holding a global load or copy or a shared-memory store (LDG, LDGSTS, STS: the next key
+      tile's copies, which every tile but the last issues, and the column data that threads
+      < kBN store, are skipped by branches of the same shape; the mask pass writes registers only);
+    * the backward's masked copy of the S -> W' loop: a uniform if / else whose arms both hold
+      MUFU.EX2, i.e. a predicated forward branch ``@P BRA X`` whose skipped block ends with an
+      unconditional ``BRA Y`` (Y > X) past the other arm [X, Y); of the two arms, the one with
+      more ISETP (the per-element exclusion compares) is the masked one.
+    """
+    seq = [i for i in ins if body[0] <= i.addr <= body[1]]
+    out = []
+    for a, b in sass.mask_regions(ins, body):
+        if not any(a <= i.addr <= b and i.op.startswith(_NOT_MASK) for i in seq):
+            out.append((a, b))
+    addr = [i.addr for i in seq]
+    for n, i in enumerate(seq):
+        m = _BRANCH.match(i.text)
+        if not (i.pred and m):
+            continue
+        x = int(m.group(1), 16)
+        if not i.addr < x <= body[1] or x not in addr:
+            continue
+        k = addr.index(x)
+        last = seq[k - 1]
+        j = _BRANCH.match(last.text)
+        if last.pred or not j or k - 1 <= n:
+            continue
+        y = int(j.group(1), 16)
+        if not x < y <= body[1]:
+            continue
+        arm1 = seq[n + 1:k - 1]
+        arm2 = [q for q in seq[k:] if q.addr < y]
+
+        def has(arm, op):
+            return sum(q.op.startswith(op) for q in arm)
+
+        if not (has(arm1, "MUFU.EX2") and has(arm2, "MUFU.EX2")):
+            continue
+        masked = arm1 if has(arm1, "ISETP") > has(arm2, "ISETP") else arm2
+        if masked is arm1:
+            out.append((arm1[0].addr, last.addr))        # with the branch over the other arm
+        else:
+            out.append((arm2[0].addr, arm2[-1].addr))
+    return sorted(out)
+
+
 def per_element(ins, short: str, consts: dict[str, int], d: int | None = None):
     """Main-loop counts per element of the CTA tile. d = None: one feature chunk (inner loops
     once); a tensor-core kernel at feature dim d: the inner (chunk) loop x ceil(d / kDK), and the
@@ -231,6 +294,8 @@ def per_element(ins, short: str, consts: dict[str, int], d: int | None = None):
     body = sass.main_loop(ins)
     if body is None:
         return {"unavailable": "no loop"}
+    if d is not None and "_resident_" in short and d > consts.get("kDK", 128):
+        return {"unavailable": f"launched only for d <= kDK = {consts.get('kDK', 128)}"}
     trips, programs = mma_trips(short, consts, d) if d is not None else (1, 1)
     c = sass.count_body(ins, body, trips)
     elems = rows * keys
@@ -242,6 +307,12 @@ def per_element(ins, short: str, consts: dict[str, int], d: int | None = None):
                mufu=round(c["by_class"].get("mufu", 0) * per, 3),
                mma_flops=round(c["mma_flops_per_warp"] * threads / 32 * programs / elems, 1),
                ldsm_bytes=round(sass.ldsm_bytes(ins, body, trips) * threads / 32 * programs / elems, 2))
+    masked = masked_tile_code(ins, body) if "_mma_kernel" in short else []
+    if masked:
+        ci = sass.count_body(ins, body, trips, masked)
+        out.update(instr_interior=round(ci["total"] * per, 2),
+                   mufu_interior=round(ci["by_class"].get("mufu", 0) * per, 3),
+                   masked_code=[[hex(a), hex(b)] for a, b in masked])
     if d is not None:
         out.update(d=d, chunk_trips=trips, programs_per_tile=programs)
     return out

@@ -173,8 +173,9 @@ SMEM_RATE = 128 * 132 * 1.98e9
 #: kernel's launches (one per band x column group; the cp.async variant: d % 8 == 0) sharing one pass over the pairs
 #: (:data:`CUDA_BLOCK_KERNELS`), the GEMMs and elementwise passes from :func:`.clip.recorded_backward`
 CUDA_HEADLINE = {
-    "nt_xent_2B65536_d128_bf16": [("forward", "lse_fwd_mma_kernel<BF16Tag, false, false>", 1),
-                                  ("backward", "lse_bwd_mma_kernel<BF16Tag, 2, false, false>", 1)],
+    # d = 128 <= kDK, aligned rows, no label / threshold rule: launch_mma.cu picks the resident kernels
+    "nt_xent_2B65536_d128_bf16": [("forward", "lse_fwd_resident_mma_kernel<BF16Tag>", 1),
+                                  ("backward", "lse_bwd_resident_mma_kernel<BF16Tag, 2>", 1)],
     "clip_B32768_d512_bf16": [("forward", "lse_fwd_mma_kernel<BF16Tag, false, false>", 2),
                               ("backward", "pair_gblock_mma_kernel<BF16Tag, true>", 1)],
 }
@@ -190,15 +191,33 @@ CUDA_MODEL_TEXT = (
     "launch time = max(instr/issue + mma_flops/tensor, mufu/MUFU, ldmatrix bytes/smem) with smem 33.8e12 B/s "
     "(128 B/clock/SM x 132 x 1.98 GHz; the tiles' cp.async stores and the column-data loads are not counted); "
     "per-element counts at the case's d (the S product's chunk loop x ceil(d/128), the backward's ceil(d/128) "
-    "programs per tile); the SASS counts include both sides of the vector/scalar tile-load branches, which "
-    "overstates the instructions of the vector path that these aligned, d % 8 == 0 cases take; CLIP's backward "
-    "by G blocks: the G kernel's launches one pass over the pairs (at least its G writes at the HBM rate), the "
-    "GEMMs (cuBLAS, not compiled here) per call max(FLOPs / tensor, bytes / HBM) and the elementwise passes over "
-    "the fp32 products at the HBM rate (3.35e12 B/s), added")
+    "programs per tile); masked and interior tiles as in the Triton model: instructions and MUFU operations "
+    "mix the kernel's masked-tile count (every instruction of the main loop, both arms of its per-tile mask "
+    "branch) and its interior count (without the masked-tile code: the forward's mask pass, the backward's "
+    "masked copy of the S -> W' loop) by the fraction of key tiles that meet a row block's own indices or "
+    "the end of the keys; a case with d <= 128, 16-B aligned rows and no label or threshold rule (NT-Xent "
+    "here) runs the resident kernels, which hold only the cp.async tile loads and one feature chunk; the "
+    "general kernels' counts (CLIP's forward at d = 512) include both sides of their vector/scalar tile-load "
+    "branches, which overstates the vector path these aligned, d % 8 == 0 cases take; CLIP's backward by G "
+    "blocks: the G kernel's launches one pass over the pairs (at least its G writes at the HBM rate), the "
+    "GEMMs (cuBLAS, not compiled here) per call max(FLOPs / tensor, bytes / HBM) and the elementwise passes "
+    "over the fp32 products at the HBM rate (3.35e12 B/s), added")
 
 
-def cuda_launch_time(pe: dict, elements: float) -> dict:
-    """:func:`launch_time` with the shared-memory (ldmatrix) bound of the mma.sync kernels."""
+def cuda_masked_fraction(case: dict, pe: dict) -> float:
+    """Fraction of a CUDA launch's key tiles that run the masked-tile code at the case's shape
+    (:func:`masked_fraction` with the kernel's tile, rows x keys)."""
+    rows, keys = pe.get("tile") or (None, None)
+    return masked_fraction(case, {"BLOCK_M": rows, "BLOCK_N": keys})
+
+
+def cuda_launch_time(pe: dict, elements: float, masked: float = 1.0) -> dict:
+    """:func:`launch_time` with the shared-memory (ldmatrix) bound of the mma.sync kernels; a kernel
+    with an interior count (``instr_interior``, ``mufu_interior``) runs it on the 1 - ``masked``
+    fraction of its tiles and its full count on the rest."""
+    if "instr_interior" in pe:
+        pe = dict(pe, instr=masked * pe["instr"] + (1 - masked) * pe["instr_interior"],
+                  mufu=masked * pe["mufu"] + (1 - masked) * pe.get("mufu_interior", pe["mufu"]))
     t = launch_time(pe, elements)
     t_smem = pe.get("ldsm_bytes", 0.0) * elements / SMEM_RATE * 1e3
     return dict(t, smem_ms=t_smem, ms=max(t["ms"], t_smem))
@@ -228,7 +247,8 @@ def cuda_headline(kernels: dict, triton_headline: dict, extras: dict | None = No
             if not pe or "instr" not in pe:
                 missing.append(kernel)
                 continue
-            t = {k: v * n for k, v in cuda_launch_time(pe, e).items()}
+            f = cuda_masked_fraction(case, pe)
+            t = {k: v * n for k, v in cuda_launch_time(pe, e, f).items()}
             if kernel in CUDA_BLOCK_KERNELS:
                 if not ext:
                     missing.append(f"{kernel}'s GEMMs (the G-block path not recorded: infonce_kernels._C not built?)")
@@ -236,7 +256,8 @@ def cuda_headline(kernels: dict, triton_headline: dict, extras: dict | None = No
                 t["hbm_ms"] = ext["g_block_hbm_bytes"] / ext["hbm_rate"] * 1e3
                 t["ms"] = max(t["ms"], t["hbm_ms"])
                 n = ext["plan"]["groups"] * -(-case["rows"] // ext["plan"]["band"])
-            passes.append(dict(name=phase, kernel=kernel, launches=n, **{k: round(v, 3) for k, v in t.items()}))
+            passes.append(dict(name=phase, kernel=kernel, launches=n, masked_tiles=round(f, 5),
+                               **{k: round(v, 3) for k, v in t.items()}))
             total += t["ms"]
             if kernel in CUDA_BLOCK_KERNELS:
                 gt = ext["gemms"]

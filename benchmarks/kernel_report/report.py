@@ -26,8 +26,10 @@ METHOD = {
         "per-tile mask paths (code a predicated forward branch in the main loop skips, with integer compares and no "
         "exponential, product, global store or branch): a tile no exclusion rule touches. "
         "mma_flops: tensor FLOPs from the HGMMA/HMMA shapes (HGMMA once per warpgroup). Ideal per element: "
-        "forward 2d FLOPs and 1 exp; symmetric backward 4d FLOPs and 2 exps; CUDA figures count both sides of "
-        "the vector/scalar load branches, so they overstate the instructions of the vector path"),
+        "forward 2d FLOPs and 1 exp; symmetric backward 4d FLOPs and 2 exps; CUDA figures of the general kernels "
+        "count both sides of the vector/scalar load branches, so they overstate the instructions of the vector "
+        "path (the resident kernels, launched for rule-free d <= 128 aligned inputs, hold only the vector path); "
+        "CUDA interior instr/elem: without the masked-tile code (cuda_kernels.masked_tile_code)"),
 }
 
 
@@ -155,11 +157,16 @@ def markdown(doc: dict) -> str:
              f"Command: `{doc['command']}`.", ""]
     if doc.get("updated"):
         u = doc["updated"]
+        cuda_too = "" if doc.get("cuda_updated") else " and the CUDA part"
         lines += [f"Updated in place (`--update`): regenerated {'; '.join(u['regenerated'])}. The other "
-                  f"{u['kept_triton_records']} Triton records and the CUDA part are those of commit "
+                  f"{u['kept_triton_records']} Triton records{cuda_too} are those of commit "
                   f"{u['base_commit']} (`{u['base_command']}`): they describe the kernels as they were then."]
         lines += [f"Earlier update at {e['commit']}: `{e['command']}`." for e in u.get("earlier_updates", [])]
         lines += [""]
+    if doc.get("cuda_updated"):
+        c = doc["cuda_updated"]
+        lines += [f"CUDA part regenerated (`--cuda-only`, {c['label']}) at commit {c['commit']}: `{c['command']}`; "
+                  "the Triton part is unchanged.", ""]
     lines += ["Method:", ""]
     lines += [f"- {k}: {t}" for k, t in doc["method"].items()]
     if doc["headline_modelled"]:
@@ -215,6 +222,53 @@ def _pe_at(r: dict, d: int, k: str):
     return "-" if v is None else f"{v:g}"
 
 
+def cuda_comparison(before: dict, after: dict, source: str) -> dict:
+    """The CUDA headline passes of ``before`` and ``after`` (kernel report documents) side by side,
+    paired by case and pass name: kernel, registers, spills and per-element counts at the case's d
+    (sm_90), modelled ms; and each case's modelled total."""
+    def rec(doc, kernel):
+        return ((doc.get("cuda") or {}).get("90") or {}).get(kernel) or {}
+
+    out = {}
+    for case, h in (after.get("cuda_headline_modelled") or {}).items():
+        bh = (before.get("cuda_headline_modelled") or {}).get(case) or {}
+        old = {p["name"]: p for p in bh.get("passes", [])}
+        d = str(model.HEADLINE[case]["d"])
+        rows = []
+        for p in h.get("passes", []):
+            b = old.get(p["name"], {})
+            row = dict(name=p["name"])
+            for side, pp, doc in (("before", b, before), ("after", p, after)):
+                k = pp.get("kernel")
+                r = rec(doc, k) if k else {}
+                pe = (r.get("per_element_at") or {}).get(d) or {}
+                row[side] = dict(kernel=k, regs=r.get("regs"), spills=[r.get("spill_stores"), r.get("spill_loads")],
+                                 instr=pe.get("instr"), instr_interior=pe.get("instr_interior"), ms=pp.get("ms"))
+            rows.append(row)
+        out[case] = dict(rows=rows, before_ms=bh.get("modelled_ms"), after_ms=h.get("modelled_ms"),
+                         triton_ms=h.get("triton_modelled_ms"), ratio_after=h.get("ratio_to_triton"))
+    return dict(source=source, commit=before.get("commit"), label=before.get("label"), cases=out)
+
+
+def _cuda_comparison_md(cmp: dict) -> list[str]:
+    def v(x):
+        return "-" if x is None else f"{x:g}" if isinstance(x, (int, float)) else str(x)
+
+    lines = ["", f"### CUDA before / after (before: `{cmp['source']}`, {cmp['label']}, commit {cmp['commit']})", "",
+             "| case | pass | kernel before -> after | regs | spills st/ld B | instr/elem (masked tile) | "
+             "interior instr/elem | modelled ms |", "|---|---|---|---|---|---|---|---|"]
+    for case, c in cmp["cases"].items():
+        for r in c["rows"]:
+            b, a = r["before"], r["after"]
+            lines.append(f"| {case} | {r['name']} | `{b['kernel']}` -> `{a['kernel']}` | {v(b['regs'])} -> "
+                         f"{v(a['regs'])} | {'/'.join(map(v, b['spills']))} -> {'/'.join(map(v, a['spills']))} | "
+                         f"{v(b['instr'])} -> {v(a['instr'])} | {v(b['instr_interior'])} -> {v(a['instr_interior'])} | "
+                         f"{v(b['ms'])} -> {v(a['ms'])} |")
+        lines.append(f"| **{case}** | total | | | | | | **{v(c['before_ms'])} -> {v(c['after_ms'])} ms** "
+                     f"(Triton {v(c['triton_ms'])} ms: {v(c['ratio_after'])}x) |")
+    return lines
+
+
 def cuda_markdown(doc: dict) -> list[str]:
     """The CUDA part: the modelled headline cases with the verdict, then one table per architecture."""
     lines = []
@@ -237,6 +291,8 @@ def cuda_markdown(doc: dict) -> list[str]:
                        f"{'within' if h['within_target'] else 'NOT within'} {h['target_ratio']}x")
             lines.append(f"| **{name}** | total | | | | | | | **{h['modelled_ms']} ms** (floor {h['floor_ms']} ms; "
                          f"{verdict}) |")
+    if doc.get("cuda_before"):
+        lines += _cuda_comparison_md(doc["cuda_before"])
     for cap, ks in sorted(doc["cuda"].items(), reverse=True):
         if not isinstance(ks, dict) or "error" in ks:
             lines += ["", f"## CUDA kernels, sm_{cap}", "", f"not compiled: {ks}"]
@@ -244,9 +300,9 @@ def cuda_markdown(doc: dict) -> list[str]:
         lines += ["", f"## CUDA kernels, sm_{cap} (per element: d <= 128, one feature chunk; tensor-core kernels "
                       "also at d = 512)", "",
                   "| kernel | tile rows x keys | regs | spills st/ld B | static smem B | dynamic smem B d<=128 / 512 | "
-                  "tensor core | cp.async (PTX) | ex2.approx (PTX) | MUFU/elem | instr/elem | MMA FLOP/elem | "
-                  "ldmatrix B/elem | d=512: MUFU/elem | d=512: instr/elem |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "tensor core | cp.async (PTX) | ex2.approx (PTX) | MUFU/elem | instr/elem | interior instr/elem | "
+                  "MMA FLOP/elem | ldmatrix B/elem | d=512: MUFU/elem | d=512: instr/elem |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in sorted(ks.items()):
             pe = r.get("per_element") or {}
             tile = "x".join(map(str, pe["tile"])) if "tile" in pe else "-"
@@ -255,6 +311,6 @@ def cuda_markdown(doc: dict) -> list[str]:
             lines.append(f"| `{name}` | {tile} | {r.get('regs')} | {r.get('spill_stores')}/{r.get('spill_loads')} | "
                          f"{r.get('smem_static')} | {dyn_s} | {r.get('tensor_core')} | {r.get('ptx_cp_async', '-')} | "
                          f"{r.get('ptx_ex2_approx', '-')} | {_pe(r, 'mufu')} | {_pe(r, 'instr')} | "
-                         f"{_pe(r, 'mma_flops')} | {_pe(r, 'ldsm_bytes')} | {_pe_at(r, 512, 'mufu')} | "
+                         f"{_pe(r, 'instr_interior')} | {_pe(r, 'mma_flops')} | {_pe(r, 'ldsm_bytes')} | {_pe_at(r, 512, 'mufu')} | "
                          f"{_pe_at(r, 512, 'instr')} |")
     return lines

@@ -26,12 +26,22 @@ cudaError_t fwd_mma(const LseParams& p, cudaStream_t stream) {
   const bool vec = p.d % 8 == 0 && aligned16(p.q) && aligned16(p.k);
   // 69,632 B (d <= kDK) or 104,448 B dynamic (+ 1,024 B static sKL with labels)
   const size_t smem = fwd_mma_smem(p.d <= kDK);
+  const dim3 grid(static_cast<unsigned>(cdiv(p.M, kFwdBM)));
+  const auto* q = static_cast<const uint16_t*>(p.q);
+  const auto* k = static_cast<const uint16_t*>(p.k);
+  const auto* scale = static_cast<const float*>(p.scale);
+  auto* lse = static_cast<float*>(p.lse_out);
+  if (!LBL && !THR && vec && p.d <= kDK) {  // the resident kernel: the other cases compiled out
+    auto kern = lse_fwd_resident_mma_kernel<Tag>;
+    cudaError_t err = allow_smem(kern, smem);
+    if (err != cudaSuccess) return err;
+    kern<<<grid, kMmaThreads, smem, stream>>>(q, k, scale, p.rows, p.M, p.N, p.d, lse);
+    return cudaGetLastError();
+  }
   auto kern = lse_fwd_mma_kernel<Tag, LBL, THR>;
   cudaError_t err = allow_smem(kern, smem);
   if (err != cudaSuccess) return err;
-  kern<<<dim3(static_cast<unsigned>(cdiv(p.M, kFwdBM))), kMmaThreads, smem, stream>>>(
-      static_cast<const uint16_t*>(p.q), static_cast<const uint16_t*>(p.k), static_cast<const float*>(p.scale),
-      p.rows, p.M, p.N, p.d, vec, static_cast<float*>(p.lse_out), p.dropped_out);
+  kern<<<grid, kMmaThreads, smem, stream>>>(q, k, scale, p.rows, p.M, p.N, p.d, vec, lse, p.dropped_out);
   return cudaGetLastError();
 }
 
@@ -49,14 +59,23 @@ cudaError_t bwd_mma_launch(const void* X, const void* Y, int64_t nX, int64_t nY,
   const int64_t d = p.d;
   const bool vec = d % 8 == 0 && aligned16(X) && aligned16(Y);
   const size_t smem = bwd_mma_smem(d <= kDK);  // 52,224 B (d <= kDK) or 104,448 B
-  auto kern = has_threshold(sides) ? lse_bwd_mma_kernel<Tag, MODE, LBL, true>
-                                   : lse_bwd_mma_kernel<Tag, MODE, LBL, false>;
+  const dim3 grid(static_cast<unsigned>(cdiv(nX, kBM)), static_cast<unsigned>(cdiv(d, kDV)));
+  const auto* x = static_cast<const uint16_t*>(X);
+  const auto* y = static_cast<const uint16_t*>(Y);
+  const auto* scale = static_cast<const float*>(p.scale);
+  auto* dx = static_cast<typename Tag::T*>(dX);
+  const bool thr = has_threshold(sides);
+  if (!LBL && !thr && vec && d <= kDK) {  // the resident kernel: the other cases compiled out
+    auto kern = lse_bwd_resident_mma_kernel<Tag, MODE>;
+    cudaError_t err = allow_smem(kern, smem);
+    if (err != cudaSuccess) return err;
+    kern<<<grid, kMmaThreads, smem, stream>>>(x, y, scale, sides, nX, nY, d, gmax, dx, partial);
+    return cudaGetLastError();
+  }
+  auto kern = thr ? lse_bwd_mma_kernel<Tag, MODE, LBL, true> : lse_bwd_mma_kernel<Tag, MODE, LBL, false>;
   cudaError_t err = allow_smem(kern, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(cdiv(nX, kBM)), static_cast<unsigned>(cdiv(d, kDV)));
-  kern<<<grid, kMmaThreads, smem, stream>>>(static_cast<const uint16_t*>(X), static_cast<const uint16_t*>(Y),
-                                            static_cast<const float*>(p.scale), sides, nX, nY, d, vec, gmax,
-                                            static_cast<typename Tag::T*>(dX), partial);
+  kern<<<grid, kMmaThreads, smem, stream>>>(x, y, scale, sides, nX, nY, d, vec, gmax, dx, partial);
   return cudaGetLastError();
 }
 

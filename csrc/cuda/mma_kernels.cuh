@@ -3,9 +3,13 @@
 // by ex2.approx (one MUFU.EX2). CTA = 4 warps; forward 128 rows (32 per warp), backward 64 rows
 // (16 per warp); key tiles of 64; the QK product loops over d in chunks of 128, the backward
 // output loops over d in chunks of 128 on grid.y (each output chunk recomputes S and P: any d
-// works, and d <= 128 costs no recomputation). The invariants: csrc/cuda/README.md. Maths and
-// the exclusion rule: lse_kernels.cu's header and csrc/common/exclusion.h; launched from
-// launch_mma.cu.
+// works, and d <= 128 costs no recomputation). Masked and interior tiles: once per key tile a
+// warp vote decides whether an exclusion, the end of the keys or a rule touches the tile; only
+// then does the warp run the per-element mask code (interior tiles: no per-element compares).
+// Two kernels per body: the general one (any d, alignment and rule) and, for the rule-free launch
+// with d <= kDK and 16-B aligned rows, a resident one with the other cases compiled out. The
+// invariants: csrc/cuda/README.md. Maths and the exclusion rule: lse_kernels.cu's header and
+// csrc/common/exclusion.h; launched from launch_mma.cu.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -15,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernel_args.cuh"
 #include "online_lse.cuh"
@@ -217,20 +222,24 @@ __device__ __forceinline__ void mma_qk(float (&s)[MT][8][4], const uint16_t* sX,
 // THR = false code is the rule-free kernel): each row's threshold and positive in registers, the
 // logit s * S (nats) compared through exclusion.h's threshold_dropped inside the same
 // branch-free mask, and the keys it drops counted per row into dropped[row] (quad-reduced).
-template <typename Tag, bool LBL, bool THR>
-__global__ void __launch_bounds__(kMmaThreads)
-    lse_fwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
-                       const float* __restrict__ scale_ptr, const infonce_kernels::ExclusionRule rule,
-                       int64_t M, int64_t N, int64_t d, bool vec, float* __restrict__ lse,
-                       int32_t* __restrict__ dropped) {
+// RES (the resident kernel, lse_fwd_resident_mma_kernel): the launch has d <= kDK and 16-B
+// aligned rows, so the q tile is resident, every tile load takes the cp.async path and the
+// feature-chunk loop runs once: the code of the other cases is compiled out.
+template <typename Tag, bool LBL, bool THR, bool RES>
+__device__ __forceinline__ void lse_fwd_mma(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                                            const float* __restrict__ scale_ptr,
+                                            const infonce_kernels::ExclusionRule& rule, int64_t M, int64_t N,
+                                            int64_t d, bool vec, float* __restrict__ lse,
+                                            int32_t* __restrict__ dropped) {
   constexpr int MT = kFwdMTiles, R = 2 * MT;  // m16 tiles and rows per thread
   const int64_t* __restrict__ exclude = rule.lists;
   const int64_t* __restrict__ row_labels = rule.row_labels;
   const int64_t* __restrict__ key_labels = rule.key_labels;
   const int64_t* __restrict__ positive = rule.positive;
   const int E = static_cast<int>(rule.E);
-  const int nchunks = static_cast<int>((d + kDK - 1) / kDK);
-  const bool x_resident = nchunks == 1;  // d <= kDK: the q tile is loaded once
+  vec = RES || vec;
+  const int nchunks = RES ? 1 : static_cast<int>((d + kDK - 1) / kDK);
+  const bool x_resident = RES || nchunks == 1;  // d <= kDK: the q tile is loaded once
   // Dynamic smem (fwd_mma_smem): X (1 or kStages row tiles), then kStages key tiles.
   extern __shared__ __align__(16) uint16_t smem16[];
   uint16_t* sX = smem16;
@@ -304,58 +313,85 @@ __global__ void __launch_bounds__(kMmaThreads)
       if (ncol < N) issue(ncol, last ? 0 : c + 1, b ^ 1);
       if (new_tile) issue_labels(ncol, tb ^ 1);
       cp_async_commit();
-      const int kvalid = static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
+      // RES: every k-step (the columns past d are zero and add nothing): no guards in the product
+      const int kvalid = RES ? kDK : static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
       mma_qk<Tag, MT>(s, sX + (x_resident ? 0 : b * kFwdXElems), sY + b * kTileElems, warp, lane, kvalid);
       b ^= 1;
     }
 
     const int cvalid = static_cast<int>(N - col_base < kBN ? N - col_base : kBN);
-    // Label rule as one 16-bit mask per row (bit 2 nt + e = this lane's column nt*8 + 2tq + e):
-    // each key label is read from shared memory once and consumed at once for the R rows (all
-    // 16 labels live across the rows made ptxas spill).
-    uint32_t lmask[R];
+    // Masked tile: one a rule can touch (a row's list entry in it, the end of the keys, or the
+    // label / threshold rule, which are tested on every tile). The test is per warp (__any_sync:
+    // one uniform branch); an interior tile skips the mask pass below and takes only the
+    // mask-free softmax after it.
+    bool masked = LBL || THR;
+    if (!masked) {
+      bool touch = cvalid < kBN;
 #pragma unroll
-    for (int r = 0; r < R; ++r) lmask[r] = 0u;
-    if (LBL) {
-      int xp[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) xp[r] = tile_index(rp[r], col_base, kBN);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int lc = nt * 8 + 2 * tq + e;
-          const int64_t kl = sKL[tb][lc];
-#pragma unroll
-          for (int r = 0; r < R; ++r) lmask[r] |= uint32_t(label_excluded(rl[r], kl, lc, xp[r])) << (2 * nt + e);
-        }
+      for (int r = 0; r < R; ++r)
+        touch |= tile_index(ex[r][0], col_base, kBN) >= 0 || tile_index(ex[r][1], col_base, kBN) >= 0;
+      masked = __any_sync(0xffffffffu, touch);
     }
+    if (masked) {
+      // Mask pass: every excluded entry of S becomes -inf (its exponent scale2 * S - shift is
+      // then -inf for scale2 > 0, the API's s > 0, and 2^-inf = 0). Label rule as one 16-bit mask
+      // per row (bit 2 nt + e = this lane's column nt*8 + 2tq + e): each key label is read from
+      // shared memory once and consumed at once for the R rows (all 16 labels live across the
+      // rows made ptxas spill).
+      uint32_t lmask[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) lmask[r] = 0u;
+      if (LBL) {
+        int xp[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) xp[r] = tile_index(rp[r], col_base, kBN);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int lc = nt * 8 + 2 * tq + e;
+            const int64_t kl = sKL[tb][lc];
+#pragma unroll
+            for (int r = 0; r < R; ++r) lmask[r] |= uint32_t(label_excluded(rl[r], kl, lc, xp[r])) << (2 * nt + e);
+          }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float(&sr)[8][4] = s[r >> 1];
+        const int h = r & 1;
+        const int x0 = tile_index(ex[r][0], col_base, kBN), x1 = tile_index(ex[r][1], col_base, kBN);
+        const int xtp = THR ? tile_index(rp[r], col_base, kBN) : -1;  // the positive, never dropped
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int lc = nt * 8 + 2 * tq + e;
+            bool ok = lc < cvalid && lc != x0 && lc != x1;
+            if (LBL) ok &= ((lmask[r] >> (2 * nt + e)) & 1u) == 0u;
+            if (THR) {  // clause 3 on the keys clauses 1 and 2 keep: counted, then masked
+              const bool dr = ok && threshold_dropped(sr[nt][2 * h + e] * scale, rt[r], lc, xtp);
+              cnt[r] += dr;
+              ok &= !dr;
+            }
+            sr[nt][2 * h + e] = ok ? sr[nt][2 * h + e] : -INFINITY;
+          }
+      }
+    }
+    // Softmax of the (masked) tile, the scale folded into the exponent: x = scale2 * S, and
+    // max_j x_j = scale2 * max_j S_j (rounding is monotone, scale2 > 0), so the max is taken on S
+    // and each term is one FFMA (scale2 * S - shift) and one ex2.
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float(&sr)[8][4] = s[r >> 1];
       const int h = r & 1;
-      const int x0 = tile_index(ex[r][0], col_base, kBN), x1 = tile_index(ex[r][1], col_base, kBN);
-      const int xtp = THR ? tile_index(rp[r], col_base, kBN) : -1;  // the positive, never dropped
       float mx = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int lc = nt * 8 + 2 * tq + e;
-          bool ok = lc < cvalid && lc != x0 && lc != x1;
-          if (LBL) ok &= ((lmask[r] >> (2 * nt + e)) & 1u) == 0u;
-          if (THR) {  // clause 3 on the keys clauses 1 and 2 keep: counted, then masked
-            const bool dr = ok && threshold_dropped(sr[nt][2 * h + e] * scale, rt[r], lc, xtp);
-            cnt[r] += dr;
-            ok &= !dr;
-          }
-          const float x = ok ? sr[nt][2 * h + e] * scale2 : -INFINITY;
-          sr[nt][2 * h + e] = x;
-          mx = fmaxf(mx, x);
-        }
+        for (int e = 0; e < 2; ++e) mx = fmaxf(mx, sr[nt][2 * h + e]);
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mnew = fmaxf(m[r], mx);
+      const float mnew = fmaxf(m[r], mx * scale2);
       // Branch-free update. mnew = -inf (every key of the row excluded so far): shift 0, so
       // every term is exp2(-inf) = 0 and l stays 0 (never exp2(-inf - -inf) = NaN). mnew = +inf
       // (overflow): shift 0 as well (lse_shift), l = +inf, r = +inf.
@@ -364,7 +400,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) acc += fast_exp2(sr[nt][2 * h + e] - shift);
+        for (int e = 0; e < 2; ++e) acc += fast_exp2(fmaf(sr[nt][2 * h + e], scale2, -shift));
       l[r] = l[r] * fast_exp2(m[r] - shift) + acc;  // m[r] = -inf -> factor 0, l[r] was 0
       m[r] = mnew;
     }
@@ -391,8 +427,10 @@ __global__ void __launch_bounds__(kMmaThreads)
 // into registers before a product and stored to shared memory after it (its label-rule entries
 // are plain copies: cp.async, with the tiles).
 struct ColStage {
-  float r2 = 0.f, g = 0.f;  // r_b * log2(e), g_b (0 for columns >= nY: their W is masked anyway)
+  float r2 = 0.f, g = 0.f;  // r_b * log2(e), g_b / gmax (0 for columns >= nY: their W is masked anyway)
   int x0 = -1, x1 = -1;     // row b's exclusions, local to this CTA's row block (-1 = none)
+  // Whether the column's exclusions touch this CTA's row block (the tile is then masked).
+  __device__ __forceinline__ bool touches() const { return x0 >= 0 || x1 >= 0; }
 };
 
 // Backward, one CTA per (64-row block of X, 128-wide feature chunk of the output).
@@ -411,9 +449,11 @@ struct ColStage {
 // factor pulled out is g_a itself (kRow: W' = P in [0, 1]) or gmax = max_b |g_b| (kCol/kSym:
 // |W'| <= 2; gmax = max over both sides' gradients when paired) -- a plain g_b P with g = 1/M
 // would fall into fp16 subnormals for M > 16384.
-// Masks are branch-free: an excluded entry's exponent is replaced by -inf before ex2 (2^-inf = 0),
-// so every entry runs the same FFMA / FSEL / MUFU sequence.
-// dscale partial (kRow, kSym; blockIdx.y == 0 only): sum_ab g_a P_ab S_ab in fp32, exact W.
+// Masks: on a masked tile (see `masked` below) an excluded entry's exponent is replaced by -inf
+// before ex2 (2^-inf = 0), branch-free inside the tile; an interior tile runs the copy of the
+// S -> W' loop without any per-element test (FFMA, MUFU per term).
+// dscale partial (kRow, kSym; blockIdx.y == 0 only): sum_ab g_a P_ab S_ab in fp32, exact W
+// (per row: sum_b P_ab S_ab, times g_a at the end).
 // Registers: 64 (output acc) + 32 (S) fp32 + fragments + the next tile's ColStage; no spills
 // (see the ptxas report). The min-blocks hint 2 of __launch_bounds__ matters: with (128) alone
 // ptxas (13.0) chose a 168-register budget for kRow on sm_80 and spilled; with (128, 2) the
@@ -433,18 +473,21 @@ struct ColStage {
 // the row block per column), both from shared memory where they are used: no registers live
 // across the product (the two-sided kernel is at 233-254 of 255). The logit s * S (nats) is
 // compared through exclusion.h's threshold_dropped and folded into the same branch-free -inf mask.
-template <typename Tag, int MODE, bool LBL, bool THR>
-__global__ void __launch_bounds__(kMmaThreads, 2)
-    lse_bwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
-                       const float* __restrict__ scale_ptr, const Sides<float> sides, int64_t nX,
-                       int64_t nY, int64_t d, bool vec, const float* __restrict__ gmax_ptr,
-                       typename Tag::T* __restrict__ dX, float* __restrict__ dscale_partial) {
+// RES: as in the forward (lse_bwd_resident_mma_kernel: d <= kDK, aligned; the key tile is the
+// value tile and grid.y = 1).
+template <typename Tag, int MODE, bool LBL, bool THR, bool RES>
+__device__ __forceinline__ void lse_bwd_mma(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                                            const float* __restrict__ scale_ptr, const Sides<float>& sides,
+                                            int64_t nX, int64_t nY, int64_t d, bool vec,
+                                            const float* __restrict__ gmax_ptr, typename Tag::T* __restrict__ dX,
+                                            float* __restrict__ dscale_partial) {
   const QuerySide<float> xq = sides.rows, yq = sides.keys;
   const int64_t* __restrict__ y_key_labels = sides.key_labels;
   const int64_t* __restrict__ x_key_labels = sides.row_labels;
   const int64_t x_offset = sides.row_offset;
-  const int nchunks = static_cast<int>((d + kDK - 1) / kDK);
-  const bool x_resident = nchunks == 1;
+  vec = RES || vec;
+  const int nchunks = RES ? 1 : static_cast<int>((d + kDK - 1) / kDK);
+  const bool x_resident = RES || nchunks == 1;
   const bool need_v = !x_resident;  // else the (single) key tile holds features [0, kDK) = chunk
   // Dynamic smem (bwd_mma_smem): X (1 or kStages), Y (kStages), V (kStages, only when need_v).
   extern __shared__ __align__(16) uint16_t smem16[];
@@ -484,7 +527,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   // This thread's two rows (local lr = warp*16 + gq + 8h).
   int64_t row[2], ex[2][2];
   bool rv[2];  // the row exists (rows past nX: see "Rows past nX" below)
-  float rr2[2], rg[2];
+  float rr2[2], rg[2], rgw[2];  // r_a * log2(e), g_a, g_a / gmax (kSym: the row term's weight in W')
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     row[h] = row_base + warp * 16 + gq + 8 * h;
@@ -498,6 +541,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       if (xq.E > 0) ex[h][0] = xq.exclude[row[h] * xq.E];
       if (xq.E > 1) ex[h][1] = xq.exclude[row[h] * xq.E + 1];
     }
+    rgw[h] = rg[h] * inv_gmax;
   }
   // The X rows' label-rule entries (LBL) stay in shared memory, read once per key tile by the
   // mask pre-pass below: in registers (12 more per thread) ptxas spilled the two-sided kernel.
@@ -519,7 +563,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   for (int vt = 0; vt < 16; ++vt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[vt][e] = 0.f;
-  float dsc = 0.f;
+  float dsr[2] = {0.f, 0.f};  // sum_b P_ab S_ab of this thread's rows (dscale = sum_a g_a dsr_a)
+  int cflag = 0;  // the column data last stored touches this row block (ColStage::touches)
 
   // The column-term data of key tile `col` (threads < kBN, one column each).
   auto fetch_col = [&](int64_t col) {
@@ -527,7 +572,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     const int64_t j = col + threadIdx.x;
     if (kColTerm && threadIdx.x < kBN && j < nY) {
       cs.r2 = yq.lse[j] * kLog2e;
-      cs.g = yq.grad[j];
+      cs.g = yq.grad[j] * inv_gmax;
       // x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel.
       if (yq.E > 0) cs.x0 = tile_index(yq.exclude[j * yq.E] - x_offset, row_base, kBM);
       if (yq.E > 1) cs.x1 = tile_index(yq.exclude[j * yq.E + 1] - x_offset, row_base, kBM);
@@ -535,8 +580,10 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     return cs;
   };
   auto store_col = [&](const ColStage& cs, int t) {
-    if (kColTerm && threadIdx.x < kBN)
+    if (kColTerm && threadIdx.x < kBN) {
       sCol[t][threadIdx.x] = make_float4(cs.r2, cs.g, __int_as_float(cs.x0), __int_as_float(cs.x1));
+      cflag = cs.touches();
+    }
   };
   // The label-rule entries of key tile col into parity t (columns >= nY get 0: masked by cvalid).
   auto issue_labels = [&](int64_t col, int t) {
@@ -576,9 +623,14 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
     int yb = 0;  // buffer of the tile's last chunk (the value tile when d <= kDK)
+    // Whether a column of this key tile has an exclusion in this row block: OR-reduced over the
+    // CTA by the stage barriers (cflag holds this tile's flag from the store_col that the first
+    // barrier publishes until the store_col of the next tile, after the last barrier).
+    int col_touch = 0;
     for (int c = 0; c < nchunks; ++c) {
       cp_async_wait_all();
-      __syncthreads();
+      if constexpr (kColTerm) col_touch = __syncthreads_or(cflag);
+      else __syncthreads();
       const bool last = c + 1 == nchunks;
       const int64_t ncol = last ? col_base + kBN : col_base;
       const bool new_tile = last && ncol < nY;
@@ -587,7 +639,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       cp_async_commit();
       ColStage next;
       if (new_tile) next = fetch_col(ncol);
-      const int kvalid = static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
+      // RES: every k-step (the columns past d are zero and add nothing): no guards in the product
+      const int kvalid = RES ? kDK : static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
       mma_qk<Tag, 1>(s1, sX + (x_resident ? 0 : b * kTileElems), sY + b * kTileElems, warp, lane, kvalid);
       if (new_tile) store_col(next, tb ^ 1);
       yb = b;
@@ -640,41 +693,65 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
           }
         }
     }
+    // Masked tile: one a rule can touch (a row's or a column's list entry in it, the end of the
+    // keys, or the label / threshold rule, tested on every tile), decided per warp (one uniform
+    // branch). An interior tile takes the mask-free copy of the loop below (kMasked = false).
+    bool masked = LBL || THR;
+    if (!masked) {
+      bool touch = cvalid < kBN;
+      if (MODE != kCol) touch |= (x0[0] >= 0) | (x1[0] >= 0) | (x0[1] >= 0) | (x1[1] >= 0);
+      masked = __any_sync(0xffffffffu, touch) || col_touch != 0;
+    }
+    // S -> W' per entry, the scale folded into the exponent (one FFMA: scale2 S - r2) and 1/gmax
+    // into the row / column weights (rgw, ci.y). Excluded entries: exponent -inf, P = 0.
+    auto to_w = [&](auto masked_tag) {
+      constexpr bool kMasked = decltype(masked_tag)::value;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+      for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int lc = nt * 8 + 2 * tq + e, bit = 2 * (2 * nt + e);
-        const float4 ci = kColTerm ? sCol[tb][lc] : make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int e = 0; e < 2; ++e) {
+          const int lc = nt * 8 + 2 * tq + e, bit = 2 * (2 * nt + e);
+          const float4 ci = kColTerm ? sCol[tb][lc] : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int lr = warp * 16 + gq + 8 * h;
-          const float sv = s[nt][2 * h + e];
-          const bool cok = lc < cvalid;
-          float w = 0.f;
-          if (MODE != kCol) {  // W_ab: row a = X row (query), key b = Y column
-            bool ok = cok && lc != x0[h] && lc != x1[h];
-            if (kRowLbl) ok &= ((rmask >> (bit + h)) & 1u) == 0u;
-            // Threshold rule (THR): row lr's threshold and positive (local to this key tile).
-            if constexpr (kRowThr)
-              ok &= !threshold_dropped(sv * scale, sXt[lr], lc, tile_index(sXrp[lr], col_base, kBN));
-            const float p = fast_exp2(ok ? sv * scale2 - rr2[h] : -INFINITY);
-            dsc += rg[h] * p * sv;
-            w = (MODE == kRow) ? p : rg[h] * p;
+          for (int h = 0; h < 2; ++h) {
+            const int lr = warp * 16 + gq + 8 * h;
+            const float sv = s[nt][2 * h + e];
+            const bool cok = lc < cvalid;
+            float w = 0.f;
+            if (MODE != kCol) {  // W_ab: row a = X row (query), key b = Y column
+              float x = fmaf(sv, scale2, -rr2[h]);
+              if constexpr (kMasked) {
+                bool ok = cok && lc != x0[h] && lc != x1[h];
+                if (kRowLbl) ok &= ((rmask >> (bit + h)) & 1u) == 0u;
+                // Threshold rule (THR): row lr's threshold and positive (local to this key tile).
+                if constexpr (kRowThr)
+                  ok &= !threshold_dropped(sv * scale, sXt[lr], lc, tile_index(sXrp[lr], col_base, kBN));
+                x = ok ? x : -INFINITY;
+              }
+              const float p = fast_exp2(x);
+              dsr[h] = fmaf(p, sv, dsr[h]);
+              w = (MODE == kRow) ? p : rgw[h] * p;
+            }
+            if (kColTerm) {  // W_ba (V_ba when paired): row b = Y column (query), key a = X row
+              float x = fmaf(sv, scale2, -ci.x);
+              if constexpr (kMasked) {
+                bool ok = cok && lr != __float_as_int(ci.z) && lr != __float_as_int(ci.w);
+                if (kColLbl) ok &= ((cmask >> (bit + h)) & 1u) == 0u;
+                // Threshold rule (THR): column lc's threshold and positive (local to the row block;
+                // x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel).
+                if constexpr (kColThr)
+                  ok &= !threshold_dropped(sv * scale, sCt[tb][lc], lr,
+                                           tile_index(sQp[tb][lc] - x_offset, row_base, kBM));
+                x = ok ? x : -INFINITY;
+              }
+              w = fmaf(ci.y, fast_exp2(x), w);
+            }
+            s[nt][2 * h + e] = w;
           }
-          if (kColTerm) {  // W_ba (V_ba when paired): row b = Y column (query), key a = X row
-            bool ok = cok && lr != __float_as_int(ci.z) && lr != __float_as_int(ci.w);
-            if (kColLbl) ok &= ((cmask >> (bit + h)) & 1u) == 0u;
-            // Threshold rule (THR): column lc's threshold and positive (local to the row block;
-            // x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel).
-            if constexpr (kColThr)
-              ok &= !threshold_dropped(sv * scale, sCt[tb][lc], lr,
-                                       tile_index(sQp[tb][lc] - x_offset, row_base, kBM));
-            w += ci.y * fast_exp2(ok ? sv * scale2 - ci.x : -INFINITY);
-          }
-          s[nt][2 * h + e] = (MODE == kRow) ? w : w * inv_gmax;
         }
-      }
+    };
+    if (masked) to_w(std::true_type{});
+    else to_w(std::false_type{});
 
     // acc += W'(16 x 64) * V(64 keys x 128 features)
     const uint16_t* pv_base = (need_v ? sV + tb * kTileElems : sY + yb * kTileElems) + pv_lane;
@@ -716,6 +793,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   }
 
   if (MODE != kCol && blockIdx.y == 0) {
+    float dsc = rg[0] * dsr[0] + rg[1] * dsr[1];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) dsc += __shfl_xor_sync(0xffffffffu, dsc, o);
     if (lane == 0) sRed[warp] = dsc;
@@ -729,6 +807,42 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   }
 }
 
+// The kernels. lse_*_mma_kernel: every case (any d, any alignment, both rules);
+// lse_*_resident_mma_kernel: the rule-free launch with d <= kDK and 16-B aligned rows (the
+// launchers pick it), the same code with the other cases compiled out.
+template <typename Tag, bool LBL, bool THR>
+__global__ void __launch_bounds__(kMmaThreads)
+    lse_fwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                       const float* __restrict__ scale_ptr, const infonce_kernels::ExclusionRule rule,
+                       int64_t M, int64_t N, int64_t d, bool vec, float* __restrict__ lse,
+                       int32_t* __restrict__ dropped) {
+  lse_fwd_mma<Tag, LBL, THR, false>(X, Y, scale_ptr, rule, M, N, d, vec, lse, dropped);
+}
+template <typename Tag>
+__global__ void __launch_bounds__(kMmaThreads)
+    lse_fwd_resident_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                                const float* __restrict__ scale_ptr, const infonce_kernels::ExclusionRule rule,
+                                int64_t M, int64_t N, int64_t d, float* __restrict__ lse) {
+  lse_fwd_mma<Tag, false, false, true>(X, Y, scale_ptr, rule, M, N, d, true, lse, nullptr);
+}
+// The min-blocks hint 2 of __launch_bounds__ matters: see lse_bwd_mma's header.
+template <typename Tag, int MODE, bool LBL, bool THR>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+    lse_bwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                       const float* __restrict__ scale_ptr, const Sides<float> sides, int64_t nX,
+                       int64_t nY, int64_t d, bool vec, const float* __restrict__ gmax_ptr,
+                       typename Tag::T* __restrict__ dX, float* __restrict__ dscale_partial) {
+  lse_bwd_mma<Tag, MODE, LBL, THR, false>(X, Y, scale_ptr, sides, nX, nY, d, vec, gmax_ptr, dX, dscale_partial);
+}
+template <typename Tag, int MODE>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+    lse_bwd_resident_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                                const float* __restrict__ scale_ptr, const Sides<float> sides, int64_t nX,
+                                int64_t nY, int64_t d, const float* __restrict__ gmax_ptr,
+                                typename Tag::T* __restrict__ dX, float* __restrict__ dscale_partial) {
+  lse_bwd_mma<Tag, MODE, false, false, true>(X, Y, scale_ptr, sides, nX, nY, d, true, gmax_ptr, dX,
+                                             dscale_partial);
+}
 
 }  // namespace
 }  // namespace infonce_cuda
