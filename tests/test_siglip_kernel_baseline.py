@@ -107,9 +107,9 @@ class TestSiglipKernelConvention:
     def test_gpu_script_comparison(self, sk, tmp_path, monkeypatch):
         # scripts/gpu_siglip.py's siglip-kernel correctness part, its CUDA-only guard lifted: the
         # record it writes on a GPU, bf16 through the "auto" backend. The convention is right: the
-        # loss and d/db within the 2x rule, the other gradients near it (its bf16 gradients measure
-        # up to 2.3x the plain bf16 error here: the status says so); the logit scale passed
-        # as is instead of its log (a convention error) is a FAIL of the loss.
+        # loss and d/db within the 2x rule, the other gradients within 3x (its bf16 dy measured
+        # 2.3x the plain bf16 error at B = 32: the status reports the 2x rule as it is); the logit
+        # scale passed as is instead of its log (a convention error) is a FAIL of the loss.
         sys.path.insert(0, os.path.join(ROOT, "scripts"))
         try:
             gpu_siglip = importlib.import_module("gpu_siglip")
