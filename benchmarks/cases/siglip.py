@@ -75,6 +75,68 @@ def _open_clip(aux):
     return lambda i, t, scale, bias: loss(i, t, scale, bias)
 
 
+def siglip_kernel_loss(fused_siglip_loss, image, text, logit_scale, logit_bias, **options):
+    """The siglip-kernel package's loss (``siglip_kernel.fused_siglip_loss``, a fused GPU baseline)
+    in this package's convention, i.e. equal to ``ik.siglip_loss(image, text, logit_scale,
+    logit_bias)`` (reduction "mean") with the gradients in ``logit_scale`` itself.
+
+    siglip-kernel takes the log temperature (its temperature is ``exp(log_temperature)``) where
+    SigLIP models and this package pass t = exp(log t) already exponentiated; its loss is
+    ``-sum_ij log sigmoid(z_ij (t <img_i, txt_j> + b)) / B``, our mean over the B rows. The log
+    is taken inside autograd, so d/dt = (d/d log t) / t. Shapes: image, text (B, d); t, b ().
+    ``options`` go to ``fused_siglip_loss`` (e.g. ``backend``; default "auto")."""
+    return fused_siglip_loss(image, text, logit_scale.log(), logit_bias, **options)
+
+
+def siglip_kernel_dscale_rounding(image, text, logit_scale, logit_bias):
+    """A bound on the rounding error of siglip-kernel's fused backends' d loss / d t beyond the
+    plain computation's, for unit-norm rows in the inputs' dtype (float64 arithmetic; the
+    comparisons of its gradient add it to the 2x same-precision tolerance).
+
+    With c = <img_i, txt_j>, l = t c + b and G = (sigmoid(l) - [i = j]) / B, its kernels form
+    d loss / d log t = sum G l - b sum G from float32 sums that cancel (each of size about
+    |b| sum |G| where the result is t sum G c), and the logits c they read are rounded to the
+    inputs' dtype: 2 eps_fp32 (sum |G l| + |b| sum |G|) / t + eps_dtype sum |G| |c|."""
+    c = image.double() @ text.double().T
+    t, b = float(logit_scale), float(logit_bias)
+    logits = t * c + b
+    g = (torch.sigmoid(logits) - torch.eye(*c.shape, dtype=c.dtype, device=c.device)) / c.shape[0]
+    fp32 = torch.finfo(torch.float32).eps
+    eps = torch.finfo(image.dtype).eps
+    return (2 * fp32 * ((g * logits).abs().sum() + abs(b) * g.abs().sum()) / t + eps * (g.abs() * c.abs()).sum()).item()
+
+
+def siglip_kernel_backend_ran(module, call):
+    """``(name, call())``: ``name`` is the loss function of the siglip-kernel package ``module``
+    that ``call()`` (a call of ``module.fused_siglip_loss``) reached; its "auto" backend routes
+    by dtype and GPU architecture. Each loss function of the package's namespace, where the router
+    looks it up, is wrapped to note its call for the duration of ``call()``, then restored; None
+    if none was reached."""
+    called = []
+
+    def noting(name, fn):
+        def wrapper(*a, **k):
+            called.append(name)
+            return fn(*a, **k)
+        return wrapper
+
+    entries = {n: f for n, f in vars(module).items()
+               if "siglip" in n and n != "fused_siglip_loss" and callable(f) and not isinstance(f, type)}
+    try:
+        for name, fn in entries.items():
+            setattr(module, name, noting(name, fn))
+        result = call()
+    finally:
+        for name, fn in entries.items():
+            setattr(module, name, fn)
+    return (called[0] if called else None), result
+
+
+def _siglip_kernel(aux):
+    from siglip_kernel import fused_siglip_loss  # noqa: PLC0415 - imports only where it runs (CUDA)
+    return lambda i, t, scale, bias: siglip_kernel_loss(fused_siglip_loss, i, t, scale, bias)
+
+
 CASE = Case(
     kind="siglip",
     rows_label="B",
@@ -84,5 +146,7 @@ CASE = Case(
     baselines=(
         *materialised(open_clip_siglip_loss),
         _OpenClipPeer("open_clip", _open_clip),
+        # the fused GPU baseline (pip install siglip-kernel; its package import needs a CUDA device)
+        Provider("siglip_kernel", _siglip_kernel, needs=("siglip_kernel",), devices=("cuda",)),
     ),
 )
