@@ -433,7 +433,37 @@ struct ColStage {
   int x0 = -1, x1 = -1;     // row b's exclusions, local to this CTA's row block (-1 = none)
   // Whether the column's exclusions touch this CTA's row block (the tile is then masked).
   __device__ __forceinline__ bool touches() const { return x0 >= 0 || x1 >= 0; }
+  // Column j < nY of yq, its exclusions made local to the row block [row_base, row_base + rows)
+  // (x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel).
+  static __device__ __forceinline__ ColStage fetch(const QuerySide<float>& yq, int64_t j, float inv_gmax,
+                                                   int64_t x_offset, int64_t row_base, int rows) {
+    ColStage cs;
+    cs.r2 = yq.lse[j] * kLog2e;
+    cs.g = yq.grad[j] * inv_gmax;
+    if (yq.E > 0) cs.x0 = tile_index(yq.exclude[j * yq.E] - x_offset, row_base, rows);
+    if (yq.E > 1) cs.x1 = tile_index(yq.exclude[j * yq.E + 1] - x_offset, row_base, rows);
+    return cs;
+  }
+  // The shared-memory entry {r2, g, x0, x1 (int bits)}.
+  __device__ __forceinline__ float4 packed() const {
+    return make_float4(r2, g, __int_as_float(x0), __int_as_float(x1));
+  }
 };
+
+// out = the CTA's sum of v in a fixed order (warp xor tree, then the warps in order); every thread
+// calls it (one barrier), sred holds a float per warp.
+__device__ __forceinline__ void store_cta_sum(float v, float* sred, float* out) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) sred[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMmaThreads / 32; ++w) t += sred[w];
+    *out = t;
+  }
+}
 
 // Backward, one CTA per (64-row block of X, 128-wide feature chunk of the output).
 //   For each 64-column block of Y: S = X Y^T (fp32, tensor cores), then per entry
@@ -570,18 +600,12 @@ __device__ __forceinline__ void lse_bwd_mma(const uint16_t* __restrict__ X, cons
   auto fetch_col = [&](int64_t col) {
     ColStage cs;
     const int64_t j = col + threadIdx.x;
-    if (kColTerm && threadIdx.x < kBN && j < nY) {
-      cs.r2 = yq.lse[j] * kLog2e;
-      cs.g = yq.grad[j] * inv_gmax;
-      // x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel.
-      if (yq.E > 0) cs.x0 = tile_index(yq.exclude[j * yq.E] - x_offset, row_base, kBM);
-      if (yq.E > 1) cs.x1 = tile_index(yq.exclude[j * yq.E + 1] - x_offset, row_base, kBM);
-    }
+    if (kColTerm && threadIdx.x < kBN && j < nY) cs = ColStage::fetch(yq, j, inv_gmax, x_offset, row_base, kBM);
     return cs;
   };
   auto store_col = [&](const ColStage& cs, int t) {
     if (kColTerm && threadIdx.x < kBN) {
-      sCol[t][threadIdx.x] = make_float4(cs.r2, cs.g, __int_as_float(cs.x0), __int_as_float(cs.x1));
+      sCol[t][threadIdx.x] = cs.packed();
       cflag = cs.touches();
     }
   };
@@ -791,19 +815,7 @@ __device__ __forceinline__ void lse_bwd_mma(const uint16_t* __restrict__ X, cons
       }
   }
 
-  if (MODE != kCol && blockIdx.y == 0) {
-    float dsc = rg[0] * dsr[0] + rg[1] * dsr[1];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) dsc += __shfl_xor_sync(0xffffffffu, dsc, o);
-    if (lane == 0) sRed[warp] = dsc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float t = 0.f;
-#pragma unroll
-      for (int w = 0; w < kMmaThreads / 32; ++w) t += sRed[w];
-      dscale_partial[blockIdx.x] = t;
-    }
-  }
+  if (MODE != kCol && blockIdx.y == 0) store_cta_sum(rg[0] * dsr[0] + rg[1] * dsr[1], sRed, dscale_partial + blockIdx.x);
 }
 
 // The resident backward (lse_bwd_resident_mma_kernel): the rule-free launch with d <= kDK and
@@ -886,18 +898,12 @@ __device__ __forceinline__ void lse_bwd_resident_mma(const uint16_t* __restrict_
   auto fetch_col = [&](int64_t col) {
     ColStage cs;
     const int64_t j = col + threadIdx.x;
-    if (kColTerm && threadIdx.x < kResBN && j < nY) {
-      cs.r2 = yq.lse[j] * kLog2e;
-      cs.g = yq.grad[j] * inv_gmax;
-      // x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel.
-      if (yq.E > 0) cs.x0 = tile_index(yq.exclude[j * yq.E] - x_offset, row_base, kResBM);
-      if (yq.E > 1) cs.x1 = tile_index(yq.exclude[j * yq.E + 1] - x_offset, row_base, kResBM);
-    }
+    if (kColTerm && threadIdx.x < kResBN && j < nY) cs = ColStage::fetch(yq, j, inv_gmax, x_offset, row_base, kResBM);
     return cs;
   };
   auto store_col = [&](const ColStage& cs, int t) {
     if (kColTerm && threadIdx.x < kResBN) {
-      sCol[t][threadIdx.x] = make_float4(cs.r2, cs.g, __int_as_float(cs.x0), __int_as_float(cs.x1));
+      sCol[t][threadIdx.x] = cs.packed();
       cflag = cs.touches();
     }
   };
@@ -1037,19 +1043,8 @@ __device__ __forceinline__ void lse_bwd_resident_mma(const uint16_t* __restrict_
       }
   }
 
-  // dscale partial of this row block (kRow, kSym): fixed order (quad lanes by xor, warps in order).
-  if (MODE != kCol) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) dsc += __shfl_xor_sync(0xffffffffu, dsc, o);
-    if (lane == 0) sRed[warp] = dsc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float t = 0.f;
-#pragma unroll
-      for (int w = 0; w < kMmaThreads / 32; ++w) t += sRed[w];
-      dscale_partial[blockIdx.x] = t;
-    }
-  }
+  // dscale partial of this row block (kRow, kSym), in a fixed order.
+  if (MODE != kCol) store_cta_sum(dsc, sRed, dscale_partial + blockIdx.x);
 }
 
 // The kernels. lse_*_mma_kernel: every case (any d, any alignment, both rules);
