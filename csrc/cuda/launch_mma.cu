@@ -51,27 +51,36 @@ cudaError_t fwd_mma_rules(const LseParams& p, cudaStream_t stream) {
   return p.rows.thresholded() ? fwd_mma<Tag, LBL, true>(p, stream) : fwd_mma<Tag, LBL, false>(p, stream);
 }
 
+// Whether a backward pass of X against Y runs the resident kernel (no label or threshold rule,
+// d <= kDK, 16-B aligned rows), and its rows per CTA (= dscale partials per kResBM / kBM rows).
+bool bwd_resident(bool lbl, const Sides<float>& sides, const void* X, const void* Y, int64_t d) {
+  return !lbl && !has_threshold(sides) && d % 8 == 0 && aligned16(X) && aligned16(Y) && d <= kDK;
+}
+int64_t bwd_row_blocks(bool resident, int64_t nX) { return cdiv(nX, resident ? kResBM : kBM); }
+
 // One backward pass: X rows (nX) against Y columns (nY), output dX (nX, d).
 template <typename Tag, int MODE, bool LBL>
 cudaError_t bwd_mma_launch(const void* X, const void* Y, int64_t nX, int64_t nY, const LseParams& p,
                            const Sides<float>& sides, const float* gmax, void* dX, float* partial,
                            cudaStream_t stream) {
   const int64_t d = p.d;
-  const bool vec = d % 8 == 0 && aligned16(X) && aligned16(Y);
-  const size_t smem = bwd_mma_smem(d <= kDK);  // 52,224 B (d <= kDK) or 104,448 B
-  const dim3 grid(static_cast<unsigned>(cdiv(nX, kBM)), static_cast<unsigned>(cdiv(d, kDV)));
   const auto* x = static_cast<const uint16_t*>(X);
   const auto* y = static_cast<const uint16_t*>(Y);
   const auto* scale = static_cast<const float*>(p.scale);
   auto* dx = static_cast<typename Tag::T*>(dX);
-  const bool thr = has_threshold(sides);
-  if (!LBL && !thr && vec && d <= kDK) {  // the resident kernel: the other cases compiled out
+  if (bwd_resident(LBL, sides, X, Y, d)) {  // the resident kernel: 32 rows per warp, one program per row block
     auto kern = lse_bwd_resident_mma_kernel<Tag, MODE>;
+    const size_t smem = bwd_res_mma_smem();  // 52,224 B
     cudaError_t err = allow_smem(kern, smem);
     if (err != cudaSuccess) return err;
-    kern<<<grid, kMmaThreads, smem, stream>>>(x, y, scale, sides, nX, nY, d, gmax, dx, partial);
+    kern<<<dim3(static_cast<unsigned>(bwd_row_blocks(true, nX))), kMmaThreads, smem, stream>>>(
+        x, y, scale, sides, nX, nY, d, gmax, dx, partial);
     return cudaGetLastError();
   }
+  const bool vec = d % 8 == 0 && aligned16(X) && aligned16(Y);
+  const bool thr = has_threshold(sides);
+  const size_t smem = bwd_mma_smem(d <= kDK);  // 52,224 B (d <= kDK) or 104,448 B
+  const dim3 grid(static_cast<unsigned>(bwd_row_blocks(false, nX)), static_cast<unsigned>(cdiv(d, kDV)));
   auto kern = thr ? lse_bwd_mma_kernel<Tag, MODE, LBL, true> : lse_bwd_mma_kernel<Tag, MODE, LBL, false>;
   cudaError_t err = allow_smem(kern, smem);
   if (err != cudaSuccess) return err;
@@ -90,7 +99,8 @@ cudaError_t two_sided_mma(const LseParams& p, const Sides<float>& sd, cudaStream
   if (err != cudaSuccess) return err;
   err = bwd_mma_launch<Tag, kSym, LBL>(p.q, p.k, p.M, p.N, p, sd, gmax, p.dq, partial, stream);
   if (err != cudaSuccess) return err;
-  return launch_sum_partials(partial, cdiv(p.M, kBM), static_cast<float*>(p.dscale), stream);
+  const int64_t blocks = bwd_row_blocks(bwd_resident(LBL, sd, p.q, p.k, p.d), p.M);
+  return launch_sum_partials(partial, blocks, static_cast<float*>(p.dscale), stream);
 }
 
 // lse_bwd. kCol swaps X and Y: its Y rows are the queries q (passed as the Sides' key side), its
@@ -109,7 +119,8 @@ cudaError_t bwd_mma(const LseParams& p, cudaStream_t stream) {
   if ((err = launch_absmax(rows.grad, p.M, nullptr, 0, gmax, stream)) != cudaSuccess) return err;
   err = bwd_mma_launch<Tag, kCol, LBL>(p.k, p.q, p.N, p.M, p, col_term, gmax, p.dk, nullptr, stream);
   if (err != cudaSuccess) return err;
-  return launch_sum_partials(partial, cdiv(p.M, kBM), static_cast<float*>(p.dscale), stream);
+  const int64_t blocks = bwd_row_blocks(bwd_resident(LBL, row_term, p.q, p.k, p.d), p.M);
+  return launch_sum_partials(partial, blocks, static_cast<float*>(p.dscale), stream);
 }
 
 template <typename Tag>

@@ -1,13 +1,15 @@
 // The fp16 / bf16 kernels: tensor cores through mma.sync.m16n8k16 (sm_80+), fp32 accumulators,
 // ldmatrix from padded shared memory, tiles brought in by cp.async two stages deep, exponentials
-// by ex2.approx (one MUFU.EX2). CTA = 4 warps; forward 128 rows (32 per warp), backward 64 rows
-// (16 per warp); key tiles of 64; the QK product loops over d in chunks of 128, the backward
+// by ex2.approx (one MUFU.EX2). CTA = 4 warps; forward 128 rows (32 per warp) x key tiles of 64;
+// general backward 64 rows (16 per warp) x key tiles of 64, resident backward 128 rows (32 per
+// warp) x key tiles of 32; the QK product loops over d in chunks of 128, the general backward's
 // output loops over d in chunks of 128 on grid.y (each output chunk recomputes S and P: any d
 // works, and d <= 128 costs no recomputation). Masked and interior tiles: once per key tile a
 // warp vote decides whether an exclusion, the end of the keys or a rule touches the tile; only
 // then does the warp run the per-element mask code (interior tiles: no per-element compares).
-// Two kernels per body: the general one (any d, alignment and rule) and, for the rule-free launch
-// with d <= kDK and 16-B aligned rows, a resident one with the other cases compiled out. The
+// Two kernels per direction: the general one (any d, alignment and rule) and, for the rule-free
+// launch with d <= kDK and 16-B aligned rows, a resident one (the forward: the same body with the
+// other cases compiled out; the backward: its own body, lse_bwd_resident_mma). The
 // invariants: csrc/cuda/README.md. Maths and the exclusion rule: lse_kernels.cu's header and
 // csrc/common/exclusion.h; launched from launch_mma.cu.
 #pragma once
@@ -165,16 +167,16 @@ __device__ __forceinline__ void load_tile16(uint16_t* __restrict__ s, const uint
   }
 }
 
-// s[mt][nt][.] += X_tile(warp's MT x 16 rows, k chunk) * Y_tile(64 cols, k chunk)^T: warp w owns
+// s[mt][nt][.] += X_tile(warp's MT x 16 rows, k chunk) * Y_tile(8 NT cols, k chunk)^T: warp w owns
 // rows [16 MT w, 16 MT (w + 1)) of the X tile, m16 tile mt its rows 16 MT w + 16 mt + [0, 16).
 // Every B fragment (the Y tile through ldmatrix) is used for the MT m-tiles: MT = 2 halves the
-// shared-memory reads per FLOP of MT = 1.
+// shared-memory reads per FLOP of MT = 1. NT (n8 tiles, even): 8 for 64-key tiles, 4 for kResBN.
 // Accumulator layout (m16n8 C fragment), lane = 4*gq + tq:
 //   s[mt][nt][0], s[mt][nt][1]: row gq,     cols nt*8 + 2tq, +1   (of m-tile mt)
 //   s[mt][nt][2], s[mt][nt][3]: row gq + 8, cols nt*8 + 2tq, +1
 // kvalid: number of valid features in this chunk (k-steps past it are all-zero and skipped).
-template <typename Tag, int MT>
-__device__ __forceinline__ void mma_qk(float (&s)[MT][8][4], const uint16_t* sX, const uint16_t* sY,
+template <typename Tag, int MT, int NT>
+__device__ __forceinline__ void mma_qk(float (&s)[MT][NT][4], const uint16_t* sX, const uint16_t* sY,
                                        int warp, int lane, int kvalid) {
   // A (16x16, row major) from X: matrices (rows 0-7|8-15) x (cols 0-7|8-15) -> a0..a3.
   const uint16_t* pa =
@@ -189,7 +191,7 @@ __device__ __forceinline__ void mma_qk(float (&s)[MT][8][4], const uint16_t* sX,
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3], pa + mt * 16 * kLds + ks * 16);
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
+      for (int np = 0; np < NT / 2; ++np) {
         uint32_t b0, b1, b2, b3;
         ldsm_x4(b0, b1, b2, b3, pb + np * 16 * kLds + ks * 16);
 #pragma unroll
@@ -431,7 +433,37 @@ struct ColStage {
   int x0 = -1, x1 = -1;     // row b's exclusions, local to this CTA's row block (-1 = none)
   // Whether the column's exclusions touch this CTA's row block (the tile is then masked).
   __device__ __forceinline__ bool touches() const { return x0 >= 0 || x1 >= 0; }
+  // Column j < nY of yq, its exclusions made local to the row block [row_base, row_base + rows)
+  // (x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel).
+  static __device__ __forceinline__ ColStage fetch(const QuerySide<float>& yq, int64_t j, float inv_gmax,
+                                                   int64_t x_offset, int64_t row_base, int rows) {
+    ColStage cs;
+    cs.r2 = yq.lse[j] * kLog2e;
+    cs.g = yq.grad[j] * inv_gmax;
+    if (yq.E > 0) cs.x0 = tile_index(yq.exclude[j * yq.E] - x_offset, row_base, rows);
+    if (yq.E > 1) cs.x1 = tile_index(yq.exclude[j * yq.E + 1] - x_offset, row_base, rows);
+    return cs;
+  }
+  // The shared-memory entry {r2, g, x0, x1 (int bits)}.
+  __device__ __forceinline__ float4 packed() const {
+    return make_float4(r2, g, __int_as_float(x0), __int_as_float(x1));
+  }
 };
+
+// out = the CTA's sum of v in a fixed order (warp xor tree, then the warps in order); every thread
+// calls it (one barrier), sred holds a float per warp.
+__device__ __forceinline__ void store_cta_sum(float v, float* sred, float* out) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) sred[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMmaThreads / 32; ++w) t += sred[w];
+    *out = t;
+  }
+}
 
 // Backward, one CTA per (64-row block of X, 128-wide feature chunk of the output).
 //   For each 64-column block of Y: S = X Y^T (fp32, tensor cores), then per entry
@@ -473,9 +505,8 @@ struct ColStage {
 // the row block per column), both from shared memory where they are used: no registers live
 // across the product (the two-sided kernel is at 233-254 of 255). The logit s * S (nats) is
 // compared through exclusion.h's threshold_dropped and folded into the same branch-free -inf mask.
-// RES: as in the forward (lse_bwd_resident_mma_kernel: d <= kDK, aligned; the key tile is the
-// value tile and grid.y = 1).
-template <typename Tag, int MODE, bool LBL, bool THR, bool RES>
+// The rule-free launch with d <= kDK and aligned rows runs lse_bwd_resident_mma instead (below).
+template <typename Tag, int MODE, bool LBL, bool THR>
 __device__ __forceinline__ void lse_bwd_mma(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
                                             const float* __restrict__ scale_ptr, const Sides<float>& sides,
                                             int64_t nX, int64_t nY, int64_t d, bool vec,
@@ -485,9 +516,8 @@ __device__ __forceinline__ void lse_bwd_mma(const uint16_t* __restrict__ X, cons
   const int64_t* __restrict__ y_key_labels = sides.key_labels;
   const int64_t* __restrict__ x_key_labels = sides.row_labels;
   const int64_t x_offset = sides.row_offset;
-  vec = RES || vec;
-  const int nchunks = RES ? 1 : static_cast<int>((d + kDK - 1) / kDK);
-  const bool x_resident = RES || nchunks == 1;
+  const int nchunks = static_cast<int>((d + kDK - 1) / kDK);
+  const bool x_resident = nchunks == 1;
   const bool need_v = !x_resident;  // else the (single) key tile holds features [0, kDK) = chunk
   // Dynamic smem (bwd_mma_smem): X (1 or kStages), Y (kStages), V (kStages, only when need_v).
   extern __shared__ __align__(16) uint16_t smem16[];
@@ -570,18 +600,12 @@ __device__ __forceinline__ void lse_bwd_mma(const uint16_t* __restrict__ X, cons
   auto fetch_col = [&](int64_t col) {
     ColStage cs;
     const int64_t j = col + threadIdx.x;
-    if (kColTerm && threadIdx.x < kBN && j < nY) {
-      cs.r2 = yq.lse[j] * kLog2e;
-      cs.g = yq.grad[j] * inv_gmax;
-      // x_offset is subtracted from the entry, not added to row_base: see lse_bwd_simt_kernel.
-      if (yq.E > 0) cs.x0 = tile_index(yq.exclude[j * yq.E] - x_offset, row_base, kBM);
-      if (yq.E > 1) cs.x1 = tile_index(yq.exclude[j * yq.E + 1] - x_offset, row_base, kBM);
-    }
+    if (kColTerm && threadIdx.x < kBN && j < nY) cs = ColStage::fetch(yq, j, inv_gmax, x_offset, row_base, kBM);
     return cs;
   };
   auto store_col = [&](const ColStage& cs, int t) {
     if (kColTerm && threadIdx.x < kBN) {
-      sCol[t][threadIdx.x] = make_float4(cs.r2, cs.g, __int_as_float(cs.x0), __int_as_float(cs.x1));
+      sCol[t][threadIdx.x] = cs.packed();
       cflag = cs.touches();
     }
   };
@@ -639,8 +663,7 @@ __device__ __forceinline__ void lse_bwd_mma(const uint16_t* __restrict__ X, cons
       cp_async_commit();
       ColStage next;
       if (new_tile) next = fetch_col(ncol);
-      // RES: every k-step (the columns past d are zero and add nothing): no guards in the product
-      const int kvalid = RES ? kDK : static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
+      const int kvalid = static_cast<int>(d - int64_t(c) * kDK < kDK ? d - int64_t(c) * kDK : kDK);
       mma_qk<Tag, 1>(s1, sX + (x_resident ? 0 : b * kTileElems), sY + b * kTileElems, warp, lane, kvalid);
       if (new_tile) store_col(next, tb ^ 1);
       yb = b;
@@ -792,24 +815,242 @@ __device__ __forceinline__ void lse_bwd_mma(const uint16_t* __restrict__ X, cons
       }
   }
 
-  if (MODE != kCol && blockIdx.y == 0) {
-    float dsc = rg[0] * dsr[0] + rg[1] * dsr[1];
+  if (MODE != kCol && blockIdx.y == 0) store_cta_sum(rg[0] * dsr[0] + rg[1] * dsr[1], sRed, dscale_partial + blockIdx.x);
+}
+
+// The resident backward (lse_bwd_resident_mma_kernel): the rule-free launch with d <= kDK and
+// 16-B aligned rows (no label / threshold rule), with 32 rows per warp.
+// One CTA per kResBM = 128-row block of X (4 warps x 32 rows: two m16 tiles per warp), grid.y = 1
+// (the whole output row, d <= kDV, in one program); key tiles of kResBN = 32, each the S key tile
+// and the value tile at once (features [0, kDK), zero past d). The maths, W' per MODE, gmax, the
+// masks, the dscale partial and the rows past nX are lse_bwd_mma's (see its header); what differs:
+//   - Thread (warp, lane = 4 gq + tq) owns X rows 32 warp + 16 mt + gq + 8 h (r = 2 mt + h; mt, h
+//     in {0, 1}) and, of every key tile, columns nt * 8 + 2 tq + e (nt < 4, e < 2); of the output,
+//     features vt * 8 + 2 tq + e (vt < 16) of its 4 rows.
+//   - Registers: acc 2 x 16 x 4 = 128 fp32 (output), S 2 x 4 x 4 = 32 fp32, 4 rows' state; the
+//     64-key tile of lse_bwd_mma would need 64 S registers on top (over 255).
+//   - Shared-memory reads per entry (ldmatrix, per warp and 32 x 32 entries): S product 8 k-steps
+//     x (2 A + 2 B) x4 matrices = 16 KB, W'V product 2 k-steps x 8 x4.trans = 8 KB: 24 B per entry
+//     (lse_bwd_mma: 20 + 16 = 36), every B fragment serving both m-tiles.
+//   - One stage per key tile (a single feature chunk): wait_group 0 + barrier, copy of the next
+//     key tile (cp.async, the other buffer), the next tile's column data (fetch_col: warp 0, one
+//     column per lane), S, W', acc += W' V. The column data is double-buffered by key-tile parity
+//     as in lse_bwd_mma (stored after the S product, published by the next barrier).
+template <typename Tag, int MODE>
+__device__ __forceinline__ void lse_bwd_resident_mma(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
+                                                     const float* __restrict__ scale_ptr, const Sides<float>& sides,
+                                                     int64_t nX, int64_t nY, int64_t d,
+                                                     const float* __restrict__ gmax_ptr,
+                                                     typename Tag::T* __restrict__ dX,
+                                                     float* __restrict__ dscale_partial) {
+  constexpr int MT = kResMTiles, NT = kResBN / 8, R = 2 * MT;  // m16 tiles, n8 tiles, rows per thread
+  constexpr bool kColTerm = MODE != kRow;
+  const QuerySide<float> xq = sides.rows, yq = sides.keys;
+  const int64_t x_offset = sides.row_offset;
+  // Dynamic smem (bwd_res_mma_smem): X (kResBM rows), then kStages key tiles of kResBN rows.
+  extern __shared__ __align__(16) uint16_t smem16[];
+  uint16_t* sX = smem16;
+  uint16_t* sY = smem16 + kResBM * kLds;
+  __shared__ float4 sCol[kColTerm ? kStages : 1][kColTerm ? kResBN : 1];  // {r2, g, x0, x1 (int bits)}
+  __shared__ float sRed[kMmaThreads / 32];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int64_t row_base = int64_t(blockIdx.x) * kResBM;
+  const float scale = __ldg(scale_ptr);
+  const float scale2 = scale * kLog2e;
+  float inv_gmax = 1.f, gmax = 1.f;
+  if (MODE != kRow) {
+    gmax = __ldg(gmax_ptr);
+    inv_gmax = gmax > 0.f ? 1.f / gmax : 0.f;  // all-zero g: W' = 0 and the output is 0
+  }
+
+  // This thread's four rows (local lr = 32 warp + 16 mt + gq + 8 h, r = 2 mt + h).
+  int64_t ex[R][2];
+  float rr2[R], rgw[R];  // r_a * log2(e), g_a / gmax (kSym: the row term's weight in W')
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) dsc += __shfl_xor_sync(0xffffffffu, dsc, o);
-    if (lane == 0) sRed[warp] = dsc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float t = 0.f;
-#pragma unroll
-      for (int w = 0; w < kMmaThreads / 32; ++w) t += sRed[w];
-      dscale_partial[blockIdx.x] = t;
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = row_base + warp * 32 + (r >> 1) * 16 + gq + 8 * (r & 1);
+    ex[r][0] = ex[r][1] = -1;
+    rr2[r] = 0.f;
+    rgw[r] = 0.f;
+    if (MODE != kCol && row < nX) {
+      rr2[r] = xq.lse[row] * kLog2e;
+      rgw[r] = xq.grad[row] * inv_gmax;
+      if (xq.E > 0) ex[r][0] = xq.exclude[row * xq.E];
+      if (xq.E > 1) ex[r][1] = xq.exclude[row * xq.E + 1];
     }
   }
+
+  float acc[MT][16][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int vt = 0; vt < 16; ++vt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][vt][e] = 0.f;
+  float dsr[R];  // sum_b P_ab S_ab of this thread's rows (dscale = sum_a g_a dsr_a)
+#pragma unroll
+  for (int r = 0; r < R; ++r) dsr[r] = 0.f;
+  int cflag = 0;  // the column data last stored touches this row block (ColStage::touches)
+
+  // The column-term data of key tile `col` (warp 0, one column per lane).
+  auto fetch_col = [&](int64_t col) {
+    ColStage cs;
+    const int64_t j = col + threadIdx.x;
+    if (kColTerm && threadIdx.x < kResBN && j < nY) cs = ColStage::fetch(yq, j, inv_gmax, x_offset, row_base, kResBM);
+    return cs;
+  };
+  auto store_col = [&](const ColStage& cs, int t) {
+    if (kColTerm && threadIdx.x < kResBN) {
+      sCol[t][threadIdx.x] = cs.packed();
+      cflag = cs.touches();
+    }
+  };
+  load_tile16<kResBM>(sX, X, row_base, nX, 0, d, true);
+  load_tile16<kResBN>(sY, Y, 0, nY, 0, d, true);
+  store_col(fetch_col(0), 0);
+  cp_async_commit();
+
+  // ldmatrix.trans lane offset of the value tile (B of the second mma, see below).
+  const int pv_lane = ((lane & 7) + ((lane >> 3) & 1) * 8) * kLds + (lane >> 4) * 8;
+  int tb = 0;  // parity of the current key tile = its buffer
+  for (int64_t col_base = 0; col_base < nY; col_base += kResBN) {
+    cp_async_wait_all();
+    // Whether a column of this key tile has an exclusion in this row block, OR-reduced over the
+    // CTA by the barrier that publishes the tile (cflag: this tile's, from the previous store_col).
+    int col_touch = 0;
+    if constexpr (kColTerm) col_touch = __syncthreads_or(cflag);
+    else __syncthreads();
+    const int64_t ncol = col_base + kResBN;
+    if (ncol < nY) load_tile16<kResBN>(sY + (tb ^ 1) * kResBN * kLds, Y, ncol, nY, 0, d, true);
+    cp_async_commit();
+    ColStage next;
+    if (ncol < nY) next = fetch_col(ncol);
+
+    // S (fp32): every k-step (the features past d are zero and add nothing).
+    const uint16_t* sYt = sY + tb * kResBN * kLds;
+    float s[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+    mma_qk<Tag, MT>(s, sX, sYt, warp, lane, kDK);
+    if (ncol < nY) store_col(next, tb ^ 1);
+
+    // Masked tile (exclusion entry of a row or a column in it, or the end of the keys), one warp
+    // vote: as lse_bwd_mma's.
+    const int cvalid = static_cast<int>(nY - col_base < kResBN ? nY - col_base : kResBN);
+    int x0[R], x1[R];
+    bool touch = cvalid < kResBN;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      x0[r] = tile_index(ex[r][0], col_base, kResBN);
+      x1[r] = tile_index(ex[r][1], col_base, kResBN);
+      if (MODE != kCol) touch |= (x0[r] >= 0) | (x1[r] >= 0);
+    }
+    const bool masked = __any_sync(0xffffffffu, touch) || col_touch != 0;
+    // S -> W' in place (lse_bwd_mma's to_w with four rows per column): each column's data is one
+    // 16-B shared load used for the four rows.
+    auto to_w = [&](auto masked_tag) {
+      constexpr bool kMasked = decltype(masked_tag)::value;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int lc = nt * 8 + 2 * tq + e;
+          const float4 ci = kColTerm ? sCol[tb][lc] : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const int mt = r >> 1, h = r & 1;
+            const int lr = warp * 32 + mt * 16 + gq + 8 * h;
+            const float sv = s[mt][nt][2 * h + e];
+            float w = 0.f;
+            if (MODE != kCol) {  // W_ab: row a = X row (query), key b = Y column
+              float x = fmaf(sv, scale2, -rr2[r]);
+              if constexpr (kMasked) x = (lc < cvalid && lc != x0[r] && lc != x1[r]) ? x : -INFINITY;
+              const float p = fast_exp2(x);
+              dsr[r] = fmaf(p, sv, dsr[r]);
+              w = (MODE == kRow) ? p : rgw[r] * p;
+            }
+            if (kColTerm) {  // W_ba (V_ba when paired): row b = Y column (query), key a = X row
+              float x = fmaf(sv, scale2, -ci.x);
+              if constexpr (kMasked)
+                x = (lc < cvalid && lr != __float_as_int(ci.z) && lr != __float_as_int(ci.w)) ? x : -INFINITY;
+              w = fmaf(ci.y, fast_exp2(x), w);
+            }
+            s[mt][nt][2 * h + e] = w;
+          }
+        }
+    };
+    if (masked) to_w(std::true_type{});
+    else to_w(std::false_type{});
+
+    // acc[mt] += W'(m-tile mt: 16 rows x 32 keys) * V(32 keys x 128 features), V = the key tile.
+    // A (m16k16, row major) of k-step kk, m-tile mt, from the C fragments of n-tiles 2kk, 2kk+1:
+    //   a0 = (row gq, keys 16kk + 2tq, +1) = s[mt][2kk][0..1],  a1 = (row gq+8, same keys) = [2..3],
+    //   a2 = (row gq, keys 16kk + 8 + 2tq, +1) = s[mt][2kk+1][0..1],  a3 = (row gq+8) = [2..3].
+    // B (k16n8, "col": b0 = (keys 2tq, +1; feature gq), b1 = (keys 8 + 2tq, +1; feature gq)) from
+    // the row-major V tile (row = key) by ldmatrix.x4.trans: lanes 8i..8i+7 address matrix i =
+    // (keys 16kk + (i & 1) 8 + [0, 8), features 16vp + (i >> 1) 8 + [0, 8)) (pv_lane); .trans gives
+    // lane l (rows 2(l%4), +1; col l/4) = (keys 2tq, +1; feature gq) of each: b0, b1 of the n-tile
+    // of features 16vp + [0, 8), b2, b3 of 16vp + 8 + [0, 8). Each B fragment serves both m-tiles.
+    const uint16_t* pv_base = sYt + pv_lane;
+#pragma unroll
+    for (int kk = 0; kk < kResBN / 16; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = Tag::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = Tag::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = Tag::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = Tag::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+      // Every output n-tile (features past d: V is zero there, the product adds 0; no guards).
+#pragma unroll
+      for (int vp = 0; vp < kDV / 16; ++vp) {
+        uint32_t b0, b1, b2, b3;
+        ldsm_x4_trans(b0, b1, b2, b3, pv_base + kk * 16 * kLds + vp * 16);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Tag::mma(acc[mt][2 * vp], a[mt], b0, b1);
+          Tag::mma(acc[mt][2 * vp + 1], a[mt], b2, b3);
+        }
+      }
+    }
+    tb ^= 1;
+  }
+
+  // dX = s * (row factor) * acc; the row side's g_a is read again here (not kept across the loop).
+  float dsc = 0.f;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int mt = r >> 1, h = r & 1;
+    const int64_t row = row_base + warp * 32 + mt * 16 + gq + 8 * h;
+    if (row >= nX) continue;
+    const float rg = MODE != kCol ? xq.grad[row] : 0.f;
+    dsc = fmaf(rg, dsr[r], dsc);
+    const float f = (MODE == kRow) ? scale * rg : scale * gmax;
+    typename Tag::T* out = dX + row * d;
+#pragma unroll
+    for (int vt = 0; vt < 16; ++vt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = vt * 8 + 2 * tq + e;
+        if (col < d) out[col] = Tag::from_float(acc[mt][vt][2 * h + e] * f);
+      }
+  }
+
+  // dscale partial of this row block (kRow, kSym), in a fixed order.
+  if (MODE != kCol) store_cta_sum(dsc, sRed, dscale_partial + blockIdx.x);
 }
 
 // The kernels. lse_*_mma_kernel: every case (any d, any alignment, both rules);
 // lse_*_resident_mma_kernel: the rule-free launch with d <= kDK and 16-B aligned rows (the
-// launchers pick it), the same code with the other cases compiled out.
+// launchers pick it): the forward's body with the other cases compiled out, the backward's
+// lse_bwd_resident_mma (32 rows per warp).
 template <typename Tag, bool LBL, bool THR>
 __global__ void __launch_bounds__(kMmaThreads)
     lse_fwd_mma_kernel(const uint16_t* __restrict__ X, const uint16_t* __restrict__ Y,
@@ -832,7 +1073,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
                        const float* __restrict__ scale_ptr, const Sides<float> sides, int64_t nX,
                        int64_t nY, int64_t d, bool vec, const float* __restrict__ gmax_ptr,
                        typename Tag::T* __restrict__ dX, float* __restrict__ dscale_partial) {
-  lse_bwd_mma<Tag, MODE, LBL, THR, false>(X, Y, scale_ptr, sides, nX, nY, d, vec, gmax_ptr, dX, dscale_partial);
+  lse_bwd_mma<Tag, MODE, LBL, THR>(X, Y, scale_ptr, sides, nX, nY, d, vec, gmax_ptr, dX, dscale_partial);
 }
 template <typename Tag, int MODE>
 __global__ void __launch_bounds__(kMmaThreads, 2)
@@ -840,8 +1081,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
                                 const float* __restrict__ scale_ptr, const Sides<float> sides, int64_t nX,
                                 int64_t nY, int64_t d, const float* __restrict__ gmax_ptr,
                                 typename Tag::T* __restrict__ dX, float* __restrict__ dscale_partial) {
-  lse_bwd_mma<Tag, MODE, false, false, true>(X, Y, scale_ptr, sides, nX, nY, d, true, gmax_ptr, dX,
-                                             dscale_partial);
+  lse_bwd_resident_mma<Tag, MODE>(X, Y, scale_ptr, sides, nX, nY, d, gmax_ptr, dX, dscale_partial);
 }
 
 }  // namespace

@@ -19,9 +19,18 @@ constexpr int kLds = kDK + 8;     // smem row stride in 16-bit elements: 272 B, 
 constexpr int kTileElems = 64 * kLds;        // one 64 x kDK tile (kBM == kBN == 64)
 constexpr int kFwdXElems = kFwdBM * kLds;    // the forward's 128 x kDK row tile
 constexpr int kStages = 2;        // cp.async ring depth of the key (and row / value) tiles
+// The resident backward (lse_bwd_resident_mma_kernel: rule-free, d <= kDK, 16-B aligned rows):
+// 4 warps x 32 rows (two m16 tiles per warp, every B fragment read once for both) and key tiles
+// of 32, so that S (2 x 4 m16n8 tiles: 32 fp32) and the output (2 x 16: 128 fp32) fit the 255
+// registers; the same 4096 entries per CTA tile as kBM x kBN.
+constexpr int kResBM = 128;       // rows per CTA
+constexpr int kResBN = 32;        // keys per tile
+constexpr int kResMTiles = kResBM / (4 * 16);  // m16 tiles per warp: 2
 static_assert(kBM == 64 && kBN == 64, "tile loaders and the column info assume 64-row tiles");
 static_assert(kFwdBM == 4 * 16 * kFwdMTiles, "forward: 4 warps of kFwdMTiles m16 tiles");
 static_assert(kDV == kDK, "when d <= kDK the key tile doubles as the value tile");
+static_assert(kResMTiles == 2 && kResBN % 16 == 0 && kResBN <= 32, "resident backward: 32 rows per warp, "
+              "whole k16 steps of keys, one column per thread of warp 0");
 
 // Dynamic shared memory of the tensor-core kernels (bytes); the launchers opt in above 48 KB.
 //   forward:  X (1 buffer when d <= kDK: resident; else kStages) + Y (kStages)
@@ -32,6 +41,8 @@ constexpr size_t fwd_mma_smem(bool x_resident) {
 constexpr size_t bwd_mma_smem(bool x_resident) {
   return ((x_resident ? 1 : kStages) + kStages + (x_resident ? 0 : kStages)) * size_t(kTileElems) * 2;
 }
+//   resident backward: X (kResBM rows) + Y (kStages x kResBN rows; the key tile is the value tile)
+constexpr size_t bwd_res_mma_smem() { return (size_t(kResBM) + kStages * size_t(kResBN)) * kLds * 2; }
 
 // fp32 / fp64 SIMT kernels (simt_kernels.cuh): 16 x 16 threads with TM x TM micro tiles
 constexpr int kSimtThreads = 256;  // 16 x 16
