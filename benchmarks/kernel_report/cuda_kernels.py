@@ -131,6 +131,8 @@ def geometry(short: str, consts: dict[str, int]):
         keys = "kBN"
         if short.startswith("pair_gblock_"):            # CLIP's G kernel (pair_gblock.h)
             rows, keys = "kGBM", "kGBN"
+        if short.startswith("lse_bwd_resident_"):       # 32 rows per warp, 32-key tiles
+            rows, keys = "kResBM", "kResBN"
         need = (rows, keys, "kMmaThreads")
         if all(k in consts for k in need):
             return consts[rows], consts[keys], consts["kMmaThreads"]
