@@ -146,6 +146,14 @@ def siglip_kernel_module(device: torch.device):
     return module, f"siglip-kernel {importlib.metadata.version('siglip-kernel')}"
 
 
+def check_leaves(x0, y0, device: torch.device, dt: str):
+    """The correctness checks' inputs in dtype ``dt`` on ``device``: x, y and SigLIP's initial
+    t = 10, b = -10."""
+    dtype = DTYPES[dt]
+    return (x0.to(device, dtype), y0.to(device, dtype), torch.tensor(10.0, device=device),
+            torch.tensor(-10.0, device=device))
+
+
 def correctness_siglip_kernel(out: str, device: torch.device, dtypes, rows: int, d: int) -> None:
     """siglip-kernel's default ("auto") backend through :func:`siglip_kernel_loss` (our convention:
     t, b, mean over B) against float64 on a square case (B = rows + 2, diagonal positives,
@@ -165,10 +173,7 @@ def correctness_siglip_kernel(out: str, device: torch.device, dtypes, rows: int,
         if module is None:
             emit(out, dict(rec, status="unavailable", why=why))
             continue
-        dtype = DTYPES[dt]
-        x, y = x0.to(device, dtype), y0.to(device, dtype)
-        t = torch.tensor(10.0, device=device)
-        b = torch.tensor(-10.0, device=device)
+        x, y, t, b = check_leaves(x0, y0, device, dt)
 
         def value_and_grads(loss_fn):
             xs, ys, ts, bs = (v.detach().clone().requires_grad_() for v in (x, y, t, b))
@@ -214,10 +219,7 @@ def correctness(out: str, device: torch.device, dtypes, rows: int, d: int, names
                 if fn is None:
                     emit(out, dict(rec, status="unavailable", why=why))
                     continue
-                dtype = DTYPES[dt]
-                x, y = x0.to(device, dtype), y0.to(device, dtype)
-                t = torch.tensor(10.0, device=device)
-                b = torch.tensor(-10.0, device=device)
+                x, y, t, b = check_leaves(x0, y0, device, dt)
                 labd = tuple(v.to(device) for v in lab)
                 try:
                     t0 = time.time()
@@ -226,7 +228,7 @@ def correctness(out: str, device: torch.device, dtypes, rows: int, d: int, names
                         torch.cuda.synchronize()
                     first = time.time() - t0
                     ref = dense(x, y, t, b, labd, off, F64)
-                    same = dense(x, y, t, b, labd, off, dtype)
+                    same = dense(x, y, t, b, labd, off, x.dtype)
                     errs = errors(("rows", "dx", "dy", "dscale", "dbias"), got, ref, same)
                     ok = all(v["ok"] for v in errs.values())
                     bad += not ok
